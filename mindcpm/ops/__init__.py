@@ -1,0 +1,43 @@
+"""The one place that knows the device: runtime set-up and the choice of attention backend."""
+from __future__ import annotations
+
+import os
+
+import mindspore as ms
+
+from .native import NativeAttention
+
+BACKENDS = ("native", "ascend")
+
+
+def on_ascend() -> bool:
+    try:
+        return bool(ms.device_context.ascend.is_available())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def setup_runtime() -> str:
+    """Select the device and its runtime options; returns the device name."""
+    if on_ascend():
+        ms.set_device("Ascend")
+        return "Ascend"
+    ms.set_device("CPU")
+    # On CPU the asynchronous PyNative pipeline thrashes two cores; synchronous launches are
+    # 10-20x faster and attribute errors to the op that raised them.
+    ms.runtime.launch_blocking()
+    return "CPU"
+
+
+def default_backend() -> str:
+    return "ascend" if on_ascend() else "native"
+
+
+def attention_backend(name: str | None = None):
+    name = name or os.environ.get("MINDCPM_ATTENTION") or default_backend()
+    if name == "native":
+        return NativeAttention()
+    if name == "ascend":
+        from .ascend import AscendAttention
+        return AscendAttention()
+    raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,58 @@
+"""Attention over the paged KV cache with ops that run on every device (CPU and Ascend).
+
+The cache of one layer is slot-major, (num_slots, kv_heads, head_dim): writing it with
+scatter_update on axis 0 is the form that stays correct under MindSpore's dynamic shapes
+(mindspore_cpu_facts §1b), and a block is block_size consecutive slots.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import mint, nn, ops
+
+# Finite, so that a padding query whose keys are all masked gets a harmless uniform softmax
+# instead of NaN.
+MASKED = -1e30
+
+
+class NativeAttention(nn.Cell):
+    name = "native"
+
+    def __init__(self):
+        super().__init__()
+        self.scores = ops.BatchMatMul(transpose_b=True)
+        self.weighted = ops.BatchMatMul()
+
+    @staticmethod
+    def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple:
+        return (num_blocks * block_size, kv_heads, head_dim)
+
+    def construct(self, q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, scale):
+        """q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; positions: [B, L] (-1 for padding);
+        slot_mapping: [B*L]; block_tables: [B, nb]. Returns [B, L, Hq*D]."""
+        b, l, hq, d = q.shape
+        hkv = k.shape[2]
+        ops.scatter_update(k_cache, slot_mapping, k.reshape(b * l, hkv, d))
+        ops.scatter_update(v_cache, slot_mapping, v.reshape(b * l, hkv, d))
+        slots = gather_slots(block_tables, block_size)  # [B, S]
+        s = slots.shape[1]
+        keys = ops.gather(k_cache, slots.reshape(-1), 0).reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+        values = ops.gather(v_cache, slots.reshape(-1), 0).reshape(b, s, hkv, d).transpose(0, 2, 1, 3)
+        group = hq // hkv
+        # Query heads h*group .. h*group+group-1 share KV head h: fold the group into the rows.
+        queries = q.reshape(b, l, hkv, group, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, group * l, d)
+        scores = self.scores(queries.astype(ms.float32), keys.astype(ms.float32)) * scale
+        scores = scores.reshape(b, hkv, group, l, s)
+        key_pos = ops.arange(s, dtype=ms.int32).reshape(1, 1, s)
+        visible = (key_pos <= positions.reshape(b, l, 1)).reshape(b, 1, 1, l, s)
+        scores = ops.where(visible, scores, MASKED)
+        probs = ops.softmax(scores, -1).reshape(b, hkv, group * l, s)
+        out = self.weighted(probs, values.astype(ms.float32))  # [B, Hkv, G*L, D]
+        out = out.reshape(b, hkv, group, l, d).transpose(0, 3, 1, 2, 4).reshape(b, l, hq * d)
+        return out.astype(q.dtype)
+
+
+def gather_slots(block_tables, block_size: int):
+    """Cache slots of every position a block table covers: [B, nb] -> [B, nb*block_size]."""
+    b, nb = block_tables.shape
+    offsets = ops.arange(block_size, dtype=ms.int32).reshape(1, 1, block_size)
+    return (block_tables.reshape(b, nb, 1) * block_size + offsets).reshape(b, nb * block_size)

@@ -1,0 +1,80 @@
+"""Hugging Face transformers (PyTorch, CPU) as the independent reference, run in a subprocess so
+torch and mindspore never share a process.
+
+    python -m tests.reference.hf_llama make CONFIG_JSON OUT_DIR SEED   # random Llama checkpoint
+    python -m tests.reference.hf_llama logits MODEL_DIR PROMPTS_JSON OUT_NPZ [GREEDY_STEPS]
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run(*args: str, timeout: int = 600) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "tests.reference.hf_llama", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"reference failed:\n{proc.stdout}\n{proc.stderr}")
+
+
+def make_checkpoint(config: dict, out_dir: str, seed: int = 0) -> None:
+    path = os.path.join(out_dir, "ref_config.json")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    run("make", path, out_dir, str(seed))
+
+
+def reference_logits(model_dir: str, prompts: list[list[int]], tmp: str, greedy_steps: int = 0):
+    """Per prompt: the logits of every prompt position, and the greedy continuation."""
+    pj, out = os.path.join(tmp, "prompts.json"), os.path.join(tmp, "ref.npz")
+    with open(pj, "w") as f:
+        json.dump(prompts, f)
+    run("logits", model_dir, pj, out, str(greedy_steps))
+    data = np.load(out)
+    return [data[f"logits{i}"] for i in range(len(prompts))], [data[f"greedy{i}"].tolist() for i in range(len(prompts))]
+
+
+def _make(config_path: str, out_dir: str, seed: str) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(int(seed))
+    with open(config_path) as f:
+        cfg = LlamaConfig(**json.load(f))
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():  # larger than the default init so that errors show
+            p.normal_(0.0, 0.08) if p.dim() > 1 else p.uniform_(0.7, 1.3)
+    model.save_pretrained(out_dir, safe_serialization=True)
+
+
+def _logits(model_dir: str, prompts_path: str, out: str, steps: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    with open(prompts_path) as f:
+        prompts = json.load(f)
+    result = {}
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            result[f"logits{i}"] = model(ids).logits[0].float().numpy()
+            greedy = []
+            if int(steps):
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(steps),
+                                     do_sample=False, min_new_tokens=int(steps), eos_token_id=None,
+                                     pad_token_id=0)
+                greedy = gen[0, len(prompt):].tolist()
+            result[f"greedy{i}"] = np.asarray(greedy, np.int64)
+    np.savez(out, **result)
+
+
+if __name__ == "__main__":
+    {"make": _make, "logits": _logits}[sys.argv[1]](*sys.argv[2:])
