@@ -17,16 +17,23 @@ def on_ascend() -> bool:
         return False
 
 
+_device: str | None = None
+
+
 def setup_runtime() -> str:
-    """Select the device and its runtime options; returns the device name."""
-    if on_ascend():
-        ms.set_device("Ascend")
-        return "Ascend"
-    ms.set_device("CPU")
-    # On CPU the asynchronous PyNative pipeline thrashes two cores; synchronous launches are
-    # 10-20x faster and attribute errors to the op that raised them.
-    ms.runtime.launch_blocking()
-    return "CPU"
+    """Select the device and its runtime options once per process; returns the device name."""
+    global _device
+    if _device is None:
+        _device = "Ascend" if on_ascend() else "CPU"
+        try:
+            ms.set_device(_device)
+        except RuntimeError:
+            pass  # a kernel already ran on the default device (CPU), which is this one
+        if _device == "CPU":
+            # The asynchronous PyNative pipeline thrashes two cores; synchronous launches are
+            # 10-20x faster and attribute errors to the op that raised them.
+            ms.runtime.launch_blocking()
+    return _device
 
 
 def default_backend() -> str:

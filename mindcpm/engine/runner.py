@@ -1,0 +1,162 @@
+"""Runs one scheduled step: builds its metadata, calls the compiled model graph, samples.
+
+Shapes are bucketed (batch rows, tokens per row, cache blocks per row) to powers of two so a
+workload compiles a bounded set of graphs once and never again in steady state.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ..config import ModelConfig
+from ..loader import load_checkpoint
+from ..models.registry import model_class
+from ..ops import attention_backend
+from .sampler import SampleRequest, Sampler, topk_logprobs
+from .sequence import Sequence
+
+
+@dataclass
+class RunnerConfig:
+    block_size: int
+    num_blocks: int
+    max_num_seqs: int
+    max_model_len: int
+    dtype: ms.dtype.Type = ms.float32
+    attention: str | None = None  # backend name; None = the device's default
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+class _CompiledStep(nn.Cell):
+    """The model's forward as one graph; a new graph per distinct input-shape bucket."""
+
+    def __init__(self, model: nn.Cell):
+        super().__init__()
+        self.model = model
+
+    @ms.jit
+    def construct(self, input_ids, positions, slot_mapping, block_tables, logits_rows):
+        return self.model(input_ids, positions, slot_mapping, block_tables, logits_rows)
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: ModelConfig, cfg: RunnerConfig, checkpoint_dir: str | None,
+                 eos_token_ids=(), progress: bool = True):
+        self.cfg = cfg
+        self.model_cfg = model_cfg
+        backend = attention_backend(cfg.attention)
+        self.backend_name = backend.name
+        # One block past the scheduler's pool takes the K/V writes of padding tokens.
+        self.pad_block = cfg.num_blocks
+        cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
+                                                model_cfg.head_dim)
+        self.model = model_class(model_cfg.architecture)(
+            model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
+        if checkpoint_dir is not None:
+            load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress)
+        self.step = _CompiledStep(self.model)
+        self.sampler = Sampler(eos_token_ids)
+        self.compiled_shapes: set = set()
+        self.compile_seconds = 0.0
+
+    # -- metadata ------------------------------------------------------------------------
+    def _blocks_bucket(self, num_tokens: int) -> int:
+        bs = self.cfg.block_size
+        max_blocks = -(-self.cfg.max_model_len // bs)
+        return min(bucket(-(-num_tokens // bs), minimum=max(1, 128 // bs)), bucket(max_blocks))
+
+    def prepare(self, seqs: list[Sequence], num_new: list[int], all_rows: bool):
+        bs = self.cfg.block_size
+        rows = bucket(len(seqs))
+        width = bucket(max(num_new), minimum=1 if max(num_new) == 1 else 16)
+        nb = self._blocks_bucket(max(s.num_cached_tokens + n for s, n in zip(seqs, num_new)))
+        input_ids = np.zeros((rows, width), np.int32)
+        positions = np.full((rows, width), -1, np.int32)
+        slots = np.full((rows, width), self.pad_block * bs, np.int32)
+        tables = np.full((rows, nb), self.pad_block, np.int32)
+        last_rows = np.zeros(rows, np.int32)
+        for i, (seq, n) in enumerate(zip(seqs, num_new)):
+            start = seq.num_cached_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            table = np.asarray(seq.block_table, np.int32)
+            input_ids[i, :n] = seq.token_ids[start:start + n]
+            positions[i, :n] = pos
+            slots[i, :n] = table[pos // bs] * bs + pos % bs
+            tables[i, :len(table)] = table
+            last_rows[i] = i * width + n - 1
+        logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
+        inputs = (input_ids, positions, slots.reshape(-1), tables, logits_rows)
+        return [Tensor(a) for a in inputs], last_rows, width
+
+    # -- one step -------------------------------------------------------------------------
+    def run(self, seqs: list[Sequence], num_new: list[int]) -> list[int | None]:
+        """Computes num_new[i] tokens of each sequence; returns the sampled token of each sequence
+        whose tokens are now all computed (None for a prefill chunk that is not the last)."""
+        want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
+                          for s in seqs]
+        inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
+        logits = self._forward(inputs)
+        if any(want_prompt_lp):
+            self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
+            logits = logits[Tensor(last_rows)]
+        done = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(seqs, num_new)]
+        requests = [SampleRequest(s.params, s.prompt_token_ids, s.completion_token_ids, s.rng) for s in seqs]
+        requests += [requests[0]] * (logits.shape[0] - len(seqs))  # padding rows: any valid request
+        k = max((s.params.logprobs or 0) for s in seqs)
+        out = self.sampler(logits, requests, k if any(s.params.logprobs is not None for s in seqs) else 0)
+        sampled: list[int | None] = []
+        for i, seq in enumerate(seqs):
+            if not done[i]:
+                sampled.append(None)
+                continue
+            token = int(out.token_ids[i])
+            sampled.append(token)
+            if seq.params.logprobs is not None:
+                n = seq.params.logprobs
+                seq.logprobs.append(_logprob_entry(token, float(out.logprobs[i]),
+                                                   out.top_ids[i][:n], out.top_logprobs[i][:n]))
+        return sampled
+
+    def _forward(self, inputs):
+        key = tuple(t.shape for t in inputs)
+        if key in self.compiled_shapes:
+            return self.step(*inputs)
+        start = time.perf_counter()
+        logits = self.step(*inputs)
+        logits.asnumpy()  # count the compile apart from later runs
+        self.compile_seconds += time.perf_counter() - start
+        self.compiled_shapes.add(key)
+        return logits
+
+    def _record_prompt_logprobs(self, seqs, num_new, logits, width, wanted):
+        for i, seq in enumerate(seqs):
+            if not wanted[i]:
+                continue
+            if not seq.prompt_logprobs:
+                seq.prompt_logprobs.append(None)  # the first prompt token has no prediction
+            start = seq.num_cached_tokens
+            # Token j is scored by the row of position j-1. A preempted request re-prefills its
+            # prompt: tokens it already scored are skipped.
+            first, last = max(start + 1, len(seq.prompt_logprobs)), min(start + num_new[i], seq.num_prompt_tokens - 1)
+            if last < first:
+                continue
+            rows = Tensor(np.arange(i * width + first - 1 - start, i * width + last - start, dtype=np.int32))
+            chosen = np.asarray(seq.token_ids[first: last + 1])
+            n = seq.params.prompt_logprobs
+            lp, top_ids, top_lp = topk_logprobs(logits[rows], n, chosen)
+            for j, token in enumerate(chosen):
+                seq.prompt_logprobs.append(_logprob_entry(int(token), float(lp[j]), top_ids[j][:n], top_lp[j][:n]))
+
+
+def _logprob_entry(token: int, logprob: float, top_ids, top_logprobs) -> dict[int, float]:
+    """vLLM's shape: {token id: logprob} with the chosen token and the top-k."""
+    entry = {int(t): float(v) for t, v in zip(top_ids, top_logprobs)}
+    entry[token] = logprob
+    return entry

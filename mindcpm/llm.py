@@ -1,0 +1,181 @@
+"""The user-facing class, in the shape vLLM users know: LLM(...).generate / .chat / .stream."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import mindspore as ms
+
+from .config import ModelConfig
+from .engine.llm_engine import LLMEngine, RequestState
+from .engine.runner import ModelRunner, RunnerConfig
+from .engine.scheduler import Scheduler
+from .ops import on_ascend, setup_runtime
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list | None = None
+    cumulative_logprob: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list | None = None
+    delta: str = ""  # streaming: the text added since the previous output of this request
+    metrics: dict = field(default_factory=dict)
+
+
+def resolve_model_path(model: str | None) -> str:
+    """A checkpoint directory, a .gguf file (converted once and cached), or None for the default."""
+    from .gguf import default_model_path, gguf_to_hf_dir
+    path = default_model_path() if model is None else os.path.expanduser(model)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model not found: {path}")
+    if os.path.isfile(path):
+        return gguf_to_hf_dir(path)
+    return path
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig) -> str:
+    if dtype == "auto":
+        # CPU kernels have no bf16 compute and fp16 GEMV is slow there: fp32 on CPU.
+        if not on_ascend():
+            return "float32"
+        return "float16" if cfg.torch_dtype == "float16" else "bfloat16"
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    if dtype == "bfloat16" and not on_ascend():
+        raise ValueError("bfloat16 compute is not supported on CPU; use --dtype float32 (or float16)")
+    return dtype
+
+
+class LLM:
+    def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
+                 max_num_seqs: int = 16, max_model_len: int | None = None,
+                 max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
+                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True):
+        setup_runtime()
+        path = resolve_model_path(model)
+        self.model_path = path
+        self.config = ModelConfig.from_dir(path)
+        self.tokenizer = Tokenizer.from_dir(path)
+        self.dtype = resolve_dtype(dtype, self.config)
+        max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
+        num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
+        eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
+        runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention)
+        runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+        scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
+                              enable_prefix_caching)
+        self.engine = LLMEngine(runner, scheduler, self.tokenizer)
+        self.max_model_len = max_model_len
+
+    def _num_blocks(self, block_size: int, max_num_seqs: int, max_model_len: int, gib: float) -> int:
+        c = self.config
+        per_block = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * BYTES[self.dtype]
+        wanted = max_num_seqs * -(-max_model_len // block_size)
+        budget = max(int(gib * 2**30) // per_block, -(-max_model_len // block_size))
+        return min(wanted, budget)
+
+    def get_tokenizer(self) -> Tokenizer:
+        return self.tokenizer
+
+    # -- requests -------------------------------------------------------------------------
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return None, [int(t) for t in prompt["prompt_token_ids"]]
+        if isinstance(prompt, dict) and "prompt" in prompt:
+            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
+
+    def _add(self, prompts, params) -> list[RequestState]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        encoded = [self._encode(p) for p in prompts]
+        vocab = self.config.vocab_size
+        for _, ids in encoded:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+        states = []
+        try:
+            for (text, ids), p in zip(encoded, params_list):
+                states.append(self.engine.add_request(ids, p, text))
+        except ValueError:
+            for s in states:
+                self.engine.abort(s.seq.seq_id)
+            raise
+        return states
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        states = self._add(prompts, sampling_params)
+        start = time.perf_counter()
+        while any(not s.finished for s in states):
+            self.engine.step()
+        elapsed = time.perf_counter() - start
+        return [self._output(s, {"elapsed": elapsed}) for s in states]
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields a RequestOutput each time the request's visible text grows, the last one finished.
+        Closing the generator early aborts the request."""
+        (state,) = self._add(prompt, sampling_params)
+        try:
+            while not state.finished:
+                self.engine.step()
+                delta = state.visible_text[state.emitted:]
+                if delta or state.finished:
+                    state.emitted += len(delta)
+                    yield self._output(state, {}, delta)
+        finally:
+            if not state.finished:
+                self.engine.abort(state.seq.seq_id)
+                state.finished = True
+
+    def chat_prompt(self, messages: list[dict], enable_thinking: bool | None = None,
+                    add_generation_prompt: bool = True) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  enable_thinking=enable_thinking)
+        return self.tokenizer.encode_chat(text)
+
+    def chat(self, messages, sampling_params=None, enable_thinking: bool | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = [{"prompt_token_ids": self.chat_prompt(c, enable_thinking, add_generation_prompt)}
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _output(self, state: RequestState, metrics: dict, delta: str = "") -> RequestOutput:
+        seq = state.seq
+        text = state.text if state.finished else state.visible_text
+        lps = seq.logprobs if seq.params.logprobs is not None else None
+        cumulative = sum(e[t] for e, t in zip(lps, seq.completion_token_ids)) if lps else None
+        completion = CompletionOutput(0, text, list(seq.completion_token_ids), seq.finish_reason, lps, cumulative)
+        return RequestOutput(seq.seq_id, state.prompt, list(seq.prompt_token_ids), [completion], state.finished,
+                             seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, delta,
+                             metrics)

@@ -1,0 +1,39 @@
+"""Tiny random checkpoints for tests: a Hugging Face Llama (weights from transformers, in a
+subprocess) plus a byte-level tokenizer, so the whole LLM API runs on them."""
+from __future__ import annotations
+
+import json
+import os
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from tests.reference.hf_llama import make_checkpoint
+
+SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+VOCAB = 256 + len(SPECIALS)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+TINY_LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=256, eos_token_id=257)
+
+
+def write_byte_tokenizer(path: str) -> None:
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(SPECIALS)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True,
+                   "add_eos_token": False, "chat_template": CHATML}, f)
+
+
+def make_tiny_model(path: str, config: dict | None = None, seed: int = 0) -> str:
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        make_checkpoint(config or TINY_LLAMA, path, seed)
+        write_byte_tokenizer(path)
+    return path
