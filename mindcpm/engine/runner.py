@@ -108,9 +108,8 @@ class ModelRunner:
             logits = logits[Tensor(last_rows)]
         done = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(seqs, num_new)]
         requests = [SampleRequest(s.params, s.prompt_token_ids, s.completion_token_ids, s.rng) for s in seqs]
-        requests += [requests[0]] * (logits.shape[0] - len(seqs))  # padding rows: any valid request
-        k = max((s.params.logprobs or 0) for s in seqs)
-        out = self.sampler(logits, requests, k if any(s.params.logprobs is not None for s in seqs) else 0)
+        wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        out = self.sampler(logits, requests, max(wanted) if wanted else -1)
         sampled: list[int | None] = []
         for i, seq in enumerate(seqs):
             if not done[i]:

@@ -1,0 +1,103 @@
+"""The full engine on a tiny random model: batching, preemption, abort, seeds, stop strings."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.tiny import make_tiny_model
+
+PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 9, 30, 1, 12])]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_engine")))
+
+
+def _llm(path, **kw):
+    from mindcpm import LLM
+    kw.setdefault("max_model_len", 64)
+    kw.setdefault("block_size", 8)
+    return LLM(model=path, progress=False, **kw)
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _all_free(llm):
+    blocks = llm.engine.scheduler.block_manager
+    return blocks.num_free_blocks == blocks.num_blocks
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_dir):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir, max_num_seqs=1)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
+    return ([_tokens(llm.generate({"prompt_token_ids": p}, greedy))[0] for p in PROMPTS],
+            [_tokens(llm.generate({"prompt_token_ids": p}, seeded))[0] for p in PROMPTS])
+
+
+@pytest.mark.parametrize("kw", [dict(max_num_seqs=6),
+                                dict(max_num_seqs=4, max_num_batched_tokens=16),
+                                dict(max_num_seqs=6, kv_cache_gib=1e-9)],  # 8 blocks: forces preemption
+                         ids=["batched", "chunked", "tiny-pool"])
+def test_concurrent_equals_alone(tiny_dir, alone, kw):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir, **kw)
+    greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    assert _tokens(llm.generate(prompts, greedy)) == alone[0]
+    assert _tokens(llm.generate(prompts, seeded)) == alone[1]
+    assert _all_free(llm)
+
+
+def test_abort_frees_blocks(tiny_dir):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir)
+    stream = llm.stream({"prompt_token_ids": PROMPTS[3]}, SamplingParams(temperature=0.0, max_tokens=30,
+                                                                        ignore_eos=True))
+    next(stream)
+    assert not _all_free(llm)
+    stream.close()
+    assert _all_free(llm) and not llm.engine.has_unfinished()
+
+
+def test_stream_concatenates_to_text_and_stop_string(tiny_dir):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir)
+    params = SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True)
+    full = llm.generate("hello world", params)[0].outputs[0]
+    pieces = list(llm.stream("hello world", params))
+    assert "".join(p.delta for p in pieces) == full.text and pieces[-1].finished
+    # Stop at a substring of the greedy text: the output ends right before it.
+    stop = full.text[5:8]
+    if stop and full.text.find(stop) == 5:
+        out = llm.generate("hello world", SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True,
+                                                         stop=[stop]))[0].outputs[0]
+        assert out.text == full.text[:5] and out.finish_reason == "stop"
+
+
+def test_prompt_too_long_and_bad_ids(tiny_dir):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate({"prompt_token_ids": [5] * 64}, SamplingParams())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate({"prompt_token_ids": [5, 100000]}, SamplingParams())
+    assert _all_free(llm) and not llm.engine.has_unfinished()
+
+
+def test_no_recompilation_in_steady_state(tiny_dir):
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir, max_num_seqs=4)
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:4]]
+    llm.generate(prompts, params)
+    shapes = set(llm.engine.runner.compiled_shapes)
+    # Same lengths, other tokens (the same ones would hit the prefix cache and prefill less).
+    llm.generate([{"prompt_token_ids": [(t + 50) % 256 for t in p]} for p in PROMPTS[:4]], params)
+    assert llm.engine.runner.compiled_shapes == shapes
