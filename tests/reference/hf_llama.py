@@ -32,12 +32,13 @@ def make_checkpoint(config: dict, out_dir: str, seed: int = 0) -> None:
     run("make", path, out_dir, str(seed))
 
 
-def reference_logits(model_dir: str, prompts: list[list[int]], tmp: str, greedy_steps: int = 0):
+def reference_logits(model_dir: str, prompts: list[list[int]], tmp: str, greedy_steps: int = 0,
+                     gguf_file: str = ""):
     """Per prompt: the logits of every prompt position, and the greedy continuation."""
     pj, out = os.path.join(tmp, "prompts.json"), os.path.join(tmp, "ref.npz")
     with open(pj, "w") as f:
         json.dump(prompts, f)
-    run("logits", model_dir, pj, out, str(greedy_steps))
+    run("logits", model_dir, pj, out, str(greedy_steps), gguf_file)
     data = np.load(out)
     return [data[f"logits{i}"] for i in range(len(prompts))], [data[f"greedy{i}"].tolist() for i in range(len(prompts))]
 
@@ -55,10 +56,11 @@ def _make(config_path: str, out_dir: str, seed: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _logits(model_dir: str, prompts_path: str, out: str, steps: str) -> None:
+def _logits(model_dir: str, prompts_path: str, out: str, steps: str, gguf_file: str = "") -> None:
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, **extra).eval()
     with open(prompts_path) as f:
         prompts = json.load(f)
     result = {}
