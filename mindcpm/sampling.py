@@ -1,7 +1,7 @@
 """SamplingParams: what a request asks of the sampler, in vLLM's vocabulary."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

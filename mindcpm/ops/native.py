@@ -7,7 +7,7 @@ scatter_update on axis 0 is the form that stays correct under MindSpore's dynami
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import mint, nn, ops
+from mindspore import nn, ops
 
 # Finite, so that a padding query whose keys are all masked gets a harmless uniform softmax
 # instead of NaN.
