@@ -27,6 +27,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_size = block_size
         self.params = params
+        self.rng = None  # the request's own np.random.Generator, so its samples ignore batching
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         # Filled by the runner when asked for: per generated token (logprob, top ids, top logprobs).
         self.logprobs: list = []
