@@ -97,15 +97,13 @@ def _read_tensors(file: str):
 def _place(hf_name, array, file, params, cells, staged, filled):
     name, part = our_name(hf_name)
     if name not in params:
-        if hf_name == TIED_HEAD or name == TIED_HEAD:
+        if name == TIED_HEAD or hf_name.endswith("rotary_emb.inv_freq"):
             return
-        if hf_name.endswith("rotary_emb.inv_freq"):
-            return
+        raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
+    if part is not None and name not in cells:
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     target = staged[name]
     rows = cells[name].part_rows(part) if part is not None else slice(None)
-    if part is not None and name not in cells:
-        raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     expected = target[rows].shape
     if tuple(array.shape) != expected:
         raise CheckpointError(f"{file}: tensor {hf_name} has shape {tuple(array.shape)}, expected {expected}")
