@@ -42,8 +42,8 @@ class _CompiledStep(nn.Cell):
         self.model = model
 
     @ms.jit
-    def construct(self, input_ids, positions, slot_mapping, block_tables, logits_rows):
-        return self.model(input_ids, positions, slot_mapping, block_tables, logits_rows)
+    def construct(self, *inputs):
+        return self.model(*inputs)
 
 
 class ModelRunner:
@@ -92,8 +92,10 @@ class ModelRunner:
             tables[i, :len(table)] = table
             last_rows[i] = i * width + n - 1
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
-        inputs = (input_ids, positions, slots.reshape(-1), tables, logits_rows)
-        return [Tensor(a) for a in inputs], last_rows, width
+        meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
+                "block_tables": tables, "logits_rows": logits_rows}
+        # Each model names the metadata its construct takes, in order (STEP_INPUTS).
+        return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 
     # -- one step -------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], num_new: list[int]) -> list[int | None]:

@@ -32,6 +32,8 @@ class MiniCPMForCausalLM(nn.Cell):
     """construct(input_ids [B, L], positions [B, L], slot_mapping [B*L], block_tables [B, nb],
     logits_rows [N]) -> fp32 logits [N, vocab] of the selected flattened rows."""
 
+    STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "logits_rows")
+
     def __init__(self, cfg: ModelConfig, backend_factory, cache_shape: tuple, block_size: int, dtype=ms.float32):
         super().__init__()
         self.block_size = block_size
