@@ -53,35 +53,54 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-def resolve_dtype(dtype: str, cfg: ModelConfig) -> str:
+def resolve_kernels(setting: str) -> bool:
+    """The CPU custom kernels: "auto" = on when the device is the CPU and g++ builds them."""
+    from .ops.cpu_kernels import kernels_requested
+    if on_ascend():
+        if setting == "on":
+            raise ValueError("kernels='on' selects the CPU kernels, but the device is Ascend")
+        return False
+    return kernels_requested(setting)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False) -> tuple[str, str | None]:
+    """(compute dtype, weight dtype or None when the weights are in the compute dtype).
+    On CPU, bfloat16/float16 mean 16-bit weights with fp32 activations through the kernels."""
     if dtype == "auto":
-        # CPU kernels have no bf16 compute and fp16 GEMV is slow there: fp32 on CPU.
+        # MindSpore's CPU ops have no bf16 compute and fp16 GEMV is slow there: fp32 on CPU.
         if not on_ascend():
-            return "float32"
-        return "float16" if cfg.torch_dtype == "float16" else "bfloat16"
+            return "float32", None
+        return ("float16" if cfg.torch_dtype == "float16" else "bfloat16"), None
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if dtype == "bfloat16" and not on_ascend():
-        raise ValueError("bfloat16 compute is not supported on CPU; use --dtype float32 (or float16)")
-    return dtype
+    if on_ascend() or dtype == "float32":
+        return dtype, None
+    if kernels:
+        return "float32", dtype
+    if dtype == "bfloat16":
+        raise ValueError("bfloat16 on CPU needs the CPU kernels (kernels off or no g++); use --dtype float32")
+    return dtype, None  # fp16 compute with MindSpore's own CPU ops
 
 
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
-                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True):
+                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
+                 kernels: str = "auto"):
         setup_runtime()
         path = resolve_model_path(model)
         self.model_path = path
         self.config = ModelConfig.from_dir(path)
         self.tokenizer = Tokenizer.from_dir(path)
-        self.dtype = resolve_dtype(dtype, self.config)
+        self.kernels = resolve_kernels(kernels) and (attention or "native") == "native"
+        self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels)
         max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
         num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
         eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
-        runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention)
+        runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention,
+                                  self.kernels, DTYPES.get(self.weight_dtype))
         runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
                               enable_prefix_caching)

@@ -71,7 +71,8 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
         if parts != expected:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
     for name, p in params.items():
-        p.set_data(Tensor(staged.pop(name), dtype))
+        # Each parameter keeps the dtype its layer chose (16-bit matrices beside fp32 norms on CPU).
+        p.set_data(Tensor(staged.pop(name), p.dtype))
 
 
 def loadable_parameters(model: nn.Cell) -> dict:

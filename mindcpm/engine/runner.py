@@ -15,7 +15,7 @@ from mindspore import Tensor, nn
 from ..config import ModelConfig
 from ..loader import load_checkpoint
 from ..models.registry import model_class
-from ..ops import attention_backend
+from ..ops import attention_backend, kernel_mode
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
 
@@ -28,6 +28,8 @@ class RunnerConfig:
     max_model_len: int
     dtype: ms.dtype.Type = ms.float32
     attention: str | None = None  # backend name; None = the device's default
+    kernels: bool = False  # the CPU custom kernels (mindcpm/ops/cpu.py) instead of MindSpore's ops
+    weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -57,8 +59,9 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
                                                 model_cfg.head_dim)
-        self.model = model_class(model_cfg.architecture)(
-            model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
+        with kernel_mode(cfg.kernels, cfg.weight_dtype):
+            self.model = model_class(model_cfg.architecture)(
+                model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress)
         self.step = _CompiledStep(self.model)

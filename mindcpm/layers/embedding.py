@@ -2,18 +2,22 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
+
+from ..ops import embedding, matmul, weight_dtype
 
 
 class Embedding(nn.Cell):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32):
+    """table[ids] * scale (MiniCPM's μP embedding scale; 1 for Llama)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32, scale: float = 1.0):
         super().__init__()
-        self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), dtype), name="weight",
+        self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), weight_dtype(dtype)), name="weight",
                                 requires_grad=False)
+        self.lookup = embedding(scale)
 
     def construct(self, ids):
-        # gather, not nn.Embedding: the latter's op has no CPU kernel.
-        return ops.gather(self.weight, ids, 0)
+        return self.lookup(ids, self.weight)
 
 
 class LMHead(nn.Cell):
@@ -25,9 +29,9 @@ class LMHead(nn.Cell):
         if self.tied:
             self.embedding = tied_to
         else:
-            self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), dtype), name="weight",
+            self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), weight_dtype(dtype)), name="weight",
                                     requires_grad=False)
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.matmul = matmul()
 
     def construct(self, h):
         w = self.embedding.weight if self.tied else self.weight

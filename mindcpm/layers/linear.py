@@ -3,29 +3,32 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
+
+from ..ops import matmul, weight_dtype
 
 
 class Linear(nn.Cell):
-    """y = x W^T with W stored (out_features, in_features), no bias.
+    """y = epilogue(x W^T) with W stored (out_features, in_features), no bias.
 
     `output_sizes` names the parts of a fused projection (q|k|v, gate|up); the loader fills
-    each part from its own checkpoint tensor.
+    each part from its own checkpoint tensor. The epilogue is "plain", "swiglu" (the output is
+    silu(gate) * up of a gate|up projection) or "residual" (construct(x, r) = r + scale x W^T),
+    so the device's op can fuse it.
     """
 
-    def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32):
+    def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32,
+                 epilogue: str = "plain", scale: float = 1.0):
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.in_features = in_features
         out_features = sum(self.output_sizes)
-        self.weight = Parameter(Tensor(np.zeros((out_features, in_features)), dtype), name="weight",
+        self.weight = Parameter(Tensor(np.zeros((out_features, in_features)), weight_dtype(dtype)), name="weight",
                                 requires_grad=False)
-        self.matmul = ops.MatMul(transpose_b=True)
+        self.matmul = matmul(epilogue, scale)
 
-    def construct(self, x):
-        shape = x.shape
-        y = self.matmul(x.reshape(-1, shape[-1]), self.weight)
-        return y.reshape(shape[:-1] + (y.shape[-1],))
+    def construct(self, x, residual=None):
+        return self.matmul(x, self.weight, residual)
 
     def part_rows(self, part: int) -> slice:
         start = sum(self.output_sizes[:part])

@@ -1,21 +1,22 @@
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from .linear import Linear
 
 
 class SwiGLU(nn.Cell):
-    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection."""
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one projection. With a
+    residual_scale, construct(x, r) returns r + residual_scale * down(...)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype=ms.float32):
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype=ms.float32,
+                 residual_scale: float | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype)
-        self.down_proj = Linear(intermediate_size, hidden_size, dtype)
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype, "swiglu")
+        self.down_proj = Linear(intermediate_size, hidden_size, dtype,
+                                "plain" if residual_scale is None else "residual", residual_scale or 1.0)
         self.intermediate_size = intermediate_size
 
-    def construct(self, x):
-        gate_up = self.gate_up_proj(x)
-        gate, up = gate_up[..., : self.intermediate_size], gate_up[..., self.intermediate_size:]
-        return self.down_proj(ops.silu(gate) * up)
+    def construct(self, x, residual=None):
+        return self.down_proj(self.gate_up_proj(x), residual)

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
+
+from ..ops import rms_norm
 
 
 class RMSNorm(nn.Cell):
@@ -12,8 +14,7 @@ class RMSNorm(nn.Cell):
         super().__init__()
         self.eps = eps
         self.weight = Parameter(Tensor(np.ones(size), dtype), name="weight", requires_grad=False)
+        self.norm = rms_norm(eps)
 
     def construct(self, x):
-        x32 = x.astype(ms.float32)
-        variance = ops.mean(x32 * x32, -1, keep_dims=True)
-        return (x32 * ops.rsqrt(variance + self.eps)).astype(x.dtype) * self.weight
+        return self.norm(x, self.weight)

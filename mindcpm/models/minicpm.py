@@ -17,15 +17,14 @@ class DecoderLayer(nn.Cell):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = PagedAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                        rotary, backend, cache_shape, dtype)
+                                        rotary, backend, cache_shape, dtype, cfg.residual_scale)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype)
-        self.residual_scale = cfg.residual_scale
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.residual_scale)
 
     def construct(self, h, positions, slot_mapping, block_tables, block_size):
-        attn = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size)
-        h = h + attn * self.residual_scale
-        return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_scale
+        # Both sublayers return h + residual_scale * (their output).
+        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h)
+        return self.mlp(self.post_attention_layernorm(h), h)
 
 
 class MiniCPMForCausalLM(nn.Cell):
@@ -37,9 +36,8 @@ class MiniCPMForCausalLM(nn.Cell):
     def __init__(self, cfg: ModelConfig, backend_factory, cache_shape: tuple, block_size: int, dtype=ms.float32):
         super().__init__()
         self.block_size = block_size
-        self.embedding_scale = cfg.embedding_scale
         self.logit_scale = cfg.logit_scale
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, cfg.embedding_scale)
         rotary = RotaryEmbedding(cfg.rope)
         self.layers = nn.CellList([DecoderLayer(cfg, rotary, backend_factory(), cache_shape, dtype)
                                    for _ in range(cfg.num_layers)])
@@ -48,7 +46,7 @@ class MiniCPMForCausalLM(nn.Cell):
                               self.embed_tokens if cfg.tie_word_embeddings else None, dtype)
 
     def construct(self, input_ids, positions, slot_mapping, block_tables, logits_rows):
-        h = self.embed_tokens(input_ids) * self.embedding_scale
+        h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(h, positions, slot_mapping, block_tables, self.block_size)
         h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)

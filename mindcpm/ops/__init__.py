@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import mindspore as ms
 
-from .native import NativeAttention
+from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNorm, SplitRopeAttention
 
 BACKENDS = ("native", "ascend")
 
@@ -48,3 +49,58 @@ def attention_backend(name: str | None = None):
         from .ascend import AscendAttention
         return AscendAttention()
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# -- the per-layer ops: MindSpore composites, or the CPU kernels of ops/cpu.py -----------------
+# Layers ask for their ops here when they are built; the runner builds a model inside
+# kernel_mode(...), so one process can hold models with and without kernels side by side.
+_kernels = {"on": False, "weight_dtype": None}
+
+
+@contextmanager
+def kernel_mode(enabled: bool, weight_dtype=None):
+    """Layers built inside use the CPU kernels (enabled) and store their matrices (linear,
+    embedding) in weight_dtype (a 16-bit dtype, or None for the model's dtype)."""
+    if weight_dtype is not None and not enabled:
+        raise ValueError("16-bit weights with fp32 activations need the CPU kernels")
+    saved = dict(_kernels)
+    _kernels.update(on=enabled, weight_dtype=weight_dtype)
+    try:
+        yield
+    finally:
+        _kernels.update(saved)
+
+
+def weight_dtype(dtype):
+    """The dtype of a layer's matrix weights for a model of compute dtype `dtype`."""
+    return _kernels["weight_dtype"] or dtype
+
+
+def matmul(epilogue: str = "plain", scale: float = 1.0):
+    if _kernels["on"]:
+        from .cpu import KernelMatmul
+        return KernelMatmul(epilogue, scale)
+    return NativeMatmul(epilogue, scale)
+
+
+def rms_norm(eps: float):
+    if _kernels["on"]:
+        from .cpu import KernelRMSNorm
+        return KernelRMSNorm(eps)
+    return NativeRMSNorm(eps)
+
+
+def embedding(scale: float = 1.0):
+    if _kernels["on"]:
+        from .cpu import KernelEmbedding
+        return KernelEmbedding(scale)
+    return NativeEmbedding(scale)
+
+
+def attention_core(backend, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    """qkv [B, L, (Hq + 2 Hkv) D] -> attention output [B, L, Hq D] over the layer's paged cache.
+    With the kernels on, the native backend's split + RoPE + attention is one fused kernel."""
+    if _kernels["on"] and backend.name == "native":
+        from .cpu import KernelAttention
+        return KernelAttention(rotary, num_heads, num_kv_heads, head_dim, scale)
+    return SplitRopeAttention(backend, rotary, num_heads, num_kv_heads, head_dim, scale)

@@ -56,3 +56,70 @@ def gather_slots(block_tables, block_size: int):
     b, nb = block_tables.shape
     offsets = ops.arange(block_size, dtype=ms.int32).reshape(1, 1, block_size)
     return (block_tables.reshape(b, nb, 1) * block_size + offsets).reshape(b, nb * block_size)
+
+
+class SplitRopeAttention(nn.Cell):
+    """qkv [B, L, (Hq + 2 Hkv) D] -> split into q, k, v, RoPE on q and k, then the device
+    backend (native or Ascend) over the paged cache -> [B, L, Hq D]."""
+
+    def __init__(self, backend: nn.Cell, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.backend, self.rotary = backend, rotary
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        self.scale = scale
+
+    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size):
+        b, l, _ = qkv.shape
+        q = qkv[..., : self.q_size].reshape(b, l, self.num_heads, self.head_dim)
+        k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(b, l, self.num_kv_heads, self.head_dim)
+        v = qkv[..., self.q_size + self.kv_size:].reshape(b, l, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        return self.backend(q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size,
+                            self.scale)
+
+
+class NativeMatmul(nn.Cell):
+    """y = epilogue(x W^T), x [..., K]: "plain", "swiglu" (W = gate|up: silu(gate) * up) or
+    "residual" (y = r + scale * x W^T)."""
+
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0):
+        super().__init__()
+        if epilogue not in ("plain", "swiglu", "residual"):
+            raise ValueError(f"unknown linear epilogue {epilogue!r}")
+        self.epilogue, self.scale = epilogue, scale
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x, weight, residual=None):
+        shape = x.shape
+        y = self.matmul(x.reshape(-1, shape[-1]), weight)
+        y = y.reshape(shape[:-1] + (y.shape[-1],))
+        if self.epilogue == "swiglu":
+            half = y.shape[-1] // 2
+            return ops.silu(y[..., :half]) * y[..., half:]
+        if self.epilogue == "residual":
+            return residual + y * self.scale
+        return y
+
+
+class NativeRMSNorm(nn.Cell):
+    """Variance in fp32; the weight multiplies after the cast back to the input dtype (spec §2.1)."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+
+    def construct(self, x, weight):
+        x32 = x.astype(ms.float32)
+        variance = ops.mean(x32 * x32, -1, keep_dims=True)
+        return (x32 * ops.rsqrt(variance + self.eps)).astype(x.dtype) * weight
+
+
+class NativeEmbedding(nn.Cell):
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def construct(self, ids, table):
+        # gather, not nn.Embedding: the latter's op has no CPU kernel.
+        return ops.gather(table, ids, 0) * self.scale

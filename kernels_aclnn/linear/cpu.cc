@@ -1,0 +1,161 @@
+// Linear layer y = x W^T for a small number of rows (decode, batched decode): the weight is
+// streamed once from memory per block of rows of x, so the kernel runs near memory bandwidth.
+//   x: [M, K] fp32   W: [N, K] fp32 | bf16 | fp16 (widened to fp32 in registers)   y: fp32
+// Entry points (MindSpore AOT signature, inputs then output):
+//   Linear(x, W, y)                       y = x W^T                           y: [M, N]
+//   LinearSwiglu(x, W, y)                 W = gate|up (2I rows):
+//                                         y = silu(x Wg^T) * (x Wu^T)         y: [M, I]
+//   LinearResidual(x, W, r, scale, y)     y = r + scale[0] * x W^T            y: [M, N]
+// Rows of W are split between threads; each thread keeps a block of rows of x hot in cache
+// while it streams its rows of W (MR x NR register tile, 8-wide FMA).
+#include "../common/cpu_common.h"
+
+using namespace mindcpm;
+
+namespace {
+
+// acc[i][j] = dot(x row i, W row j) over K, for MR rows of x and NR rows of W.
+template <int MR, int NR, class W>
+inline void tile(const float *x, int64_t ldx, const typename W::T *const *rows, int64_t K, float acc[MR][NR]) {
+  int64_t k = 0;
+#ifdef __AVX2__
+  __m256 a[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) a[i][j] = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+    for (int j = 0; j < NR; ++j) {
+      __m256 w = W::load8(rows[j] + k);
+      for (int i = 0; i < MR; ++i) a[i][j] = _mm256_fmadd_ps(xv[i], w, a[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = hsum(a[i][j]);
+#else
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = 0.f;
+#endif
+  for (; k < K; ++k)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) acc[i][j] += x[i * ldx + k] * W::get(rows[j] + k);
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// The three epilogues: where a block of NR weight rows starting at `unit` goes in y.
+struct Plain {  // W rows unit..unit+NR-1 -> y columns unit..
+  float *y; int64_t ldy;
+  static constexpr int kRowsPerUnit = 1;
+  template <int MR, int NR> void store(int64_t m, int64_t unit, float acc[MR][NR]) const {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) y[(m + i) * ldy + unit + j] = acc[i][j];
+  }
+};
+struct Residual {
+  float *y; int64_t ldy; const float *r; float scale;
+  static constexpr int kRowsPerUnit = 1;
+  template <int MR, int NR> void store(int64_t m, int64_t unit, float acc[MR][NR]) const {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR; ++j) {
+        int64_t o = (m + i) * ldy + unit + j;
+        y[o] = r[o] + scale * acc[i][j];
+      }
+  }
+};
+struct Swiglu {  // NR/2 gate rows then the matching NR/2 up rows -> NR/2 y columns
+  float *y; int64_t ldy;
+  static constexpr int kRowsPerUnit = 2;
+  template <int MR, int NR> void store(int64_t m, int64_t unit, float acc[MR][NR]) const {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < NR / 2; ++j) y[(m + i) * ldy + unit + j] = silu(acc[i][j]) * acc[i][NR / 2 + j];
+  }
+};
+
+// Weight rows of `units` output columns: unit u uses row u (Plain/Residual) or rows u and
+// u + units (Swiglu: gate and up).
+template <class W, class E, int U>
+inline void row_pointers(const typename W::T *w, int64_t K, int64_t units, int64_t u,
+                         const typename W::T *rows[]) {
+  for (int j = 0; j < U; ++j) {
+    rows[j] = w + (u + j) * K;
+    if (E::kRowsPerUnit == 2) rows[U + j] = w + (units + u + j) * K;
+  }
+}
+
+template <class W, class E, int U>
+inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64_t m1, int64_t K, int64_t units,
+                       int64_t u, const E &epi) {
+  constexpr int NR = U * E::kRowsPerUnit;
+  const typename W::T *rows[NR];
+  row_pointers<W, E, U>(w, K, units, u, rows);
+  int64_t m = m0;
+  for (; m + 2 <= m1; m += 2) {
+    float acc[2][NR];
+    tile<2, NR, W>(x + m * K, K, rows, K, acc);
+    epi.template store<2, NR>(m, u, acc);
+  }
+  if (m < m1) {
+    float acc[1][NR];
+    tile<1, NR, W>(x + m * K, K, rows, K, acc);
+    epi.template store<1, NR>(m, u, acc);
+  }
+}
+
+template <class W, class E>
+void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t units, const E &epi) {
+  constexpr int U = 4 / E::kRowsPerUnit;  // 4 weight rows per tile
+  // Rows of x per pass: enough to amortise streaming W, few enough to stay in L2 (~256 KiB).
+  int64_t mb = std::max<int64_t>(2, (256 * 1024 / 4) / std::max<int64_t>(K, 1));
+  int64_t blocks = (units + U - 1) / U;
+  int nt = (int)std::min<int64_t>(num_threads(), std::max<int64_t>(1, blocks));
+#pragma omp parallel num_threads(nt)
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    int64_t m1 = std::min(M, m0 + mb);
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
+      int64_t u = b * U;
+      if (u + U <= units) {
+        unit_block<W, E, U>(x, w, m0, m1, K, units, u, epi);
+      } else {
+        for (; u < units; ++u) unit_block<W, E, 1>(x, w, m0, m1, K, units, u, epi);
+      }
+    }
+  }
+}
+
+template <class E>
+int dispatch(const char *wtype, const float *x, const void *w, int64_t M, int64_t K, int64_t units, const E &epi) {
+  switch (weight_type(wtype)) {
+    case WType::kF32: run<F32>(x, static_cast<const float *>(w), M, K, units, epi); return 0;
+    case WType::kBF16: run<BF16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
+    case WType::kF16: run<F16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 3) return 1;
+  int64_t K = shapes[1][1], N = shapes[1][0], M = numel(ndims[0], shapes[0]) / K;
+  Plain epi{static_cast<float *>(params[2]), N};
+  return dispatch(dtypes[1], static_cast<const float *>(params[0]), params[1], M, K, N, epi);
+}
+
+extern "C" int LinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                            void *) {
+  if (nparam != 3) return 1;
+  int64_t K = shapes[1][1], I = shapes[1][0] / 2, M = numel(ndims[0], shapes[0]) / K;
+  Swiglu epi{static_cast<float *>(params[2]), I};
+  return dispatch(dtypes[1], static_cast<const float *>(params[0]), params[1], M, K, I, epi);
+}
+
+extern "C" int LinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                              void *) {
+  if (nparam != 5) return 1;
+  int64_t K = shapes[1][1], N = shapes[1][0], M = numel(ndims[0], shapes[0]) / K;
+  Residual epi{static_cast<float *>(params[4]), N, static_cast<const float *>(params[2]),
+               *static_cast<const float *>(params[3])};
+  return dispatch(dtypes[1], static_cast<const float *>(params[0]), params[1], M, K, N, epi);
+}

@@ -1,0 +1,28 @@
+// RMSNorm in fp32: y = x / sqrt(mean(x^2) + eps) * w, one row at a time.
+//   RmsNorm(x [..., H] fp32, w [H] fp32, eps [1] fp32, y [..., H] fp32)
+#include "../common/cpu_common.h"
+
+using namespace mindcpm;
+
+extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
+  if (nparam != 4) return 1;
+  for (int i = 0; i < 4; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = *static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t H = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / H;
+  // One thread per row is plenty: a row is a few KiB; threads only pay off for prefill.
+  int nt = rows >= 8 ? num_threads() : 1;
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float *xr = x + r * H;
+    float *yr = y + r * H;
+    float ss = 0.f;
+    for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
+    float inv = 1.f / std::sqrt(ss / (float)H + eps);
+    for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
+  }
+  return 0;
+}

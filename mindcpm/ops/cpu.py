@@ -1,0 +1,88 @@
+"""The model's per-layer ops as C++ CPU kernels (kernels_aclnn/<op>/cpu.cc), one custom op each.
+
+MindSpore's CPU graph ops cost tens of microseconds each and its MatMul is slow for the thin
+matrices of decode; a custom AOT op costs ~10-15 us, so a decoder layer here is seven kernels:
+norm, qkv linear, RoPE + cache write + attention, o_proj + residual, norm, gate|up linear with
+the SwiGLU epilogue, down + residual. Weights may be fp32, bf16 or fp16 (widened in registers);
+activations and the KV cache are fp32. Each cell has a native twin in ops/native.py with the
+same construct signature, which is the fallback and what the tests compare against.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from .cpu_kernels import aot_op
+
+
+def _rows_by(width_fn):
+    """out_shape of an op mapping x [..., K] to [..., width_fn(shapes)]."""
+    return lambda x, *rest: list(x[:-1]) + [width_fn(x, *rest)]
+
+
+def _fp32(*_):
+    return ms.float32
+
+
+class KernelMatmul(nn.Cell):
+    """y = epilogue(x W^T) for x [..., K] fp32; epilogue "plain", "swiglu" (W = gate|up) or
+    "residual" (y = r + scale * x W^T)."""
+
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0):
+        super().__init__()
+        self.epilogue = epilogue
+        if epilogue == "plain":
+            self.op = aot_op("linear", "Linear", _rows_by(lambda x, w: w[0]), _fp32)
+        elif epilogue == "swiglu":
+            self.op = aot_op("linear", "LinearSwiglu", _rows_by(lambda x, w: w[0] // 2), _fp32)
+        elif epilogue == "residual":
+            self.op = aot_op("linear", "LinearResidual", _rows_by(lambda x, w, r, s: w[0]), _fp32)
+            self.scale = Tensor(np.array([scale], np.float32))
+        else:
+            raise ValueError(f"unknown linear epilogue {epilogue!r}")
+
+    def construct(self, x, weight, residual=None):
+        if self.epilogue == "residual":
+            return self.op(x, weight, residual, self.scale)
+        return self.op(x, weight)
+
+
+class KernelRMSNorm(nn.Cell):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = Tensor(np.array([eps], np.float32))
+        self.op = aot_op("rms_norm", "RmsNorm", lambda x, w, e: x, _fp32)
+
+    def construct(self, x, weight):
+        return self.op(x, weight, self.eps)
+
+
+class KernelEmbedding(nn.Cell):
+    """table[ids] * scale in fp32, for fp32 and 16-bit tables."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.op = aot_op("embedding", "Embedding", lambda ids, t, s: list(ids) + [t[1]], _fp32)
+
+    def construct(self, ids, table):
+        return self.op(ids, table, self.scale)
+
+
+class KernelAttention(nn.Cell):
+    """qkv [B, L, (Hq + 2 Hkv) D] -> RoPE, K/V written into the caches in place, causal paged
+    attention -> [B, L, Hq D]. Same contract as native.SplitRopeAttention."""
+
+    def __init__(self, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.rotary = rotary
+        self.q_size = num_heads * head_dim
+        self.op = aot_op("paged_attention", "RopePagedAttention",
+                         lambda qkv, *rest: list(qkv[:-1]) + [num_heads * head_dim], _fp32)
+        self.scale = scale
+
+    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size):
+        meta = Tensor([self.scale, float(block_size)], ms.float32)
+        return self.op(qkv, self.rotary.cos, self.rotary.sin, positions, slot_mapping, block_tables,
+                       k_cache, v_cache, meta)
