@@ -51,6 +51,7 @@ def parse_args(argv):
                      help="print one JSON document (results and speed) instead of text")
     out.add_argument("--output", metavar="FILE",
                      help="also write that JSON document to FILE (atomically: the complete file or none)")
+    cli.add_parallel_args(p)
     return p.parse_args(argv)
 
 
@@ -85,6 +86,7 @@ def main_(argv) -> int:
     if use_default:
         prompts = [DEFAULT_PROMPT]
     cli.sampling_params(args)  # bad values fail now, not after the model has loaded
+    cli.launch_ranks(args, argv)
     cli.prepare_environment()
 
     llm = cli.llm_from_args(args, max_num_seqs=min(len(prompts), MAX_BATCH))

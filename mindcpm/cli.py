@@ -17,6 +17,8 @@ import contextlib
 import json
 import logging
 import os
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -24,6 +26,7 @@ import textwrap
 import threading
 from typing import Callable, Sequence
 
+from .parallel import ParallelError
 from .sampling import SamplingParams
 
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "mindcpm", "ms_compile_cache")
@@ -99,6 +102,25 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
 
 
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor parallelism over N devices: starts N ranks with msrun (MindSpore's "
+                             "launcher); several hosts: see the README")
+
+
+def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
+    """With --tp N > 1 outside msrun, replaces this process with msrun running the same command
+    on N ranks (rank 0's output on the console); without msrun, says the command to run."""
+    from .parallel import launched_by_msrun, msrun_command
+    if args.tp == 1 or launched_by_msrun():
+        return
+    command = msrun_command(args.tp, [os.path.abspath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
+    if shutil.which("msrun") is None:
+        raise ParallelError(f"--tp {args.tp} needs msrun (MindSpore's launcher) on PATH: {shlex.join(command)}")
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("chat template")
     g.add_argument("--system", metavar="TEXT", default=None, help="a system message put before the conversation")
@@ -125,8 +147,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 def check_engine_args(args: argparse.Namespace) -> None:
-    for flag in ("block_size", "max_num_seqs", "max_model_len"):
-        value = getattr(args, flag)
+    for flag in ("block_size", "max_num_seqs", "max_model_len", "tp"):
+        value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
 
@@ -177,7 +199,7 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
     from .llm import LLM
     return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
-               progress=sys.stderr.isatty())
+               progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1))
 
 
 def messages_for(prompt: str, system: str | None) -> list[dict]:
@@ -284,7 +306,7 @@ INTERRUPTS = InterruptWatcher()
 
 
 # -- the error boundary -------------------------------------------------------------------------
-EXPECTED_ERRORS = (ValueError, TypeError, OSError)  # OSError covers FileNotFoundError
+EXPECTED_ERRORS = (ValueError, TypeError, OSError, ParallelError)  # OSError covers FileNotFoundError
 
 
 def error_message(error: BaseException) -> str:

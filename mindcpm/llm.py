@@ -1,7 +1,9 @@
 """The user-facing class, in the shape vLLM users know: LLM(...).generate / .chat / .stream."""
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -13,6 +15,7 @@ from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
 from .ops import on_ascend, setup_runtime
+from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -87,21 +90,29 @@ class LLM:
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", tensor_parallel_size: int = 1):
         setup_runtime()
-        path = resolve_model_path(model)
-        self.model_path = path
-        self.config = ModelConfig.from_dir(path)
-        self.tokenizer = Tokenizer.from_dir(path)
-        self.kernels = resolve_kernels(kernels) and (attention or "native") == "native"
-        self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels)
-        max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
-        num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
-        eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
-        runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention,
-                                  self.kernels, DTYPES.get(self.weight_dtype))
-        runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+        tp = init_tensor_parallel(tensor_parallel_size)
+        with all_ranks_or_none():  # one rank's bad input stops every rank
+            path = resolve_model_path(model)
+            self.model_path = path
+            self.config = ModelConfig.from_dir(path)
+            self.tokenizer = Tokenizer.from_dir(path)
+            self.kernels = resolve_kernels(kernels) and (attention or "native") == "native"
+            self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels)
+            max_model_len = min(max_model_len or self.config.max_position_embeddings,
+                                self.config.max_position_embeddings)
+            max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
+            num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
+            eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
+            runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
+                                      attention, self.kernels, DTYPES.get(self.weight_dtype))
+            runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+        if tp.rank != 0:
+            # A worker rank only runs the steps rank 0 sends; its process ends with rank 0's.
+            runner.serve()
+            sys.exit(0)
+        atexit.register(runner.close)
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
                               enable_prefix_caching)
         self.engine = LLMEngine(runner, scheduler, self.tokenizer)
@@ -109,7 +120,8 @@ class LLM:
 
     def _num_blocks(self, block_size: int, max_num_seqs: int, max_model_len: int, gib: float) -> int:
         c = self.config
-        per_block = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * BYTES[self.dtype]
+        kv_heads = kv_heads_per_rank(c.num_kv_heads)
+        per_block = 2 * c.num_layers * block_size * kv_heads * c.head_dim * BYTES[self.dtype]
         wanted = max_num_seqs * -(-max_model_len // block_size)
         budget = max(int(gib * 2**30) // per_block, -(-max_model_len // block_size))
         return min(wanted, budget)

@@ -10,6 +10,8 @@ import mindspore as ms
 from mindspore import Tensor, nn
 from tqdm import tqdm
 
+from .parallel import Shard
+
 # Checkpoint projection -> (our fused parameter, part index within it).
 FUSED_PARTS = {
     "q_proj": ("qkv_proj", 0),
@@ -58,13 +60,15 @@ def our_name(hf_name: str) -> tuple[str, int | None]:
 def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool = True) -> None:
     params = loadable_parameters(model)
     cells = fused_cells(model)
+    owners = sharded_cells(model)
     filled: dict[str, set] = {name: set() for name in params}
-    staged = {name: np.empty(p.shape, dtype=np.float32) for name, p in params.items()}
+    # Zeros: a vocab-parallel table's padding rows on the last rank come from no tensor.
+    staged = {name: np.zeros(p.shape, dtype=np.float32) for name, p in params.items()}
     files = checkpoint_files(path)
     with tqdm(total=None, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for file in files:
-            for hf_name, array in _read_tensors(file):
-                _place(hf_name, array, file, params, cells, staged, filled)
+            for hf_name, tensor in _read_tensors(file):
+                _place(hf_name, tensor, file, params, cells, owners, staged, filled)
                 bar.update(1)
     for name, parts in filled.items():
         expected = set(range(len(cells[name].output_sizes))) if name in cells else {None}
@@ -80,6 +84,11 @@ def loadable_parameters(model: nn.Cell) -> dict:
     return {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}
 
 
+def sharded_cells(model: nn.Cell) -> dict:
+    """Parameter name -> the cell that says which slice of the checkpoint tensor it holds."""
+    return {f"{name}.weight": cell for name, cell in model.cells_and_names() if hasattr(cell, "checkpoint_shard")}
+
+
 def fused_cells(model: nn.Cell) -> dict:
     return {f"{name}.weight": cell for name, cell in model.cells_and_names()
             if len(getattr(cell, "output_sizes", ())) > 1}
@@ -90,12 +99,13 @@ def _read_tensors(file: str):
     try:
         with safe_open(file, framework="np") as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                # A lazy slice: each tensor-parallel rank reads only the part it holds.
+                yield key, f.get_slice(key)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _place(hf_name, array, file, params, cells, staged, filled):
+def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
     name, part = our_name(hf_name)
     if name not in params:
         if name == TIED_HEAD or hf_name.endswith("rotary_emb.inv_freq"):
@@ -104,9 +114,13 @@ def _place(hf_name, array, file, params, cells, staged, filled):
     if part is not None and name not in cells:
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     target = staged[name]
-    rows = cells[name].part_rows(part) if part is not None else slice(None)
-    expected = target[rows].shape
-    if tuple(array.shape) != expected:
-        raise CheckpointError(f"{file}: tensor {hf_name} has shape {tuple(array.shape)}, expected {expected}")
-    target[rows] = array.astype(np.float32)
+    shard = owners[name].checkpoint_shard(part) if name in owners else Shard(target.shape, (), ())
+    shape = tuple(tensor.get_shape())
+    if shape != tuple(shard.full_shape):
+        raise CheckpointError(f"{file}: tensor {hf_name} has shape {shape}, expected {tuple(shard.full_shape)}")
+    from safetensors import SafetensorError
+    try:
+        target[shard.dest] = tensor[shard.source].astype(np.float32)
+    except (SafetensorError, ValueError, TypeError, OSError) as e:  # a truncated file can fail only when read
+        raise CheckpointError(f"{file}: cannot read tensor {hf_name} ({e})") from None
     filled[name].add(part)

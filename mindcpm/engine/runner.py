@@ -16,6 +16,7 @@ from ..config import ModelConfig
 from ..loader import load_checkpoint
 from ..models.registry import model_class
 from ..ops import attention_backend, kernel_mode
+from ..parallel import StepChannel, kv_heads_per_rank, tp_group
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
 
@@ -57,13 +58,15 @@ class ModelRunner:
         self.backend_name = backend.name
         # One block past the scheduler's pool takes the K/V writes of padding tokens.
         self.pad_block = cfg.num_blocks
-        cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
-                                                model_cfg.head_dim)
+        cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size,
+                                                kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
+        self.tp = tp_group()
         with kernel_mode(cfg.kernels, cfg.weight_dtype):
             self.model = model_class(model_cfg.architecture)(
                 model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
         if checkpoint_dir is not None:
-            load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress)
+            load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
+        self.channel = StepChannel() if self.tp.size > 1 else None
         self.step = _CompiledStep(self.model)
         self.sampler = Sampler(eos_token_ids)
         self.compiled_shapes: set = set()
@@ -107,7 +110,7 @@ class ModelRunner:
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
         inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
-        logits = self._forward(inputs)
+        logits = self.forward(inputs)
         if any(want_prompt_lp):
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
             logits = logits[Tensor(last_rows)]
@@ -128,7 +131,11 @@ class ModelRunner:
                                                    out.top_ids[i][:n], out.top_logprobs[i][:n]))
         return sampled
 
-    def _forward(self, inputs):
+    def forward(self, inputs):
+        """Runs the compiled step; under tensor parallelism rank 0 first sends the step's inputs
+        to the other ranks, which run it too (serve)."""
+        if self.tp.size > 1 and self.tp.rank == 0:
+            self.channel.send([t.asnumpy() for t in inputs])
         key = tuple(t.shape for t in inputs)
         if key in self.compiled_shapes:
             return self.step(*inputs)
@@ -138,6 +145,17 @@ class ModelRunner:
         self.compile_seconds += time.perf_counter() - start
         self.compiled_shapes.add(key)
         return logits
+
+    def serve(self) -> None:
+        """The loop of a rank other than 0: run each step rank 0 sends, until it closes."""
+        while (arrays := self.channel.receive()) is not None:
+            self.forward([Tensor(a) for a in arrays])
+
+    def close(self) -> None:
+        """Rank 0: release the other ranks from serve()."""
+        if self.tp.rank == 0 and self.channel is not None:
+            self.channel.close()
+            self.channel = None
 
     def _record_prompt_logprobs(self, seqs, num_new, logits, width, wanted):
         for i, seq in enumerate(seqs):

@@ -9,24 +9,32 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
 from ..ops import attention_core
+from ..parallel import head_shards
 from .linear import Linear
 from .rotary import RotaryEmbedding
 
 
 class PagedAttention(nn.Cell):
-    """With a residual_scale, construct(..., r) returns r + residual_scale * o_proj(attention)."""
+    """With a residual_scale, construct(..., r) returns r + residual_scale * o_proj(attention).
+
+    Tensor parallel: each rank keeps its query heads and the KV heads they read (cache_shape is
+    the rank's), qkv_proj column-parallel and o_proj row-parallel."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rotary: RotaryEmbedding, backend: nn.Cell, cache_shape: tuple, dtype=ms.float32,
                  residual_scale: float | None = None):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q_heads, kv_heads = head_shards(num_heads, num_kv_heads)
+        rows = [slice(h.start * head_dim, h.stop * head_dim) for h in (q_heads, kv_heads, kv_heads)]
+        self.num_heads, self.num_kv_heads = q_heads.stop - q_heads.start, kv_heads.stop - kv_heads.start
+        self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.qkv_proj = Linear(hidden_size, [self.q_size, self.kv_size, self.kv_size], dtype)
-        self.o_proj = Linear(self.q_size, hidden_size, dtype,
-                             "plain" if residual_scale is None else "residual", residual_scale or 1.0)
-        self.attend = attention_core(backend, rotary, num_heads, num_kv_heads, head_dim, self.scale)
+        self.qkv_proj = Linear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
+                               dtype, parallel="column", part_shards=rows)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype,
+                             "plain" if residual_scale is None else "residual", residual_scale or 1.0,
+                             parallel="row")
+        self.attend = attention_core(backend, rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale)
         self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
 

@@ -2,37 +2,68 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 from ..ops import embedding, matmul, weight_dtype
+from ..parallel import Shard, tp_group, vocab_rows
 
 
 class Embedding(nn.Cell):
-    """table[ids] * scale (MiniCPM's μP embedding scale; 1 for Llama)."""
+    """table[ids] * scale (MiniCPM's μP embedding scale; 1 for Llama).
+
+    Tensor parallel: each rank holds a slice of the vocabulary; ids outside it give zeros and
+    the ranks' rows are summed."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32, scale: float = 1.0):
         super().__init__()
-        self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), weight_dtype(dtype)), name="weight",
+        self.full_shape = (vocab_size, hidden_size)
+        self.rows = vocab_rows(vocab_size)
+        local = -(-vocab_size // tp_group().size)
+        self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), weight_dtype(dtype)), name="weight",
                                 requires_grad=False)
         self.lookup = embedding(scale)
+        self.all_reduce = ops.AllReduce() if tp_group().size > 1 else None
 
     def construct(self, ids):
-        return self.lookup(ids, self.weight)
+        if self.all_reduce is None:
+            return self.lookup(ids, self.weight)
+        local = ids - self.rows.start
+        inside = ops.logical_and(local >= 0, local < self.rows.stop - self.rows.start)
+        h = self.lookup(ops.where(inside, local, 0), self.weight)
+        return self.all_reduce(h * inside.astype(h.dtype).expand_dims(-1))
+
+    def checkpoint_shard(self, part: int | None) -> Shard:
+        return Shard(self.full_shape, (self.rows, slice(None)), (slice(0, self.rows.stop - self.rows.start),))
 
 
 class LMHead(nn.Cell):
-    """logits = h W^T in fp32; W is the embedding's when the checkpoint ties them."""
+    """logits = h W^T in fp32; W is the embedding's when the checkpoint ties them. Tensor
+    parallel: each rank scores its vocabulary slice and the slices are gathered."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, dtype=ms.float32):
         super().__init__()
+        self.vocab_size = vocab_size
         self.tied = tied_to is not None
         if self.tied:
             self.embedding = tied_to
         else:
-            self.weight = Parameter(Tensor(np.zeros((vocab_size, hidden_size)), weight_dtype(dtype)), name="weight",
+            self.full_shape = (vocab_size, hidden_size)
+            self.rows = vocab_rows(vocab_size)
+            local = -(-vocab_size // tp_group().size)
+            self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), weight_dtype(dtype)), name="weight",
                                     requires_grad=False)
         self.matmul = matmul()
+        self.tp_size = tp_group().size
+        self.all_gather = ops.AllGather() if self.tp_size > 1 else None
 
     def construct(self, h):
         w = self.embedding.weight if self.tied else self.weight
-        return self.matmul(h, w).astype(ms.float32)
+        logits = self.matmul(h, w).astype(ms.float32)
+        if self.all_gather is None:
+            return logits
+        n, local = logits.shape
+        # AllGather stacks the ranks' [n, local] blocks along rows; put them side by side.
+        logits = self.all_gather(logits).reshape(self.tp_size, n, local).transpose(1, 0, 2)
+        return logits.reshape(n, self.tp_size * local)[:, : self.vocab_size]
+
+    checkpoint_shard = Embedding.checkpoint_shard

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import Parameter, Tensor, nn, ops
 
 from ..ops import matmul, weight_dtype
+from ..parallel import Shard, even_rows, tp_group
 
 
 class Linear(nn.Cell):
@@ -15,21 +16,45 @@ class Linear(nn.Cell):
     each part from its own checkpoint tensor. The epilogue is "plain", "swiglu" (the output is
     silu(gate) * up of a gate|up projection) or "residual" (construct(x, r) = r + scale x W^T),
     so the device's op can fuse it.
+
+    Tensor parallel: "column" keeps this rank's rows of each part (`part_shards`, in the part's
+    own row numbers; an even split by default), "row" keeps its columns and sums the partial
+    products of all ranks before the epilogue.
     """
 
     def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32,
-                 epilogue: str = "plain", scale: float = 1.0):
+                 epilogue: str = "plain", scale: float = 1.0, parallel: str | None = None,
+                 part_shards: list[slice] | None = None):
         super().__init__()
-        self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
-        self.in_features = in_features
-        out_features = sum(self.output_sizes)
-        self.weight = Parameter(Tensor(np.zeros((out_features, in_features)), weight_dtype(dtype)), name="weight",
-                                requires_grad=False)
-        self.matmul = matmul(epilogue, scale)
+        full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
+        self.full_shapes = [(n, in_features) for n in full_sizes]
+        self.part_shards = [slice(0, n) for n in full_sizes]
+        self.in_shard = slice(0, in_features)
+        if parallel == "column":
+            self.part_shards = part_shards or [even_rows(n, "a projection's rows") for n in full_sizes]
+        elif parallel == "row":
+            self.in_shard = even_rows(in_features, "a projection's columns")
+        elif parallel is not None:
+            raise ValueError(f"unknown parallel style {parallel!r}")
+        self.output_sizes = [s.stop - s.start for s in self.part_shards]
+        self.in_features = self.in_shard.stop - self.in_shard.start
+        self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), weight_dtype(dtype)),
+                                name="weight", requires_grad=False)
+        self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
+        # Partial sums must be reduced before a residual is added, so that epilogue moves out.
+        self.residual_scale = scale if self.all_reduce is not None and epilogue == "residual" else None
+        self.matmul = matmul("plain" if self.residual_scale is not None else epilogue, scale)
 
     def construct(self, x, residual=None):
-        return self.matmul(x, self.weight, residual)
+        if self.all_reduce is None:
+            return self.matmul(x, self.weight, residual)
+        y = self.all_reduce(self.matmul(x, self.weight))
+        return y if self.residual_scale is None else residual + y * self.residual_scale
 
     def part_rows(self, part: int) -> slice:
         start = sum(self.output_sizes[:part])
         return slice(start, start + self.output_sizes[part])
+
+    def checkpoint_shard(self, part: int | None) -> Shard:
+        part = part or 0
+        return Shard(self.full_shapes[part], (self.part_shards[part], self.in_shard), (self.part_rows(part),))

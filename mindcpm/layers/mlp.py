@@ -13,9 +13,11 @@ class SwiGLU(nn.Cell):
     def __init__(self, hidden_size: int, intermediate_size: int, dtype=ms.float32,
                  residual_scale: float | None = None):
         super().__init__()
-        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype, "swiglu")
+        self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype, "swiglu",
+                                   parallel="column")
         self.down_proj = Linear(intermediate_size, hidden_size, dtype,
-                                "plain" if residual_scale is None else "residual", residual_scale or 1.0)
+                                "plain" if residual_scale is None else "residual", residual_scale or 1.0,
+                                parallel="row")
         self.intermediate_size = intermediate_size
 
     def construct(self, x, residual=None):
