@@ -83,8 +83,9 @@ class LLM:
         eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
         runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention)
         runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+        # A linear-attention state sums its whole prefix: no prefix sharing for such models.
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
-                              enable_prefix_caching)
+                              enable_prefix_caching and not runner.num_state_slots, runner.num_state_slots)
         self.engine = LLMEngine(runner, scheduler, self.tokenizer)
         self.max_model_len = max_model_len
 

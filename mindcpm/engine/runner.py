@@ -30,6 +30,10 @@ class RunnerConfig:
     attention: str | None = None  # backend name; None = the device's default
 
 
+def needs_state_slots(model_cfg: ModelConfig) -> bool:
+    return model_cfg.minimax is not None and model_cfg.minimax.has_lightning
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -57,8 +61,12 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
                                                 model_cfg.head_dim)
+        # Linear-attention models get a state slot per sequence, plus one for padding rows.
+        self.num_state_slots = needs_state_slots(model_cfg) * cfg.max_num_seqs
+        self.pad_state_slot = self.num_state_slots
+        extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
         self.model = model_class(model_cfg.architecture)(
-            model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
+            model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype, **extra)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress)
         self.step = _CompiledStep(self.model)
@@ -82,6 +90,7 @@ class ModelRunner:
         slots = np.full((rows, width), self.pad_block * bs, np.int32)
         tables = np.full((rows, nb), self.pad_block, np.int32)
         last_rows = np.zeros(rows, np.int32)
+        state_slots = np.full(rows, self.pad_state_slot, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_cached_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
@@ -91,9 +100,11 @@ class ModelRunner:
             slots[i, :n] = table[pos // bs] * bs + pos % bs
             tables[i, :len(table)] = table
             last_rows[i] = i * width + n - 1
+            if seq.state_slot is not None:
+                state_slots[i] = seq.state_slot
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
         meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
-                "block_tables": tables, "logits_rows": logits_rows}
+                "block_tables": tables, "logits_rows": logits_rows, "state_slots": state_slots}
         # Each model names the metadata its construct takes, in order (STEP_INPUTS).
         return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 

@@ -48,3 +48,21 @@ def attention_backend(name: str | None = None):
         from .ascend import AscendAttention
         return AscendAttention()
     raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def moe_backend(name: str | None = None):
+    """The MoE backend that goes with attention backend `name` (one choice per device)."""
+    name = name or os.environ.get("MINDCPM_ATTENTION") or default_backend()
+    if name == "native":
+        from .moe import NativeMoE
+        return NativeMoE()
+    if name == "ascend":
+        from .ascend_moe import AscendMoE
+        return AscendMoE()
+    raise ValueError(f"unknown MoE backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def lightning_backend(name: str | None = None):
+    """Lightning attention: the composite on every device for now (no fused kernel exists, spec §8)."""
+    from .lightning import NativeLightning
+    return NativeLightning()
