@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 logger = logging.getLogger("mindcpm")
 
-SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM", "LlamaForCausalLM")
+MINIMAX_ARCHITECTURES = ("MiniMaxM1ForCausalLM", "MiniMaxText01ForCausalLM", "MiniMaxForCausalLM")
+SUPPORTED_ARCHITECTURES = ("MiniCPMForCausalLM", "LlamaForCausalLM") + MINIMAX_ARCHITECTURES
 
 
 class ConfigError(ValueError):
@@ -28,6 +29,37 @@ class RopeConfig:
     short_factor: tuple[float, ...] | None = None  # LongRoPE only
     long_factor: tuple[float, ...] | None = None
     original_max_position: int | None = None
+    rotary_dim: int | None = None  # partial RoPE: rotate only the first rotary_dim dims (MiniMax)
+
+    @property
+    def width(self) -> int:
+        return self.rotary_dim or self.head_dim
+
+
+@dataclass(frozen=True)
+class MiniMaxConfig:
+    """The MiniMax-M1 / Text-01 fields (minimax_m1 spec §1), one spelling for both the
+    remote-code names (attn_type_list, layernorm_*_alpha, rotary_dim, postnorm) and the
+    transformers-native ones (layer_types, *_alpha_factor, partial_rotary_factor)."""
+    lightning_layers: tuple[bool, ...]  # per layer: True = lightning (linear), False = softmax
+    num_experts: int
+    top_k: int
+    shared_intermediate_size: int
+    shared_moe_mode: str
+    postnorm: bool
+    # DeepNorm: x1 = alpha * residual + beta * sublayer(x), per sub-layer kind (spec §5).
+    linear_alpha: float
+    linear_beta: float
+    full_alpha: float
+    full_beta: float
+    mlp_alpha: float
+    mlp_beta: float
+    lightning_block: int = 256  # prefill block size; any value gives the same maths (spec §2.4)
+    lightning_eps: float = 1e-6  # the RMSNorm over H*D inside the lightning layer (spec §2.6)
+
+    @property
+    def has_lightning(self) -> bool:
+        return any(self.lightning_layers)
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
     sparse_config: dict | None = None
+    minimax: MiniMaxConfig | None = None
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
@@ -93,6 +126,10 @@ class ModelConfig:
         # otherwise); Llama's defaults to False.
         tie = bool(hf.get("tie_word_embeddings", is_minicpm))
         scales = _minicpm_scales(hf, hidden, layers, source) if is_minicpm else {}
+        minimax = _minimax_config(hf, layers, source) if arch in MINIMAX_ARCHITECTURES else None
+        rope = _rope_config(hf, head_dim, max_pos, source)
+        if minimax is not None:
+            rope = RopeConfig(head_dim, rope.theta, max_pos, rotary_dim=_rotary_dim(hf, head_dim, source))
         return cls(
             architecture=arch,
             hidden_size=hidden,
@@ -100,13 +137,14 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rope=_rope_config(hf, head_dim, max_pos, source),
+            rope=rope,
             max_position_embeddings=max_pos,
             tie_word_embeddings=tie,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_eos_ids(hf, generation or {}),
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
             sparse_config=hf.get("sparse_config"),
+            minimax=minimax,
             **scales,
             **fields,
         )
@@ -163,6 +201,70 @@ def _rope_config(hf: dict, head_dim: int, max_pos: int, source: str) -> RopeConf
     original = int(scaling.get("original_max_position_embeddings")
                    or hf.get("original_max_position_embeddings") or max_pos)
     return RopeConfig(head_dim, theta, max_pos, tuple(map(float, short)), tuple(map(float, long)), original)
+
+
+def _minimax_config(hf: dict, layers: int, source: str) -> MiniMaxConfig:
+    """Both spellings, tried in vLLM's order (spec §1.3): attn_type_list, decoder_attention_types,
+    layer_types; layernorm_*_alpha before *_alpha_factor."""
+    kinds = hf.get("attn_type_list") or hf.get("decoder_attention_types")
+    if kinds is not None:
+        lightning = [int(k) == 0 for k in kinds]
+    elif hf.get("layer_types") is not None:
+        names = {"linear_attention": True, "full_attention": False}
+        bad = [t for t in hf["layer_types"] if t not in names]
+        if bad:
+            raise ConfigError(f"{source}: layer_types entry {bad[0]!r} is not linear_attention or full_attention")
+        lightning = [names[t] for t in hf["layer_types"]]
+    else:
+        raise ConfigError(f"{source}: MiniMax config needs attn_type_list or layer_types")
+    if len(lightning) != layers:
+        raise ConfigError(f"{source}: {len(lightning)} layer types for num_hidden_layers {layers}")
+
+    def factor(remote: str, native: str) -> float:
+        value = hf.get(remote, hf.get(native))
+        return 1.0 if value is None else float(value)
+
+    shared = hf.get("shared_intermediate_size") or 0
+    if isinstance(shared, list):
+        if len(set(shared)) > 1:
+            raise ConfigError(f"{source}: per-layer shared_intermediate_size {shared} is not supported")
+        shared = shared[0] if shared else 0
+    mode = hf.get("shared_moe_mode", "sigmoid")
+    if shared and mode != "sigmoid":
+        raise ConfigError(f"{source}: shared_moe_mode {mode!r} is not supported (sigmoid)")
+    try:
+        experts, top_k = int(hf["num_local_experts"]), int(hf["num_experts_per_tok"])
+    except KeyError as e:
+        raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
+    if not 0 < top_k <= experts:
+        raise ConfigError(f"{source}: num_experts_per_tok {top_k} must be in 1..num_local_experts {experts}")
+    # The transformers-native class hard-codes the postnorm flow and has no such field (§1.3).
+    postnorm = bool(hf.get("postnorm", hf.get("model_type") == "minimax"))
+    return MiniMaxConfig(
+        lightning_layers=tuple(lightning), num_experts=experts, top_k=top_k,
+        shared_intermediate_size=int(shared), shared_moe_mode=mode, postnorm=postnorm,
+        linear_alpha=factor("layernorm_linear_attention_alpha", "linear_attn_alpha_factor"),
+        linear_beta=factor("layernorm_linear_attention_beta", "linear_attn_beta_factor"),
+        full_alpha=factor("layernorm_full_attention_alpha", "full_attn_alpha_factor"),
+        full_beta=factor("layernorm_full_attention_beta", "full_attn_beta_factor"),
+        mlp_alpha=factor("layernorm_mlp_alpha", "mlp_alpha_factor"),
+        mlp_beta=factor("layernorm_mlp_beta", "mlp_beta_factor"),
+        lightning_block=int(hf.get("block_size") or hf.get("block") or 256))
+
+
+def _rotary_dim(hf: dict, head_dim: int, source: str) -> int:
+    """rotary_dim (remote code), else partial_rotary_factor (top level or rope_parameters)."""
+    if hf.get("rotary_dim"):
+        dim = int(hf["rotary_dim"])
+    else:
+        factor = hf.get("partial_rotary_factor") or (hf.get("rope_parameters") or {}).get("partial_rotary_factor")
+        if factor is None:
+            logger.warning("%s gives neither rotary_dim nor partial_rotary_factor: RoPE rotates the whole "
+                           "head; MiniMax-M1/Text-01 were trained with rotary_dim = head_dim/2", source)
+        dim = int(round(float(factor or 1.0) * head_dim))
+    if dim <= 0 or dim > head_dim or dim % 2:
+        raise ConfigError(f"{source}: rotary_dim {dim} must be even and in 2..head_dim {head_dim}")
+    return dim
 
 
 def _eos_ids(hf: dict, generation: dict) -> tuple[int, ...]:

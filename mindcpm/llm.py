@@ -113,8 +113,9 @@ class LLM:
             runner.serve()
             sys.exit(0)
         atexit.register(runner.close)
+        # A linear-attention state sums its whole prefix: no prefix sharing for such models.
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
-                              enable_prefix_caching)
+                              enable_prefix_caching and not runner.num_state_slots, runner.num_state_slots)
         self.engine = LLMEngine(runner, scheduler, self.tokenizer)
         self.max_model_len = max_model_len
 

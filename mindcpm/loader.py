@@ -20,6 +20,12 @@ FUSED_PARTS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# MoE experts (MiniMax, spec §6): experts.{e}.{w} -> (our stacked parameter, part within an expert).
+EXPERT_PARTS = {
+    "w1": ("w13", 0),  # gate
+    "w3": ("w13", 1),  # up
+    "w2": ("w2", 0),  # down
+}
 # Present in some tied checkpoints; the embedding serves as the head.
 TIED_HEAD = "lm_head.weight"
 
@@ -47,10 +53,14 @@ def checkpoint_files(path: str) -> list[str]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
-def our_name(hf_name: str) -> tuple[str, int | None]:
-    """Maps a checkpoint tensor name to (parameter name, part index or None)."""
+def our_name(hf_name: str) -> tuple[str, int | tuple | None]:
+    """Maps a checkpoint tensor name to (parameter name, part or None); a part is an index into a
+    fused projection, or (expert, index) into stacked experts."""
     name = hf_name[len("model."):] if hf_name.startswith("model.") else hf_name
     parts = name.split(".")
+    if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit() and parts[-2] in EXPERT_PARTS:
+        stacked, part = EXPERT_PARTS[parts[-2]]
+        return ".".join(parts[:-3] + [stacked, parts[-1]]), (int(parts[-3]), part)
     if len(parts) >= 2 and parts[-2] in FUSED_PARTS:
         fused, part = FUSED_PARTS[parts[-2]]
         return ".".join(parts[:-2] + [fused, parts[-1]]), part
@@ -71,11 +81,11 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
                 _place(hf_name, tensor, file, params, cells, owners, staged, filled)
                 bar.update(1)
     for name, parts in filled.items():
-        expected = set(range(len(cells[name].output_sizes))) if name in cells else {None}
-        if parts != expected:
+        if parts != (_parts(cells[name]) if name in cells else {None}):
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
     for name, p in params.items():
-        # Each parameter keeps the dtype its layer chose (16-bit matrices beside fp32 norms on CPU).
+        # Each parameter keeps the dtype its layer chose: 16-bit matrices beside fp32 norms on CPU,
+        # and fp32 for the few that stay fp32 whatever the model (MoE router, lightning norm).
         p.set_data(Tensor(staged.pop(name), p.dtype))
 
 
@@ -91,7 +101,12 @@ def sharded_cells(model: nn.Cell) -> dict:
 
 def fused_cells(model: nn.Cell) -> dict:
     return {f"{name}.weight": cell for name, cell in model.cells_and_names()
-            if len(getattr(cell, "output_sizes", ())) > 1}
+            if len(getattr(cell, "output_sizes", ())) > 1 or hasattr(cell, "loader_parts")}
+
+
+def _parts(cell) -> set:
+    """The parts the checkpoint must fill: stacked experts name theirs, a fused projection's are 0..n-1."""
+    return cell.loader_parts() if hasattr(cell, "loader_parts") else set(range(len(cell.output_sizes)))
 
 
 def _read_tensors(file: str):

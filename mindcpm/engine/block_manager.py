@@ -1,5 +1,9 @@
 """Paged KV-cache bookkeeping: which physical blocks each sequence holds, and prefix sharing.
 
+Models with linear attention (MiniMax) also hold one state slot per sequence: taken with the
+sequence's first blocks and freed with them (finish, abort, preemption). Such a state sums the
+whole prefix, so it cannot be shared: prefix caching must be off for these models.
+
 A block's K/V are written only at positions >= its sequence's num_cached_tokens, so a block
 that is full of computed tokens never changes again. Only such blocks are registered under a
 content hash, and a prefix-cache hit always ends on a block boundary, so a sequence never
@@ -30,9 +34,14 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_state_slots: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        if num_state_slots and enable_prefix_caching:
+            raise ValueError("prefix caching cannot be used with linear-attention state slots")
+        self.num_state_slots = num_state_slots
+        self._free_slots: list[int] = list(range(num_state_slots - 1, -1, -1))
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -48,7 +57,13 @@ class BlockManager:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def num_free_state_slots(self) -> int:
+        return len(self._free_slots)
+
     def can_allocate(self, seq: Sequence) -> bool:
+        if self.num_state_slots and not self._free_slots:
+            return False
         hits = self._cached_prefix(seq)
         shared_in_use = sum(1 for block_id, _ in hits if self.blocks[block_id].ref_count > 0)
         return seq.num_blocks - shared_in_use <= self.num_free_blocks
@@ -62,6 +77,8 @@ class BlockManager:
         seq.block_table = [block_id for block_id, _ in hits]
         seq.block_table += [self._take_fresh() for _ in range(seq.num_blocks - len(hits))]
         seq.num_cached_tokens = len(hits) * self.block_size
+        if self.num_state_slots:
+            seq.state_slot = self._free_slots.pop()
         if self.enable_prefix_caching:
             self._seq_hashes[seq.seq_id] = [h for _, h in hits]
 
@@ -74,6 +91,9 @@ class BlockManager:
                 self._free[block_id] = None
         seq.block_table = []
         seq.num_cached_tokens = 0
+        if seq.state_slot is not None:
+            self._free_slots.append(seq.state_slot)
+            seq.state_slot = None
         self._seq_hashes.pop(seq.seq_id, None)
 
     def can_append(self, seq: Sequence) -> bool:

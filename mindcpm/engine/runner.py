@@ -33,6 +33,10 @@ class RunnerConfig:
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
 
 
+def needs_state_slots(model_cfg: ModelConfig) -> bool:
+    return model_cfg.minimax is not None and model_cfg.minimax.has_lightning
+
+
 def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -61,9 +65,13 @@ class ModelRunner:
         cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size,
                                                 kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
         self.tp = tp_group()
+        # Linear-attention models get a state slot per sequence, plus one for padding rows.
+        self.num_state_slots = needs_state_slots(model_cfg) * cfg.max_num_seqs
+        self.pad_state_slot = self.num_state_slots
+        extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
         with kernel_mode(cfg.kernels, cfg.weight_dtype):
             self.model = model_class(model_cfg.architecture)(
-                model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
+                model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype, **extra)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
         self.channel = StepChannel() if self.tp.size > 1 else None
@@ -88,6 +96,7 @@ class ModelRunner:
         slots = np.full((rows, width), self.pad_block * bs, np.int32)
         tables = np.full((rows, nb), self.pad_block, np.int32)
         last_rows = np.zeros(rows, np.int32)
+        state_slots = np.full(rows, self.pad_state_slot, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_cached_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
@@ -97,9 +106,11 @@ class ModelRunner:
             slots[i, :n] = table[pos // bs] * bs + pos % bs
             tables[i, :len(table)] = table
             last_rows[i] = i * width + n - 1
+            if seq.state_slot is not None:
+                state_slots[i] = seq.state_slot
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
         meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
-                "block_tables": tables, "logits_rows": logits_rows}
+                "block_tables": tables, "logits_rows": logits_rows, "state_slots": state_slots}
         # Each model names the metadata its construct takes, in order (STEP_INPUTS).
         return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 

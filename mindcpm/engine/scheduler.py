@@ -24,7 +24,7 @@ class ScheduledBatch:
 class Scheduler:
     def __init__(self, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, eos_token_ids: set[int],
-                 enable_prefix_caching: bool = True):
+                 enable_prefix_caching: bool = True, num_state_slots: int = 0):
         if max_num_seqs < 1 or max_model_len < 2:
             raise ValueError(f"need max_num_seqs >= 1 and max_model_len >= 2, "
                              f"got {max_num_seqs} and {max_model_len}")
@@ -37,7 +37,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.eos_token_ids = set(eos_token_ids)
-        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching, num_state_slots)
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()  # in admission order
 

@@ -25,6 +25,8 @@ class Sequence:
         # what the next step computes: a prompt chunk in prefill, the last token in decode.
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
+        # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
+        self.state_slot: int | None = None
         self.block_size = block_size
         self.params = params
         self.rng = None  # the request's own np.random.Generator, so its samples ignore batching

@@ -1,4 +1,5 @@
-"""Rotary position embedding, plain or LongRoPE (spec §2.2), applied in fp32."""
+"""Rotary position embedding, plain or LongRoPE (spec §2.2), applied in fp32; optionally on the
+first rotary_dim dims of each head only (MiniMax partial RoPE, minimax_m1 spec §3.1)."""
 from __future__ import annotations
 
 import math
@@ -11,9 +12,9 @@ from ..config import RopeConfig
 
 
 def rope_tables(rope: RopeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables [max_position, head_dim] in fp32, computed in the order and precision
+    """cos and sin tables [max_position, rotary width] in fp32, computed in the order and precision
     of the reference implementations (fp32 throughout) so that angles match them bit for bit."""
-    d = rope.head_dim
+    d = rope.width
     inv_freq = (1.0 / (np.float32(rope.theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
     t = np.arange(rope.max_position, dtype=np.float32)
     mscale = 1.0
@@ -37,7 +38,8 @@ class RotaryEmbedding(nn.Cell):
         cos, sin = rope_tables(rope)
         self.cos = Parameter(Tensor(cos), name="cos", requires_grad=False)
         self.sin = Parameter(Tensor(sin), name="sin", requires_grad=False)
-        self.half = rope.head_dim // 2
+        self.width = rope.width
+        self.half = rope.width // 2
 
     def construct(self, positions, q, k):
         """positions [B, L] (padding may be -1); q, k [B, L, H, D]: NeoX rotate-half."""
@@ -48,6 +50,9 @@ class RotaryEmbedding(nn.Cell):
 
     def _rotate(self, x, cos, sin):
         x32 = x.astype(ms.float32)
-        x1, x2 = x32[..., : self.half], x32[..., self.half:]
-        rotated = ops.concat((-x2, x1), -1)
-        return (x32 * cos + rotated * sin).astype(x.dtype)
+        rot = x32[..., : self.width]
+        x1, x2 = rot[..., : self.half], rot[..., self.half:]
+        rotated = (rot * cos + ops.concat((-x2, x1), -1) * sin)
+        if self.width < x.shape[-1]:  # partial RoPE: the dims past the rotary width pass through
+            rotated = ops.concat((rotated, x32[..., self.width:]), -1)
+        return rotated.astype(x.dtype)

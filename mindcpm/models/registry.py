@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 from .minicpm import MiniCPMForCausalLM
+from .minimax import MiniMaxForCausalLM
 
 MODELS = {
     "MiniCPMForCausalLM": MiniCPMForCausalLM,
     "LlamaForCausalLM": MiniCPMForCausalLM,
+    "MiniMaxM1ForCausalLM": MiniMaxForCausalLM,
+    "MiniMaxText01ForCausalLM": MiniMaxForCausalLM,
+    "MiniMaxForCausalLM": MiniMaxForCausalLM,
 }
 
 

@@ -104,3 +104,21 @@ def attention_core(backend, rotary, num_heads: int, num_kv_heads: int, head_dim:
         from .cpu import KernelAttention
         return KernelAttention(rotary, num_heads, num_kv_heads, head_dim, scale)
     return SplitRopeAttention(backend, rotary, num_heads, num_kv_heads, head_dim, scale)
+
+
+def moe_backend(name: str | None = None):
+    """The MoE backend that goes with attention backend `name` (one choice per device)."""
+    name = name or os.environ.get("MINDCPM_ATTENTION") or default_backend()
+    if name == "native":
+        from .moe import NativeMoE
+        return NativeMoE()
+    if name == "ascend":
+        from .ascend_moe import AscendMoE
+        return AscendMoE()
+    raise ValueError(f"unknown MoE backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def lightning_backend(name: str | None = None):
+    """Lightning attention: the composite on every device for now (no fused kernel exists, spec §8)."""
+    from .lightning import NativeLightning
+    return NativeLightning()

@@ -1,0 +1,88 @@
+"""MiniMax-M1 / MiniMax-Text-01 (minimax_m1 spec): lightning-attention layers with one softmax
+layer in every few, an MoE on every layer and the DeepNorm postnorm residual flow (§5)."""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from ..config import ModelConfig
+from ..layers.attention import PagedAttention
+from ..layers.embedding import Embedding, LMHead
+from ..layers.lightning import LightningAttention
+from ..layers.linear import Linear
+from ..layers.mlp import SwiGLU
+from ..layers.moe import MoE
+from ..layers.norm import RMSNorm
+from ..layers.rotary import RotaryEmbedding
+from ..ops import lightning_backend, moe_backend
+
+
+class DecoderLayer(nn.Cell):
+    def __init__(self, cfg: ModelConfig, layer: int, rotary, backend_factory, cache_shape,
+                 num_state_slots: int, dtype):
+        super().__init__()
+        mm = cfg.minimax
+        self.is_lightning = mm.lightning_layers[layer]
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        if self.is_lightning:
+            self.self_attn = LightningAttention(cfg.hidden_size, cfg.num_heads, cfg.head_dim, layer, cfg.num_layers,
+                                                mm.lightning_block, mm.lightning_eps,
+                                                lightning_backend(backend_factory.name), num_state_slots, dtype)
+            self.attn_alpha, self.attn_beta = mm.linear_alpha, mm.linear_beta
+        else:
+            self.self_attn = PagedAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                            rotary, backend_factory(), cache_shape, dtype)
+            self.attn_alpha, self.attn_beta = mm.full_alpha, mm.full_beta
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.block_sparse_moe = MoE(cfg.hidden_size, cfg.intermediate_size, mm.num_experts, mm.top_k,
+                                    moe_backend(backend_factory.name), dtype)
+        self.has_shared = mm.shared_intermediate_size > 0
+        if self.has_shared:
+            self.shared_mlp = SwiGLU(cfg.hidden_size, mm.shared_intermediate_size, dtype)
+            self.coefficient = Linear(cfg.hidden_size, 1, ms.float32)
+        self.postnorm = mm.postnorm
+        self.mlp_alpha, self.mlp_beta = mm.mlp_alpha, mm.mlp_beta
+
+    def construct(self, x, positions, slot_mapping, block_tables, state_slots, block_size):
+        h = self.input_layernorm(x)
+        if self.is_lightning:
+            a = self.self_attn(h, positions, state_slots)
+        else:
+            a = self.self_attn(h, positions, slot_mapping, block_tables, block_size)
+        # DeepNorm (§5): with postnorm the residual is the normalised input.
+        x1 = (h if self.postnorm else x) * self.attn_alpha + a * self.attn_beta
+        h2 = self.post_attention_layernorm(x1)
+        m = self.block_sparse_moe(h2)
+        if self.has_shared:
+            c = ops.sigmoid(self.coefficient(h2.astype(ms.float32))).astype(h2.dtype)
+            m = m * (1 - c) + self.shared_mlp(h2) * c
+        return (h2 if self.postnorm else x1) * self.mlp_alpha + m * self.mlp_beta
+
+
+class MiniMaxForCausalLM(nn.Cell):
+    """construct(input_ids [B, L], positions [B, L], slot_mapping [B*L], block_tables [B, nb],
+    state_slots [B], logits_rows [N]) -> fp32 logits [N, vocab] of the selected flattened rows.
+
+    state_slots: each row's lightning-state slot (padding rows: the spare pad slot). A row whose
+    first position is 0 starts from a zero state, so slots are never cleared explicitly."""
+
+    STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "state_slots", "logits_rows")
+
+    def __init__(self, cfg: ModelConfig, backend_factory, cache_shape: tuple, block_size: int,
+                 dtype=ms.float32, num_state_slots: int = 1):
+        super().__init__()
+        self.block_size = block_size
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        rotary = RotaryEmbedding(cfg.rope)
+        self.layers = nn.CellList([DecoderLayer(cfg, i, rotary, backend_factory, cache_shape, num_state_slots, dtype)
+                                   for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size,
+                              self.embed_tokens if cfg.tie_word_embeddings else None, dtype)
+
+    def construct(self, input_ids, positions, slot_mapping, block_tables, state_slots, logits_rows):
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, positions, slot_mapping, block_tables, state_slots, self.block_size)
+        h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)
+        return self.lm_head(self.norm(h))
