@@ -106,6 +106,9 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1, metavar="N",
                         help="tensor parallelism over N devices: starts N ranks with msrun (MindSpore's "
                              "launcher); several hosts: see the README")
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="MoE models with --tp: each rank holds whole experts (default: every expert "
+                             "is split across the ranks)")
 
 
 def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
@@ -199,7 +202,8 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
     from .llm import LLM
     return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
-               progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1))
+               progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
+               enable_expert_parallel=getattr(args, "enable_expert_parallel", False))
 
 
 def messages_for(prompt: str, system: str | None) -> list[dict]:

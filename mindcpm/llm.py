@@ -90,9 +90,9 @@ class LLM:
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
-                 kernels: str = "auto", tensor_parallel_size: int = 1):
+                 kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
         setup_runtime()
-        tp = init_tensor_parallel(tensor_parallel_size)
+        tp = init_tensor_parallel(tensor_parallel_size, enable_expert_parallel)
         with all_ranks_or_none():  # one rank's bad input stops every rank
             path = resolve_model_path(model)
             self.model_path = path

@@ -120,6 +120,13 @@ def _read_tensors(file: str):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
+def _whole(cell, part, target) -> Shard:
+    """A parameter that holds the whole checkpoint tensor (at its part's rows, if fused)."""
+    dest = () if part is None else cell.part_rows(part)
+    dest = dest if isinstance(dest, tuple) else (dest,)
+    return Shard(target[dest].shape, (), dest)
+
+
 def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
     name, part = our_name(hf_name)
     if name not in params:
@@ -129,7 +136,10 @@ def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
     if part is not None and name not in cells:
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     target = staged[name]
-    shard = owners[name].checkpoint_shard(part) if name in owners else Shard(target.shape, (), ())
+    shard = owners[name].checkpoint_shard(part) if name in owners else _whole(cells.get(name), part, target)
+    if shard is None:  # another rank's expert
+        filled[name].add(part)
+        return
     shape = tuple(tensor.get_shape())
     if shape != tuple(shard.full_shape):
         raise CheckpointError(f"{file}: tensor {hf_name} has shape {shape}, expected {tuple(shard.full_shape)}")

@@ -25,6 +25,7 @@ class ParallelError(RuntimeError):
 class TPGroup:
     rank: int = 0
     size: int = 1
+    expert_parallel: bool = False  # MoE: whole experts per rank, instead of a slice of every expert
 
 
 _group = TPGroup()
@@ -56,12 +57,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_tensor_parallel(size: int) -> TPGroup:
+def init_tensor_parallel(size: int, expert_parallel: bool = False) -> TPGroup:
     """Joins the msrun job as one of `size` ranks; size 1 is the single-process default."""
     global _group
     if size < 1:
         raise ValueError(f"tensor_parallel_size must be >= 1, got {size}")
     if size == _group.size:
+        _group = TPGroup(_group.rank, size, expert_parallel)
         return _group
     if size == 1:
         _group = TPGroup()
@@ -73,7 +75,7 @@ def init_tensor_parallel(size: int) -> TPGroup:
     init()
     if get_group_size() != size:
         raise ParallelError(f"tensor_parallel_size={size} but msrun started {get_group_size()} workers")
-    _group = TPGroup(get_rank(), size)
+    _group = TPGroup(get_rank(), size, expert_parallel)
     return _group
 
 

@@ -61,7 +61,7 @@ def test_logits_match_reference(tiny):
         seq = Sequence(ids, SamplingParams(), 8)
         seq.block_table, seq.state_slot = list(range(-(-n // 8))), 1
         inputs, _, _ = runner.prepare([seq], [n], all_rows=True)
-        got = runner._forward(inputs).asnumpy()[:n]
+        got = runner.forward(inputs).asnumpy()[:n]
         ref, _ = R.forward(cfg, weights, ids)
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 

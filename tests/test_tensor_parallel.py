@@ -68,11 +68,13 @@ def prefill_logits(runner, blocks, prompts):
     return [logits[i * width: i * width + len(p)] for i, p in enumerate(prompts)]
 
 
-def run_ranks(model_dir: str, tmp: str, rank1_dir: str | None = None, timeout: int = 300, kernels: str = "auto"):
+def run_ranks(model_dir: str, tmp: str, rank1_dir: str | None = None, timeout: int = 300, kernels: str = "auto",
+              expert_parallel: bool = False):
     from mindcpm.parallel import msrun_command
     out = os.path.join(tmp, "tp.npz")
     argv = [os.path.join(ROOT, "tests", "tp_worker.py"), model_dir, out, "2"] + ([rank1_dir] if rank1_dir else [])
-    env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3", MINDCPM_TEST_KERNELS=kernels)
+    env = dict(os.environ, PYTHONPATH=ROOT, GLOG_v="3", MINDCPM_TEST_KERNELS=kernels,
+               MINDCPM_TEST_EP="1" if expert_parallel else "0")
     start = time.monotonic()
     proc = subprocess.run(msrun_command(2, argv, os.path.join(tmp, "log")), cwd=ROOT, env=env, timeout=timeout,
                           capture_output=True, text=True)
@@ -96,6 +98,22 @@ def test_two_ranks_equal_one(tmp_path, cfg, kernels):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = np.load(out)
     ref_logits, ref_tokens = single_process(model_dir, kernels)
+    for i, ref in enumerate(ref_logits):
+        np.testing.assert_allclose(ranks[f"logits{i}"], ref, atol=1e-5, rtol=0)
+    assert json.loads(str(ranks["tokens"])) == ref_tokens
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-sliced", "experts-per-rank"])
+def test_minimax_two_ranks_equal_one(tmp_path, expert_parallel):
+    """Lightning heads (with their slopes) and the norm over all H*D split across ranks; MoE
+    experts sliced within or held whole per rank; softmax layers' KV heads split."""
+    from tests.tiny_minimax import make_tiny_minimax, minimax_config
+    cfg = minimax_config(hidden=64, heads=4, head_dim=16, kv_heads=2, attn_types=(0, 1, 0), intermediate=32)
+    model_dir = make_tiny_minimax(str(tmp_path / "model"), cfg, seed=2)
+    proc, out, _ = run_ranks(model_dir, str(tmp_path), kernels="off", expert_parallel=expert_parallel)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = np.load(out)
+    ref_logits, ref_tokens = single_process(model_dir, "off")
     for i, ref in enumerate(ref_logits):
         np.testing.assert_allclose(ranks[f"logits{i}"], ref, atol=1e-5, rtol=0)
     assert json.loads(str(ranks["tokens"])) == ref_tokens

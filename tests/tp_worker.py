@@ -23,7 +23,8 @@ def main() -> None:
     if len(sys.argv) > 4 and os.environ.get("RANK_ID") == "1":
         model_dir = sys.argv[4]
     llm = LLM(model_dir, tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4, progress=False,
-              kernels=os.environ.get("MINDCPM_TEST_KERNELS", "auto"))
+              kernels=os.environ.get("MINDCPM_TEST_KERNELS", "auto"),
+              enable_expert_parallel=os.environ.get("MINDCPM_TEST_EP") == "1")
     logits = prefill_logits(llm.engine.runner, llm.engine.scheduler.block_manager, PROMPTS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)

@@ -9,6 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ..parallel import even_rows
 from .linear import Linear
 from .norm import RMSNorm
 
@@ -34,16 +35,19 @@ class LightningAttention(nn.Cell):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer: int, num_layers: int,
                  block: int, eps: float, backend: nn.Cell, num_state_slots: int, dtype=ms.float32):
         super().__init__()
-        self.num_heads, self.head_dim, self.block = num_heads, head_dim, block
-        # Head-major: rows [h*3D, h*3D+D) are q of head h, then its k, then its v (§2.1).
-        self.qkv_proj = Linear(hidden_size, 3 * num_heads * head_dim, dtype)
-        self.output_gate = Linear(hidden_size, num_heads * head_dim, dtype)
-        self.norm = RMSNorm(num_heads * head_dim, eps, ms.float32)  # one RMS over all H*D, in fp32
-        self.out_proj = Linear(num_heads * head_dim, hidden_size, dtype)
+        heads = even_rows(num_heads, "lightning heads")  # tensor parallel: this rank's heads
+        self.num_heads, self.head_dim, self.block = heads.stop - heads.start, head_dim, block
+        # Head-major: rows [h*3D, h*3D+D) are q of head h, then its k, then its v (§2.1), so a
+        # rank's heads are one contiguous block of rows of qkv_proj and of output_gate.
+        self.qkv_proj = Linear(hidden_size, 3 * num_heads * head_dim, dtype, parallel="column")
+        self.output_gate = Linear(hidden_size, num_heads * head_dim, dtype, parallel="column")
+        # One RMS over all H*D features, in fp32, summed across the ranks' heads (§2.6).
+        self.norm = RMSNorm(num_heads * head_dim, eps, ms.float32, sharded=True)
+        self.out_proj = Linear(num_heads * head_dim, hidden_size, dtype, parallel="row")
         # Never cast with the model (spec §2.7): in bf16 exp(-s) is 1.0 for small s.
-        self.slopes = Parameter(Tensor(lightning_slopes(num_heads, layer, num_layers), ms.float32),
-                                name="slopes", requires_grad=False)
-        self.state = Parameter(Tensor(np.zeros((num_state_slots, num_heads, head_dim, head_dim)), ms.float32),
+        slopes = lightning_slopes(num_heads, layer, num_layers)[heads]
+        self.slopes = Parameter(Tensor(slopes, ms.float32), name="slopes", requires_grad=False)
+        self.state = Parameter(Tensor(np.zeros((num_state_slots, self.num_heads, head_dim, head_dim)), ms.float32),
                                name="state", requires_grad=False)
         self.backend = backend
 

@@ -39,7 +39,7 @@ class AscendMoE(nn.Cell):
         self.gmm = GroupedMatmul(split_item=3, group_type=0, transpose_a=False, transpose_b=True)
         self.finalize = MoeFinalizeRouting()
 
-    def construct(self, x, router_logits, w13, w2, top_k):
+    def construct(self, x, router_logits, w13, w2, top_k, first_expert=0):
         """x [N, hidden]; router_logits [N, E] fp32; w13 [E, 2I, hidden]; w2 [E, hidden, I]."""
         n, hidden = x.shape
         num_experts, inter = w13.shape[0], w13.shape[1] // 2

@@ -29,12 +29,18 @@ class NativeMoE(nn.Cell):
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.matmul_t = ops.MatMul(transpose_b=True)
 
-    def construct(self, x, router_logits, w13, w2, top_k):
-        """x [N, hidden]; router_logits [N, E] fp32; w13 [E, 2I, hidden] (gate rows, then up rows);
-        w2 [E, hidden, I]. Returns [N, hidden] in x's dtype."""
+    def construct(self, x, router_logits, w13, w2, top_k, first_expert=0):
+        """x [N, hidden]; router_logits [N, E] fp32; w13 [E', 2I, hidden] (gate rows, then up rows);
+        w2 [E', hidden, I], the E' experts held from first_expert on (expert parallel: the other
+        experts' shares are another rank's). Returns [N, hidden] in x's dtype."""
         n, hidden = x.shape
         num_experts, inter = w13.shape[0], w13.shape[1] // 2
         weights, experts = route(router_logits, top_k)
+        if num_experts < router_logits.shape[-1]:
+            experts = experts - first_expert
+            held = ops.logical_and(experts >= 0, experts < num_experts)
+            weights = ops.where(held, weights, 0.0)
+            experts = ops.where(held, experts, 0)
         weights = weights.astype(x.dtype)
         if n * top_k <= num_experts:
             ids = experts.reshape(-1)
