@@ -108,20 +108,21 @@ void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t u
   // Rows of x per pass: enough to amortise streaming W, few enough to stay in L2 (~256 KiB).
   int64_t mb = std::max<int64_t>(2, (256 * 1024 / 4) / std::max<int64_t>(K, 1));
   int64_t blocks = (units + U - 1) / U;
-  int nt = (int)std::min<int64_t>(num_threads(), std::max<int64_t>(1, blocks));
-#pragma omp parallel num_threads(nt)
-  for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    int64_t m1 = std::min(M, m0 + mb);
-#pragma omp for schedule(static) nowait
-    for (int64_t b = 0; b < blocks; ++b) {
-      int64_t u = b * U;
-      if (u + U <= units) {
-        unit_block<W, E, U>(x, w, m0, m1, K, units, u, epi);
-      } else {
-        for (; u < units; ++u) unit_block<W, E, 1>(x, w, m0, m1, K, units, u, epi);
+  // Chunks of 16 row tiles (64 weight rows): small enough that a descheduled thread holds
+  // up little, large enough that claiming one costs nothing next to streaming it.
+  parallel_chunks(blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      int64_t m1 = std::min(M, m0 + mb);
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t u = b * U;
+        if (u + U <= units) {
+          unit_block<W, E, U>(x, w, m0, m1, K, units, u, epi);
+        } else {
+          for (; u < units; ++u) unit_block<W, E, 1>(x, w, m0, m1, K, units, u, epi);
+        }
       }
     }
-  }
+  });
 }
 
 template <class E>

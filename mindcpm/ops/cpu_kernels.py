@@ -27,7 +27,7 @@ from mindspore import ops
 
 KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "kernels_aclnn")
-BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
 
