@@ -84,8 +84,10 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
   });
 
   // 2. Attention of every (token, kv head) over keys 0..position of its row; units are handed
-  // out one at a time because their cost grows with the position.
-  parallel_chunks(T * Hkv, 1, [&](int64_t u0, int64_t u1) {
+  // out one at a time because their cost grows with the position. A single decode row (a few
+  // units) runs on the calling thread: waking a worker would cost more than it saves.
+  const int64_t units = T * Hkv;
+  parallel_chunks(units, units <= 4 ? units : 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> q, scores, acc;
     q.resize(G * D), scores.resize(G * max_keys), acc.resize(D);
     for (int64_t unit = u0; unit < u1; ++unit) {
