@@ -100,11 +100,16 @@ inline int num_threads() {
 // chunks from an atomic counter by the caller and whichever workers show up: a worker that is
 // not running simply takes no chunk, and the caller never waits for a thread that has not
 // joined. Workers spin ~50 us for the next kernel of the step, then sleep.
+class Pool;
+// The process's one pool, defined in runtime.cc: every op's library links that one shared
+// library, so all kernels share the same workers instead of one spinning set per op.
+extern "C" Pool &mindcpm_shared_pool();
+
 class Pool {
  public:
-  static Pool &get() {
-    static Pool pool(num_threads());
-    return pool;
+  static Pool &get() { return mindcpm_shared_pool(); }
+  explicit Pool(int n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { loop(); });
   }
   int size() const { return (int)workers_.size() + 1; }
 
@@ -148,9 +153,6 @@ class Pool {
     const std::function<void()> *fn;
     std::atomic<int> refs{0};
   };
-  explicit Pool(int n) {
-    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { loop(); });
-  }
   static void cpu_relax() {
 #ifdef __AVX2__
     _mm_pause();
