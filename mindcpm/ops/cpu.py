@@ -91,7 +91,6 @@ class KernelAttention(nn.Cell):
     def __init__(self, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
         super().__init__()
         self.rotary = rotary
-        self.q_size = num_heads * head_dim
         self.op = aot_op("paged_attention", "RopePagedAttention",
                          lambda qkv, *rest: list(qkv[:-1]) + [num_heads * head_dim], _fp32)
         self.scale = scale
