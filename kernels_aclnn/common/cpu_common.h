@@ -6,7 +6,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <omp.h>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <sched.h>
+#include <unistd.h>
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -78,9 +85,120 @@ inline int num_threads() {
   static int n = [] {
     const char *env = std::getenv("MINDCPM_KERNEL_THREADS");
     int v = env ? std::atoi(env) : 0;
-    return v > 0 ? v : omp_get_num_procs();
+    if (v > 0) return v;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, (int)std::thread::hardware_concurrency());
   }();
   return n;
+}
+
+// A small persistent thread pool that degrades gracefully on a busy machine.
+// Not OpenMP: libgomp's workers spin long after each parallel region, stealing the cores that
+// MindSpore's threads and other processes need, and a static split makes every kernel wait for
+// a descheduled thread (measured: decode 3-4x slower under load). Here work is claimed in small
+// chunks from an atomic counter by the caller and whichever workers show up: a worker that is
+// not running simply takes no chunk, and the caller never waits for a thread that has not
+// joined. Workers spin ~50 us for the next kernel of the step, then sleep.
+class Pool;
+// The process's one pool, defined in runtime.cc: every op's library links that one shared
+// library, so all kernels share the same workers instead of one spinning set per op.
+extern "C" Pool &mindcpm_shared_pool();
+
+class Pool {
+ public:
+  static Pool &get() { return mindcpm_shared_pool(); }
+  explicit Pool(int n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { loop(); });
+  }
+  int size() const { return (int)workers_.size() + 1; }
+
+  // Runs fn() on the caller and on every worker that joins before the caller is done;
+  // fn must claim its own work (see parallel_chunks).
+  void run(const std::function<void()> &fn) {
+    if (workers_.empty()) {
+      fn();
+      return;
+    }
+    std::lock_guard<std::mutex> serial(call_mutex_);  // one parallel region at a time
+    Job job{&fn};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = &job;
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    fn();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = nullptr;
+    }
+    for (int spins = 0; job.refs.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4096) cpu_relax(); else sched_yield();
+    }
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto &w : workers_) w.join();
+  }
+
+ private:
+  struct Job {
+    const std::function<void()> *fn;
+    std::atomic<int> refs{0};
+  };
+  static void cpu_relax() {
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen && spins < 20000; ++spins) cpu_relax();
+      Job *job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        seen = epoch_.load(std::memory_order_acquire);
+        if (stop_) return;
+        job = current_;
+        if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
+      }
+      if (job) {
+        (*job->fn)();
+        job->refs.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> epoch_{0};
+  Job *current_ = nullptr;
+  bool stop_ = false;
+};
+
+// fn(begin, end) over [0, n) in chunks of `chunk`, claimed dynamically by the pool's threads.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, F fn) {
+  chunk = std::max<int64_t>(1, chunk);
+  if (n <= chunk) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  Pool::get().run([&] {
+    for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < n;)
+      fn(begin, std::min(n, begin + chunk));
+  });
 }
 
 inline int64_t numel(int ndim, const int64_t *shape) {

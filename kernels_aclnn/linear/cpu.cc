@@ -89,13 +89,18 @@ inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64
   constexpr int NR = U * E::kRowsPerUnit;
   const typename W::T *rows[NR];
   row_pointers<W, E, U>(w, K, units, u, rows);
+  // 3 x 4 tiles: 12 accumulators hide the FMA latency and leave registers for the loads.
   int64_t m = m0;
-  for (; m + 2 <= m1; m += 2) {
+  for (; m + 3 <= m1; m += 3) {
+    float acc[3][NR];
+    tile<3, NR, W>(x + m * K, K, rows, K, acc);
+    epi.template store<3, NR>(m, u, acc);
+  }
+  if (m1 - m == 2) {
     float acc[2][NR];
     tile<2, NR, W>(x + m * K, K, rows, K, acc);
     epi.template store<2, NR>(m, u, acc);
-  }
-  if (m < m1) {
+  } else if (m1 - m == 1) {
     float acc[1][NR];
     tile<1, NR, W>(x + m * K, K, rows, K, acc);
     epi.template store<1, NR>(m, u, acc);
@@ -105,23 +110,25 @@ inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64
 template <class W, class E>
 void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t units, const E &epi) {
   constexpr int U = 4 / E::kRowsPerUnit;  // 4 weight rows per tile
-  // Rows of x per pass: enough to amortise streaming W, few enough to stay in L2 (~256 KiB).
-  int64_t mb = std::max<int64_t>(2, (256 * 1024 / 4) / std::max<int64_t>(K, 1));
+  // Rows of x per pass over W: all of a decode batch (W is streamed from memory once), capped
+  // so that the block of x stays in L2 (512 KiB) next to the weight rows being multiplied.
+  int64_t mb = std::max<int64_t>(3, (512 * 1024 / 4) / std::max<int64_t>(K, 1) / 3 * 3);
   int64_t blocks = (units + U - 1) / U;
-  int nt = (int)std::min<int64_t>(num_threads(), std::max<int64_t>(1, blocks));
-#pragma omp parallel num_threads(nt)
-  for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    int64_t m1 = std::min(M, m0 + mb);
-#pragma omp for schedule(static) nowait
-    for (int64_t b = 0; b < blocks; ++b) {
-      int64_t u = b * U;
-      if (u + U <= units) {
-        unit_block<W, E, U>(x, w, m0, m1, K, units, u, epi);
-      } else {
-        for (; u < units; ++u) unit_block<W, E, 1>(x, w, m0, m1, K, units, u, epi);
+  // Chunks of 16 row tiles (64 weight rows): small enough that a descheduled thread holds
+  // up little, large enough that claiming one costs nothing next to streaming it.
+  parallel_chunks(blocks, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t m0 = 0; m0 < M; m0 += mb) {
+      int64_t m1 = std::min(M, m0 + mb);
+      for (int64_t b = b0; b < b1; ++b) {
+        int64_t u = b * U;
+        if (u + U <= units) {
+          unit_block<W, E, U>(x, w, m0, m1, K, units, u, epi);
+        } else {
+          for (; u < units; ++u) unit_block<W, E, 1>(x, w, m0, m1, K, units, u, epi);
+        }
       }
     }
-  }
+  });
 }
 
 template <class E>

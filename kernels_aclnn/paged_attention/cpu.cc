@@ -10,8 +10,6 @@
 //   out          [B, L, Hq * D]
 // Every token's K/V is written before any query attends, so a prefill chunk sees itself.
 // Query heads h*G .. h*G+G-1 share KV head h; a (token, kv head) pair is one unit of work.
-#include <vector>
-
 #include "../common/cpu_common.h"
 
 using namespace mindcpm;
@@ -71,26 +69,28 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
   const float scale = meta[0];
   const int64_t bs = (int64_t)meta[1];
   const int64_t max_keys = nb * bs;
-  int nt = num_threads();
 
   // 1. Rotate and write every real token's K and V.
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t t = 0; t < T; ++t) {
-    int64_t pos = positions[t];
-    if (pos < 0 || pos >= P) continue;
-    const float *row = qkv + t * width;
-    for (int64_t h = 0; h < Hkv; ++h) {
-      rope(row + (Hq + h) * D, cos + pos * D, sin + pos * D, D, kc + (slots[t] * Hkv + h) * D);
-      std::memcpy(vc + (slots[t] * Hkv + h) * D, row + (Hq + Hkv + h) * D, D * sizeof(float));
+  parallel_chunks(T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t pos = positions[t];
+      if (pos < 0 || pos >= P) continue;
+      const float *row = qkv + t * width;
+      for (int64_t h = 0; h < Hkv; ++h) {
+        rope(row + (Hq + h) * D, cos + pos * D, sin + pos * D, D, kc + (slots[t] * Hkv + h) * D);
+        std::memcpy(vc + (slots[t] * Hkv + h) * D, row + (Hq + Hkv + h) * D, D * sizeof(float));
+      }
     }
-  }
+  });
 
-  // 2. Attention of every (token, kv head) over keys 0..position of its row.
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<float> q(G * D), scores(G * max_keys), acc(D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t unit = 0; unit < T * Hkv; ++unit) {
+  // 2. Attention of every (token, kv head) over keys 0..position of its row; units are handed
+  // out one at a time because their cost grows with the position. A single decode row (a few
+  // units) runs on the calling thread: waking a worker would cost more than it saves.
+  const int64_t units = T * Hkv;
+  parallel_chunks(units, units <= 4 ? units : 1, [&](int64_t u0, int64_t u1) {
+    thread_local std::vector<float> q, scores, acc;
+    q.resize(G * D), scores.resize(G * max_keys), acc.resize(D);
+    for (int64_t unit = u0; unit < u1; ++unit) {
       int64_t t = unit / Hkv, h = unit % Hkv, b = t / L;
       int64_t pos = positions[t];
       float *o = out + t * Hq * D + h * G * D;
@@ -122,6 +122,6 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
         std::memcpy(o + g * D, acc.data(), D * sizeof(float));
       }
     }
-  }
+  });
   return 0;
 }

@@ -27,7 +27,7 @@ from mindspore import ops
 
 KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            "kernels_aclnn")
-BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno")
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
 
@@ -69,9 +69,12 @@ def cache_dir() -> str:
     return os.path.join(base, "kernels")
 
 
-def _common_headers() -> list[str]:
+def _common_files() -> list[str]:
     common = os.path.join(KERNELS_DIR, "common")
     return sorted(os.path.join(common, n) for n in os.listdir(common)) if os.path.isdir(common) else []
+
+
+RUNTIME = "common/runtime.cc"  # the shared thread pool every op library links
 
 
 def source_path(op_name: str) -> str:
@@ -84,23 +87,31 @@ def build(op_name: str) -> str:
     src = source_path(op_name)
     if not os.path.isfile(src):
         raise FileNotFoundError(f"no CPU kernel source for op {op_name!r}: {src}")
+    runtime = os.path.join(KERNELS_DIR, RUNTIME)
+    if not os.path.isfile(runtime):
+        return _compile(src, op_name, [])
+    # Linked by absolute path, so the process loads the runtime (and its pool) exactly once.
+    return _compile(src, op_name, [_compile(runtime, "runtime", [])])
+
+
+def _compile(src: str, name: str, libs: list[str]) -> str:
     version = _compiler_version()
     if version is None:
         raise KernelBuildError("no working C++ compiler (g++) for the CPU kernels")
     source = b""
-    for path in (src, *_common_headers()):
+    for path in (src, *_common_files()):
         with open(path, "rb") as f:
             source += f.read()
     flags = compile_flags()
-    key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + "\0".join(flags + tuple(libs)).encode() + version.encode()).hexdigest()[:16]
     os.makedirs(cache_dir(), exist_ok=True)
-    lib = os.path.join(cache_dir(), f"{op_name}-{key}.so")
+    lib = os.path.join(cache_dir(), f"{name}-{key}.so")
     if os.path.isfile(lib):
         return lib
     # Build to a private name and rename: concurrent processes never load a half-written library.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
-    cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, src, "-o", tmp]
+    cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, src, *libs, "-o", tmp]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         os.unlink(tmp)

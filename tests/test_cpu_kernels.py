@@ -1,0 +1,238 @@
+"""The C++ CPU kernels (kernels_aclnn/*/cpu.cc) against numpy written from the math, on random
+inputs with odd sizes; the loader's build cache; the in-place KV-cache write in graph mode."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from mindspore import Parameter, Tensor, nn  # noqa: E402
+
+from mindcpm.ops import cpu_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="no g++ to build the CPU kernels")
+
+WEIGHT_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
+
+
+def as_stored(w: np.ndarray, dtype: str) -> tuple[Tensor, np.ndarray]:
+    """The weight as the kernel receives it, and its exact fp32 value (after rounding to 16 bits)."""
+    t = Tensor(w, WEIGHT_DTYPES[dtype])
+    return t, t.astype(ms.float32).asnumpy()
+
+
+def silu(x):
+    return x / (1 + np.exp(-x))
+
+
+# -- linear ----------------------------------------------------------------------------------------
+SHAPES = [(1, 64, 24), (3, 37, 19), (2, 100, 7), (17, 72, 130), (5, 8, 1)]
+
+
+@pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_linear_epilogues_match_numpy(dtype, m, k, n):
+    from mindcpm.ops.cpu import KernelMatmul
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w_t, w = as_stored(rng.standard_normal((2 * n, k)).astype(np.float32), dtype)
+    r = rng.standard_normal((m, 2 * n)).astype(np.float32)
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    tol = dict(rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(KernelMatmul("plain")(Tensor(x), w_t).asnumpy(), y, **tol)
+    np.testing.assert_allclose(KernelMatmul("residual", 0.37)(Tensor(x), w_t, Tensor(r)).asnumpy(), r + 0.37 * y,
+                               **tol)
+    np.testing.assert_allclose(KernelMatmul("swiglu")(Tensor(x), w_t).asnumpy(), silu(y[:, :n]) * y[:, n:], **tol)
+
+
+def test_linear_keeps_leading_dims():
+    from mindcpm.ops.cpu import KernelMatmul
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 16)).astype(np.float32)
+    w = rng.standard_normal((9, 16)).astype(np.float32)
+    y = KernelMatmul()(Tensor(x), Tensor(w)).asnumpy()
+    assert y.shape == (2, 3, 9)
+    np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+# -- norm and embedding --------------------------------------------------------------------------
+@pytest.mark.parametrize("rows,h", [(1, 64), (3, 37), (20, 100)])
+def test_rms_norm_matches_numpy(rows, h):
+    from mindcpm.ops.cpu import KernelRMSNorm
+    rng = np.random.default_rng(rows + h)
+    x = rng.standard_normal((rows, h)).astype(np.float32) * 3
+    w = rng.standard_normal(h).astype(np.float32)
+    ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(KernelRMSNorm(1e-5)(Tensor(x), Tensor(w)).asnumpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
+def test_embedding_matches_numpy(dtype):
+    from mindcpm.ops.cpu import KernelEmbedding
+    rng = np.random.default_rng(2)
+    table_t, table = as_stored(rng.standard_normal((11, 13)).astype(np.float32), dtype)
+    ids = np.array([[0, 10, 3], [3, 7, 1]], np.int32)
+    out = KernelEmbedding(1.5)(Tensor(ids), table_t).asnumpy()
+    np.testing.assert_allclose(out, table[ids] * 1.5, rtol=1e-6)
+
+
+# -- RoPE + paged attention ----------------------------------------------------------------------
+def rope_ref(x, cos, sin):
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+
+def attention_ref(qkv, cos, sin, positions, slots, tables, k_cache, v_cache, hq, hkv, d, bs, scale):
+    """Writes the rotated K and V of every real token, then each query attends to keys
+    0..position of its row's block table."""
+    b, l, _ = qkv.shape
+    k_cache, v_cache = k_cache.copy(), v_cache.copy()
+    q = qkv[..., : hq * d].reshape(b, l, hq, d)
+    k = qkv[..., hq * d: (hq + hkv) * d].reshape(b, l, hkv, d)
+    v = qkv[..., (hq + hkv) * d:].reshape(b, l, hkv, d)
+    out = np.zeros((b, l, hq, d))
+    for i in range(b):
+        for t in range(l):
+            p = positions[i, t]
+            if p >= 0:
+                k_cache[slots[i * l + t]] = rope_ref(k[i, t], cos[p], sin[p])
+                v_cache[slots[i * l + t]] = v[i, t]
+    for i in range(b):
+        for t in range(l):
+            p = positions[i, t]
+            if p < 0:
+                continue
+            key_slots = [tables[i, j // bs] * bs + j % bs for j in range(p + 1)]
+            for h in range(hq):
+                qh = rope_ref(q[i, t, h], cos[p], sin[p])
+                keys, values = k_cache[key_slots, h // (hq // hkv)], v_cache[key_slots, h // (hq // hkv)]
+                s = keys @ qh * scale
+                pr = np.exp(s - s.max())
+                out[i, t, h] = (pr / pr.sum()) @ values
+    return out.reshape(b, l, hq * d), k_cache, v_cache
+
+
+def _rotary(d, max_pos=64):
+    from mindcpm.config import RopeConfig
+    from mindcpm.layers.rotary import RotaryEmbedding, rope_tables
+    rope = RopeConfig(head_dim=d, theta=10000.0, max_position=max_pos, short_factor=tuple([1.5] * (d // 2)),
+                      long_factor=tuple([1.5] * (d // 2)), original_max_position=32)
+    return RotaryEmbedding(rope), rope_tables(rope)
+
+
+def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
+    """Random qkv, caches with old contents, rows at different positions (some padding)."""
+    rng = np.random.default_rng(seed)
+    qkv = rng.standard_normal((b, l, (hq + 2 * hkv) * d)).astype(np.float32)
+    k_cache = rng.standard_normal((num_blocks * bs, hkv, d)).astype(np.float32)
+    v_cache = rng.standard_normal((num_blocks * bs, hkv, d)).astype(np.float32)
+    blocks = rng.permutation(num_blocks - 1)  # the last block takes the padding writes
+    tables = np.full((b, nb), num_blocks - 1, np.int32)
+    positions = np.full((b, l), -1, np.int32)
+    slots = np.full(b * l, (num_blocks - 1) * bs, np.int32)
+    for i in range(b):
+        tables[i] = blocks[i * nb:(i + 1) * nb]
+        n = l - i % 2 if l > 1 else 1  # odd rows carry a padding token at the end
+        start = rng.integers(0, nb * bs - n + 1)
+        positions[i, :n] = np.arange(start, start + n)
+        slots[i * l: i * l + n] = tables[i, positions[i, :n] // bs] * bs + positions[i, :n] % bs
+    return qkv, k_cache, v_cache, positions, slots, tables
+
+
+@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb", [(1, 1, 4, 2, 16, 4, 3), (3, 1, 8, 2, 16, 8, 2),
+                                                (2, 5, 6, 3, 8, 4, 4), (3, 7, 2, 1, 32, 16, 1)])
+def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb):
+    from mindcpm.ops.cpu import KernelAttention
+    rotary, (cos, sin) = _rotary(d)
+    num_blocks = b * nb + 1
+    qkv, k_cache, v_cache, positions, slots, tables = _attention_case(b * 100 + l, b, l, hq, hkv, d, bs, nb,
+                                                                      num_blocks)
+    scale = 1 / np.sqrt(d)
+    ref, k_ref, v_ref = attention_ref(qkv, cos, sin, positions, slots, tables, k_cache, v_cache, hq, hkv, d, bs,
+                                      scale)
+    kc, vc = Parameter(Tensor(k_cache), name="kc"), Parameter(Tensor(v_cache), name="vc")
+    out = KernelAttention(rotary, hq, hkv, d, scale)(Tensor(qkv), kc, vc, Tensor(positions), Tensor(slots),
+                                                     Tensor(tables), bs).asnumpy()
+    real = positions.reshape(-1) >= 0
+    np.testing.assert_allclose(out.reshape(b * l, -1)[real], ref.reshape(b * l, -1)[real], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(kc.asnumpy()[:-bs], k_ref[:-bs], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(vc.asnumpy()[:-bs], v_ref[:-bs])
+
+
+class _CacheStep(nn.Cell):
+    """One compiled step that writes the cache Parameters in place and reads them back."""
+
+    def __init__(self, attention, cache_shape):
+        super().__init__()
+        self.attention = attention
+        self.k_cache = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="k_cache", requires_grad=False)
+        self.v_cache = Parameter(Tensor(np.zeros(cache_shape, np.float32)), name="v_cache", requires_grad=False)
+
+    @ms.jit
+    def construct(self, qkv, positions, slots, tables):
+        return self.attention(qkv, self.k_cache, self.v_cache, positions, slots, tables, 4)
+
+
+def test_cache_written_in_place_across_graph_steps():
+    """A 3-token prefill then two decode steps through one jit graph per shape: each step must
+    see the keys the previous steps wrote into the Parameters."""
+    from mindcpm.ops.cpu import KernelAttention
+    hq, hkv, d, bs = 4, 2, 16, 4
+    rotary, (cos, sin) = _rotary(d)
+    step = _CacheStep(KernelAttention(rotary, hq, hkv, d, 0.25), (3 * bs, hkv, d))
+    rng = np.random.default_rng(5)
+    k_ref = np.zeros((3 * bs, hkv, d), np.float32)
+    v_ref = np.zeros_like(k_ref)
+    tables = np.array([[2, 0]], np.int32)
+    for start, n in [(0, 3), (3, 1), (4, 1), (5, 1)]:
+        qkv = rng.standard_normal((1, n, (hq + 2 * hkv) * d)).astype(np.float32)
+        positions = np.arange(start, start + n, dtype=np.int32).reshape(1, n)
+        slots = (tables[0, positions[0] // bs] * bs + positions[0] % bs).astype(np.int32)
+        ref, k_ref, v_ref = attention_ref(qkv, cos, sin, positions, slots, tables, k_ref, v_ref, hq, hkv, d, bs, 0.25)
+        out = step(Tensor(qkv), Tensor(positions), Tensor(slots), Tensor(tables)).asnumpy()
+        np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(step.k_cache.asnumpy(), k_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(step.v_cache.asnumpy(), v_ref)
+
+
+# -- the loader ----------------------------------------------------------------------------------
+def test_aot_op_builds_any_op_folder_and_caches_by_source(tmp_path, monkeypatch):
+    """A new op folder is built with the same helper; editing its source makes a new library."""
+    folder = tmp_path / "kernels" / "axpb"
+    folder.mkdir(parents=True)
+    src = ('#include <cstdint>\nextern "C" int Axpb(int n, void **p, int *nd, int64_t **sh, const char **dt, void *s,'
+           ' void *e) { const float *x = (const float *)p[0]; float *y = (float *)p[1]; int64_t k = 1;'
+           ' for (int i = 0; i < nd[0]; ++i) k *= sh[0][i]; for (int64_t i = 0; i < k; ++i) y[i] = A * x[i] + 1;'
+           ' return 0; }\n')
+    monkeypatch.setattr(cpu_kernels, "KERNELS_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setenv("MINDCPM_CACHE", str(tmp_path / "cache"))
+    cpu_kernels.build.cache_clear()
+    try:
+        (folder / "cpu.cc").write_text("#define A 2\n" + src)
+        first = cpu_kernels.build("axpb")
+        op = cpu_kernels.aot_op("axpb", "Axpb", lambda x: x, lambda x: x)
+        x = np.arange(5, dtype=np.float32)
+        np.testing.assert_array_equal(op(Tensor(x)).asnumpy(), 2 * x + 1)
+        cpu_kernels.build.cache_clear()
+        assert cpu_kernels.build("axpb") == first  # same source: the cached library
+        (folder / "cpu.cc").write_text("#define A 3\n" + src)
+        cpu_kernels.build.cache_clear()
+        second = cpu_kernels.build("axpb")
+        assert second != first and os.path.isfile(second)
+        (folder / "cpu.cc").write_text("this is not C++")
+        cpu_kernels.build.cache_clear()
+        with pytest.raises(cpu_kernels.KernelBuildError, match="cpu.cc"):
+            cpu_kernels.build("axpb")
+    finally:
+        cpu_kernels.build.cache_clear()
+
+
+def test_kernel_switch(monkeypatch):
+    assert cpu_kernels.kernels_requested("auto") and cpu_kernels.kernels_requested("on")
+    assert not cpu_kernels.kernels_requested("off")
+    monkeypatch.setenv("MINDCPM_KERNELS", "off")
+    assert not cpu_kernels.kernels_requested("auto")
+    with pytest.raises(ValueError, match="kernels setting 'fast'"):
+        cpu_kernels.kernels_requested("fast")

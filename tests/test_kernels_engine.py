@@ -1,0 +1,81 @@
+"""The engine with the CPU kernels on vs off (MindSpore's own ops) on a tiny random model:
+greedy tokens and logprobs unchanged, through batching and chunked prefill; 16-bit weights."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from mindcpm.ops.cpu_kernels import kernels_available
+from tests.tiny import make_tiny_model
+
+pytestmark = pytest.mark.skipif(not kernels_available(), reason="no g++ to build the CPU kernels")
+
+PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 9, 30, 1, 12])]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_kernels")))
+
+
+def _run(path, **kw):
+    from mindcpm import LLM, SamplingParams
+    kw = dict(dict(max_model_len=64, block_size=8, max_num_seqs=4, progress=False), **kw)
+    llm = LLM(model=path, **kw)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
+    tokens = [o.outputs[0].token_ids for o in outs]
+    logprobs = [[e[t] for e, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
+    return llm, tokens, logprobs
+
+
+@pytest.fixture(scope="module")
+def native(tiny_dir):
+    llm, tokens, logprobs = _run(tiny_dir, kernels="off")
+    assert not llm.kernels
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=16)], ids=["batched", "chunked"])
+def test_tokens_and_logprobs_unchanged_with_kernels(tiny_dir, native, kw):
+    llm, tokens, logprobs = _run(tiny_dir, kernels="on", **kw)
+    assert llm.kernels
+    assert tokens == native[0]
+    for mine, theirs in zip(logprobs, native[1]):
+        np.testing.assert_allclose(mine, theirs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_weights_match_fp32_run_of_the_rounded_weights(tiny_dir, tmp_path, dtype):
+    """Weights kept in 16 bits with fp32 activations compute what fp32 does on the same
+    (16-bit-rounded) weights: the rounding is the only difference from an fp32 model."""
+    import mindspore as ms
+    from mindspore import Tensor
+    rounded = str(tmp_path / "rounded")
+    os.makedirs(rounded)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(tiny_dir, name), "rb") as f, open(os.path.join(rounded, name), "wb") as g:
+            g.write(f.read())
+    ms_dtype = {"bfloat16": ms.bfloat16, "float16": ms.float16}[dtype]
+    weights = {k: Tensor(v, ms_dtype).astype(ms.float32).asnumpy() if v.ndim == 2 else v
+               for k, v in load_file(os.path.join(tiny_dir, "model.safetensors")).items()}
+    save_file(weights, os.path.join(rounded, "model.safetensors"), metadata={"format": "pt"})
+
+    llm16, tokens16, lp16 = _run(rounded, dtype=dtype)
+    assert llm16.weight_dtype == dtype and llm16.dtype == "float32"
+    layer = llm16.engine.runner.model.layers[0]
+    assert layer.mlp.gate_up_proj.weight.dtype == ms_dtype
+    assert layer.input_layernorm.weight.dtype == ms.float32
+    _, tokens32, lp32 = _run(rounded, dtype="float32", kernels="off")
+    assert tokens16 == tokens32
+    for mine, theirs in zip(lp16, lp32):
+        np.testing.assert_allclose(mine, theirs, atol=2e-5, rtol=0)
+
+
+def test_bfloat16_on_cpu_without_kernels_is_one_clear_error(tiny_dir):
+    from mindcpm import LLM
+    with pytest.raises(ValueError, match="bfloat16 on CPU needs the CPU kernels"):
+        LLM(model=tiny_dir, dtype="bfloat16", kernels="off", progress=False)
