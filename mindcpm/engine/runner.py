@@ -98,7 +98,9 @@ class ModelRunner:
             input_ids[i, :n] = seq.token_ids[start:start + n]
             positions[i, :n] = pos
             slots[i, :n] = table[pos // bs] * bs + pos % bs
-            tables[i, :len(table)] = table
+            # A chunked prefill holds blocks for its whole prompt; this step reads only those up to
+            # its last token, which nb covers.
+            tables[i, :min(len(table), nb)] = table[:nb]
             last_rows[i] = i * width + n - 1
             if seq.state_slot is not None:
                 state_slots[i] = seq.state_slot
