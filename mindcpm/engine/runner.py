@@ -62,7 +62,7 @@ class ModelRunner:
         cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
                                                 model_cfg.head_dim)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
-        self.num_state_slots = needs_state_slots(model_cfg) * cfg.max_num_seqs
+        self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
         self.model = model_class(model_cfg.architecture)(
