@@ -68,6 +68,8 @@ def our_name(hf_name: str) -> tuple[str, int | tuple | None]:
 
 
 def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool = True) -> None:
+    """Fills the model's weights from the checkpoint at `path`. Each parameter keeps the dtype its
+    layer created it with (`dtype` is the model's and no longer needed; kept for callers)."""
     params = loadable_parameters(model)
     cells = fused_cells(model)
     owners = sharded_cells(model)
@@ -133,7 +135,7 @@ def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
         if name == TIED_HEAD or hf_name.endswith("rotary_emb.inv_freq"):
             return
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
-    if part is not None and name not in cells:
+    if part is not None and (name not in cells or part not in _parts(cells[name])):
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     target = staged[name]
     shard = owners[name].checkpoint_shard(part) if name in owners else _whole(cells.get(name), part, target)

@@ -66,7 +66,7 @@ class ModelRunner:
                                                 kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
         self.tp = tp_group()
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
-        self.num_state_slots = needs_state_slots(model_cfg) * cfg.max_num_seqs
+        self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
         with kernel_mode(cfg.kernels, cfg.weight_dtype):
@@ -104,7 +104,9 @@ class ModelRunner:
             input_ids[i, :n] = seq.token_ids[start:start + n]
             positions[i, :n] = pos
             slots[i, :n] = table[pos // bs] * bs + pos % bs
-            tables[i, :len(table)] = table
+            # A chunked prefill holds blocks for its whole prompt; this step reads only those up to
+            # its last token, which nb covers.
+            tables[i, :min(len(table), nb)] = table[:nb]
             last_rows[i] = i * width + n - 1
             if seq.state_slot is not None:
                 state_slots[i] = seq.state_slot
