@@ -80,8 +80,11 @@ def test_embedding_matches_numpy(dtype):
 
 # -- RoPE + paged attention ----------------------------------------------------------------------
 def rope_ref(x, cos, sin):
-    half = x.shape[-1] // 2
-    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+    """NeoX rotate-half over the tables' width; dims past it pass through (partial RoPE)."""
+    r = cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    return np.concatenate([rot * cos + np.concatenate([-rot[..., half:], rot[..., :half]], -1) * sin, rest], -1)
 
 
 def attention_ref(qkv, cos, sin, positions, slots, tables, k_cache, v_cache, hq, hkv, d, bs, scale):
@@ -114,11 +117,12 @@ def attention_ref(qkv, cos, sin, positions, slots, tables, k_cache, v_cache, hq,
     return out.reshape(b, l, hq * d), k_cache, v_cache
 
 
-def _rotary(d, max_pos=64):
+def _rotary(d, max_pos=64, rotary_dim=None):
     from mindcpm.config import RopeConfig
     from mindcpm.layers.rotary import RotaryEmbedding, rope_tables
-    rope = RopeConfig(head_dim=d, theta=10000.0, max_position=max_pos, short_factor=tuple([1.5] * (d // 2)),
-                      long_factor=tuple([1.5] * (d // 2)), original_max_position=32)
+    r = rotary_dim or d
+    rope = RopeConfig(head_dim=d, theta=10000.0, max_position=max_pos, short_factor=tuple([1.5] * (r // 2)),
+                      long_factor=tuple([1.5] * (r // 2)), original_max_position=32, rotary_dim=rotary_dim)
     return RotaryEmbedding(rope), rope_tables(rope)
 
 
@@ -141,11 +145,12 @@ def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
     return qkv, k_cache, v_cache, positions, slots, tables
 
 
-@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb", [(1, 1, 4, 2, 16, 4, 3), (3, 1, 8, 2, 16, 8, 2),
-                                                (2, 5, 6, 3, 8, 4, 4), (3, 7, 2, 1, 32, 16, 1)])
-def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb):
+@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,r", [(1, 1, 4, 2, 16, 4, 3, None), (3, 1, 8, 2, 16, 8, 2, None),
+                                                  (2, 5, 6, 3, 8, 4, 4, None), (3, 7, 2, 1, 32, 16, 1, None),
+                                                  (2, 3, 4, 2, 32, 4, 3, 16)])  # MiniMax's partial RoPE
+def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
     from mindcpm.ops.cpu import KernelAttention
-    rotary, (cos, sin) = _rotary(d)
+    rotary, (cos, sin) = _rotary(d, rotary_dim=r)
     num_blocks = b * nb + 1
     qkv, k_cache, v_cache, positions, slots, tables = _attention_case(b * 100 + l, b, l, hq, hkv, d, bs, nb,
                                                                       num_blocks)

@@ -2,6 +2,8 @@
 (tests/reference/minimax_numpy.py); the numbered items are minimax_m1 spec §10."""
 from __future__ import annotations
 
+import json
+
 import math
 
 import numpy as np
@@ -347,3 +349,26 @@ def test_loader_names_and_clear_errors(tmp_path):
         save_file(bad, str(d / "model.safetensors"))
         with pytest.raises(CheckpointError, match=message):
             load_checkpoint(model(), str(d), progress=False)
+
+
+def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
+    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (spec §4.1)."""
+    import mindspore as ms
+    from mindcpm.config import ModelConfig
+    from mindcpm.models.minimax import MiniMaxForCausalLM
+    from mindcpm.ops import kernel_mode
+    from mindcpm.ops.cpu_kernels import kernels_available
+    from mindcpm.ops.native import NativeAttention
+    from tests.tiny_minimax import minimax_config
+    if not kernels_available():
+        pytest.skip("16-bit weights on CPU need the CPU kernels (no g++)")
+    cfg = minimax_config(hidden=32, heads=2, head_dim=16, kv_heads=1, attn_types=(0, 1), intermediate=8,
+                         shared_intermediate=8)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with kernel_mode(True, ms.bfloat16):
+        m = MiniMaxForCausalLM(ModelConfig.from_dir(str(tmp_path)), NativeAttention,
+                               NativeAttention.cache_shape(3, 8, 1, 16), 8, ms.float32, 2)
+    layer = m.layers[0]
+    assert layer.self_attn.qkv_proj.weight.dtype == ms.bfloat16
+    assert layer.block_sparse_moe.gate.weight.dtype == ms.float32 and layer.coefficient.weight.dtype == ms.float32

@@ -1,7 +1,8 @@
 // RoPE + KV-cache write + causal paged attention (GQA) in one kernel, fp32.
 //   RopePagedAttention(qkv, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache, meta, out)
 //   qkv          [B, L, (Hq + 2 Hkv) * D]   the fused projection's output, q | k | v
-//   cos, sin     [P, D]                     NeoX rotate-half tables (LongRoPE scaling included)
+//   cos, sin     [P, R]                     NeoX rotate-half tables (LongRoPE scaling included) over
+//                                           the first R <= D dims; the rest pass through (partial RoPE)
 //   positions    [B, L] int32               -1 = padding (not written, output zeros)
 //   slot_mapping [B * L] int32              cache slot of each token
 //   block_tables [B, nb] int32              row b's key j lives in slot table[j / bs] * bs + j % bs
@@ -16,8 +17,9 @@ using namespace mindcpm;
 
 namespace {
 
-inline void rope(const float *x, const float *cos, const float *sin, int64_t D, float *y) {
-  int64_t half = D / 2;
+inline void rope(const float *x, const float *cos, const float *sin, int64_t R, int64_t D, float *y) {
+  int64_t half = R / 2;
+  std::memcpy(y + R, x + R, (D - R) * sizeof(float));
   for (int64_t i = 0; i < half; ++i) {
     y[i] = x[i] * cos[i] - x[i + half] * sin[i];
     y[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
@@ -64,7 +66,7 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
   float *out = static_cast<float *>(params[9]);
 
   const int64_t B = shapes[3][0], L = shapes[3][1], T = B * L, nb = shapes[5][1];
-  const int64_t Hkv = shapes[6][1], D = shapes[6][2], P = shapes[1][0];
+  const int64_t Hkv = shapes[6][1], D = shapes[6][2], P = shapes[1][0], R = shapes[1][1];
   const int64_t width = shapes[0][ndims[0] - 1], Hq = width / D - 2 * Hkv, G = Hq / Hkv;
   const float scale = meta[0];
   const int64_t bs = (int64_t)meta[1];
@@ -77,7 +79,7 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
       if (pos < 0 || pos >= P) continue;
       const float *row = qkv + t * width;
       for (int64_t h = 0; h < Hkv; ++h) {
-        rope(row + (Hq + h) * D, cos + pos * D, sin + pos * D, D, kc + (slots[t] * Hkv + h) * D);
+        rope(row + (Hq + h) * D, cos + pos * R, sin + pos * R, R, D, kc + (slots[t] * Hkv + h) * D);
         std::memcpy(vc + (slots[t] * Hkv + h) * D, row + (Hq + Hkv + h) * D, D * sizeof(float));
       }
     }
@@ -100,7 +102,7 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
       }
       pos = std::min(pos, max_keys - 1);
       const float *row = qkv + t * width;
-      for (int64_t g = 0; g < G; ++g) rope(row + (h * G + g) * D, cos + pos * D, sin + pos * D, D, &q[g * D]);
+      for (int64_t g = 0; g < G; ++g) rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
       const int32_t *table = tables + b * nb;
       int64_t n = pos + 1;
       for (int64_t j = 0; j < n; ++j) {

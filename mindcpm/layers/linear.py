@@ -17,6 +17,9 @@ class Linear(nn.Cell):
     silu(gate) * up of a gate|up projection) or "residual" (construct(x, r) = r + scale x W^T),
     so the device's op can fuse it.
 
+    exact_dtype: the weight stays in `dtype` even where the model's matrices are stored in 16
+    bits (a MoE router, which the spec keeps in fp32).
+
     Tensor parallel: "column" keeps this rank's rows of each part (`part_shards`, in the part's
     own row numbers; an even split by default), "row" keeps its columns and sums the partial
     products of all ranks before the epilogue.
@@ -24,7 +27,7 @@ class Linear(nn.Cell):
 
     def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32,
                  epilogue: str = "plain", scale: float = 1.0, parallel: str | None = None,
-                 part_shards: list[slice] | None = None):
+                 part_shards: list[slice] | None = None, exact_dtype: bool = False):
         super().__init__()
         full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.full_shapes = [(n, in_features) for n in full_sizes]
@@ -38,7 +41,8 @@ class Linear(nn.Cell):
             raise ValueError(f"unknown parallel style {parallel!r}")
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
-        self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), weight_dtype(dtype)),
+        stored = dtype if exact_dtype else weight_dtype(dtype)
+        self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), stored),
                                 name="weight", requires_grad=False)
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         # Partial sums must be reduced before a residual is added, so that epilogue moves out.

@@ -62,7 +62,7 @@ class MoE(nn.Cell):
         super().__init__()
         tp = tp_group()
         self.top_k = top_k
-        self.gate = Linear(hidden_size, num_experts, ms.float32)  # the router, fp32 like the checkpoint
+        self.gate = Linear(hidden_size, num_experts, ms.float32, exact_dtype=True)  # fp32 like the checkpoint
         expert_parallel = tp.size > 1 and tp.expert_parallel
         if expert_parallel and backend.name != "native":
             raise ValueError(f"expert parallelism is not implemented for the {backend.name} MoE backend; "

@@ -39,7 +39,7 @@ class DecoderLayer(nn.Cell):
         self.has_shared = mm.shared_intermediate_size > 0
         if self.has_shared:
             self.shared_mlp = SwiGLU(cfg.hidden_size, mm.shared_intermediate_size, dtype)
-            self.coefficient = Linear(cfg.hidden_size, 1, ms.float32)
+            self.coefficient = Linear(cfg.hidden_size, 1, ms.float32, exact_dtype=True)
         self.postnorm = mm.postnorm
         self.mlp_alpha, self.mlp_beta = mm.mlp_alpha, mm.mlp_beta
 
