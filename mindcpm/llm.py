@@ -12,12 +12,16 @@ from .config import ModelConfig
 from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
+from .loader import load_dummy_weights
 from .ops import on_ascend, setup_runtime
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# "auto": the checkpoint's weights; "dummy": random weights of the config's shapes (benchmarks:
+# only config.json and a tokenizer are read).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -70,7 +74,10 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
-                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True):
+                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
+                 load_format: str = "auto", seed: int = 0):
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         setup_runtime()
         path = resolve_model_path(model)
         self.model_path = path
@@ -82,7 +89,10 @@ class LLM:
         num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
         eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
         runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype], attention)
-        runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+        dummy = load_format == "dummy"
+        runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
+        if dummy:
+            load_dummy_weights(runner.model, DTYPES[self.dtype], seed)
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
                               enable_prefix_caching)
         self.engine = LLMEngine(runner, scheduler, self.tokenizer)
