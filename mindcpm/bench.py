@@ -43,7 +43,7 @@ def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate:
     """A MiniCPM4 config.json (spec minicpm4.md §1): μP scales, LongRoPE, the 73448-token vocabulary."""
     head_dim = hidden // heads
     ramp = _longrope_factors(*factors, head_dim // 2)
-    return dict(architectures=["MiniCPMForCausalLM"], hidden_size=hidden, num_hidden_layers=layers,
+    return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_size=hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
                 hidden_act="silu", vocab_size=73448, max_position_embeddings=32768, rms_norm_eps=rms_norm_eps,
                 rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 32768,
@@ -54,7 +54,7 @@ def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate:
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, max_pos: int,
            rope_theta: float, tie: bool) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], hidden_size=hidden, num_hidden_layers=layers,
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
                 hidden_act="silu", vocab_size=vocab, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
                 rope_theta=rope_theta, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
@@ -445,9 +445,10 @@ def environment() -> dict:
 
 
 # -- tables -------------------------------------------------------------------------------------
-SEED_COLUMNS = ("model", "MindSpore", "precision", "cards", "paged attention", "tokens/s")
-DETAIL_COLUMNS = ("model", "prec", "batch", "pp", "tg", "prefill tok/s", "TTFT ms", "decode tok/s",
-                  "ITL p50 ms", "ITL p99 ms", "peak mem GiB", "load s", "compile s", "recompiles")
+SEED_COLUMNS = ("#", "model", "MindSpore", "precision", "cards", "paged attention", "batch", "pp", "tg",
+                "tokens/s", "note")
+DETAIL_COLUMNS = ("#", "model", "prefill tok/s", "TTFT ms", "decode tok/s", "ITL p50 ms", "ITL p99 ms",
+                  "peak mem GiB", "load s", "compile s", "recompiles")
 
 
 def _num(value, digits: int = 1) -> str:
@@ -455,25 +456,28 @@ def _num(value, digits: int = 1) -> str:
 
 
 def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
+    """The seed's columns (model, MindSpore, precision, cards, paged attention, tokens/s) plus the
+    workload; a row that did not run says why in `note`."""
     out = []
-    for r in rows:
-        m = r.get("metrics") or {}
-        tps = _num(m.get("tokens_per_second")) if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-        out.append([r["model"], env["mindspore"], r["precision"], f"{env['cards']} ({env['device']})",
-                    r["paged_attention"], tps])
+    for i, r in enumerate(rows, 1):
+        ok = r["status"] == "ok"
+        note = "" if ok else f"{r['status']}: {r['reason']}"
+        out.append([str(i), r["model"], env["mindspore"], r["precision"], f"{env['cards']} ({env['device']})",
+                    r["paged_attention"], str(r["batch"]), str(r["prompt_len"]), str(r["output_len"]),
+                    _num(r["metrics"].get("tokens_per_second")) if ok else "-", note])
     return out
 
 
 def detail_rows(rows: list[dict]) -> list[list[str]]:
     out = []
-    for r in rows:
-        m = r.get("metrics") or {}
+    for i, r in enumerate(rows, 1):
         if r["status"] != "ok":
             continue
-        out.append([r["model"], r["precision"], str(r["batch"]), str(r["prompt_len"]), str(r["output_len"]),
-                    _num(m["prefill_tokens_per_second"]), _num(m["ttft_ms"]), _num(m["decode_tokens_per_second"]),
-                    _num(m["itl_p50_ms"]), _num(m["itl_p99_ms"]), _num(m["peak_memory_gib"], 2),
-                    _num(m["load_seconds"]), _num(m["compile_seconds"]), str(m["recompiles_after_warmup"])])
+        m = r["metrics"]
+        out.append([str(i), r["model"], _num(m["prefill_tokens_per_second"]), _num(m["ttft_ms"]),
+                    _num(m["decode_tokens_per_second"]), _num(m["itl_p50_ms"]), _num(m["itl_p99_ms"]),
+                    _num(m["peak_memory_gib"], 2), _num(m["load_seconds"]), _num(m["compile_seconds"]),
+                    str(m["recompiles_after_warmup"])])
     return out
 
 
