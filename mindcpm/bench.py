@@ -13,16 +13,16 @@ Adding a shape is one entry in SHAPES: a Hugging Face config.json as a dict.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import resource
 import shutil
+import string
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from importlib import metadata
 
 import numpy as np
@@ -43,9 +43,10 @@ def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate:
     """A MiniCPM4 config.json (spec minicpm4.md §1): μP scales, LongRoPE, the 73448-token vocabulary."""
     head_dim = hidden // heads
     ramp = _longrope_factors(*factors, head_dim // 2)
-    return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_size=hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                hidden_act="silu", vocab_size=73448, max_position_embeddings=32768, rms_norm_eps=rms_norm_eps,
+    return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_size=hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=intermediate, hidden_act="silu", vocab_size=73448,
+                max_position_embeddings=32768, rms_norm_eps=rms_norm_eps,
                 rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 32768,
                               "short_factor": ramp, "long_factor": ramp},
                 scale_emb=12, scale_depth=1.4, dim_model_base=256, tie_word_embeddings=tie,
@@ -54,9 +55,10 @@ def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate:
 
 def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int, max_pos: int,
            rope_theta: float, tie: bool) -> dict:
-    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=intermediate,
-                hidden_act="silu", vocab_size=vocab, max_position_embeddings=max_pos, rms_norm_eps=1e-5,
+    return dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                intermediate_size=intermediate, hidden_act="silu", vocab_size=vocab,
+                max_position_embeddings=max_pos, rms_norm_eps=1e-5,
                 rope_theta=rope_theta, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
                 torch_dtype="bfloat16")
 
@@ -230,16 +232,14 @@ def write_filler_tokenizer(path: str, vocab_size: int) -> None:
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)}
-    printable = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    letters = string.ascii_letters
     specials = ["<s>", "</s>"]
-    wanted = vocab_size - len(specials)
-    for a in printable:
-        for b in printable:
-            for tail in [""] + printable:
-                if len(vocab) >= wanted:
-                    break
-                vocab.setdefault(a + b + tail, len(vocab))
-    if len(vocab) < wanted:
+    fillers = (a + b + tail for a in letters for b in letters for tail in ["", *letters])
+    for token in fillers:
+        if len(vocab) >= vocab_size - len(specials):
+            break
+        vocab.setdefault(token, len(vocab))
+    if len(vocab) < vocab_size - len(specials):
         raise ValueError(f"vocab_size {vocab_size} is larger than the filler tokenizer can cover")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
