@@ -59,6 +59,10 @@ def parse_args(argv):
     m.add_argument("--paged", type=list_arg(bench.paged, "--paged"), default=[True], metavar="on,off",
                    help="paged attention: on = blocks of --block-size tokens, off = one contiguous block per "
                         "sequence (default on)")
+    m.add_argument("--workload", type=list_arg(bench.workload_kind, "--workload"), default=["fixed"],
+                   metavar="fixed,mixed", help="fixed: `batch` requests of exactly -p/-n tokens; mixed: 4 x batch "
+                                               "requests of random lengths up to -p/-n through `batch` slots, so "
+                                               "arriving prefills interleave with decodes (default fixed)")
     o = p.add_argument_group("run")
     o.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
                    help="measured runs per cell after the warm-up; medians are reported (default 3)")
@@ -81,8 +85,8 @@ def cells_from_args(args) -> list[bench.Cell]:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
-                               repetitions=args.repetitions, block_size=args.block_size, kernels=args.kernels,
-                               seed=args.seed)
+                               args.workload, repetitions=args.repetitions, block_size=args.block_size,
+                               kernels=args.kernels, seed=args.seed)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
@@ -93,7 +97,7 @@ def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
               dynamic_ncols=True) as bar:
         for cell in cells:
             label = f"{cell.model} {cell.precision} b{cell.batch} p{cell.prompt_len} n{cell.output_len} " \
-                    f"paged {'on' if cell.paged else 'off'}"
+                    f"paged {'on' if cell.paged else 'off'} {cell.workload}"
             bar.set_description(label)
             rows.append(bench.measure(cell, lambda phase: bar.set_postfix_str(phase), timeout))
             bar.update(1)

@@ -21,6 +21,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -93,6 +94,10 @@ class Cell:
     block_size: int = PAGED_BLOCK_SIZE  # with paged on
     kernels: str | None = None  # passed to LLM(kernels=...) when given
     seed: int = 0
+    # "fixed": `batch` requests of exactly prompt_len/output_len tokens. "mixed": 4 x batch
+    # requests of random lengths up to those, through `batch` slots, so prefills of arriving
+    # requests interleave with decodes of running ones (continuous batching in steady state).
+    workload: str = "fixed"
 
     @property
     def max_model_len(self) -> int:
@@ -160,11 +165,21 @@ def check_model(spec: str) -> str:
     raise ValueError(f"unknown model {spec!r}: not a path and not a shape ({', '.join(SHAPES)})")
 
 
-def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, **common) -> list[Cell]:
+WORKLOADS = ("fixed", "mixed")
+
+
+def workload_kind(text: str) -> str:
+    if text not in WORKLOADS:
+        raise ValueError
+    return text
+
+
+def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, workloads=("fixed",),
+                  **common) -> list[Cell]:
     """Every combination, model-major (the order the table shows them)."""
-    return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, **common)
+    return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, **common)
             for m in models for p in precisions for b in batches for pl in prompt_lens for ol in output_lens
-            for pg in paged_modes]
+            for pg in paged_modes for w in workloads]
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -274,15 +289,16 @@ class RunTimes:
     decode_seconds: float
 
 
-def timed_run(llm, prompts: list[list[int]], output_len: int) -> RunTimes:
-    """All prompts submitted at once, stepped to the end; a timestamp for every token."""
+def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
+    """All requests (prompt ids, tokens to generate) submitted at once and stepped to the end;
+    a timestamp for every token."""
     from .sampling import SamplingParams
 
     engine = llm.engine
     before = engine.stats.__dict__.copy()
-    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    states = [engine.add_request(ids, params) for ids in prompts]
+    states = [engine.add_request(ids, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+              for ids, n in requests]
     stamps: dict[int, list[float]] = {s.seq.seq_id: [] for s in states}
     while engine.has_unfinished():
         touched = engine.step()
@@ -299,6 +315,16 @@ def timed_run(llm, prompts: list[list[int]], output_len: int) -> RunTimes:
 
 def random_prompts(rng: np.random.Generator, vocab: int, batch: int, length: int) -> list[list[int]]:
     return [rng.integers(0, vocab, length).tolist() for _ in range(batch)]
+
+
+def workload(cell: Cell, rng: np.random.Generator, vocab: int) -> list[tuple[list[int], int]]:
+    """One run's requests: (prompt token ids, tokens to generate)."""
+    if cell.workload == "fixed":
+        return [(ids, cell.output_len) for ids in random_prompts(rng, vocab, cell.batch, cell.prompt_len)]
+    n = 4 * cell.batch
+    prompt_lens = rng.integers(max(1, cell.prompt_len // 4), cell.prompt_len + 1, n)
+    output_lens = rng.integers(max(1, cell.output_len // 4), cell.output_len + 1, n)
+    return [(rng.integers(0, vocab, p).tolist(), int(o)) for p, o in zip(prompt_lens, output_lens)]
 
 
 def run_cell(cell: Cell, phase=lambda text: None) -> dict:
@@ -327,14 +353,14 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
 
         phase("warm-up (compiling)")
         start = time.perf_counter()
-        timed_run(llm, random_prompts(rng, vocab, cell.batch, cell.prompt_len), cell.output_len)
+        timed_run(llm, workload(cell, rng, vocab))
         warmup_seconds = time.perf_counter() - start
         warm_graphs, warm_compile = len(runner.compiled_shapes), runner.compile_seconds
 
         runs = []
         for i in range(cell.repetitions):
             phase(f"run {i + 1}/{cell.repetitions}")
-            runs.append(timed_run(llm, random_prompts(rng, vocab, cell.batch, cell.prompt_len), cell.output_len))
+            runs.append(timed_run(llm, workload(cell, rng, vocab)))
         return {"status": "ok", "reason": None, "dtype": llm.dtype,
                 "metrics": summarize(runs, load_seconds, warmup_seconds, warm_compile, warm_graphs, runner)}
     finally:
@@ -408,22 +434,27 @@ def measure(cell: Cell, on_phase=lambda text: None, timeout: float | None = None
         proc = subprocess.Popen([sys.executable, "-m", "mindcpm.bench", json.dumps(asdict(cell)), result_file],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
                                 env=env, cwd=tmp)
-        tail: list[str] = []
-        deadline = time.monotonic() + timeout if timeout else None
-        for line in proc.stderr:
-            if line.startswith("@phase "):
-                on_phase(line[len("@phase "):].strip())
-            elif line.strip():
-                tail = (tail + [line.strip()])[-5:]
-            if deadline and time.monotonic() > deadline:
-                proc.kill()
-                break
-        status = proc.wait()
+        tail: list[str] = []  # the child's last other stderr lines, for the reason of a crash
+
+        def read_stderr():
+            for line in proc.stderr:
+                if line.startswith("@phase "):
+                    on_phase(line[len("@phase "):].strip())
+                elif line.strip():
+                    tail[:] = (tail + [line.strip()])[-5:]
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        try:
+            status = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {**row, "reason": f"timed out after {timeout:.0f} s"}
+        reader.join()
         if os.path.isfile(result_file):
             with open(result_file) as f:
                 return {**row, **json.load(f)}
-        if deadline and time.monotonic() > deadline:
-            return {**row, "reason": f"timed out after {timeout:.0f} s"}
         why = f"worker died with signal {-status}" if status < 0 else f"worker exited with status {status}"
         if status == -9:
             why += " (out of memory?)"
@@ -462,8 +493,11 @@ def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
     for i, r in enumerate(rows, 1):
         ok = r["status"] == "ok"
         note = "" if ok else f"{r['status']}: {r['reason']}"
+        mixed = r.get("workload") == "mixed"  # lengths are maxima; 4 x batch requests share the batch
+        batch = f"{r['batch']} ({4 * r['batch']} req)" if mixed else str(r["batch"])
+        upto = "<=" if mixed else ""
         out.append([str(i), r["model"], env["mindspore"], r["precision"], f"{env['cards']} ({env['device']})",
-                    r["paged_attention"], str(r["batch"]), str(r["prompt_len"]), str(r["output_len"]),
+                    r["paged_attention"], batch, f"{upto}{r['prompt_len']}", f"{upto}{r['output_len']}",
                     _num(r["metrics"].get("tokens_per_second")) if ok else "-", note])
     return out
 
@@ -508,7 +542,8 @@ def report_text(rows: list[dict], env: dict) -> str:
         parts.append(format_table(DETAIL_COLUMNS, details))
     parts.append(
         f"tokens/s: generated tokens per second of wall time, submission to last token (prefill included). "
-        f"pp/tg: prompt/generated tokens per request; batch: concurrent requests. Medians of "
+        f"pp/tg: prompt/generated tokens per request (<=: a mixed workload of random lengths up to "
+        f"that); batch: concurrent requests. Medians of "
         f"{first.get('repetitions', '?')} runs after one warm-up run; compile s is the warm-up's graph "
         f"compilation, excluded from every rate; recompiles: graphs compiled after the warm-up. "
         f"Random-weight shapes need no checkpoint. {env['device']}, {env['cpu_count']} cores, "

@@ -32,10 +32,12 @@ compare = _load("benchmarks/compare.py", "mindcpm_script_compare")
 # -- the command line ---------------------------------------------------------------------------
 def test_matrix_is_every_combination_in_model_order():
     args = benchmark.parse_args(["--models", "tiny-llama,smollm2-135m", "-b", "1,4", "-p", "16", "-n", "8,32",
-                                 "--paged", "on,off", "--precision", "fp32,f16", "-r", "2"])
+                                 "--paged", "on,off", "--precision", "fp32,f16", "-r", "2",
+                                 "--workload", "fixed,mixed"])
     cells = benchmark.cells_from_args(args)
-    assert len(cells) == 2 * 2 * 2 * 2 * 2
-    assert [c.model for c in cells[:16]] == ["tiny-llama"] * 16
+    assert len(cells) == 2 * 2 * 2 * 2 * 2 * 2
+    assert [c.model for c in cells[:32]] == ["tiny-llama"] * 32
+    assert {c.workload for c in cells} == {"fixed", "mixed"}
     assert {c.precision for c in cells} == {"float32", "float16"}
     assert all(c.repetitions == 2 and c.prompt_len == 16 for c in cells)
 
@@ -54,6 +56,17 @@ def test_paged_off_is_one_block_per_sequence():
     assert off.llm_kwargs()["block_size"] == 144 and off.llm_kwargs()["max_model_len"] == 130
 
 
+def test_mixed_workload_has_four_requests_per_slot_of_bounded_lengths():
+    rng = np.random.default_rng(0)
+    cell = bench.Cell("tiny-llama", batch=3, prompt_len=40, output_len=20, workload="mixed")
+    requests = bench.workload(cell, rng, 512)
+    assert len(requests) == 12
+    assert all(10 <= len(ids) <= 40 and 5 <= n <= 20 for ids, n in requests)
+    assert len({len(ids) for ids, _ in requests}) > 1
+    fixed = bench.workload(bench.Cell("tiny-llama", batch=3, prompt_len=40, output_len=20), rng, 512)
+    assert [(len(ids), n) for ids, n in fixed] == [(40, 20)] * 3
+
+
 def test_kernels_option_passes_straight_to_llm():
     assert "kernels" not in bench.Cell("tiny-llama").llm_kwargs()
     assert bench.Cell("tiny-llama", kernels="on").llm_kwargs()["kernels"] == "on"
@@ -61,7 +74,7 @@ def test_kernels_option_passes_straight_to_llm():
 
 @pytest.mark.parametrize("argv, needle", [
     (["-b", "0"], "--batch"), (["-p", "x"], "--prompt-len"), (["--paged", "maybe"], "--paged"),
-    (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len")])
+    (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload")])
 def test_bad_option_is_one_usage_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)
