@@ -431,7 +431,10 @@ def measure(cell: Cell, on_phase=lambda text: None, timeout: float | None = None
         env.setdefault("MS_COMPILER_CACHE_ENABLE", "0")  # unsafe in MindSpore 2.10 (README)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        proc = subprocess.Popen([sys.executable, "-m", "mindcpm.bench", json.dumps(asdict(cell)), result_file],
+        child = asdict(cell)
+        if cell.model not in SHAPES:  # the child runs in a temporary directory
+            child["model"] = os.path.abspath(os.path.expanduser(cell.model))
+        proc = subprocess.Popen([sys.executable, "-m", "mindcpm.bench", json.dumps(child), result_file],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace",
                                 env=env, cwd=tmp)
         tail: list[str] = []  # the child's last other stderr lines, for the reason of a crash
