@@ -222,11 +222,21 @@ def worker_main(peer: str, spec_file: str, result_file: str) -> int:
     summary = {key: float(np.median([r[key] for r in measured])) for key in measured[0]}
     summary.update(itl_p50_ms=1000 * float(np.percentile(gaps, 50)) if gaps else 0.0,
                    itl_p99_ms=1000 * float(np.percentile(gaps, 99)) if gaps else 0.0,
-                   peak_memory_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                   peak_memory_gib=peak_rss() / 2**30,
                    total_seconds=time.perf_counter() - start)
     with open(result_file, "w") as f:
         json.dump(summary, f)
     return 0
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process (VmHWM; ru_maxrss would include the parent's, see
+    mindcpm/bench.py peak_rss, which this process must not import)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_peer(peer: str, path: str, prompts, output_len: int, tmp: str) -> dict:

@@ -368,6 +368,20 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes. VmHWM, not ru_maxrss: Linux carries a
+    parent's maximum over fork/exec into the child's ru_maxrss, so a child started by a large
+    parent would report at least the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def summarize(runs: list[RunTimes], load_seconds, warmup_seconds, warm_compile, warm_graphs, runner) -> dict:
     def median(values):
         return float(np.median(values)) if values else 0.0
@@ -384,7 +398,7 @@ def summarize(runs: list[RunTimes], load_seconds, warmup_seconds, warm_compile, 
     metrics.update({
         "itl_p50_ms": 1000 * float(np.percentile(gaps, 50)) if gaps else 0.0,
         "itl_p99_ms": 1000 * float(np.percentile(gaps, 99)) if gaps else 0.0,
-        "peak_memory_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB,
+        "peak_memory_gib": peak_rss() / GIB,
         "load_seconds": load_seconds,
         "warmup_seconds": warmup_seconds,
         "compile_seconds": warm_compile,
