@@ -79,7 +79,7 @@ PRECISIONS = {"float32": "float32", "fp32": "float32", "f32": "float32",
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PAGED_BLOCK_SIZE = 16
 KV_CACHE_GIB = 2.0  # LLM's default cache budget
-RUNTIME_OVERHEAD = 1.0 * GIB  # MindSpore, Python and the compiled graphs, measured ~0.8-1 GiB here
+RUNTIME_OVERHEAD = 1.0 * GIB  # MindSpore, Python, graphs, activations: 0.5-1.1 GiB measured here
 
 
 @dataclass
