@@ -75,7 +75,7 @@ def parse_args(argv):
     out = p.add_argument_group("output")
     out.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
     out.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
     return p.parse_args(argv)
 
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     cli.check_output_path(args.output)
     cells = cells_from_args(args)
     env = bench.environment()
-    rows = run_matrix(cells, progress=not args.no_progress, timeout=args.timeout)
+    rows = run_matrix(cells, progress=sys.stderr.isatty() and not args.no_progress, timeout=args.timeout)
     document = {"environment": env, "rows": rows}
     if args.output:
         cli.write_json_atomic(args.output, document)
