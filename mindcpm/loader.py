@@ -79,7 +79,7 @@ def load_dummy_weights(model: nn.Cell, dtype=ms.float32, seed: int = 0) -> None:
     matrices ~ N(0, 0.02^2), norm weights stay 1, so activations stay finite and of the usual
     size. One parameter at a time, so peak memory is the model plus one tensor."""
     rng = np.random.default_rng(seed)
-    for _, p in loadable_parameters(model).items():
+    for p in loadable_parameters(model).values():
         if len(p.shape) >= 2:
             values = rng.standard_normal(p.shape, dtype=np.float32)
             values *= np.float32(0.02)

@@ -140,6 +140,30 @@ def test_gguf_q_k_rows_are_what_mindcpm_unpermutes():
     assert compare.gguf_name("lm_head.weight") == "output.weight"
 
 
+def test_dummy_weights_are_seeded_random_matrices_and_unit_norms():
+    from mindcpm.engine.runner import ModelRunner, RunnerConfig
+    from mindcpm.loader import load_dummy_weights, loadable_parameters
+
+    def weights(seed):
+        runner = ModelRunner(bench.shape_config("tiny-llama"), RunnerConfig(16, 4, 1, 64), None)
+        load_dummy_weights(runner.model, seed=seed)
+        return {name: p.asnumpy() for name, p in loadable_parameters(runner.model).items()}
+
+    first, again, other = weights(0), weights(0), weights(1)
+    for name, value in first.items():
+        assert np.array_equal(value, again[name])
+        if value.ndim == 1:
+            assert np.all(value == 1), name
+        else:
+            assert 0.015 < value.std() < 0.025 and not np.array_equal(value, other[name]), name
+
+
+def test_unknown_load_format_is_a_value_error():
+    from mindcpm import LLM
+    with pytest.raises(ValueError, match="unknown load_format 'fake'"):
+        LLM(load_format="fake")
+
+
 # -- tables ---------------------------------------------------------------------------------------
 ENV = {"mindspore": "2.10.0", "device": "CPU", "cards": 1, "cpu_count": 2}
 
