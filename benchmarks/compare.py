@@ -34,7 +34,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = ("mindcpm", "llama.cpp-f32", "llama.cpp-f16", "transformers")
 INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install torch transformers"}
-THREADS = os.cpu_count() or 1
+THREADS = int(os.environ.get("MINDCPM_COMPARE_THREADS", 0)) or os.cpu_count() or 1
 
 
 # -- the shared weights and their files ----------------------------------------------------------
@@ -239,12 +239,13 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_peer(peer: str, path: str, prompts, output_len: int, tmp: str) -> dict:
+def run_peer(peer: str, path: str, prompts, output_len: int, tmp: str, threads: int) -> dict:
     spec, result = os.path.join(tmp, f"{peer}.spec.json"), os.path.join(tmp, f"{peer}.result.json")
     with open(spec, "w") as f:
         json.dump({"path": path, "prompts": prompts, "output_len": output_len}, f)
+    env = dict(os.environ, MINDCPM_COMPARE_THREADS=str(threads))
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", peer, spec, result],
-                          capture_output=True, text=True, errors="replace")
+                          capture_output=True, text=True, errors="replace", env=env)
     if proc.returncode != 0 or not os.path.isfile(result):
         last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"status {proc.returncode}"]
         return {"status": "failed", "reason": last[0][:300]}
@@ -307,7 +308,8 @@ def compare(args) -> list[dict]:
                 row = bench.measure(cell)
                 result = {"status": row["status"], "reason": row["reason"], "metrics": row["metrics"]}
             else:
-                result = run_peer(peer, gguf_files.get(peer, checkpoint), prompts, args.output_len, tmp)
+                path = gguf_files.get(peer, checkpoint)
+                result = run_peer(peer, path, prompts, args.output_len, tmp, args.threads)
             rows.append({"engine": peer, "weights": label, **result})
     return rows
 
@@ -351,6 +353,9 @@ def parse_args(argv):
     p.add_argument("-n", "--output-len", type=int, default=32, help="generated tokens (32)")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="measured runs after one warm-up (3)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"engines to run ({','.join(PEERS)})")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"threads of llama.cpp and torch ({THREADS}: the cores); on a busy machine their "
+                        f"spinning thread pools suffer more than the cores' share suggests")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = p.parse_args(argv)
@@ -358,7 +363,7 @@ def parse_args(argv):
     unknown = [s for s in args.peers if s not in PEERS]
     if unknown:
         p.error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
-    for flag in ("prompt_len", "output_len", "repetitions"):
+    for flag in ("prompt_len", "output_len", "repetitions", "threads"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     return args
@@ -375,10 +380,11 @@ def main(argv=None) -> int:
     rows = compare(args)
     if args.json:
         print(json.dumps({"model": args.model, "prompt_len": args.prompt_len, "output_len": args.output_len,
-                          "repetitions": args.repetitions, "threads": THREADS, "rows": rows}, indent=2))
+                          "repetitions": args.repetitions, "threads": args.threads, "rows": rows}, indent=2))
     else:
         print(f"{args.model} random weights, 1 request, {args.prompt_len} prompt tokens, {args.output_len} "
-              f"generated (greedy), {THREADS} threads, medians of {args.repetitions} runs after a warm-up")
+              f"generated (greedy), {args.threads} threads for the peers, medians of {args.repetitions} runs "
+              f"after a warm-up")
         print(table(rows))
         print("mindcpm decode x: mindcpm's decode tok/s / the engine's; mindcpm TTFT x: the engine's TTFT / "
               "mindcpm's (> 1: mindcpm is faster). prefill tok/s: the peers' is prompt tokens / TTFT, "
