@@ -206,8 +206,12 @@ def estimate_memory(cfg: ModelConfig, cell: Cell, from_checkpoint: bool) -> int:
     return n * dtype_bytes + kv + transient + RUNTIME_OVERHEAD
 
 
+def total_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def available_memory() -> int:
-    """MemAvailable (what can be used now on this shared machine), else the physical total."""
+    """MemAvailable (what can be used now on a shared machine), else the physical total."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -215,16 +219,22 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total_memory()
 
 
-def refusal(cfg: ModelConfig, cell: Cell, from_checkpoint: bool, available: int | None = None) -> str | None:
-    """Why the cell cannot run here, in one line, or None."""
+def refusal(cfg: ModelConfig, cell: Cell, from_checkpoint: bool, total: int | None = None,
+            available: int | None = None) -> str | None:
+    """Why the cell cannot run here, in one line, or None: more than the machine has ("too big"),
+    or more than is free right now (other processes hold it; running anyway would invite the
+    OOM killer)."""
     needed = estimate_memory(cfg, cell, from_checkpoint)
+    total = total_memory() if total is None else total
     available = available_memory() if available is None else available
+    size = f"needs ~{needed / GIB:.1f} GiB in {cell.precision} ({parameter_count(cfg) / 1e9:.2f} B params)"
+    if needed > total:
+        return f"too big: {size}, this machine has {total / GIB:.1f} GiB"
     if needed > available:
-        return (f"too big: needs ~{needed / GIB:.1f} GiB in {cell.precision} "
-                f"({parameter_count(cfg) / 1e9:.2f} B params), {available / GIB:.1f} GiB available")
+        return f"not enough free memory now: {size}, {available / GIB:.1f} of {total / GIB:.1f} GiB free"
     return None
 
 

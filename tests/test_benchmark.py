@@ -106,20 +106,21 @@ def test_parameter_count_equals_the_tensors_compare_writes(shape):
 
 
 def test_too_big_shape_is_refused_with_a_reason():
-    eight_b = bench.shape_config("minicpm4-8b")
-    reason = bench.refusal(eight_b, bench.Cell("minicpm4-8b"), from_checkpoint=False, available=24 * GIB)
-    assert reason.startswith("too big: needs ~") and "float32" in reason and "24.0 GiB available" in reason
-    half_b = bench.shape_config("minicpm4-0.5b")
-    assert bench.refusal(half_b, bench.Cell("minicpm4-0.5b"), from_checkpoint=False, available=24 * GIB) is None
+    eight_b, half_b = bench.shape_config("minicpm4-8b"), bench.shape_config("minicpm4-0.5b")
+    reason = bench.refusal(eight_b, bench.Cell("minicpm4-8b"), False, total=24 * GIB, available=20 * GIB)
+    assert reason.startswith("too big: needs ~") and "float32" in reason and "this machine has 24.0 GiB" in reason
+    assert bench.refusal(half_b, bench.Cell("minicpm4-0.5b"), False, total=24 * GIB, available=20 * GIB) is None
+    busy = bench.refusal(half_b, bench.Cell("minicpm4-0.5b"), False, total=24 * GIB, available=1 * GIB)
+    assert busy.startswith("not enough free memory now: needs ~") and "1.0 of 24.0 GiB free" in busy
     # The 8B fp32 weights alone are ~30.5 GiB.
     assert bench.estimate_memory(eight_b, bench.Cell("minicpm4-8b"), False) > 30.5 * GIB
 
 
 def test_refused_cell_does_not_start_a_process():
-    row = bench.measure(bench.Cell("minicpm4-8b", precision="float32"))
-    if bench.available_memory() >= bench.estimate_memory(bench.shape_config("minicpm4-8b"),
-                                                         bench.Cell("minicpm4-8b"), False):
+    needed = bench.estimate_memory(bench.shape_config("minicpm4-8b"), bench.Cell("minicpm4-8b"), False)
+    if bench.total_memory() >= needed:
         pytest.skip("this machine has the memory for 8B in fp32")
+    row = bench.measure(bench.Cell("minicpm4-8b", precision="float32"))
     assert row["status"] == "refused" and row["metrics"] == {} and "too big" in row["reason"]
 
 
