@@ -165,6 +165,16 @@ def test_unknown_load_format_is_a_value_error():
         LLM(load_format="fake")
 
 
+def test_compare_names_a_missing_peer_and_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(compare.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llama_cpp", "torch") else real(name, *a))
+    missing = compare.missing_peers(list(compare.PEERS))
+    assert "mindcpm" not in missing
+    assert missing["llama.cpp-f16"] == "not installed (pip install llama-cpp-python)"
+    assert "pip install torch transformers" in missing["transformers"]
+
+
 # -- tables ---------------------------------------------------------------------------------------
 ENV = {"mindspore": "2.10.0", "device": "CPU", "cards": 1, "cpu_count": 2}
 
