@@ -14,6 +14,7 @@ from .config import ModelConfig
 from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
+from .loader import load_dummy_weights
 from .ops import on_ascend, setup_runtime
 from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
@@ -21,6 +22,9 @@ from .tokenizer import Tokenizer
 
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# "auto": the checkpoint's weights; "dummy": random weights of the config's shapes (benchmarks:
+# only config.json and a tokenizer are read).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 @dataclass
@@ -90,7 +94,10 @@ class LLM:
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
-                 kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False):
+                 kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
+                 load_format: str = "auto", seed: int = 0):
+        if load_format not in LOAD_FORMATS:
+            raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         setup_runtime()
         tp = init_tensor_parallel(tensor_parallel_size, enable_expert_parallel)
         with all_ranks_or_none():  # one rank's bad input stops every rank
@@ -107,7 +114,10 @@ class LLM:
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
                                       attention, self.kernels, DTYPES.get(self.weight_dtype))
-            runner = ModelRunner(self.config, runner_cfg, path, eos, progress)
+            dummy = load_format == "dummy"
+            runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
+            if dummy:
+                load_dummy_weights(runner.model, DTYPES[self.dtype], seed)
         if tp.rank != 0:
             # A worker rank only runs the steps rank 0 sends; its process ends with rank 0's.
             runner.serve()

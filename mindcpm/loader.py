@@ -91,6 +91,19 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
         p.set_data(Tensor(staged.pop(name), p.dtype))
 
 
+def load_dummy_weights(model: nn.Cell, dtype=ms.float32, seed: int = 0) -> None:
+    """Random weights in place of a checkpoint (vLLM's load_format="dummy"), for benchmarks:
+    matrices ~ N(0, 0.02^2), norm weights stay 1, so activations stay finite and of the usual
+    size. One parameter at a time, so peak memory is the model plus one tensor. Each parameter
+    keeps its own dtype (16-bit matrices, fp32 routers)."""
+    rng = np.random.default_rng(seed)
+    for p in loadable_parameters(model).values():
+        if len(p.shape) >= 2:
+            values = rng.standard_normal(p.shape, dtype=np.float32)
+            values *= np.float32(0.02)
+            p.set_data(Tensor(values, p.dtype))
+
+
 def loadable_parameters(model: nn.Cell) -> dict:
     """Weights that come from the checkpoint (caches and RoPE tables do not)."""
     return {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}

@@ -1,0 +1,125 @@
+#!/usr/bin/env python
+"""Throughput benchmark: a matrix of models x precisions x batch sizes x prompt/output lengths x
+paged attention on/off, each cell measured in a fresh process, printed as a table.
+
+    python benchmark.py                                  # the default matrix, random weights, no download
+    python benchmark.py --models minicpm4-0.5b -p 512 -n 128 -b 1,4 --paged on,off
+    python benchmark.py --models /path/to/MiniCPM4-0.5B,model.gguf --json > results.json
+
+A model is a named random-weight shape (smollm2-135m, minicpm4-0.5b, minicpm4-8b, tiny-llama:
+config.json only, weights drawn in memory, like vLLM's load_format="dummy"), a checkpoint
+directory or a .gguf file. Each cell warms up once on its own workload (compiling every graph it
+needs; reported as "compile s"), then runs it -r times with fresh random prompts: batch requests
+of -p prompt tokens each, all submitted at once, each generating -n tokens (greedy, EOS ignored).
+Reported: tokens/s (generated tokens per second of wall time), prefill tok/s, time to first
+token, decode tok/s, inter-token latency p50/p99, peak memory of the cell's process, load and
+compile time, and graphs compiled after the warm-up (should be 0). A cell that cannot fit in
+memory is refused with the reason instead of run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("GLOG_v", "3")  # before mindspore is first imported
+
+from mindcpm import bench, cli  # noqa: E402  (imports mindspore)
+
+DEFAULT_MODELS = "smollm2-135m,minicpm4-0.5b,minicpm4-8b"
+
+
+def list_arg(kind, name):
+    def parse(text):
+        try:
+            return bench.parse_list(text, kind, name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def parse_args(argv):
+    p = cli.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    m = p.add_argument_group("matrix (comma-separated lists; every combination is a row)")
+    m.add_argument("-m", "--models", type=list_arg(str, "--models"), default=bench.parse_list(DEFAULT_MODELS),
+                   metavar="M,..", help=f"shapes ({', '.join(bench.SHAPES)}), checkpoint directories or .gguf "
+                                        f"files (default: {DEFAULT_MODELS})")
+    m.add_argument("--precision", "--dtype", dest="precision", type=list_arg(bench.precision, "--precision"),
+                   default=["float32"], metavar="P,..", help="float32, float16, bfloat16 (default float32)")
+    m.add_argument("-b", "--batch", type=list_arg(bench.positive_int, "--batch"), default=[1], metavar="N,..",
+                   help="concurrent requests (default 1)")
+    m.add_argument("-p", "--prompt-len", type=list_arg(bench.positive_int, "--prompt-len"), default=[128],
+                   metavar="N,..", help="prompt tokens per request (default 128)")
+    m.add_argument("-n", "--output-len", type=list_arg(bench.positive_int, "--output-len"), default=[32],
+                   metavar="N,..", help="generated tokens per request (default 32)")
+    m.add_argument("--paged", type=list_arg(bench.paged, "--paged"), default=[True], metavar="on,off",
+                   help="paged attention: on = blocks of --block-size tokens, off = one contiguous block per "
+                        "sequence (default on)")
+    m.add_argument("--workload", type=list_arg(bench.workload_kind, "--workload"), default=["fixed"],
+                   metavar="fixed,mixed", help="fixed: `batch` requests of exactly -p/-n tokens; mixed: 4 x batch "
+                                               "requests of random lengths up to -p/-n through `batch` slots, so "
+                                               "arriving prefills interleave with decodes (default fixed)")
+    o = p.add_argument_group("run")
+    o.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
+                   help="measured runs per cell after the warm-up; medians are reported (default 3)")
+    o.add_argument("--block-size", type=int, default=bench.PAGED_BLOCK_SIZE, metavar="B",
+                   help="KV block size with paged attention on (default 16)")
+    o.add_argument("--kernels", default=None, metavar="auto|on|off",
+                   help="passed to LLM(kernels=...) (CPU custom kernels); default: not passed")
+    o.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
+    o.add_argument("--timeout", type=float, default=3600, metavar="S", help="seconds per cell (default 3600)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="print one JSON document instead of the tables")
+    out.add_argument("--output", metavar="FILE", help="also write the JSON document to FILE")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
+    return p.parse_args(argv)
+
+
+def cells_from_args(args) -> list[bench.Cell]:
+    for flag in ("repetitions", "block_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    models = [bench.check_model(m) for m in args.models]
+    return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
+                               args.workload, repetitions=args.repetitions, block_size=args.block_size,
+                               kernels=args.kernels, seed=args.seed)
+
+
+def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=len(cells), desc="benchmark", unit="cell", disable=not progress, file=sys.stderr,
+              dynamic_ncols=True) as bar:
+        for cell in cells:
+            label = f"{cell.model} {cell.precision} b{cell.batch} p{cell.prompt_len} n{cell.output_len} " \
+                    f"paged {'on' if cell.paged else 'off'} {cell.workload}"
+            bar.set_description(label)
+            rows.append(bench.measure(cell, lambda phase: bar.set_postfix_str(phase), timeout))
+            bar.update(1)
+    return rows
+
+
+def main(argv=None) -> int:
+    cli.prepare_environment()
+    args = parse_args(argv)
+    cli.check_output_path(args.output)
+    cells = cells_from_args(args)
+    env = bench.environment()
+    rows = run_matrix(cells, progress=sys.stderr.isatty() and not args.no_progress, timeout=args.timeout)
+    document = {"environment": env, "rows": rows}
+    if args.output:
+        cli.write_json_atomic(args.output, document)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(bench.report_text(rows, env))
+    return 0 if all(r["status"] != "failed" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

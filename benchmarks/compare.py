@@ -1,0 +1,398 @@
+#!/usr/bin/env python
+"""mindcpm against llama.cpp (llama-cpp-python) and Hugging Face transformers: the same random
+weights, the same prompts, the same greedy workload, on this machine. Not a test.
+
+    python benchmarks/compare.py                                 # smollm2-135m shape, -p 128 -n 32
+    python benchmarks/compare.py --model minicpm4-0.5b -p 256 -n 64 -r 3
+    python benchmarks/compare.py --peers llama.cpp-f32,llama.cpp-f16
+
+The shape's weights are drawn once (N(0, 0.02^2), norms 1) and written as a Hugging Face
+checkpoint (safetensors; mindcpm and transformers read it) and as GGUF files at f32 and f16 (the
+`gguf` package; llama.cpp reads them). Each engine runs in its own process: one warm-up run, then
+-r measured runs of one request with -p random prompt tokens generating -n tokens. The table
+gives each engine's numbers and mindcpm's ratio to it (> 1: mindcpm is faster).
+
+A peer that is not installed is skipped with the command that installs it:
+    pip install llama-cpp-python          # builds llama.cpp from source (several minutes)
+    pip install torch transformers        # CPU wheels: --index-url https://download.pytorch.org/whl/cpu for torch
+transformers has no built-in MiniCPM class, so it runs Llama shapes only.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = ("mindcpm", "llama.cpp-f32", "llama.cpp-f16", "transformers")
+INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install torch transformers"}
+THREADS = int(os.environ.get("MINDCPM_COMPARE_THREADS", 0)) or os.cpu_count() or 1
+
+
+# -- the shared weights and their files ----------------------------------------------------------
+def hf_shapes(cfg: dict) -> dict[str, tuple]:
+    """Hugging Face tensor name -> shape for a Llama/MiniCPM config."""
+    hidden, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    head_dim = cfg.get("head_dim") or hidden // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    if not cfg["tie_word_embeddings"]:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    layer = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+             "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (inter, hidden), "mlp.up_proj": (inter, hidden),
+             "mlp.down_proj": (hidden, inter), "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,)}
+    for i in range(cfg["num_hidden_layers"]):
+        for name, shape in layer.items():
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+    return shapes
+
+
+def random_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
+    """Matrices ~ N(0, 0.02^2), norm weights 1 (as mindcpm's load_format="dummy" draws them)."""
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in hf_shapes(cfg).items():
+        if len(shape) == 1:
+            weights[name] = np.ones(shape, np.float32)
+        else:
+            weights[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    return weights
+
+
+def write_checkpoint(path: str, shape: str, weights: dict) -> None:
+    from safetensors.numpy import save_file
+
+    from mindcpm import bench
+    os.makedirs(path, exist_ok=True)
+    bench.write_shape_dir(shape, path)
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+GGUF_PARTS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def gguf_name(hf_name: str) -> str:
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if hf_name in fixed:
+        return fixed[hf_name]
+    _, _, layer, *part, _ = hf_name.split(".")
+    return f"blk.{layer}.{GGUF_PARTS['.'.join(part)]}.weight"
+
+
+def interleave_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp rotates interleaved pairs where Hugging Face rotates halves: its converter
+    reorders the rows of q_proj/k_proj within each head."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def write_gguf(path: str, cfg: dict, weights: dict, tokenizer_dir: str, f16: bool) -> None:
+    """A GGUF file llama.cpp reads: arch llama, or minicpm with its μP scales and LongRoPE factors."""
+    import gguf
+
+    minicpm = cfg["architectures"][0] == "MiniCPMForCausalLM"
+    arch = "minicpm" if minicpm else "llama"
+    heads, kv_heads, layers = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["num_hidden_layers"]
+    hidden = cfg["hidden_size"]
+    w = gguf.GGUFWriter(path, arch=arch)
+    w.add_block_count(layers)
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    if minicpm:
+        w.add_embedding_scale(cfg["scale_emb"])
+        w.add_residual_scale(cfg["scale_depth"] / layers ** 0.5)
+        w.add_logit_scale(hidden / cfg["dim_model_base"])
+        # Without the scaling type llama.cpp does not look for the LongRoPE factor tensors.
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+        w.add_rope_scaling_orig_ctx_len(cfg["rope_scaling"]["original_max_position_embeddings"])
+    add_tokenizer(w, tokenizer_dir, cfg["vocab_size"])
+    for name, value in weights.items():
+        kind = gguf_name(name).split(".")[-2]
+        if kind in ("attn_q", "attn_k"):
+            value = interleave_rope_rows(value, heads if kind == "attn_q" else kv_heads)
+        w.add_tensor(gguf_name(name), value.astype(np.float16) if f16 and value.ndim == 2 else value)
+    if minicpm:
+        scaling = cfg["rope_scaling"]
+        w.add_tensor("rope_factors_long.weight", np.asarray(scaling["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(scaling["short_factor"], np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def add_tokenizer(w, tokenizer_dir: str, vocab_size: int) -> None:
+    """The checkpoint's byte-level tokenizer as GGUF gpt2 metadata (its tokens, one merge)."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    by_id = {i: t for t, i in tok.get_vocab(with_added_tokens=True).items()}
+    special = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([by_id[i] for i in range(vocab_size)])
+    w.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(vocab_size)])
+    # llama.cpp insists on a merge list; one merge of two filler letters changes nothing here.
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(tok.token_to_id("<s>"))
+    w.add_eos_token_id(tok.token_to_id("</s>"))
+    w.add_add_bos_token(False)
+
+
+# -- peers, each in its own process --------------------------------------------------------------
+def timings(start: float, stamps: list[float], prompt_len: int) -> dict:
+    """One run's numbers from its submission time and per-token timestamps."""
+    gaps = np.diff(stamps)
+    ttft = stamps[0] - start
+    return {"tokens_per_second": len(stamps) / (stamps[-1] - start), "ttft_ms": 1000 * ttft,
+            "prefill_tokens_per_second": prompt_len / ttft,
+            "decode_tokens_per_second": len(gaps) / float(gaps.sum()) if len(gaps) else 0.0,
+            "gaps": gaps.tolist()}
+
+
+def run_llamacpp(gguf_path: str, prompts: list[list[int]], output_len: int) -> list[dict]:
+    from llama_cpp import Llama
+
+    n_ctx = len(prompts[0]) + output_len + 16
+    llm = Llama(gguf_path, n_ctx=n_ctx, n_batch=max(512, len(prompts[0])), n_threads=THREADS,
+                n_threads_batch=THREADS, verbose=False)
+    runs = []
+    for prompt in prompts:
+        start = time.perf_counter()
+        stamps = []
+        for _ in llm.generate(prompt, temp=0.0, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == output_len:
+                break
+        runs.append(timings(start, stamps, len(prompt)))
+    return runs
+
+
+def run_transformers(checkpoint: str, prompts: list[list[int]], output_len: int) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    runs = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            start = time.perf_counter()
+            stamps = []
+            out = model(torch.tensor([prompt]), use_cache=True)
+            while True:
+                token = out.logits[0, -1].argmax().item()
+                stamps.append(time.perf_counter())
+                if len(stamps) == output_len:
+                    break
+                out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            runs.append(timings(start, stamps, len(prompt)))
+    return runs
+
+
+def worker_main(peer: str, spec_file: str, result_file: str) -> int:
+    """Child entry: load the peer, warm up on prompts[0], time the rest; write the summary."""
+    with open(spec_file) as f:
+        spec = json.load(f)
+    start = time.perf_counter()
+    run = run_llamacpp if peer.startswith("llama.cpp") else run_transformers
+    runs = run(spec["path"], spec["prompts"], spec["output_len"])
+    measured = runs[1:]
+    gaps = [g for r in measured for g in r.pop("gaps")]
+    summary = {key: float(np.median([r[key] for r in measured])) for key in measured[0]}
+    summary.update(itl_p50_ms=1000 * float(np.percentile(gaps, 50)) if gaps else 0.0,
+                   itl_p99_ms=1000 * float(np.percentile(gaps, 99)) if gaps else 0.0,
+                   peak_memory_gib=peak_rss() / 2**30,
+                   total_seconds=time.perf_counter() - start)
+    with open(result_file, "w") as f:
+        json.dump(summary, f)
+    return 0
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process (VmHWM; ru_maxrss would include the parent's, see
+    mindcpm/bench.py peak_rss, which this process must not import)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_peer(peer: str, path: str, prompts, output_len: int, tmp: str, threads: int) -> dict:
+    spec, result = os.path.join(tmp, f"{peer}.spec.json"), os.path.join(tmp, f"{peer}.result.json")
+    with open(spec, "w") as f:
+        json.dump({"path": path, "prompts": prompts, "output_len": output_len}, f)
+    env = dict(os.environ, MINDCPM_COMPARE_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", peer, spec, result],
+                          capture_output=True, text=True, errors="replace", env=env)
+    if proc.returncode != 0 or not os.path.isfile(result):
+        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"status {proc.returncode}"]
+        return {"status": "failed", "reason": last[0][:300]}
+    with open(result) as f:
+        return {"status": "ok", "metrics": json.load(f)}
+
+
+def missing_peers(peers: list[str]) -> dict[str, str]:
+    """peer -> why it is skipped."""
+    missing = {}
+    for peer in peers:
+        module = {"llama.cpp-f32": "llama_cpp", "llama.cpp-f16": "llama_cpp", "transformers": "transformers"}.get(peer)
+        if module and importlib.util.find_spec(module) is None:
+            key = "llama.cpp" if module == "llama_cpp" else "transformers"
+            missing[peer] = f"not installed ({INSTALL[key]})"
+        if module == "transformers" and importlib.util.find_spec("torch") is None:
+            missing[peer] = f"torch not installed ({INSTALL['transformers']})"
+    return missing
+
+
+# -- the comparison ------------------------------------------------------------------------------
+COLUMNS = ("engine", "weights", "prefill tok/s", "TTFT ms", "decode tok/s", "ITL p50 ms", "ITL p99 ms",
+           "tokens/s", "peak mem GiB", "mindcpm decode x", "mindcpm TTFT x", "note")
+
+
+def compare(args) -> list[dict]:
+    from mindcpm import bench
+
+    cfg = bench.SHAPES[args.model]
+    peers = [p for p in PEERS if p in args.peers]
+    skipped = missing_peers(peers)
+    if "transformers" in peers and cfg["architectures"][0] != "LlamaForCausalLM":
+        skipped["transformers"] = "transformers has no built-in MiniCPM class; use a Llama shape (smollm2-135m)"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mindcpm-compare-") as tmp:
+        checkpoint = os.path.join(tmp, "checkpoint")
+        log(f"writing {args.model} random weights (seed {args.seed}) as safetensors and GGUF f32/f16")
+        weights = random_weights(cfg, args.seed)
+        write_checkpoint(checkpoint, args.model, weights)
+        gguf_files = {}
+        for peer, f16 in (("llama.cpp-f32", False), ("llama.cpp-f16", True)):
+            if peer in peers and peer not in skipped:
+                gguf_files[peer] = os.path.join(tmp, f"{peer}.gguf")
+                write_gguf(gguf_files[peer], cfg, weights, checkpoint, f16)
+        del weights
+        # The prompts mindcpm's cell draws: warm-up first, then one per repetition.
+        rng = np.random.default_rng(args.seed)
+        prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
+                   for _ in range(1 + args.repetitions)]
+        for peer in peers:
+            label = {"mindcpm": "float32", "llama.cpp-f32": "f32", "llama.cpp-f16": "f16",
+                     "transformers": "float32"}[peer]
+            if peer in skipped:
+                rows.append({"engine": peer, "weights": label, "status": "skipped", "reason": skipped[peer]})
+                continue
+            log(f"running {peer}")
+            if peer == "mindcpm":
+                cell = bench.Cell(model=checkpoint, prompt_len=args.prompt_len, output_len=args.output_len,
+                                  repetitions=args.repetitions, seed=args.seed)
+                row = bench.measure(cell)
+                result = {"status": row["status"], "reason": row["reason"], "metrics": row["metrics"]}
+            else:
+                path = gguf_files.get(peer, checkpoint)
+                result = run_peer(peer, path, prompts, args.output_len, tmp, args.threads)
+            rows.append({"engine": peer, "weights": label, **result})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    from mindcpm import bench
+
+    ours = next((r["metrics"] for r in rows if r["engine"] == "mindcpm" and r["status"] == "ok"), None)
+
+    def ratio(m, key):
+        if not ours or not m.get(key) or not ours.get(key):
+            return "-"
+        # TTFT: lower is better, so theirs / ours.
+        return f"{(m[key] / ours[key] if key == 'ttft_ms' else ours[key] / m[key]):.2f}"
+
+    lines = []
+    for r in rows:
+        m = r.get("metrics") or {}
+        num = bench._num
+        ok = r["status"] == "ok"
+        lines.append([r["engine"], r["weights"]] + [
+            num(m.get(k)) if ok else "-" for k in ("prefill_tokens_per_second", "ttft_ms", "decode_tokens_per_second",
+                                                   "itl_p50_ms", "itl_p99_ms", "tokens_per_second")]
+            + [num(m.get("peak_memory_gib"), 2) if ok else "-",
+               ratio(m, "decode_tokens_per_second") if ok else "-",
+               ratio(m, "ttft_ms") if ok else "-",
+               "" if ok else f"{r['status']}: {r['reason']}"])
+    return bench.format_table(COLUMNS, lines)
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="benchmarks/compare.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--model", default="smollm2-135m", help="a random-weight shape of benchmark.py (smollm2-135m)")
+    p.add_argument("-p", "--prompt-len", type=int, default=128, help="prompt tokens (128)")
+    p.add_argument("-n", "--output-len", type=int, default=32, help="generated tokens (32)")
+    p.add_argument("-r", "--repetitions", type=int, default=3, help="measured runs after one warm-up (3)")
+    p.add_argument("--peers", default=",".join(PEERS), help=f"engines to run ({','.join(PEERS)})")
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help=f"threads of llama.cpp and torch ({THREADS}: the cores); on a busy machine their "
+                        f"spinning thread pools suffer more than the cores' share suggests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = p.parse_args(argv)
+    args.peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    unknown = [s for s in args.peers if s not in PEERS]
+    if unknown:
+        p.error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    for flag in ("prompt_len", "output_len", "repetitions", "threads"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("GLOG_v", "3")
+    sys.path.insert(0, ROOT)
+    args = parse_args(argv)
+    from mindcpm import bench
+    if args.model not in bench.SHAPES:
+        log(f"error: unknown shape {args.model!r}; choose from {', '.join(bench.SHAPES)}")
+        return 2
+    rows = compare(args)
+    if args.json:
+        print(json.dumps({"model": args.model, "prompt_len": args.prompt_len, "output_len": args.output_len,
+                          "repetitions": args.repetitions, "threads": args.threads, "rows": rows}, indent=2))
+    else:
+        print(f"{args.model} random weights, 1 request, {args.prompt_len} prompt tokens, {args.output_len} "
+              f"generated (greedy), {args.threads} threads for the peers, medians of {args.repetitions} runs "
+              f"after a warm-up")
+        print(table(rows))
+        print("mindcpm decode x: mindcpm's decode tok/s / the engine's; mindcpm TTFT x: the engine's TTFT / "
+              "mindcpm's (> 1: mindcpm is faster). prefill tok/s: the peers' is prompt tokens / TTFT, "
+              "mindcpm's is its prefill steps' own rate.")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(*sys.argv[2:5]))
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""benchmark.py and benchmarks/compare.py: the matrix from the command line, the memory check,
+the tables, and one tiny end-to-end run whose --json output must parse."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mindcpm import bench
+from mindcpm.gguf import unpermute_qk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIB = 2**30
+
+
+def _load(path: str, name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = _load("benchmark.py", "mindcpm_script_benchmark")
+compare = _load("benchmarks/compare.py", "mindcpm_script_compare")
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_matrix_is_every_combination_in_model_order():
+    args = benchmark.parse_args(["--models", "tiny-llama,smollm2-135m", "-b", "1,4", "-p", "16", "-n", "8,32",
+                                 "--paged", "on,off", "--precision", "fp32,f16", "-r", "2",
+                                 "--workload", "fixed,mixed"])
+    cells = benchmark.cells_from_args(args)
+    assert len(cells) == 2 * 2 * 2 * 2 * 2 * 2
+    assert [c.model for c in cells[:32]] == ["tiny-llama"] * 32
+    assert {c.workload for c in cells} == {"fixed", "mixed"}
+    assert {c.precision for c in cells} == {"float32", "float16"}
+    assert all(c.repetitions == 2 and c.prompt_len == 16 for c in cells)
+
+
+def test_defaults_are_the_quick_matrix():
+    cells = benchmark.cells_from_args(benchmark.parse_args([]))
+    assert [c.model for c in cells] == ["smollm2-135m", "minicpm4-0.5b", "minicpm4-8b"]
+    assert all(c.precision == "float32" and c.batch == 1 and c.paged for c in cells)
+
+
+def test_paged_off_is_one_block_per_sequence():
+    on = bench.Cell("tiny-llama", prompt_len=100, output_len=30)
+    off = bench.Cell("tiny-llama", prompt_len=100, output_len=30, paged=False)
+    assert on.effective_block_size == 16 and on.paged_label == "on (block 16)"
+    assert off.effective_block_size == 144 and off.paged_label == "off (block 144)"  # 130 rounded up to 16
+    assert off.llm_kwargs()["block_size"] == 144 and off.llm_kwargs()["max_model_len"] == 130
+
+
+def test_mixed_workload_has_four_requests_per_slot_of_bounded_lengths():
+    rng = np.random.default_rng(0)
+    cell = bench.Cell("tiny-llama", batch=3, prompt_len=40, output_len=20, workload="mixed")
+    requests = bench.workload(cell, rng, 512)
+    assert len(requests) == 12
+    assert all(10 <= len(ids) <= 40 and 5 <= n <= 20 for ids, n in requests)
+    assert len({len(ids) for ids, _ in requests}) > 1
+    fixed = bench.workload(bench.Cell("tiny-llama", batch=3, prompt_len=40, output_len=20), rng, 512)
+    assert [(len(ids), n) for ids, n in fixed] == [(40, 20)] * 3
+
+
+def test_kernels_option_passes_straight_to_llm():
+    assert "kernels" not in bench.Cell("tiny-llama").llm_kwargs()
+    assert bench.Cell("tiny-llama", kernels="on").llm_kwargs()["kernels"] == "on"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["-b", "0"], "--batch"), (["-p", "x"], "--prompt-len"), (["--paged", "maybe"], "--paged"),
+    (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload")])
+def test_bad_option_is_one_usage_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+
+
+def test_unknown_model_is_a_one_line_error(capsys):
+    assert benchmark.cli.run(benchmark.main, ["--models", "no-such-shape", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown model 'no-such-shape'") and "minicpm4-0.5b" in err
+
+
+# -- shapes and memory --------------------------------------------------------------------------
+def test_parameter_counts_match_the_published_models():
+    # SmolLM2-135M: 134,515,008 parameters (its model card); MiniCPM4-8B: embedding and head
+    # 300.8 M each plus 32 layers of 236.98 M (spec minicpm4.md §1b).
+    assert bench.parameter_count(bench.shape_config("smollm2-135m")) == 134_515_008
+    assert bench.parameter_count(bench.shape_config("minicpm4-8b")) == pytest.approx(
+        2 * 300.8e6 + 32 * 236.98e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "smollm2-135m", "minicpm4-0.5b"])
+def test_parameter_count_equals_the_tensors_compare_writes(shape):
+    cfg = bench.SHAPES[shape]
+    assert bench.parameter_count(bench.shape_config(shape)) == sum(
+        int(np.prod(s)) for s in compare.hf_shapes(cfg).values())
+
+
+def test_too_big_shape_is_refused_with_a_reason():
+    eight_b, half_b = bench.shape_config("minicpm4-8b"), bench.shape_config("minicpm4-0.5b")
+    reason = bench.refusal(eight_b, bench.Cell("minicpm4-8b"), False, total=24 * GIB, available=20 * GIB)
+    assert reason.startswith("too big: needs ~") and "float32" in reason and "this machine has 24.0 GiB" in reason
+    assert bench.refusal(half_b, bench.Cell("minicpm4-0.5b"), False, total=24 * GIB, available=20 * GIB) is None
+    busy = bench.refusal(half_b, bench.Cell("minicpm4-0.5b"), False, total=24 * GIB, available=1 * GIB)
+    assert busy.startswith("not enough free memory now: needs ~") and "1.0 of 24.0 GiB free" in busy
+    # The 8B fp32 weights alone are ~30.5 GiB.
+    assert bench.estimate_memory(eight_b, bench.Cell("minicpm4-8b"), False) > 30.5 * GIB
+
+
+def test_refused_cell_does_not_start_a_process():
+    needed = bench.estimate_memory(bench.shape_config("minicpm4-8b"), bench.Cell("minicpm4-8b"), False)
+    if bench.total_memory() >= needed:
+        pytest.skip("this machine has the memory for 8B in fp32")
+    row = bench.measure(bench.Cell("minicpm4-8b", precision="float32"))
+    assert row["status"] == "refused" and row["metrics"] == {} and "too big" in row["reason"]
+
+
+def test_filler_tokenizer_covers_the_vocabulary(tmp_path):
+    from mindcpm.tokenizer import Tokenizer
+    bench.write_filler_tokenizer(str(tmp_path), 5000)
+    tok = Tokenizer.from_dir(str(tmp_path))
+    assert tok.vocab_size == 5000
+    text = tok.decode([300, 4000, 4999], True)
+    assert len(text) >= 6 and text.isascii() and text.isalpha()
+
+
+def test_gguf_q_k_rows_are_what_mindcpm_unpermutes():
+    q = np.random.default_rng(0).standard_normal((9 * 64, 576)).astype(np.float32)
+    assert np.array_equal(unpermute_qk(compare.interleave_rope_rows(q, 9), 9), q)
+    assert compare.gguf_name("model.layers.3.self_attn.k_proj.weight") == "blk.3.attn_k.weight"
+    assert compare.gguf_name("model.layers.0.post_attention_layernorm.weight") == "blk.0.ffn_norm.weight"
+    assert compare.gguf_name("lm_head.weight") == "output.weight"
+
+
+def test_dummy_weights_are_seeded_random_matrices_and_unit_norms():
+    from mindcpm.engine.runner import ModelRunner, RunnerConfig
+    from mindcpm.loader import load_dummy_weights, loadable_parameters
+
+    def weights(seed):
+        runner = ModelRunner(bench.shape_config("tiny-llama"), RunnerConfig(16, 4, 1, 64), None)
+        load_dummy_weights(runner.model, seed=seed)
+        return {name: p.asnumpy() for name, p in loadable_parameters(runner.model).items()}
+
+    first, again, other = weights(0), weights(0), weights(1)
+    for name, value in first.items():
+        assert np.array_equal(value, again[name])
+        if value.ndim == 1:
+            assert np.all(value == 1), name
+        else:
+            assert 0.015 < value.std() < 0.025 and not np.array_equal(value, other[name]), name
+
+
+def test_unknown_load_format_is_a_value_error():
+    from mindcpm import LLM
+    with pytest.raises(ValueError, match="unknown load_format 'fake'"):
+        LLM(load_format="fake")
+
+
+def test_compare_names_a_missing_peer_and_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(compare.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("llama_cpp", "torch") else real(name, *a))
+    missing = compare.missing_peers(list(compare.PEERS))
+    assert "mindcpm" not in missing
+    assert missing["llama.cpp-f16"] == "not installed (pip install llama-cpp-python)"
+    assert "pip install torch transformers" in missing["transformers"]
+
+
+# -- tables ---------------------------------------------------------------------------------------
+ENV = {"mindspore": "2.10.0", "device": "CPU", "cards": 1, "cpu_count": 2}
+
+
+def _row(model, status="ok", reason=None, tps=12.5):
+    metrics = {} if status != "ok" else {
+        "tokens_per_second": tps, "prefill_tokens_per_second": 300.0, "ttft_ms": 40.0,
+        "decode_tokens_per_second": 14.0, "itl_p50_ms": 70.0, "itl_p99_ms": 90.0, "peak_memory_gib": 1.5,
+        "load_seconds": 2.0, "compile_seconds": 20.0, "recompiles_after_warmup": 0}
+    return {"model": model, "precision": "float32", "batch": 1, "prompt_len": 128, "output_len": 32,
+            "paged_attention": "on (block 16)", "repetitions": 3, "status": status, "reason": reason,
+            "metrics": metrics}
+
+
+def test_table_has_the_seed_columns_and_a_reason_for_a_refused_row():
+    text = bench.report_text([_row("smollm2-135m"), _row("minicpm4-8b", "refused", "too big: needs ~34 GiB")], ENV)
+    seed_header, rule, first, second = text.splitlines()[:4]
+    columns = [c.strip() for c in seed_header.strip("|").split("|")]
+    assert columns[1:6] == ["model", "MindSpore", "precision", "cards", "paged attention"]
+    assert "tokens/s" in columns
+    cells = [c.strip() for c in first.strip("|").split("|")]
+    assert cells[1:6] == ["smollm2-135m", "2.10.0", "float32", "1 (CPU)", "on (block 16)"]
+    assert cells[columns.index("tokens/s")] == "12.5"
+    assert second.rstrip(" |").endswith("refused: too big: needs ~34 GiB")
+    detail = text.split("\n\n")[1].splitlines()
+    assert "TTFT ms" in detail[0] and "recompiles" in detail[0] and len(detail) == 3  # the refused row has none
+
+
+def test_table_lines_are_aligned():
+    text = bench.format_table(("a", "bb"), [["1", "x"], ["22.5", "long text"]])
+    assert len({len(line) for line in text.splitlines()}) == 1
+
+
+# -- end to end -------------------------------------------------------------------------------------
+def test_tiny_shape_end_to_end_json(tmp_path):
+    env = dict(os.environ, MS_COMPILER_CACHE_ENABLE="0", GLOG_v="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmark.py"), "--models", "tiny-llama,minicpm4-8b", "-p", "12",
+         "-n", "8", "-b", "2", "-r", "1", "--paged", "on,off", "--json", "--no-progress"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["environment"]["mindspore"] and doc["environment"]["device"] == "CPU"
+    rows = doc["rows"]
+    assert [(r["model"], r["paged"]) for r in rows] == [("tiny-llama", True), ("tiny-llama", False),
+                                                        ("minicpm4-8b", True), ("minicpm4-8b", False)]
+    for row in rows[:2]:
+        assert row["status"] == "ok", row["reason"]
+        m = row["metrics"]
+        for key in ("tokens_per_second", "prefill_tokens_per_second", "ttft_ms", "decode_tokens_per_second",
+                    "itl_p50_ms", "itl_p99_ms", "peak_memory_gib", "compile_seconds"):
+            assert m[key] > 0, key
+        assert m["itl_p99_ms"] >= m["itl_p50_ms"]
+        assert m["recompiles_after_warmup"] == 0 and m["compiled_graphs"] >= 2
+    assert rows[1]["paged_attention"] == "off (block 32)"  # 12 + 8 rounded up to 16
+    assert all(r["status"] == "refused" for r in rows[2:])
+    assert os.listdir(tmp_path) == [], "the working directory must stay clean"
