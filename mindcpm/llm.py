@@ -117,7 +117,7 @@ class LLM:
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:
-                load_dummy_weights(runner.model, DTYPES[self.dtype], seed)
+                load_dummy_weights(runner.model, seed)
         if tp.rank != 0:
             # A worker rank only runs the steps rank 0 sends; its process ends with rank 0's.
             runner.serve()

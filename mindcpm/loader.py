@@ -91,7 +91,7 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
         p.set_data(Tensor(staged.pop(name), p.dtype))
 
 
-def load_dummy_weights(model: nn.Cell, dtype=ms.float32, seed: int = 0) -> None:
+def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
     """Random weights in place of a checkpoint (vLLM's load_format="dummy"), for benchmarks:
     matrices ~ N(0, 0.02^2), norm weights stay 1, so activations stay finite and of the usual
     size. One parameter at a time, so peak memory is the model plus one tensor. Each parameter
