@@ -70,11 +70,15 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 16, max_model_len: int | None = None,
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
-                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True):
+                 enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
+                 sparse_attention: bool | str | None = None):
+        """sparse_attention: None follows config.json's sparse_config; True (or a variant,
+        "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
+        when config.json has none; False switches it off."""
         setup_runtime()
         path = resolve_model_path(model)
         self.model_path = path
-        self.config = ModelConfig.from_dir(path)
+        self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
         self.tokenizer = Tokenizer.from_dir(path)
         self.dtype = resolve_dtype(dtype, self.config)
         max_model_len = min(max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)

@@ -15,7 +15,9 @@ from mindspore import Tensor, nn
 from ..config import ModelConfig
 from ..loader import load_checkpoint
 from ..models.registry import model_class
+from ..layers.sparse import sparse_backend_factory, sparse_step_metadata
 from ..ops import attention_backend
+from ..ops.native import NativeAttention
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
 
@@ -51,14 +53,20 @@ class ModelRunner:
                  eos_token_ids=(), progress: bool = True):
         self.cfg = cfg
         self.model_cfg = model_cfg
-        backend = attention_backend(cfg.attention)
-        self.backend_name = backend.name
         # One block past the scheduler's pool takes the K/V writes of padding tokens.
         self.pad_block = cfg.num_blocks
-        cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
-                                                model_cfg.head_dim)
+        if model_cfg.sparse is not None:
+            # Sparse attention is its own composite over the slot-major cache, on every device.
+            factory = sparse_backend_factory(model_cfg, cfg.block_size, cfg.num_blocks + 1, cfg.dtype)
+            self.backend_name, cache_layout = "infllm-v2", NativeAttention
+        else:
+            backend = attention_backend(cfg.attention)
+            factory = cache_layout = type(backend)
+            self.backend_name = backend.name
+        cache_shape = cache_layout.cache_shape(cfg.num_blocks + 1, cfg.block_size, model_cfg.num_kv_heads,
+                                               model_cfg.head_dim)
         self.model = model_class(model_cfg.architecture)(
-            model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype)
+            model_cfg, factory, cache_shape, cfg.block_size, cfg.dtype)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress)
         self.step = _CompiledStep(self.model)
@@ -89,11 +97,14 @@ class ModelRunner:
             input_ids[i, :n] = seq.token_ids[start:start + n]
             positions[i, :n] = pos
             slots[i, :n] = table[pos // bs] * bs + pos % bs
-            tables[i, :len(table)] = table
+            # A chunked prefill holds blocks for its whole prompt; this step reads the first nb.
+            tables[i, :min(len(table), nb)] = table[:nb]
             last_rows[i] = i * width + n - 1
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
         meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
                 "block_tables": tables, "logits_rows": logits_rows}
+        if "c1_table" in self.model.STEP_INPUTS:
+            meta.update(sparse_step_metadata(seqs, num_new, tables, width, self.pad_block))
         # Each model names the metadata its construct takes, in order (STEP_INPUTS).
         return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 

@@ -25,7 +25,8 @@ class PagedAttention(nn.Cell):
         self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
 
-    def construct(self, x, positions, slot_mapping, block_tables, block_size):
+    def construct(self, x, positions, slot_mapping, block_tables, block_size, *extra):
+        """extra: step inputs only some backends take (sparse attention's C1/C2 metadata)."""
         b, l, _ = x.shape
         qkv = self.qkv_proj(x)
         q = qkv[..., : self.q_size].reshape(b, l, self.num_heads, self.head_dim)
@@ -33,5 +34,5 @@ class PagedAttention(nn.Cell):
         v = qkv[..., self.q_size + self.kv_size:].reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         out = self.backend(q, k, v, self.k_cache, self.v_cache, positions, slot_mapping, block_tables,
-                           block_size, self.scale)
+                           block_size, self.scale, *extra)
         return self.o_proj(out)
