@@ -29,7 +29,7 @@ def _table_width(tokens: int) -> int:
 class Harness:
     """One sequence through the cell chunk by chunk, with a scrambled block table."""
 
-    def __init__(self, cfg, seed=0, total=700):
+    def __init__(self, cfg, seed=0, total=700, kernel=False):
         import mindspore as ms
         from mindspore import Parameter, Tensor
         from mindcpm.layers.sparse import InfLLMv2Attention
@@ -39,7 +39,8 @@ class Harness:
         self.k = (rng.normal(size=(total, HKV, D)) + rng.normal(size=(1, HKV, D))).astype(np.float32)
         self.v = rng.normal(size=(total, HKV, D)).astype(np.float32)
         self.cfg = cfg
-        self.cell = InfLLMv2Attention(cfg, HQ, HKV, D, NUM_BLOCKS + 1)
+        self.cell = InfLLMv2Attention(cfg, HQ, HKV, D, NUM_BLOCKS + 1, use_kernel=kernel)
+        assert (self.cell.kernel is not None) == kernel
         shape = (NUM_BLOCKS + 1) * 16, HKV, D
         self.k_cache = Parameter(Tensor(np.zeros(shape, np.float32)), name="k", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(shape, np.float32)), name="v", requires_grad=False)
@@ -75,7 +76,11 @@ class Harness:
         cell = self.cell
         cell.update_compressed(self.k_cache, meta["c1_src"], meta["c1_dst"], meta["c2_src"], meta["c2_dst"])
         sel = cell.select(T(q), T(pos), meta["c1_table"], meta["c2_table"], scale)
-        out = cell.attend(T(q), self.k_cache, self.v_cache, T(pos), T(table), 16, scale, sel)
+        if cell.kernel is not None:
+            out = cell.kernel(T(q), self.k_cache, self.v_cache, T(pos), T(table), sel.astype(self.ms.int32),
+                              cell.kernel_meta)
+        else:
+            out = cell.attend(T(q), self.k_cache, self.v_cache, T(pos), T(table), 16, scale, sel)
         self.cached = total
         return out.asnumpy().reshape(width, HQ, D)[:n], sel.asnumpy()[0, :, :n]
 
@@ -97,8 +102,8 @@ def ref_mask(selected, cfg, positions, nb):
     return mask
 
 
-def check_steps(cfg, chunks, seed=0):
-    h = Harness(cfg, seed)
+def check_steps(cfg, chunks, seed=0, kernel=False):
+    h = Harness(cfg, seed, kernel=kernel)
     for n in chunks:
         out, sel = h.step(n)
         want, want_sel = h.reference(n)
@@ -152,3 +157,12 @@ def test_incremental_c1_c2_equal_recomputed():
     stored2 = h.cell.c2_cache.asnumpy()[h.blocks[7:4 * len(c2) + 4:4]]
     np.testing.assert_allclose(stored1, c1, atol=1e-6)
     np.testing.assert_allclose(stored2, c2, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["current", "june2025"])
+def test_cpu_kernel_matches_reference(variant):
+    from mindcpm.ops.infllm import block_sparse_attention_kernel
+    if block_sparse_attention_kernel() is None:
+        pytest.skip("no C++ compiler for the CPU kernels")
+    check_steps(sparse_cfg(variant=variant), [31, 1, 96, 1, 200, 1, 1, 60], kernel=True)
+    check_steps(sparse_cfg(variant=variant, dense_len=300), [299, 1, 1], kernel=True)

@@ -27,6 +27,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..config import ModelConfig, SparseConfig
+from ..ops.infllm import block_sparse_attention_kernel
 from ..ops.native import MASKED, gather_slots
 
 SPARSE_STEP_INPUTS = ("c1_src", "c1_dst", "c2_src", "c2_dst", "c1_table", "c2_table")
@@ -47,8 +48,11 @@ class InfLLMv2Attention(nn.Cell):
     name = "infllm-v2"
 
     def __init__(self, sparse: SparseConfig, num_heads: int, num_kv_heads: int, head_dim: int,
-                 num_entries: int, dtype=ms.float32):
+                 num_entries: int, dtype=ms.float32, use_kernel: bool = True):
         super().__init__()
+        # Stage 2 as the C++ kernel where it builds (CPU, fp32); the composite otherwise.
+        self.kernel = block_sparse_attention_kernel() if use_kernel and dtype == ms.float32 else None
+        self.kernel_meta = Tensor(np.array([1.0 / np.sqrt(head_dim), STRIDE], np.float32))
         self.cfg = sparse
         self.current = sparse.variant == "current"
         self.window = sparse.window_blocks
@@ -70,6 +74,10 @@ class InfLLMv2Attention(nn.Cell):
         ops.scatter_update(v_cache, slot_mapping, v.reshape(b * l, hkv, d))
         self.update_compressed(k_cache, c1_src, c1_dst, c2_src, c2_dst)
         selected = self.select(q, positions, c1_table, c2_table, scale)
+        if self.kernel is not None:
+            out = self.kernel(q, k_cache, v_cache, positions, block_tables, selected.astype(ms.int32),
+                              self.kernel_meta)
+            return out.astype(q.dtype)
         return self.attend(q, k_cache, v_cache, positions, block_tables, block_size, scale, selected)
 
     # -- C1 / C2 ---------------------------------------------------------------------------

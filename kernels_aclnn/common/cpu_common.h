@@ -1,0 +1,216 @@
+// Shared helpers of the CPU kernels: 16-bit weight loads widened to fp32, horizontal sums,
+// and the thread count. Each kernel's cpu.cc includes this header by relative path.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+#include <sched.h>
+#include <unistd.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+namespace mindcpm {
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise the mantissa
+    int e = -1;
+    do { ++e; man <<= 1; } while ((man & 0x400) == 0);
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Weight element types: T is the stored type; get() widens one element, load8() eight.
+struct F32 {
+  using T = float;
+  static float get(const T *p) { return *p; }
+#ifdef __AVX2__
+  static __m256 load8(const T *p) { return _mm256_loadu_ps(p); }
+#endif
+};
+struct BF16 {
+  using T = uint16_t;
+  static float get(const T *p) { return bf16_to_f32(*p); }
+#ifdef __AVX2__
+  static __m256 load8(const T *p) {
+    __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  }
+#endif
+};
+struct F16 {
+  using T = uint16_t;
+  static float get(const T *p) { return f16_to_f32(*p); }
+#ifdef __AVX2__
+  static __m256 load8(const T *p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i *>(p))); }
+#endif
+};
+
+#ifdef __AVX2__
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// Threads per kernel call: MINDCPM_KERNEL_THREADS, else every processor this process may use.
+inline int num_threads() {
+  static int n = [] {
+    const char *env = std::getenv("MINDCPM_KERNEL_THREADS");
+    int v = env ? std::atoi(env) : 0;
+    if (v > 0) return v;
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+    return std::max(1, (int)std::thread::hardware_concurrency());
+  }();
+  return n;
+}
+
+// A small persistent thread pool that degrades gracefully on a busy machine.
+// Not OpenMP: libgomp's workers spin long after each parallel region, stealing the cores that
+// MindSpore's threads and other processes need, and a static split makes every kernel wait for
+// a descheduled thread (measured: decode 3-4x slower under load). Here work is claimed in small
+// chunks from an atomic counter by the caller and whichever workers show up: a worker that is
+// not running simply takes no chunk, and the caller never waits for a thread that has not
+// joined. Workers spin ~50 us for the next kernel of the step, then sleep.
+class Pool {
+ public:
+  static Pool &get() {
+    static Pool pool(num_threads());
+    return pool;
+  }
+  int size() const { return (int)workers_.size() + 1; }
+
+  // Runs fn() on the caller and on every worker that joins before the caller is done;
+  // fn must claim its own work (see parallel_chunks).
+  void run(const std::function<void()> &fn) {
+    if (workers_.empty()) {
+      fn();
+      return;
+    }
+    std::lock_guard<std::mutex> serial(call_mutex_);  // one parallel region at a time
+    Job job{&fn};
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = &job;
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    fn();
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      current_ = nullptr;
+    }
+    for (int spins = 0; job.refs.load(std::memory_order_acquire) != 0; ++spins) {
+      if (spins < 4096) cpu_relax(); else sched_yield();
+    }
+  }
+
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+    for (auto &w : workers_) w.join();
+  }
+
+ private:
+  struct Job {
+    const std::function<void()> *fn;
+    std::atomic<int> refs{0};
+  };
+  explicit Pool(int n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { loop(); });
+  }
+  static void cpu_relax() {
+#ifdef __AVX2__
+    _mm_pause();
+#endif
+  }
+  void loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen && spins < 20000; ++spins) cpu_relax();
+      Job *job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        seen = epoch_.load(std::memory_order_acquire);
+        if (stop_) return;
+        job = current_;
+        if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
+      }
+      if (job) {
+        (*job->fn)();
+        job->refs.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex call_mutex_, mutex_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> epoch_{0};
+  Job *current_ = nullptr;
+  bool stop_ = false;
+};
+
+// fn(begin, end) over [0, n) in chunks of `chunk`, claimed dynamically by the pool's threads.
+template <class F>
+void parallel_chunks(int64_t n, int64_t chunk, F fn) {
+  chunk = std::max<int64_t>(1, chunk);
+  if (n <= chunk) {
+    if (n > 0) fn(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  Pool::get().run([&] {
+    for (int64_t begin; (begin = next.fetch_add(chunk, std::memory_order_relaxed)) < n;)
+      fn(begin, std::min(n, begin + chunk));
+  });
+}
+
+inline int64_t numel(int ndim, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < ndim; ++i) n *= shape[i];
+  return n;
+}
+
+enum class WType { kF32, kBF16, kF16, kOther };
+inline WType weight_type(const char *dtype) {
+  if (std::strcmp(dtype, "float32") == 0) return WType::kF32;
+  if (std::strcmp(dtype, "bfloat16") == 0) return WType::kBF16;
+  if (std::strcmp(dtype, "float16") == 0) return WType::kF16;
+  return WType::kOther;
+}
+
+}  // namespace mindcpm

@@ -1,0 +1,140 @@
+"""Builds and loads the C++ CPU kernels of kernels_aclnn/<op>/cpu.cc as MindSpore custom ops.
+
+Each op folder's cpu.cc is compiled with g++ at first use into a shared library cached under
+~/.cache/mindcpm/kernels (MINDCPM_CACHE moves it), keyed by a hash of the source, the flags
+and the compiler, so an edited kernel or another machine's CPU never reuses a stale build.
+The build uses AVX2/FMA/F16C only when this CPU has them, else a portable -O3 build (the
+kernels keep scalar paths for that). With no working g++, kernels_available() is False and
+callers keep MindSpore's native ops.
+
+    op = aot_op("linear", "Linear", lambda x, w: [x[0], w[0]], lambda x, w: x)
+    y = op(x, w)                 # PyNative or inside a jit graph
+
+Kernels follow MindSpore's AOT signature (inputs first, then outputs, in params):
+    extern "C" int Fn(int nparam, void **params, int *ndims, int64_t **shapes,
+                      const char **dtypes, void *stream, void *extra)
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+from mindspore import ops
+
+KERNELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "kernels_aclnn")
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
+SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel's source failed to compile; the message carries the compiler's first lines."""
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@functools.lru_cache(maxsize=None)
+def compile_flags() -> tuple[str, ...]:
+    simd = SIMD_FLAGS if {"avx2", "fma", "f16c"} <= _cpu_flags() else ()
+    return BASE_FLAGS + simd
+
+
+@functools.lru_cache(maxsize=None)
+def _compiler_version() -> str | None:
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.splitlines()[0] if out.returncode == 0 and out.stdout else None
+
+
+def cache_dir() -> str:
+    base = os.environ.get("MINDCPM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindcpm")
+    return os.path.join(base, "kernels")
+
+
+def _common_headers() -> list[str]:
+    common = os.path.join(KERNELS_DIR, "common")
+    return sorted(os.path.join(common, n) for n in os.listdir(common)) if os.path.isdir(common) else []
+
+
+def source_path(op_name: str) -> str:
+    return os.path.join(KERNELS_DIR, op_name, "cpu.cc")
+
+
+@functools.lru_cache(maxsize=None)
+def build(op_name: str) -> str:
+    """Compiles kernels_aclnn/<op_name>/cpu.cc once (per source, flags and compiler); returns the .so path."""
+    src = source_path(op_name)
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"no CPU kernel source for op {op_name!r}: {src}")
+    version = _compiler_version()
+    if version is None:
+        raise KernelBuildError("no working C++ compiler (g++) for the CPU kernels")
+    source = b""
+    for path in (src, *_common_headers()):
+        with open(path, "rb") as f:
+            source += f.read()
+    flags = compile_flags()
+    key = hashlib.sha256(source + "\0".join(flags).encode() + version.encode()).hexdigest()[:16]
+    os.makedirs(cache_dir(), exist_ok=True)
+    lib = os.path.join(cache_dir(), f"{op_name}-{key}.so")
+    if os.path.isfile(lib):
+        return lib
+    # Build to a private name and rename: concurrent processes never load a half-written library.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, src, "-o", tmp]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        os.unlink(tmp)
+        first = "\n".join(out.stderr.splitlines()[:20])
+        raise KernelBuildError(f"compiling {src} failed:\n{first}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def kernels_requested(setting: str = "auto") -> bool:
+    """Resolves the user's switch ("auto" | "on" | "off"; env MINDCPM_KERNELS=off overrides)
+    to whether the CPU kernels are used. "on" with no compiler is an error."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"unknown kernels setting {setting!r}; choose auto, on or off")
+    if os.environ.get("MINDCPM_KERNELS", "").lower() in ("off", "0", "false") or setting == "off":
+        return False
+    if setting == "on" and not kernels_available():
+        raise RuntimeError("kernels='on' needs the CPU kernels, but g++ cannot build them here")
+    return kernels_available()
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_available() -> bool:
+    """True when the CPU kernels can be built (a working g++; the probe op compiles)."""
+    try:
+        build("linear")
+    except (KernelBuildError, FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def aot_op(op_name: str, func_name: str, out_shape_fn, out_dtype_fn) -> ops.Custom:
+    """A MindSpore custom op running function `func_name` of kernels_aclnn/<op_name>/cpu.cc.
+    out_shape_fn / out_dtype_fn take the inputs' shapes / dtypes and return the output's
+    (lists of them for several outputs)."""
+    return ops.Custom(f"{build(op_name)}:{func_name}", out_shape=out_shape_fn, out_dtype=out_dtype_fn,
+                      func_type="aot")

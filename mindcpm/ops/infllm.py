@@ -1,0 +1,21 @@
+"""Device-specific parts of InfLLM-v2 sparse attention: the C++ CPU kernel of stage 2
+(kernels_aclnn/infllm_attention/cpu.cc), or None where it cannot run (then the composite in
+mindcpm/layers/sparse.py is used: it runs on every device, but reads every block)."""
+from __future__ import annotations
+
+import os
+
+from . import on_ascend
+from .cpu_kernels import KernelBuildError, aot_op, build
+
+
+def block_sparse_attention_kernel():
+    """BlockSparseAttention(q, k_cache, v_cache, positions, block_tables, selected, meta) -> [B, L, Hq*D]."""
+    if on_ascend() or os.environ.get("MINDCPM_KERNELS", "").lower() in ("off", "0", "false"):
+        return None
+    try:
+        build("infllm_attention")
+    except (KernelBuildError, FileNotFoundError, OSError):
+        return None
+    return aot_op("infllm_attention", "BlockSparseAttention",
+                  lambda q, *rest: [q[0], q[1], q[2] * q[3]], lambda q, *rest: q)
