@@ -10,7 +10,8 @@
 //   meta         [2] fp32                 scale, KV block size
 //   out          [B, L, Hq * D]
 // Only the selected blocks are read; keys after the query's position are masked (token-causal).
-// One (token, kv head) is a unit of work: its G query heads share the keys it loads.
+// One (token, kv head) is a unit of work: its G query heads share the keys it loads, block by
+// block, with a running softmax (K^T of a block makes the scores contiguous FMAs).
 #include "../common/cpu_common.h"
 
 using namespace mindcpm;
@@ -19,26 +20,49 @@ namespace {
 
 constexpr int64_t kBlock = 64;
 
-inline float dot(const float *a, const float *b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef __AVX2__
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  s = hsum(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-inline void axpy(float a, const float *x, float *y, int64_t n) {
-  int64_t i = 0;
-#ifdef __AVX2__
-  __m256 av = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += a * x[i];
-}
+// One query token's G heads against one 64-token block, folded into a running (flash-style)
+// softmax: m = running max, l = running sum, o = unnormalised output, per head.
+struct Unit {
+  int64_t G, D;
+  std::vector<float> kt, s, m, l, o;
+  void reset(int64_t g, int64_t d) {
+    G = g, D = d;
+    kt.assign(D * kBlock, 0.f), s.resize(G * kBlock), m.assign(G, -INFINITY), l.assign(G, 0.f), o.assign(G * D, 0.f);
+  }
+  // keys/values: n <= 64 row pointers of this block's visible tokens.
+  void block(const float *q, const float *const *keys, const float *const *values, int64_t n, float scale) {
+    // K^T of the block, so that a head's 64 scores are contiguous FMAs over d.
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t d = 0; d < D; ++d) kt[d * kBlock + j] = keys[j][d];
+    for (int64_t g = 0; g < G; ++g) {
+      float *sg = &s[g * kBlock];
+      float acc[kBlock] = {0.f};
+      const float *qg = q + g * D;
+      for (int64_t d = 0; d < D; ++d) {
+        const float qd = qg[d], *row = &kt[d * kBlock];
+        for (int64_t j = 0; j < kBlock; ++j) acc[j] += qd * row[j];
+      }
+      float mx = m[g];
+      for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j] = acc[j] * scale);
+      const float corr = std::exp(m[g] - mx);
+      float sum = 0.f;
+      for (int64_t j = 0; j < n; ++j) sum += (sg[j] = std::exp(sg[j] - mx));
+      l[g] = l[g] * corr + sum;
+      m[g] = mx;
+      float *og = &o[g * D];
+      if (corr != 1.f)
+        for (int64_t d = 0; d < D; ++d) og[d] *= corr;
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = sg[j], *v = values[j];
+        for (int64_t d = 0; d < D; ++d) og[d] += p * v[d];
+      }
+    }
+  }
+  void write(float *out) const {
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t d = 0; d < D; ++d) out[g * D + d] = o[g * D + d] / l[g];
+  }
+};
 
 }  // namespace
 
@@ -65,48 +89,33 @@ extern "C" int BlockSparseAttention(int nparam, void **params, int *ndims, int64
   const int64_t max_keys = std::min(nb * bs, NB * kBlock);
 
   parallel_chunks(B * L * Hkv, 1, [&](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> scores, acc;
-    thread_local std::vector<const float *> keys, values;
-    scores.resize(G * max_keys), acc.resize(D), keys.resize(max_keys), values.resize(max_keys);
+    thread_local Unit unit_state;
+    const float *keys[kBlock], *values[kBlock];
     for (int64_t unit = u0; unit < u1; ++unit) {
       const int64_t t = unit / Hkv, h = unit % Hkv, b = t / L, i = t % L;
-      const int64_t pos = std::min<int64_t>(positions[t], max_keys - 1);
       float *o = out + t * Hq * D + h * G * D;
       if (positions[t] < 0) {
         std::memset(o, 0, G * D * sizeof(float));
         continue;
       }
-      // The keys of the selected blocks up to the query's position.
+      const int64_t pos = std::min<int64_t>(positions[t], max_keys - 1);
       const int32_t *sel = selected + ((b * Hkv + h) * L + i) * NB;
       const int32_t *table = tables + b * nb;
-      int64_t n = 0;
+      Unit &u = unit_state;
+      u.reset(G, D);
+      // Only the selected blocks up to the query's own are read; keys past it are masked.
       for (int64_t blk = 0; blk <= pos / kBlock; ++blk) {
         if (!sel[blk]) continue;
-        const int64_t end = std::min(blk * kBlock + kBlock, pos + 1);
-        for (int64_t j = blk * kBlock; j < end; ++j) {
-          const int64_t slot = (int64_t)table[j / bs] * bs + j % bs;
-          keys[n] = kc + (slot * Hkv + h) * D;
-          values[n++] = vc + (slot * Hkv + h) * D;
+        const int64_t first = blk * kBlock, n = std::min(kBlock, pos + 1 - first);
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t tok = first + j, slot = (int64_t)table[tok / bs] * bs + tok % bs;
+          keys[j] = kc + (slot * Hkv + h) * D;
+          values[j] = vc + (slot * Hkv + h) * D;
         }
+        u.block(q + t * Hq * D + h * G * D, keys, values, n, scale);
       }
-      const float *qh = q + t * Hq * D + h * G * D;
-      if (n == 0) {  // cannot happen for a real query (its own block is always selected)
-        std::memset(o, 0, G * D * sizeof(float));
-        continue;
-      }
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t g = 0; g < G; ++g) scores[g * max_keys + j] = dot(qh + g * D, keys[j], D) * scale;
-      for (int64_t g = 0; g < G; ++g) {
-        float *s = &scores[g * max_keys];
-        float mx = s[0];
-        for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        const float inv = 1.f / sum;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < n; ++j) axpy(s[j] * inv, values[j], acc.data(), D);
-        std::memcpy(o + g * D, acc.data(), D * sizeof(float));
-      }
+      if (u.l[0] > 0.f) u.write(o);
+      else std::memset(o, 0, G * D * sizeof(float));  // no selected key: not reachable for a real query
     }
   });
   return 0;
