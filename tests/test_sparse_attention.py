@@ -75,7 +75,11 @@ class Harness:
         ops.scatter_update(self.v_cache, T(slots), T(v.reshape(width, HKV, D)))
         cell = self.cell
         cell.update_compressed(self.k_cache, meta["c1_src"], meta["c1_dst"], meta["c2_src"], meta["c2_dst"])
-        sel = cell.select(T(q), T(pos), meta["c1_table"], meta["c2_table"], scale)
+        if cell.select_kernel is not None:
+            sel = cell.select_kernel(T(q), cell.c1_cache, cell.c2_cache, T(pos), meta["c1_table"], meta["c2_table"],
+                                     cell.select_meta).astype(self.ms.bool_)
+        else:
+            sel = cell.select(T(q), T(pos), meta["c1_table"], meta["c2_table"], scale)
         if cell.kernel is not None:
             out = cell.kernel(T(q), self.k_cache, self.v_cache, T(pos), T(table), sel.astype(self.ms.int32),
                               cell.kernel_meta)

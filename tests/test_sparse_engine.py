@@ -135,3 +135,13 @@ def test_refusals(model_dir):
         ModelConfig.from_hf(dict(half_b, hidden_size=2048, sparse_config={"kernel_size": 64}))
     with pytest.raises(ValueError, match="block_size 16"):
         _llm(model_dir, block_size=8)
+
+
+def test_cli_option():
+    from mindcpm.cli import ArgumentParser, _sparse_option, add_model_args
+    parser = ArgumentParser()
+    add_model_args(parser, "")
+    assert _sparse_option(parser.parse_args([])) is None
+    assert _sparse_option(parser.parse_args(["--sparse-attention"])) == "current"
+    assert _sparse_option(parser.parse_args(["--sparse-attention", "june2025"])) == "june2025"
+    assert _sparse_option(parser.parse_args(["--sparse-attention", "off"])) is False

@@ -27,7 +27,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ..config import ModelConfig, SparseConfig
-from ..ops.infllm import block_sparse_attention_kernel
+from ..ops.infllm import block_selection_kernel, block_sparse_attention_kernel
 from ..ops.native import MASKED, gather_slots
 
 SPARSE_STEP_INPUTS = ("c1_src", "c1_dst", "c2_src", "c2_dst", "c1_table", "c2_table")
@@ -50,8 +50,10 @@ class InfLLMv2Attention(nn.Cell):
     def __init__(self, sparse: SparseConfig, num_heads: int, num_kv_heads: int, head_dim: int,
                  num_entries: int, dtype=ms.float32, use_kernel: bool = True):
         super().__init__()
-        # Stage 2 as the C++ kernel where it builds (CPU, fp32); the composite otherwise.
-        self.kernel = block_sparse_attention_kernel() if use_kernel and dtype == ms.float32 else None
+        # Selection and stage 2 as C++ kernels where they build (CPU, fp32); composites otherwise.
+        use_kernel = use_kernel and dtype == ms.float32
+        self.kernel = block_sparse_attention_kernel() if use_kernel else None
+        self.select_kernel = block_selection_kernel() if use_kernel else None
         self.kernel_meta = Tensor(np.array([1.0 / np.sqrt(head_dim), STRIDE], np.float32))
         self.cfg = sparse
         self.current = sparse.variant == "current"
@@ -60,6 +62,8 @@ class InfLLMv2Attention(nn.Cell):
         group = num_heads // num_kv_heads
         # V-new repeats a smaller group's query heads up to 16 before summing: equal copies.
         self.repeat = float(16 // group) if group < 16 else 1.0
+        self.select_meta = Tensor(np.array([1.0 / np.sqrt(head_dim), sparse.init_blocks, self.window, self.topk,
+                                            sparse.dense_len, float(self.current), self.repeat], np.float32))
         shape = (num_entries, num_kv_heads, head_dim)
         self.c1_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c1_cache", requires_grad=False)
         self.c2_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c2_cache", requires_grad=False)
@@ -73,7 +77,11 @@ class InfLLMv2Attention(nn.Cell):
         ops.scatter_update(k_cache, slot_mapping, k.reshape(b * l, hkv, d))
         ops.scatter_update(v_cache, slot_mapping, v.reshape(b * l, hkv, d))
         self.update_compressed(k_cache, c1_src, c1_dst, c2_src, c2_dst)
-        selected = self.select(q, positions, c1_table, c2_table, scale)
+        if self.select_kernel is not None:
+            selected = self.select_kernel(q, self.c1_cache, self.c2_cache, positions, c1_table, c2_table,
+                                          self.select_meta)
+        else:
+            selected = self.select(q, positions, c1_table, c2_table, scale)
         if self.kernel is not None:
             out = self.kernel(q, k_cache, v_cache, positions, block_tables, selected.astype(ms.int32),
                               self.kernel_meta)

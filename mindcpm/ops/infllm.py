@@ -19,3 +19,17 @@ def block_sparse_attention_kernel():
         return None
     return aot_op("infllm_attention", "BlockSparseAttention",
                   lambda q, *rest: [q[0], q[1], q[2] * q[3]], lambda q, *rest: q)
+
+
+def block_selection_kernel():
+    """InfllmSelect(q, c1_cache, c2_cache, positions, c1_table, c2_table, meta) -> int32 [B, Hkv, L, NB]."""
+    import mindspore as ms
+    if block_sparse_attention_kernel() is None:
+        return None
+    try:
+        build("infllm_score")
+    except (KernelBuildError, FileNotFoundError, OSError):
+        return None
+    return aot_op("infllm_score", "InfllmSelect",
+                  lambda q, c1, c2, pos, t1, t2, meta: [q[0], c1[1], q[1], (t1[1] + 1) // 4],
+                  lambda *dtypes: ms.int32)
