@@ -29,11 +29,12 @@ def _table_width(tokens: int) -> int:
 class Harness:
     """One sequence through the cell chunk by chunk, with a scrambled block table."""
 
-    def __init__(self, cfg, seed=0, total=700, kernel=False):
+    def __init__(self, cfg, seed=0, total=700, kernel=False, head_dim=D):
         import mindspore as ms
         from mindspore import Parameter, Tensor
         from mindcpm.layers.sparse import InfLLMv2Attention
         rng = np.random.default_rng(seed)
+        self.d = D = head_dim
         self.q = rng.normal(size=(total, HQ, D)).astype(np.float32)
         # Correlated keys give scores with structure (and ties across shared kernels).
         self.k = (rng.normal(size=(total, HKV, D)) + rng.normal(size=(1, HKV, D))).astype(np.float32)
@@ -52,7 +53,7 @@ class Harness:
         """Computes tokens [cached, cached+n); returns (output [n, HQ, D], selection mask [HKV, n, NB])."""
         from mindcpm.layers.sparse import sparse_step_metadata
         from mindcpm.ops.native import gather_slots  # noqa: F401  (the cell uses it)
-        T = self.Tensor
+        T, D = self.Tensor, self.d
         start, total = self.cached, self.cached + n
         width = max(16, 1 << (n - 1).bit_length()) if n > 1 else 1
         nb = _table_width(total)
@@ -106,8 +107,8 @@ def ref_mask(selected, cfg, positions, nb):
     return mask
 
 
-def check_steps(cfg, chunks, seed=0, kernel=False):
-    h = Harness(cfg, seed, kernel=kernel)
+def check_steps(cfg, chunks, seed=0, kernel=False, head_dim=D):
+    h = Harness(cfg, seed, kernel=kernel, head_dim=head_dim)
     for n in chunks:
         out, sel = h.step(n)
         want, want_sel = h.reference(n)
@@ -170,3 +171,4 @@ def test_cpu_kernel_matches_reference(variant):
         pytest.skip("no C++ compiler for the CPU kernels")
     check_steps(sparse_cfg(variant=variant), [31, 1, 96, 1, 200, 1, 1, 60], kernel=True)
     check_steps(sparse_cfg(variant=variant, dense_len=300), [299, 1, 1], kernel=True)
+    check_steps(sparse_cfg(variant=variant), [200, 1, 150], kernel=True, head_dim=128)  # the AVX2 paths
