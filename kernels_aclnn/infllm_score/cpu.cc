@@ -17,10 +17,11 @@ using namespace mindcpm;
 namespace {
 
 constexpr int64_t kStride1 = 16, kKernel1 = 32, kStride2 = 64, kKernel2 = 128, kBlock = 64, kTile = 64;
+constexpr int64_t kTileQ = 8;  // queries of one row and KV head scored together
 
-// scale * q_g . keys[j] for j < n, every head g of the group: keys tiled and transposed so
-// the inner loop is contiguous FMAs.
-void group_scores(const float *q, int64_t G, int64_t D, const float *const *keys, int64_t n, float scale,
+// out[r][j] = scale * rows[r] . keys[j] for r < R, j < n: keys tiled and transposed once for
+// all R query rows (the group's heads of several queries), so the inner loop is contiguous FMAs.
+void group_scores(const float *const *rows, int64_t G, int64_t D, const float *const *keys, int64_t n, float scale,
                   float *out /* [G][n] */, std::vector<float> &kt) {
   kt.resize(D * kTile);
   for (int64_t j0 = 0; j0 < n; j0 += kTile) {
@@ -28,12 +29,23 @@ void group_scores(const float *q, int64_t G, int64_t D, const float *const *keys
     for (int64_t j = 0; j < m; ++j)
       for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = keys[j0 + j][d];
     for (int64_t g = 0; g < G; ++g) {
-      float acc[kTile] = {0.f};
-      const float *qg = q + g * D;
+      alignas(32) float acc[kTile] = {0.f};
+      const float *qg = rows[g];
+#ifdef __AVX2__
+      __m256 a[8];
+      for (int r = 0; r < 8; ++r) a[r] = _mm256_setzero_ps();
+      for (int64_t d = 0; d < D; ++d) {
+        const __m256 qd = _mm256_set1_ps(qg[d]);
+        const float *row = &kt[d * kTile];
+        for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(row + 8 * r), a[r]);
+      }
+      for (int r = 0; r < 8; ++r) _mm256_store_ps(acc + 8 * r, a[r]);
+#else
       for (int64_t d = 0; d < D; ++d) {
         const float qd = qg[d], *row = &kt[d * kTile];
         for (int64_t j = 0; j < kTile; ++j) acc[j] += qd * row[j];
       }
+#endif
       for (int64_t j = 0; j < m; ++j) out[g * n + j0 + j] = acc[j] * scale;
     }
   }
@@ -71,47 +83,63 @@ extern "C" int InfllmSelect(int nparam, void **params, int *ndims, int64_t **sha
     lengths[b] = mx + 1;
   }
 
-  parallel_chunks(B * L * Hkv, 1, [&](int64_t u0, int64_t u1) {
+  const int64_t tiles = (L + kTileQ - 1) / kTileQ;
+  parallel_chunks(B * Hkv * tiles, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> s1, s2, score, pooled, kt;
-    thread_local std::vector<const float *> keys;
+    thread_local std::vector<const float *> keys, rows;
     thread_local std::vector<int64_t> order;
     for (int64_t unit = u0; unit < u1; ++unit) {
-      const int64_t t = unit / Hkv, h = unit % Hkv, b = t / L, i = t % L;
+      const int64_t b = unit / (Hkv * tiles), h = unit / tiles % Hkv, i0 = unit % tiles * kTileQ;
+      const int64_t i1 = std::min(L, i0 + kTileQ), R = (i1 - i0) * G, lk = lengths[b];
+      // Scores of every query of the tile against the kernels the furthest one sees.
+      int64_t last = -1;
+      for (int64_t i = i0; i < i1; ++i) last = std::max<int64_t>(last, positions[b * L + i]);
+      const int64_t n1 = last >= kKernel1 - 1 ? std::min(N1, (last - kKernel1 + 1) / kStride1 + 1) : 0;
+      const int64_t n2 = last >= kKernel2 - 1 ? std::min(N2, (last - kKernel2 + 1) / kStride2 + 1) : 0;
+      const bool dense = dense_len >= 0 && lk < dense_len;
+      rows.resize(R);
+      for (int64_t r = 0; r < R; ++r) rows[r] = q + ((b * L + i0 + r / G) * Hq + h * G + r % G) * D;
+      keys.resize(std::max<int64_t>(std::max(n1, n2), 1));
+      if (!dense && n1 > 0) {
+        s1.resize(R * n1);
+        for (int64_t j = 0; j < n1; ++j) keys[j] = c1 + ((int64_t)t1[b * N1 + j] * Hkv + h) * D;
+        group_scores(rows.data(), R, D, keys.data(), n1, scale, s1.data(), kt);
+      }
+      if (!dense && current && n2 > 0) {
+        s2.resize(R * n2);
+        for (int64_t j = 0; j < n2; ++j) keys[j] = c2 + ((int64_t)t2[b * N2 + j] * Hkv + h) * D;
+        group_scores(rows.data(), R, D, keys.data(), n2, scale, s2.data(), kt);
+      }
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = b * L + i;
       int32_t *sel = selected + ((b * Hkv + h) * L + i) * NB;
       std::fill(sel, sel + NB, 0);
-      const int64_t pos = positions[t], lk = lengths[b];
+      const int64_t pos = positions[t];
       if (pos < 0) continue;
       const int64_t qb = pos / kBlock;
-      if (dense_len >= 0 && lk < dense_len) {  // dense row: every past block
+      if (dense) {  // dense row: every past block
         for (int64_t blk = 0; blk <= std::min(qb, NB - 1); ++blk) sel[blk] = 1;
         continue;
       }
-      const float *qh = q + t * Hq * D + h * G * D;
       // Kernels visible to this query (complete and in its past), and existing in the row.
       const int64_t vis1 = pos >= kKernel1 - 1 ? std::min(N1, (pos - kKernel1 + 1) / kStride1 + 1) : 0;
       const int64_t exist1 = lk >= kKernel1 ? std::min(N1, (lk - kKernel1) / kStride1 + 1) : 0;
       const int64_t vis2 = pos >= kKernel2 - 1 ? std::min(N2, (pos - kKernel2 + 1) / kStride2 + 1) : 0;
+      const float *q1 = s1.data() + (i - i0) * G * n1, *q2 = s2.data() + (i - i0) * G * n2;
       score.assign(N1, 0.f);
       if (vis1 > 0) {
-        keys.resize(std::max(vis1, vis2));
-        s1.resize(G * vis1);
-        for (int64_t j = 0; j < vis1; ++j) keys[j] = c1 + ((int64_t)t1[b * N1 + j] * Hkv + h) * D;
-        group_scores(qh, G, D, keys.data(), vis1, scale, s1.data(), kt);
         std::vector<float> norm(G, 0.f);  // per head: lse (current) or max (June)
         if (current) {
           if (vis2 > 0) {
-            s2.resize(G * vis2);
-            for (int64_t j = 0; j < vis2; ++j) keys[j] = c2 + ((int64_t)t2[b * N2 + j] * Hkv + h) * D;
-            group_scores(qh, G, D, keys.data(), vis2, scale, s2.data(), kt);
             for (int64_t g = 0; g < G; ++g) {
               float mx = -INFINITY, sum = 0.f;
-              for (int64_t j = 0; j < vis2; ++j) mx = std::max(mx, s2[g * vis2 + j]);
-              for (int64_t j = 0; j < vis2; ++j) sum += std::exp(s2[g * vis2 + j] - mx);
+              for (int64_t j = 0; j < vis2; ++j) mx = std::max(mx, q2[g * n2 + j]);
+              for (int64_t j = 0; j < vis2; ++j) sum += std::exp(q2[g * n2 + j] - mx);
               norm[g] = mx + std::log(sum);
             }
             for (int64_t j = 0; j < vis1; ++j) {
               float acc = 0.f;
-              for (int64_t g = 0; g < G; ++g) acc += std::exp(s1[g * vis1 + j] - norm[g]);
+              for (int64_t g = 0; g < G; ++g) acc += std::exp(q1[g * n1 + j] - norm[g]);
               score[j] = acc * repeat;
             }
           }  // no visible C2 kernel: every P is 0
@@ -119,13 +147,13 @@ extern "C" int InfllmSelect(int nparam, void **params, int *ndims, int64_t **sha
           std::vector<float> inv(G);
           for (int64_t g = 0; g < G; ++g) {
             float mx = -INFINITY, sum = 0.f;
-            for (int64_t j = 0; j < vis1; ++j) mx = std::max(mx, s1[g * vis1 + j]);
-            for (int64_t j = 0; j < vis1; ++j) sum += std::exp(s1[g * vis1 + j] - mx);
+            for (int64_t j = 0; j < vis1; ++j) mx = std::max(mx, q1[g * n1 + j]);
+            for (int64_t j = 0; j < vis1; ++j) sum += std::exp(q1[g * n1 + j] - mx);
             norm[g] = mx, inv[g] = 1.f / sum;
           }
           for (int64_t j = 0; j < vis1; ++j) {
             float acc = 0.f;
-            for (int64_t g = 0; g < G; ++g) acc += std::exp(s1[g * vis1 + j] - norm[g]) * inv[g];
+            for (int64_t g = 0; g < G; ++g) acc += std::exp(q1[g * n1 + j] - norm[g]) * inv[g];
             score[j] = acc * repeat;
           }
         }
@@ -153,6 +181,7 @@ extern "C" int InfllmSelect(int nparam, void **params, int *ndims, int64_t **sha
       }
       if (!current)  // stage 2 of the June code adds the local window itself
         for (int64_t blk = std::max<int64_t>(qb - window + 1, 0); blk <= std::min(qb, NB - 1); ++blk) sel[blk] = 1;
+    }
     }
   });
   return 0;
