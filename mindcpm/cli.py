@@ -103,6 +103,11 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--sparse-attention", nargs="?", const="current", default=None,
+                   choices=("current", "june2025", "off"),
+                   help="InfLLM-v2 sparse attention for long contexts (MiniCPM4/4.1-8B): on with the "
+                        "documented default sparse_config when config.json has none; variant current "
+                        "(default) or june2025; off forces dense. Default: config.json decides")
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -206,7 +211,13 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
     return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
                kernels=args.kernels, progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
-               enable_expert_parallel=getattr(args, "enable_expert_parallel", False))
+               enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
+               sparse_attention=_sparse_option(args))
+
+
+def _sparse_option(args: argparse.Namespace):
+    value = getattr(args, "sparse_attention", None)
+    return False if value == "off" else value
 
 
 def messages_for(prompt: str, system: str | None) -> list[dict]:

@@ -9,7 +9,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 logger = logging.getLogger("mindcpm")
 
@@ -62,6 +62,63 @@ class MiniMaxConfig:
         return any(self.lightning_layers)
 
 
+# InfLLM-v2 sparse attention (spec §1d, §3). "current" is the MiniCPM4.1 HF code (LSE normaliser
+# from C2, local window inside the top-k); "june2025" the first MiniCPM4 code (exact softmax over
+# C1, window excluded from the top-k and added by the attention step).
+SPARSE_VARIANTS = ("current", "june2025")
+DEFAULT_SPARSE_CONFIG = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64,
+                         "window_size": 2048, "topk": 64, "use_nope": False, "dense_len": 8192}
+
+
+@dataclass(frozen=True)
+class SparseConfig:
+    kernel_size: int = 32
+    kernel_stride: int = 16
+    init_blocks: int = 1
+    block_size: int = 64
+    window_size: int = 2048
+    topk: int = 64
+    use_nope: bool = False
+    dense_len: int = 8192  # a sequence shorter than this attends densely; -1 = always sparse
+    variant: str = "current"
+
+    @property
+    def window_blocks(self) -> int:
+        return self.window_size // self.block_size
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str, variant: str | None = None) -> "SparseConfig":
+        known = set(DEFAULT_SPARSE_CONFIG) | {"variant"}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown sparse_config key(s) {', '.join(unknown)}")
+        values = {**DEFAULT_SPARSE_CONFIG, **d}
+        if variant is not None:
+            values["variant"] = variant
+        try:
+            cfg = cls(**{k: (v if k in ("variant", "use_nope") else int(v)) for k, v in values.items()})
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: bad sparse_config value: {e}") from None
+        cfg._check(source)
+        return cfg
+
+    def _check(self, source: str) -> None:
+        if self.variant not in SPARSE_VARIANTS:
+            raise ConfigError(f"{source}: sparse variant {self.variant!r} unknown; choose {', '.join(SPARSE_VARIANTS)}")
+        # C1 = (32, 16), C2 = (128, 64), 64-token blocks: the cache layout (one C1 entry per
+        # 16-token KV block) is built on these documented values.
+        if (self.kernel_size, self.kernel_stride, self.block_size) != (32, 16, 64):
+            raise ConfigError(f"{source}: sparse_config kernel_size/kernel_stride/block_size must be 32/16/64 "
+                              f"(the documented values), got {self.kernel_size}/{self.kernel_stride}/{self.block_size}")
+        if self.use_nope:
+            raise ConfigError(f"{source}: sparse_config use_nope=true is not supported")
+        if self.topk < 1 or self.init_blocks < 0 or self.window_size < 0 or self.window_size % self.block_size:
+            raise ConfigError(f"{source}: sparse_config needs topk >= 1, init_blocks >= 0 and window_size a "
+                              f"multiple of block_size, got {self.topk}/{self.init_blocks}/{self.window_size}")
+        if self.dense_len < -1:
+            raise ConfigError(f"{source}: sparse_config dense_len must be >= 0 or -1, got {self.dense_len}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -83,8 +140,20 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "float32"
-    sparse_config: dict | None = None
+    sparse_config: dict | None = None  # as written in config.json
+    sparse: SparseConfig | None = None  # resolved; None = dense attention
     minimax: MiniMaxConfig | None = None
+
+    def with_sparse(self, variant: str | bool | None) -> "ModelConfig":
+        """The config with sparse attention switched on (True or a variant name; the documented
+        defaults are added when config.json has no sparse_config) or off (False); None keeps it."""
+        if variant is None:
+            return self
+        if variant is False:
+            return replace(self, sparse=None)
+        raw = self.sparse_config if self.sparse_config is not None else DEFAULT_SPARSE_CONFIG
+        chosen = None if variant is True else variant
+        return replace(self, sparse=_sparse_config(raw, self, "sparse attention option", chosen))
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
@@ -130,7 +199,7 @@ class ModelConfig:
         rope = _rope_config(hf, head_dim, max_pos, source)
         if minimax is not None:
             rope = RopeConfig(head_dim, rope.theta, max_pos, rotary_dim=_rotary_dim(hf, head_dim, source))
-        return cls(
+        cfg = cls(
             architecture=arch,
             hidden_size=hidden,
             num_layers=layers,
@@ -148,6 +217,26 @@ class ModelConfig:
             **scales,
             **fields,
         )
+        if hf.get("sparse_config") is not None:
+            cfg = replace(cfg, sparse=_sparse_config(hf["sparse_config"], cfg, source, None,
+                                                     hf.get("_name_or_path", "")))
+        return cfg
+
+
+def _sparse_config(raw, cfg: "ModelConfig", source: str, variant: str | None, name: str = "") -> SparseConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: sparse_config must be an object, got {type(raw).__name__}")
+    if cfg.minimax is not None:
+        raise ConfigError(f"{source}: InfLLM-v2 sparse attention is MiniCPM4's; {cfg.architecture} has none")
+    # The official MiniCPM4-0.5B code raises "does not support sparse attention yet" (spec §1a).
+    if "0.5b" in name.lower() or (cfg.architecture == "MiniCPMForCausalLM" and
+                                  (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (1024, 24, 16, 2)):
+        raise ConfigError(f"{source}: MiniCPM4-0.5B does not support sparse attention (the official code refuses it too)")
+    group = cfg.num_heads // cfg.num_kv_heads
+    if group < 16 and 16 % group:
+        raise ConfigError(f"{source}: sparse attention repeats each KV group's query heads up to 16, "
+                          f"which needs a group size dividing 16, got {group}")
+    return SparseConfig.from_dict(raw, source, variant)
 
 
 def _read_json(path: str) -> dict:

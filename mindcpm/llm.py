@@ -95,7 +95,10 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 load_format: str = "auto", seed: int = 0):
+                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None):
+        """sparse_attention: None follows config.json's sparse_config; True (or a variant,
+        "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
+        when config.json has none; False switches it off."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         setup_runtime()
@@ -103,7 +106,7 @@ class LLM:
         with all_ranks_or_none():  # one rank's bad input stops every rank
             path = resolve_model_path(model)
             self.model_path = path
-            self.config = ModelConfig.from_dir(path)
+            self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels)

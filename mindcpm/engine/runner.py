@@ -15,7 +15,9 @@ from mindspore import Tensor, nn
 from ..config import ModelConfig
 from ..loader import load_checkpoint
 from ..models.registry import model_class
+from ..layers.sparse import sparse_backend_factory, sparse_step_metadata
 from ..ops import attention_backend, kernel_mode
+from ..ops.native import NativeAttention
 from ..parallel import StepChannel, kv_heads_per_rank, tp_group
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
@@ -58,20 +60,28 @@ class ModelRunner:
                  eos_token_ids=(), progress: bool = True):
         self.cfg = cfg
         self.model_cfg = model_cfg
-        backend = attention_backend(cfg.attention)
-        self.backend_name = backend.name
         # One block past the scheduler's pool takes the K/V writes of padding tokens.
         self.pad_block = cfg.num_blocks
-        cache_shape = type(backend).cache_shape(cfg.num_blocks + 1, cfg.block_size,
-                                                kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
         self.tp = tp_group()
+        if model_cfg.sparse is not None:
+            if self.tp.size > 1:
+                raise ValueError("InfLLM-v2 sparse attention with tensor parallelism is not supported yet")
+            # Sparse attention is its own composite over the slot-major cache, on every device.
+            factory = sparse_backend_factory(model_cfg, cfg.block_size, cfg.num_blocks + 1, cfg.dtype, cfg.kernels)
+            self.backend_name, cache_layout = "infllm-v2", NativeAttention
+        else:
+            backend = attention_backend(cfg.attention)
+            factory = cache_layout = type(backend)
+            self.backend_name = backend.name
+        cache_shape = cache_layout.cache_shape(cfg.num_blocks + 1, cfg.block_size,
+                                               kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
         with kernel_mode(cfg.kernels, cfg.weight_dtype):
             self.model = model_class(model_cfg.architecture)(
-                model_cfg, type(backend), cache_shape, cfg.block_size, cfg.dtype, **extra)
+                model_cfg, factory, cache_shape, cfg.block_size, cfg.dtype, **extra)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
         self.channel = StepChannel() if self.tp.size > 1 else None
@@ -113,6 +123,8 @@ class ModelRunner:
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
         meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
                 "block_tables": tables, "logits_rows": logits_rows, "state_slots": state_slots}
+        if "c1_table" in self.model.STEP_INPUTS:
+            meta.update(sparse_step_metadata(seqs, num_new, tables, width, self.pad_block))
         # Each model names the metadata its construct takes, in order (STEP_INPUTS).
         return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 

@@ -38,7 +38,8 @@ class PagedAttention(nn.Cell):
         self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
 
-    def construct(self, x, positions, slot_mapping, block_tables, block_size, residual=None):
+    def construct(self, x, positions, slot_mapping, block_tables, block_size, residual=None, *extra):
+        """extra: step inputs only some backends take (sparse attention's C1/C2 metadata)."""
         out = self.attend(self.qkv_proj(x), self.k_cache, self.v_cache, positions, slot_mapping, block_tables,
-                          block_size)
+                          block_size, *extra)
         return self.o_proj(out, residual)

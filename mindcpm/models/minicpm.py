@@ -8,6 +8,7 @@ from ..config import ModelConfig
 from ..layers.attention import PagedAttention
 from ..layers.embedding import Embedding, LMHead
 from ..layers.mlp import SwiGLU
+from ..layers.sparse import SPARSE_STEP_INPUTS
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding
 
@@ -21,20 +22,23 @@ class DecoderLayer(nn.Cell):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.residual_scale)
 
-    def construct(self, h, positions, slot_mapping, block_tables, block_size):
+    def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
         # Both sublayers return h + residual_scale * (their output).
-        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h)
+        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h, *extra)
         return self.mlp(self.post_attention_layernorm(h), h)
 
 
 class MiniCPMForCausalLM(nn.Cell):
     """construct(input_ids [B, L], positions [B, L], slot_mapping [B*L], block_tables [B, nb],
-    logits_rows [N]) -> fp32 logits [N, vocab] of the selected flattened rows."""
+    logits_rows [N], then the backend's extra step inputs) -> fp32 logits [N, vocab] of the
+    selected flattened rows."""
 
     STEP_INPUTS = ("input_ids", "positions", "slot_mapping", "block_tables", "logits_rows")
 
     def __init__(self, cfg: ModelConfig, backend_factory, cache_shape: tuple, block_size: int, dtype=ms.float32):
         super().__init__()
+        if cfg.sparse is not None:  # the sparse backend also takes its C1/C2 metadata
+            self.STEP_INPUTS = self.STEP_INPUTS + SPARSE_STEP_INPUTS
         self.block_size = block_size
         self.logit_scale = cfg.logit_scale
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, cfg.embedding_scale)
@@ -45,9 +49,11 @@ class MiniCPMForCausalLM(nn.Cell):
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size,
                               self.embed_tokens if cfg.tie_word_embeddings else None, dtype)
 
-    def construct(self, input_ids, positions, slot_mapping, block_tables, logits_rows):
-        h = self.embed_tokens(input_ids)
+    def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
+        # Both sublayers return h + residual_scale * (their output).
+        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h, *extra)
+        return self.mlp(self.post_attention_layernorm(h), h)
         for layer in self.layers:
-            h = layer(h, positions, slot_mapping, block_tables, self.block_size)
+            h = layer(h, positions, slot_mapping, block_tables, self.block_size, *extra)
         h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)
         return self.lm_head(self.norm(h) * self.logit_scale)

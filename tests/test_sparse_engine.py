@@ -1,0 +1,150 @@
+"""Sparse attention through the model and the engine on a tiny random MiniCPM: switching it on,
+decode against a whole-sequence prefill, sparse == dense when top-k covers everything,
+chunking, preemption and concurrency, and the refusals."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.test_model_hf import prefill_logits
+from safetensors.numpy import save_file
+
+from tests.tiny import VOCAB, write_byte_tokenizer
+
+SPARSE = dict(window_size=128, topk=2, dense_len=-1)  # scaled down: crosses every boundary by ~300 tokens
+PROMPTS = [[256] + [(7 * i + 3 * j) % 250 for i in range(n)] for j, n in enumerate([290, 200, 300])]
+
+
+CONFIG = dict(architectures=["MiniCPMForCausalLM"], vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+              rms_norm_eps=1e-5, scale_emb=2.0, scale_depth=1.4, dim_model_base=16, tie_word_embeddings=False,
+              bos_token_id=256, eos_token_id=257)
+
+
+def make_sparse_model(path: str, sparse_config: dict) -> str:
+    """A one-layer random MiniCPM (one layer keeps the sparse graphs quick to compile)."""
+    rng = np.random.default_rng(0)
+    h, i, d, kv = 64, 128, 16, 2
+    shapes = {"model.embed_tokens.weight": (VOCAB, h), "lm_head.weight": (VOCAB, h), "model.norm.weight": (h,),
+              "model.layers.0.input_layernorm.weight": (h,), "model.layers.0.post_attention_layernorm.weight": (h,),
+              "model.layers.0.self_attn.q_proj.weight": (h, h), "model.layers.0.self_attn.k_proj.weight": (kv * d, h),
+              "model.layers.0.self_attn.v_proj.weight": (kv * d, h), "model.layers.0.self_attn.o_proj.weight": (h, h),
+              "model.layers.0.mlp.gate_proj.weight": (i, h), "model.layers.0.mlp.up_proj.weight": (i, h),
+              "model.layers.0.mlp.down_proj.weight": (h, i)}
+    tensors = {name: (rng.uniform(0.7, 1.3, shape) if len(shape) == 1 else rng.normal(0, 0.08, shape))
+               for name, shape in shapes.items()}
+    os.makedirs(path, exist_ok=True)
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(CONFIG, sparse_config=sparse_config), f)
+    write_byte_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_sparse_model(str(tmp_path_factory.mktemp("tiny_sparse")), SPARSE)
+
+
+def _llm(path, **kw):
+    from mindcpm import LLM
+    kw.setdefault("max_model_len", 512)
+    return LLM(model=path, progress=False, **kw)
+
+
+def _greedy(n):
+    from mindcpm import SamplingParams
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+
+
+def _tokens(outs):
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_sparse_config_from_checkpoint(model_dir):
+    llm = _llm(model_dir)
+    assert llm.engine.runner.backend_name == "infllm-v2"
+    assert llm.config.sparse.topk == 2 and llm.config.sparse.variant == "current"
+
+
+@pytest.mark.parametrize("variant, kernels", [("current", "auto"), ("june2025", "off")])
+def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, monkeypatch):
+    # Chunked prefill against the reference is in test_sparse_attention; here one shape each,
+    # with the C++ kernels (where g++ builds them) and with the composite cells.
+    if kernels == "off":
+        monkeypatch.setenv("MINDCPM_KERNELS", "off")
+    llm = _llm(model_dir, sparse_attention=variant)
+    layer = llm.engine.runner.model.layers[0].self_attn.backend
+    assert layer.kernel is None or kernels != "off"
+    prompt = PROMPTS[0]
+    gen = _tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(24)))[0]
+    logits = prefill_logits(llm, [(prompt + gen)[:-1]])[0]  # decode crossed 304 and 320
+    assert logits[len(prompt) - 1:].argmax(-1).tolist() == gen
+
+
+def test_topk_covering_all_blocks_equals_dense(model_dir, tmp_path):
+    wide = make_sparse_model(str(tmp_path / "wide"), dict(SPARSE, topk=64))
+    prompt = PROMPTS[2]
+    dense = prefill_logits(_llm(model_dir, sparse_attention=False), [prompt])[0]
+    np.testing.assert_allclose(prefill_logits(_llm(wide), [prompt])[0], dense, atol=1e-4, rtol=0)
+    sparse = prefill_logits(_llm(model_dir), [prompt])[0]
+    assert np.abs(sparse - dense)[200:].max() > 1e-2  # and the scaled-down config is really sparse
+
+
+def test_preempted_and_batched_equal_alone(model_dir, monkeypatch):
+    prompts = PROMPTS[:2]
+    llm = _llm(model_dir, max_num_seqs=1)
+    alone = [_tokens(llm.generate({"prompt_token_ids": p}, _greedy(24)))[0] for p in prompts]
+    # 32 blocks of 16 tokens hold both prompts (19 + 13 blocks) but not the first one's 20th
+    # block: the younger sequence is preempted (its C1/C2 freed with its blocks) and recomputed.
+    busy = _llm(model_dir, max_num_seqs=2, kv_cache_gib=1e-9)
+    scheduler = busy.engine.scheduler
+    assert scheduler.block_manager.num_blocks == 32
+    preempted = []
+    original = scheduler._preempt
+    monkeypatch.setattr(scheduler, "_preempt", lambda seq: (preempted.append(seq.seq_id), original(seq)))
+    assert _tokens(busy.generate([{"prompt_token_ids": p} for p in prompts], _greedy(24))) == alone
+    assert preempted
+    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
+
+
+def test_option_adds_documented_default(tmp_path):
+    from mindcpm.config import ModelConfig
+    hf = dict(architectures=["MiniCPMForCausalLM"], vocab_size=32, hidden_size=64, intermediate_size=8,
+              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, dim_model_base=16)
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.sparse is None
+    on = cfg.with_sparse(True).sparse
+    assert (on.kernel_size, on.kernel_stride, on.init_blocks, on.block_size, on.window_size, on.topk,
+            on.use_nope, on.dense_len, on.variant) == (32, 16, 1, 64, 2048, 64, False, 8192, "current")
+    assert cfg.with_sparse("june2025").sparse.variant == "june2025"
+    assert ModelConfig.from_hf(dict(hf, sparse_config={"topk": 8})).with_sparse(False).sparse is None
+
+
+def test_refusals(model_dir):
+    from mindcpm.config import ConfigError, ModelConfig
+    half_b = dict(architectures=["MiniCPMForCausalLM"], vocab_size=73448, hidden_size=1024, intermediate_size=4096,
+                  num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=2, dim_model_base=256)
+    with pytest.raises(ConfigError, match="MiniCPM4-0.5B does not support sparse attention"):
+        ModelConfig.from_hf(dict(half_b, sparse_config={}))
+    with pytest.raises(ConfigError, match="MiniCPM4-0.5B"):
+        ModelConfig.from_hf(half_b).with_sparse(True)
+    with pytest.raises(ConfigError, match="variant"):
+        ModelConfig.from_hf(dict(half_b, hidden_size=2048)).with_sparse("newest")
+    with pytest.raises(ConfigError, match="kernel_size"):
+        ModelConfig.from_hf(dict(half_b, hidden_size=2048, sparse_config={"kernel_size": 64}))
+    with pytest.raises(ValueError, match="block_size 16"):
+        _llm(model_dir, block_size=8)
+
+
+def test_cli_option():
+    from mindcpm.cli import ArgumentParser, _sparse_option, add_model_args
+    parser = ArgumentParser()
+    add_model_args(parser, "")
+    assert _sparse_option(parser.parse_args([])) is None
+    assert _sparse_option(parser.parse_args(["--sparse-attention"])) == "current"
+    assert _sparse_option(parser.parse_args(["--sparse-attention", "june2025"])) == "june2025"
+    assert _sparse_option(parser.parse_args(["--sparse-attention", "off"])) is False
