@@ -77,7 +77,7 @@ def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, 
     if kernels == "off":
         monkeypatch.setenv("MINDCPM_KERNELS", "off")
     llm = _llm(model_dir, sparse_attention=variant)
-    layer = llm.engine.runner.model.layers[0].self_attn.backend
+    layer = llm.engine.runner.model.layers[0].self_attn.attend.backend
     assert layer.kernel is None or kernels != "off"
     prompt = PROMPTS[0]
     gen = _tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(24)))[0]

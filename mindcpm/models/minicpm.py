@@ -49,10 +49,8 @@ class MiniCPMForCausalLM(nn.Cell):
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size,
                               self.embed_tokens if cfg.tie_word_embeddings else None, dtype)
 
-    def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
-        # Both sublayers return h + residual_scale * (their output).
-        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h, *extra)
-        return self.mlp(self.post_attention_layernorm(h), h)
+    def construct(self, input_ids, positions, slot_mapping, block_tables, logits_rows, *extra):
+        h = self.embed_tokens(input_ids)
         for layer in self.layers:
             h = layer(h, positions, slot_mapping, block_tables, self.block_size, *extra)
         h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)

@@ -69,14 +69,15 @@ class SplitRopeAttention(nn.Cell):
         self.q_size, self.kv_size = num_heads * head_dim, num_kv_heads * head_dim
         self.scale = scale
 
-    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size):
+    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, *extra):
+        """extra: step inputs only some backends take (sparse attention's C1/C2 metadata)."""
         b, l, _ = qkv.shape
         q = qkv[..., : self.q_size].reshape(b, l, self.num_heads, self.head_dim)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(b, l, self.num_kv_heads, self.head_dim)
         v = qkv[..., self.q_size + self.kv_size:].reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(positions, q, k)
         return self.backend(q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size,
-                            self.scale)
+                            self.scale, *extra)
 
 
 class NativeMatmul(nn.Cell):
