@@ -5,6 +5,8 @@ paged attention on/off, each cell measured in a fresh process, printed as a tabl
     python benchmark.py                                  # the default matrix, random weights, no download
     python benchmark.py --models minicpm4-0.5b -p 512 -n 128 -b 1,4 --paged on,off
     python benchmark.py --models /path/to/MiniCPM4-0.5B,model.gguf --json > results.json
+    python benchmark.py -m minicpm4-8b --precision bf16 --context 8192,32768 --sparse off,current
+    python benchmark.py -m minimax-lightning-small,minimax-m1-small --context 1024,32768
 
 A model is a named random-weight shape (smollm2-135m, minicpm4-0.5b, minicpm4-8b, tiny-llama:
 config.json only, weights drawn in memory, like vLLM's load_format="dummy"), a checkpoint
@@ -15,6 +17,9 @@ Reported: tokens/s (generated tokens per second of wall time), prefill tok/s, ti
 token, decode tok/s, inter-token latency p50/p99, peak memory of the cell's process, load and
 compile time, and graphs compiled after the warm-up (should be 0). A cell that cannot fit in
 memory is refused with the reason instead of run.
+
+With --context, each cell instead times one decode step with that many tokens in the cache and a
+chunked prefill of that many (long-context mode; --sparse compares InfLLM-v2 with dense).
 """
 from __future__ import annotations
 
@@ -63,6 +68,14 @@ def parse_args(argv):
                    metavar="fixed,mixed", help="fixed: `batch` requests of exactly -p/-n tokens; mixed: 4 x batch "
                                                "requests of random lengths up to -p/-n through `batch` slots, so "
                                                "arriving prefills interleave with decodes (default fixed)")
+    lc = p.add_argument_group("long context (instead of the throughput matrix)")
+    lc.add_argument("--context", type=list_arg(bench.positive_int, "--context"), default=[], metavar="N,..",
+                    help="context lengths: time one decode step with N tokens cached and a chunked prefill of "
+                         "N tokens, e.g. 8192,16384,32768,65536")
+    lc.add_argument("--sparse", type=list_arg(bench.sparse_mode, "--sparse"), default=["off"],
+                    metavar="off,current,june2025",
+                    help="InfLLM-v2 sparse attention for MiniCPM4 shapes: off (dense), current, june2025; "
+                         "a list compares them (default off)")
     o = p.add_argument_group("run")
     o.add_argument("-r", "--repetitions", type=int, default=3, metavar="N",
                    help="measured runs per cell after the warm-up; medians are reported (default 3)")
@@ -85,8 +98,8 @@ def cells_from_args(args) -> list[bench.Cell]:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
-                               args.workload, repetitions=args.repetitions, block_size=args.block_size,
-                               kernels=args.kernels, seed=args.seed)
+                               args.workload, args.context, args.sparse, repetitions=args.repetitions,
+                               block_size=args.block_size, kernels=args.kernels, seed=args.seed)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
@@ -98,6 +111,8 @@ def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
         for cell in cells:
             label = f"{cell.model} {cell.precision} b{cell.batch} p{cell.prompt_len} n{cell.output_len} " \
                     f"paged {'on' if cell.paged else 'off'} {cell.workload}"
+            if cell.context:
+                label = f"{cell.model} {cell.precision} context {cell.context} sparse {cell.sparse}"
             bar.set_description(label)
             rows.append(bench.measure(cell, lambda phase: bar.set_postfix_str(phase), timeout))
             bar.update(1)

@@ -40,14 +40,14 @@ def _longrope_factors(first: float, last: float, n: int) -> list[float]:
 
 
 def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, rms_norm_eps: float,
-              factors: tuple[float, float], tie: bool) -> dict:
+              factors: tuple[float, float], tie: bool, max_pos: int = 32768) -> dict:
     """A MiniCPM4 config.json (spec minicpm4.md §1): μP scales, LongRoPE, the 73448-token vocabulary."""
     head_dim = hidden // heads
     ramp = _longrope_factors(*factors, head_dim // 2)
     return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_size=hidden,
                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                 intermediate_size=intermediate, hidden_act="silu", vocab_size=73448,
-                max_position_embeddings=32768, rms_norm_eps=rms_norm_eps,
+                max_position_embeddings=max_pos, rms_norm_eps=rms_norm_eps,
                 rope_scaling={"rope_type": "longrope", "original_max_position_embeddings": 32768,
                               "short_factor": ramp, "long_factor": ramp},
                 scale_emb=12, scale_depth=1.4, dim_model_base=256, tie_word_embeddings=tie,
@@ -64,11 +64,37 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
                 torch_dtype="bfloat16")
 
 
+def _minimax(hidden: int, heads: int, head_dim: int, kv_heads: int, attn_types: tuple, experts: int, top_k: int,
+             intermediate: int, vocab: int, max_pos: int) -> dict:
+    """A MiniMax-M1 config.json (remote-code spelling, spec minimax_m1.md §1.1): attn_types 0 =
+    lightning, 1 = softmax; DeepNorm alpha (2N)^(1/4) and postnorm, as in M1."""
+    alpha = (2 * len(attn_types)) ** 0.25
+    return dict(architectures=["MiniMaxM1ForCausalLM"], model_type="minimax_m1", hidden_size=hidden,
+                num_hidden_layers=len(attn_types), num_attention_heads=heads, head_dim=head_dim,
+                num_key_value_heads=kv_heads, attn_type_list=list(attn_types), hidden_act="silu",
+                intermediate_size=intermediate, num_local_experts=experts, num_experts_per_tok=top_k,
+                shared_intermediate_size=0, layernorm_full_attention_alpha=alpha, layernorm_full_attention_beta=1.0,
+                layernorm_linear_attention_alpha=alpha, layernorm_linear_attention_beta=1.0,
+                layernorm_mlp_alpha=alpha, layernorm_mlp_beta=1.0, postnorm=True, rms_norm_eps=1e-5,
+                rotary_dim=head_dim // 2, rope_theta=10000000.0, max_position_embeddings=max_pos,
+                vocab_size=vocab, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                torch_dtype="bfloat16")
+
+
 # Named random-weight shapes: config.json of each, no checkpoint needed.
 SHAPES: dict[str, dict] = {
     "smollm2-135m": _llama(576, 30, 9, 3, 1536, 49152, 8192, 100000.0, tie=True),
     "minicpm4-0.5b": _minicpm4(1024, 24, 16, 2, 4096, 1e-5, (1.0004360675811768, 49.85338592529297), tie=True),
     "minicpm4-8b": _minicpm4(4096, 32, 32, 2, 16384, 1e-6, (0.9977997200264581, 31.02392307921529), tie=False),
+    # MiniCPM4-8B's layer (16 query heads per KV head, head_dim 128) four times, with LongRoPE
+    # extended to 128K as for long-context use: fits in fp32 here, for the long-context mode
+    # (InfLLM-v2 sparse vs dense).
+    "minicpm4-8b-4layers": _minicpm4(4096, 4, 32, 2, 16384, 1e-6, (0.9977997200264581, 31.02392307921529),
+                                     tie=False, max_pos=131072),
+    # MiniMax-M1's layer pattern (a softmax layer after every 7 lightning layers) at a small width,
+    # and the same with lightning layers only (its decode step does not grow with the context).
+    "minimax-m1-small": _minimax(512, 8, 64, 2, (0,) * 7 + (1,), 8, 2, 512, 32000, 131072),
+    "minimax-lightning-small": _minimax(512, 8, 64, 2, (0,) * 8, 8, 2, 512, 32000, 131072),
     # For smoke tests: seconds to compile and run.
     "tiny-llama": _llama(64, 2, 4, 2, 128, 512, 1024, 10000.0, tie=False),
 }
@@ -79,6 +105,8 @@ PRECISIONS = {"float32": "float32", "fp32": "float32", "f32": "float32",
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 PAGED_BLOCK_SIZE = 16
 KV_CACHE_GIB = 2.0  # LLM's default cache budget
+LONG_CHUNK = 512  # prefill chunk of the long-context mode
+PREFILL_SAMPLES = 3  # long-context prefill: chunks timed at this many offsets, then integrated
 RUNTIME_OVERHEAD = 1.0 * GIB  # MindSpore, Python, graphs, activations: 0.5-1.1 GiB measured here
 
 
@@ -98,10 +126,14 @@ class Cell:
     # requests of random lengths up to those, through `batch` slots, so prefills of arriving
     # requests interleave with decodes of running ones (continuous batching in steady state).
     workload: str = "fixed"
+    # Long-context mode (context > 0): the time of one decode step with `context` tokens in the
+    # cache, and of a chunked prefill of that many, instead of the throughput workload.
+    context: int = 0
+    sparse: str = "off"  # InfLLM-v2 sparse attention: off, current or june2025 (MiniCPM4)
 
     @property
     def max_model_len(self) -> int:
-        return self.prompt_len + self.output_len
+        return self.context + LONG_CHUNK if self.context else self.prompt_len + self.output_len
 
     @property
     def effective_block_size(self) -> int:
@@ -120,6 +152,12 @@ class Cell:
                       kv_cache_gib=KV_CACHE_GIB, progress=False, seed=self.seed)
         if self.kernels is not None:
             kwargs["kernels"] = self.kernels
+        if self.context:
+            # One sequence of the whole context; its KV cache is all the budget needs.
+            kwargs.update(max_num_seqs=1, max_num_batched_tokens=LONG_CHUNK, kv_cache_gib=64.0,
+                          enable_prefix_caching=False)
+        if self.sparse != "off":
+            kwargs["sparse_attention"] = self.sparse
         return kwargs
 
 
@@ -175,11 +213,21 @@ def workload_kind(text: str) -> str:
 
 
 def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, workloads=("fixed",),
-                  **common) -> list[Cell]:
-    """Every combination, model-major (the order the table shows them)."""
+                  contexts=(), sparse_modes=("off",), **common) -> list[Cell]:
+    """Every combination, model-major (the order the table shows them). With contexts, the
+    long-context cells (model x precision x sparse x context) instead of the throughput ones."""
+    if contexts:
+        return [Cell(model=m, precision=p, context=c, sparse=sp, **common)
+                for m in models for p in precisions for sp in sparse_modes for c in contexts]
     return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, **common)
             for m in models for p in precisions for b in batches for pl in prompt_lens for ol in output_lens
             for pg in paged_modes for w in workloads]
+
+
+def sparse_mode(text: str) -> str:
+    if text not in ("off", "current", "june2025"):
+        raise ValueError(f"--sparse: {text!r} is not one of off, current, june2025")
+    return text
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -351,12 +399,19 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
             path, load_format = resolve_model_path(cell.model), "auto"
         cfg = ModelConfig.from_dir(path)
         reason = refusal(cfg, cell, from_checkpoint=load_format == "auto")
+        if cell.context and cell.max_model_len > cfg.max_position_embeddings:
+            reason = (f"context {cell.context} + a {LONG_CHUNK}-token chunk exceeds the model's "
+                      f"max_position_embeddings {cfg.max_position_embeddings}")
         if reason:
             return {"status": "refused", "reason": reason}
         phase("loading weights")
         start = time.perf_counter()
         llm = LLM(model=path, load_format=load_format, **cell.llm_kwargs())
         load_seconds = time.perf_counter() - start
+        if cell.context:
+            return {"status": "ok", "reason": None, "dtype": llm.dtype,
+                    "metrics": {**context_metrics(llm, cell, phase), "load_seconds": load_seconds,
+                                "peak_memory_gib": peak_rss() / GIB}}
         runner = llm.engine.runner
         rng = np.random.default_rng(cell.seed)
         vocab = cfg.vocab_size
@@ -376,6 +431,62 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def context_metrics(llm, cell: Cell, phase=lambda text: None) -> dict:
+    """Seconds of one decode step with cell.context tokens cached, and of a chunked prefill of
+    that many (chunks timed at PREFILL_SAMPLES offsets, integrated). The caches (KV, compressed
+    keys, lightning states) are filled with random values instead of running the prefill:
+    attention's cost does not depend on them, and sparse attention still selects top-k blocks."""
+    rng = np.random.default_rng(cell.seed)
+    runner = llm.engine.runner
+    for name, param in runner.model.parameters_and_names():
+        if name.endswith(("k_cache", "v_cache", "c1_cache", "c2_cache", ".state")):
+            param.set_data(_random_like(param, rng))
+    step = _StepTimer(llm, cell.repetitions)
+    phase(f"decode step at {cell.context}")
+    decode = step(cell.context, 1)
+    offsets = list(range(0, cell.context, LONG_CHUNK))
+    picks = sorted({offsets[round(i * (len(offsets) - 1) / max(PREFILL_SAMPLES - 1, 1))]
+                    for i in range(PREFILL_SAMPLES)})
+    times = []
+    for o in picks:
+        phase(f"prefill chunk at {o}")
+        times.append(step(o, min(LONG_CHUNK, cell.context - o)))
+    return {"decode_step_ms": 1000 * decode, "prefill_seconds": float(np.interp(offsets, picks, times).sum()),
+            "compile_seconds": runner.compile_seconds, "recompiles_after_warmup": 0}
+
+
+def _random_like(param, rng):
+    from mindspore import Tensor
+    return Tensor(rng.standard_normal(param.shape).astype(np.float32) * 0.1, param.dtype)
+
+
+class _StepTimer:
+    """Times the compiled step for one sequence computing tokens [start, start + n), min of
+    `repeats` runs after a compiling one."""
+
+    def __init__(self, llm, repeats: int):
+        self.llm, self.repeats = llm, max(1, repeats)
+
+    def __call__(self, start: int, n: int) -> float:
+        from .engine.sequence import Sequence
+        from .sampling import SamplingParams
+        runner, blocks = self.llm.engine.runner, self.llm.engine.scheduler.block_manager
+        seq = Sequence([5] * (start + n), SamplingParams(), blocks.block_size)
+        blocks.allocate(seq)
+        try:
+            seq.num_cached_tokens = start
+            inputs, _, _ = runner.prepare([seq], [n], all_rows=False)
+            runner.forward(inputs).asnumpy()  # compiles a new bucket
+            best = float("inf")
+            for _ in range(self.repeats):
+                t = time.perf_counter()
+                runner.forward(inputs).asnumpy()
+                best = min(best, time.perf_counter() - t)
+            return best
+        finally:
+            blocks.deallocate(seq)
 
 
 def peak_rss() -> int:
@@ -561,7 +672,32 @@ def format_table(headers, rows) -> str:
     return "\n".join([line([str(h) for h in headers]), rule, *(line(r) for r in rows)])
 
 
+CONTEXT_COLUMNS = ("#", "model", "precision", "sparse", "context", "decode step ms", "decode tok/s",
+                   "prefill s (est.)", "peak mem GiB", "compile s", "note")
+
+
+def context_rows(rows: list[dict]) -> list[list[str]]:
+    out = []
+    for i, r in enumerate(rows, 1):
+        ok, m = r["status"] == "ok", r["metrics"]
+        out.append([str(i), r["model"], r["precision"], r.get("sparse", "off"), str(r["context"]),
+                    _num(m.get("decode_step_ms")) if ok else "-",
+                    _num(1000 / m["decode_step_ms"]) if ok else "-",
+                    _num(m.get("prefill_seconds")) if ok else "-",
+                    _num(m.get("peak_memory_gib"), 2) if ok else "-", _num(m.get("compile_seconds")) if ok else "-",
+                    "" if ok else f"{r['status']}: {r['reason']}"])
+    return out
+
+
 def report_text(rows: list[dict], env: dict) -> str:
+    long_rows = [r for r in rows if r.get("context")]
+    if long_rows:
+        return "\n\n".join([format_table(CONTEXT_COLUMNS, context_rows(long_rows)), (
+            f"Long context: one sequence with `context` tokens in its cache (filled with random values). "
+            f"decode step ms: one decode step, min of {long_rows[0].get('repetitions', '?')} runs after a "
+            f"compiling one; prefill s: a chunked prefill of the whole context ({LONG_CHUNK}-token chunks, "
+            f"timed at {PREFILL_SAMPLES} offsets and integrated). {env['device']}, {env['cpu_count']} cores, "
+            f"MindSpore {env['mindspore']}.")])
     first = rows[0] if rows else {}
     parts = [format_table(SEED_COLUMNS, seed_rows(rows, env))]
     details = detail_rows(rows)

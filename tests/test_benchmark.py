@@ -232,3 +232,30 @@ def test_tiny_shape_end_to_end_json(tmp_path):
     assert rows[1]["paged_attention"] == "off (block 32)"  # 12 + 8 rounded up to 16
     assert all(r["status"] == "refused" for r in rows[2:])
     assert os.listdir(tmp_path) == [], "the working directory must stay clean"
+
+
+def test_context_mode_cells_are_model_sparse_context():
+    args = benchmark.parse_args(["-m", "minicpm4-8b,minimax-m1-small", "--context", "1024,4096",
+                                 "--sparse", "off,current", "-b", "4"])
+    cells = benchmark.cells_from_args(args)
+    assert [(c.model, c.sparse, c.context) for c in cells[:4]] == [
+        ("minicpm4-8b", "off", 1024), ("minicpm4-8b", "off", 4096),
+        ("minicpm4-8b", "current", 1024), ("minicpm4-8b", "current", 4096)]
+    assert all(c.llm_kwargs()["max_num_seqs"] == 1 for c in cells)  # one long sequence, not the batch
+    assert cells[2].llm_kwargs()["sparse_attention"] == "current" and "sparse_attention" not in cells[0].llm_kwargs()
+
+
+def test_context_mode_end_to_end_json(tmp_path):
+    """Long-context timings come out positive, and a context past the model's positions is
+    refused, not crashed."""
+    env = dict(os.environ, MS_COMPILER_CACHE_ENABLE="0", GLOG_v="3")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmark.py"), "-m", "tiny-llama", "--context", "256,4096",
+         "-r", "1", "--json", "--no-progress"],
+        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)["rows"]
+    assert [(r["context"], r["status"]) for r in rows] == [(256, "ok"), (4096, "refused")]
+    m = rows[0]["metrics"]
+    assert m["decode_step_ms"] > 0 and m["prefill_seconds"] > 0 and m["peak_memory_gib"] > 0
+    assert "max_position_embeddings 1024" in rows[1]["reason"]

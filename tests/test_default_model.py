@@ -25,7 +25,7 @@ def test_default_model_matches_transformers_gguf(llm, tmp_path):
             pytest.skip(f"{package} is not installed (test requirement)")
     from mindcpm import SamplingParams
     from mindcpm.gguf import default_model_path
-    from tests.test_model_hf import prefill_logits
+    from tests.engine_probe import prefill_logits
     prompt = llm.chat_prompt(QUESTION)
     gguf = default_model_path()
     ref_logits, ref_greedy = reference_logits(os.path.dirname(gguf), [prompt], str(tmp_path), greedy_steps=16,

@@ -1,9 +1,9 @@
 """The full engine on a tiny random model: batching, preemption, abort, seeds, stop strings."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
+from tests.engine_probe import all_free, tokens
 from tests.tiny import make_tiny_model
 
 PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 9, 30, 1, 12])]
@@ -21,13 +21,8 @@ def _llm(path, **kw):
     return LLM(model=path, progress=False, **kw)
 
 
-def _tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
 
 
-def _all_free(llm):
-    blocks = llm.engine.scheduler.block_manager
-    return blocks.num_free_blocks == blocks.num_blocks
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +31,8 @@ def alone(tiny_dir):
     llm = _llm(tiny_dir, max_num_seqs=1)
     greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
-    return ([_tokens(llm.generate({"prompt_token_ids": p}, greedy))[0] for p in PROMPTS],
-            [_tokens(llm.generate({"prompt_token_ids": p}, seeded))[0] for p in PROMPTS])
+    return ([tokens(llm.generate({"prompt_token_ids": p}, greedy))[0] for p in PROMPTS],
+            [tokens(llm.generate({"prompt_token_ids": p}, seeded))[0] for p in PROMPTS])
 
 
 @pytest.mark.parametrize("kw", [dict(max_num_seqs=6),
@@ -50,9 +45,9 @@ def test_concurrent_equals_alone(tiny_dir, alone, kw):
     greedy = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
     seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
-    assert _tokens(llm.generate(prompts, greedy)) == alone[0]
-    assert _tokens(llm.generate(prompts, seeded)) == alone[1]
-    assert _all_free(llm)
+    assert tokens(llm.generate(prompts, greedy)) == alone[0]
+    assert tokens(llm.generate(prompts, seeded)) == alone[1]
+    assert all_free(llm)
 
 
 def test_abort_frees_blocks(tiny_dir):
@@ -61,9 +56,9 @@ def test_abort_frees_blocks(tiny_dir):
     stream = llm.stream({"prompt_token_ids": PROMPTS[3]}, SamplingParams(temperature=0.0, max_tokens=30,
                                                                         ignore_eos=True))
     next(stream)
-    assert not _all_free(llm)
+    assert not all_free(llm)
     stream.close()
-    assert _all_free(llm) and not llm.engine.has_unfinished()
+    assert all_free(llm) and not llm.engine.has_unfinished()
 
 
 def test_stream_concatenates_to_text_and_stop_string(tiny_dir):
@@ -88,7 +83,7 @@ def test_prompt_too_long_and_bad_ids(tiny_dir):
         llm.generate({"prompt_token_ids": [5] * 64}, SamplingParams())
     with pytest.raises(ValueError, match="outside the vocabulary"):
         llm.generate({"prompt_token_ids": [5, 100000]}, SamplingParams())
-    assert _all_free(llm) and not llm.engine.has_unfinished()
+    assert all_free(llm) and not llm.engine.has_unfinished()
 
 
 def test_no_recompilation_in_steady_state(tiny_dir):

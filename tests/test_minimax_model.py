@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from tests.engine_probe import all_free, tokens
 from tests.reference import minimax_numpy as R
 from tests.tiny_minimax import make_tiny_minimax, minimax_config
 
@@ -37,13 +38,8 @@ def _llm(path, **kw):
     return LLM(model=path, progress=False, **kw)
 
 
-def _tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
 
 
-def _all_free(llm):
-    blocks = llm.engine.scheduler.block_manager
-    return blocks.num_free_blocks == blocks.num_blocks and blocks.num_free_state_slots == blocks.num_state_slots
 
 
 def test_logits_match_reference(tiny):
@@ -72,8 +68,8 @@ def test_greedy_engine_equals_reference_decoding(tiny):
     llm = _llm(path, max_num_seqs=2)
     prompt = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    assert _tokens(out)[0] == R.greedy(cfg, weights, prompt, 12)
-    assert _all_free(llm)
+    assert tokens(out)[0] == R.greedy(cfg, weights, prompt, 12)
+    assert all_free(llm)
 
 
 PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 30, 1, 12])]
@@ -89,17 +85,17 @@ def busy(small):
 def test_concurrent_equals_alone(busy):
     from mindcpm import SamplingParams
     greedy = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True)
-    alone = [_tokens(busy.generate({"prompt_token_ids": p}, greedy))[0] for p in PROMPTS]
+    alone = [tokens(busy.generate({"prompt_token_ids": p}, greedy))[0] for p in PROMPTS]
     blocks = busy.engine.scheduler.block_manager
     assert blocks.num_state_slots == 4 and not blocks.enable_prefix_caching and blocks.num_blocks == 8
     preempted = []
     original = busy.engine.scheduler._preempt
     busy.engine.scheduler._preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
     try:
-        assert _tokens(busy.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)) == alone
+        assert tokens(busy.generate([{"prompt_token_ids": p} for p in PROMPTS], greedy)) == alone
     finally:
         busy.engine.scheduler._preempt = original
-    assert _all_free(busy)
+    assert all_free(busy)
     assert preempted, "the tiny pool was meant to force preemption"
 
 
@@ -111,7 +107,7 @@ def test_abort_and_preemption_free_state_slots(busy):
     next(stream)
     assert blocks.num_free_state_slots == 3
     stream.close()
-    assert _all_free(busy) and not busy.engine.has_unfinished()
+    assert all_free(busy) and not busy.engine.has_unfinished()
     # Preemption hands the slot back; readmission takes one again.
     seq = busy.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=4)).seq
     busy.engine.step()
@@ -120,7 +116,7 @@ def test_abort_and_preemption_free_state_slots(busy):
     assert seq.state_slot is None and blocks.num_free_state_slots == 4
     while busy.engine.has_unfinished():
         busy.engine.step()
-    assert _all_free(busy)
+    assert all_free(busy)
 
 
 def test_long_prompt_prefilled_in_chunks(small, tmp_path_factory):
@@ -132,4 +128,4 @@ def test_long_prompt_prefilled_in_chunks(small, tmp_path_factory):
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     with open(os.path.join(small, "config.json")) as f:
         cfg = R.Config(json.load(f))
-    assert _tokens(out)[0] == R.greedy(cfg, R.load(os.path.join(small, "model.safetensors")), prompt, 3)
+    assert tokens(out)[0] == R.greedy(cfg, R.load(os.path.join(small, "model.safetensors")), prompt, 3)

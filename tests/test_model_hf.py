@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from tests.engine_probe import prefill_logits
 from tests.reference.hf_llama import reference_logits
 from tests.tiny import TINY_LLAMA, make_tiny_model, write_byte_tokenizer
 
@@ -36,22 +37,6 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
 
 
-def prefill_logits(llm, prompts: list[list[int]]) -> list[np.ndarray]:
-    """All-position logits of the prompts, prefilled together as one batch through the paged cache."""
-    from mindcpm.engine.sequence import Sequence
-    from mindcpm import SamplingParams
-    runner, blocks = llm.engine.runner, llm.engine.scheduler.block_manager
-    seqs = [Sequence(p, SamplingParams(), blocks.block_size) for p in prompts]
-    for s in seqs:
-        blocks.allocate(s)
-        s.num_cached_tokens = 0
-    try:
-        inputs, _, width = runner.prepare(seqs, [len(p) for p in prompts], all_rows=True)
-        logits = runner.step(*inputs).asnumpy()
-    finally:
-        for s in seqs:
-            blocks.deallocate(s)
-    return [logits[i * width: i * width + len(p)] for i, p in enumerate(prompts)]
 
 
 def test_logits_match_transformers(tiny_dir, reference):

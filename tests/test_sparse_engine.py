@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.test_model_hf import prefill_logits
+from tests.engine_probe import prefill_logits, tokens
 from safetensors.numpy import save_file
 
 from tests.tiny import VOCAB, write_byte_tokenizer
@@ -60,10 +60,6 @@ def _greedy(n):
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
-def _tokens(outs):
-    return [o.outputs[0].token_ids for o in outs]
-
-
 def test_sparse_config_from_checkpoint(model_dir):
     llm = _llm(model_dir)
     assert llm.engine.runner.backend_name == "infllm-v2"
@@ -80,7 +76,7 @@ def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, 
     layer = llm.engine.runner.model.layers[0].self_attn.attend.backend
     assert layer.kernel is None or kernels != "off"
     prompt = PROMPTS[0]
-    gen = _tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(24)))[0]
+    gen = tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(24)))[0]
     logits = prefill_logits(llm, [(prompt + gen)[:-1]])[0]  # decode crossed 304 and 320
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == gen
 
@@ -97,7 +93,7 @@ def test_topk_covering_all_blocks_equals_dense(model_dir, tmp_path):
 def test_preempted_and_batched_equal_alone(model_dir, monkeypatch):
     prompts = PROMPTS[:2]
     llm = _llm(model_dir, max_num_seqs=1)
-    alone = [_tokens(llm.generate({"prompt_token_ids": p}, _greedy(24)))[0] for p in prompts]
+    alone = [tokens(llm.generate({"prompt_token_ids": p}, _greedy(24)))[0] for p in prompts]
     # 32 blocks of 16 tokens hold both prompts (19 + 13 blocks) but not the first one's 20th
     # block: the younger sequence is preempted (its C1/C2 freed with its blocks) and recomputed.
     busy = _llm(model_dir, max_num_seqs=2, kv_cache_gib=1e-9)
@@ -106,7 +102,7 @@ def test_preempted_and_batched_equal_alone(model_dir, monkeypatch):
     preempted = []
     original = scheduler._preempt
     monkeypatch.setattr(scheduler, "_preempt", lambda seq: (preempted.append(seq.seq_id), original(seq)))
-    assert _tokens(busy.generate([{"prompt_token_ids": p} for p in prompts], _greedy(24))) == alone
+    assert tokens(busy.generate([{"prompt_token_ids": p} for p in prompts], _greedy(24))) == alone
     assert preempted
     assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from tests.engine_probe import prefill_logits
 from tests.tiny import TINY_LLAMA, write_byte_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,21 +52,6 @@ def write_checkpoint(path: str, cfg: dict, seed: int = 0) -> str:
     return path
 
 
-def prefill_logits(runner, blocks, prompts):
-    """All-position logits of the prompts, prefilled as one batch (on every rank under TP)."""
-    from mindcpm import SamplingParams
-    from mindcpm.engine.sequence import Sequence
-    seqs = [Sequence(p, SamplingParams(), blocks.block_size) for p in prompts]
-    for s in seqs:
-        blocks.allocate(s)
-        s.num_cached_tokens = 0
-    try:
-        inputs, _, width = runner.prepare(seqs, [len(p) for p in prompts], all_rows=True)
-        logits = runner.forward(inputs).asnumpy()
-    finally:
-        for s in seqs:
-            blocks.deallocate(s)
-    return [logits[i * width: i * width + len(p)] for i, p in enumerate(prompts)]
 
 
 def run_ranks(model_dir: str, tmp: str, rank1_dir: str | None = None, timeout: int = 300, kernels: str = "auto",
@@ -84,7 +70,7 @@ def run_ranks(model_dir: str, tmp: str, rank1_dir: str | None = None, timeout: i
 def single_process(model_dir: str, kernels: str):
     from mindcpm import LLM, SamplingParams
     llm = LLM(model_dir, max_model_len=128, max_num_seqs=4, progress=False, kernels=kernels)
-    logits = prefill_logits(llm.engine.runner, llm.engine.scheduler.block_manager, PROMPTS)
+    logits = prefill_logits(llm, PROMPTS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     return logits, [o.outputs[0].token_ids for o in outputs]

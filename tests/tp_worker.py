@@ -15,7 +15,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindcpm import LLM, SamplingParams  # noqa: E402
-from tests.test_tensor_parallel import PROMPTS, prefill_logits  # noqa: E402
+from tests.engine_probe import prefill_logits  # noqa: E402
+from tests.test_tensor_parallel import PROMPTS  # noqa: E402
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     llm = LLM(model_dir, tensor_parallel_size=tp, max_model_len=128, max_num_seqs=4, progress=False,
               kernels=os.environ.get("MINDCPM_TEST_KERNELS", "auto"),
               enable_expert_parallel=os.environ.get("MINDCPM_TEST_EP") == "1")
-    logits = prefill_logits(llm.engine.runner, llm.engine.scheduler.block_manager, PROMPTS)
+    logits = prefill_logits(llm, PROMPTS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                            SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
     arrays = {f"logits{i}": x for i, x in enumerate(logits)}
