@@ -47,6 +47,19 @@ def test_linear_epilogues_match_numpy(dtype, m, k, n):
     np.testing.assert_allclose(KernelMatmul("swiglu")(Tensor(x), w_t).asnumpy(), silu(y[:, :n]) * y[:, n:], **tol)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype):
+    """Weights of 2 MiB and more are remapped onto huge pages at the kernel's first call
+    (MADV_COLLAPSE where the OS has it): the products must not change, then or after."""
+    from mindcpm.ops.cpu import KernelMatmul
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 1030)).astype(np.float32)
+    w_t, w = as_stored(rng.standard_normal((2600, 1030)).astype(np.float32), dtype)  # 5-10 MiB
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    for _ in range(2):
+        np.testing.assert_allclose(KernelMatmul()(Tensor(x), w_t).asnumpy(), want, rtol=1e-5, atol=1e-4)
+
+
 def test_linear_keeps_leading_dims():
     from mindcpm.ops.cpu import KernelMatmul
     rng = np.random.default_rng(1)

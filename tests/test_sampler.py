@@ -162,6 +162,19 @@ def test_greedy_is_argmax_lowest_id_on_ties(sampler):
     np.testing.assert_array_equal(got[:-1], np.argmax(x[:-1], axis=-1))
 
 
+def test_argmax_from_the_step_graph_only_for_plain_greedy(sampler):
+    """The runner hands over the step graph's arg-max; the sampler may use it only where the
+    answer is the raw arg-max (all greedy, no penalties or bans), else it must process the logits."""
+    rng = np.random.default_rng(7)
+    x = random_logits(rng, 2, 300)
+    wrong = ms.Tensor(np.array([3, 4], np.int32))  # not the arg-max of either row
+    plain = [SampleRequest(SamplingParams(temperature=0), [1], [], np.random.default_rng(0))] * 2
+    assert sampler(ms.Tensor(x), plain, -1, wrong).token_ids.tolist() == [3, 4]
+    penalised = [SampleRequest(SamplingParams(temperature=0, repetition_penalty=1.3), [1], [], np.random.default_rng(0))] * 2
+    want = [int(np.argmax(ref_process(x[i], penalised[i].params, [1], []))) for i in range(2)]
+    assert sampler(ms.Tensor(x), penalised, -1, wrong).token_ids.tolist() == want
+
+
 # ---------------------------------------------------------------------------------------------
 # each filter against the reference, same u
 

@@ -133,10 +133,11 @@ void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t u
 
 template <class E>
 int dispatch(const char *wtype, const float *x, const void *w, int64_t M, int64_t K, int64_t units, const E &epi) {
+  const int64_t rows = units * E::kRowsPerUnit;
   switch (weight_type(wtype)) {
-    case WType::kF32: run<F32>(x, static_cast<const float *>(w), M, K, units, epi); return 0;
-    case WType::kBF16: run<BF16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
-    case WType::kF16: run<F16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
+    case WType::kF32: mindcpm_prefer_huge_pages(w, rows * K * 4); run<F32>(x, static_cast<const float *>(w), M, K, units, epi); return 0;
+    case WType::kBF16: mindcpm_prefer_huge_pages(w, rows * K * 2); run<BF16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
+    case WType::kF16: mindcpm_prefer_huge_pages(w, rows * K * 2); run<F16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
     default: return 1;
   }
 }

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ..config import ModelConfig
 from ..loader import load_checkpoint
@@ -44,7 +44,9 @@ def bucket(n: int, minimum: int = 1) -> int:
 
 
 class _CompiledStep(nn.Cell):
-    """The model's forward as one graph; a new graph per distinct input-shape bucket."""
+    """The model's forward as one graph; a new graph per distinct input-shape bucket. Returns
+    the logits and each row's arg-max (ties: lowest id): a greedy batch then needs no second
+    graph call to sample (a call costs ~1 ms on CPU, the arg-max in this graph ~0.05 ms)."""
 
     def __init__(self, model: nn.Cell):
         super().__init__()
@@ -52,7 +54,8 @@ class _CompiledStep(nn.Cell):
 
     @ms.jit
     def construct(self, *inputs):
-        return self.model(*inputs)
+        logits = self.model(*inputs)
+        return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
 
 
 class ModelRunner:
@@ -135,14 +138,14 @@ class ModelRunner:
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
         inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
-        logits = self.forward(inputs)
+        logits, greedy_ids = self._run_step(inputs)
         if any(want_prompt_lp):
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
-            logits = logits[Tensor(last_rows)]
+            logits, greedy_ids = logits[Tensor(last_rows)], greedy_ids[Tensor(last_rows)]
         done = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(seqs, num_new)]
         requests = [SampleRequest(s.params, s.prompt_token_ids, s.completion_token_ids, s.rng) for s in seqs]
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
-        out = self.sampler(logits, requests, max(wanted) if wanted else -1)
+        out = self.sampler(logits, requests, max(wanted) if wanted else -1, greedy_ids)
         sampled: list[int | None] = []
         for i, seq in enumerate(seqs):
             if not done[i]:
@@ -157,19 +160,23 @@ class ModelRunner:
         return sampled
 
     def forward(self, inputs):
-        """Runs the compiled step; under tensor parallelism rank 0 first sends the step's inputs
-        to the other ranks, which run it too (serve)."""
+        """The logits of the step's inputs (see _run_step)."""
+        return self._run_step(inputs)[0]
+
+    def _run_step(self, inputs):
+        """Runs the compiled step -> (logits, arg-max ids); under tensor parallelism rank 0 first
+        sends the step's inputs to the other ranks, which run it too (serve)."""
         if self.tp.size > 1 and self.tp.rank == 0:
             self.channel.send([t.asnumpy() for t in inputs])
         key = tuple(t.shape for t in inputs)
         if key in self.compiled_shapes:
             return self.step(*inputs)
         start = time.perf_counter()
-        logits = self.step(*inputs)
-        logits.asnumpy()  # count the compile apart from later runs
+        outputs = self.step(*inputs)
+        outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start
         self.compiled_shapes.add(key)
-        return logits
+        return outputs
 
     def serve(self) -> None:
         """The loop of a rank other than 0: run each step rank 0 sends, until it closes."""

@@ -255,7 +255,9 @@ class Sampler:
     # -- main entry ---------------------------------------------------------------------------
 
     def __call__(self, logits: ms.Tensor, requests: list[SampleRequest],
-                 num_logprobs: int | None = -1) -> SampleOutput:
+                 num_logprobs: int | None = -1, argmax_ids: ms.Tensor | None = None) -> SampleOutput:
+        """argmax_ids: the rows' arg-max when the caller's graph already computed it (ties to
+        the lowest id, as here); a greedy batch without penalties or bans then uses it."""
         n_rows, vocab = logits.shape
         n = len(requests)
         if n > n_rows:
@@ -267,7 +269,8 @@ class Sampler:
         greedy = [r.params.temperature == 0.0 for r in requests]
 
         if all(greedy) and not mods:
-            token_ids = _argmax_fn()(logits).asnumpy()[:n].astype(np.int64)
+            ids = argmax_ids if argmax_ids is not None else _argmax_fn()(logits)
+            token_ids = ids.asnumpy()[:n].astype(np.int64)
         else:
             token_ids = self._generic(logits, requests, banned, greedy, mods, n_rows, vocab)
 
