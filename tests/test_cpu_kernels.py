@@ -47,6 +47,27 @@ def test_linear_epilogues_match_numpy(dtype, m, k, n):
     np.testing.assert_allclose(KernelMatmul("swiglu")(Tensor(x), w_t).asnumpy(), silu(y[:, :n]) * y[:, n:], **tol)
 
 
+def rms_norm_ref(x, g, eps):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+@pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
+@pytest.mark.parametrize("m,k,n", SHAPES + [(70, 40, 9)])  # 70 rows: fp32 takes the norm kernel + MatMul
+def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n):
+    from mindcpm.ops.cpu import KernelMatmul
+    rng = np.random.default_rng(m + 7 * k + n)
+    x = (3 * rng.standard_normal((m, k))).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    w_t, w = as_stored(rng.standard_normal((2 * n, k)).astype(np.float32), dtype)
+    y = rms_norm_ref(x, g, 1e-5) @ w.astype(np.float64).T
+    tol = dict(rtol=1e-5, atol=1e-4)
+    got = KernelMatmul("plain", norm_eps=1e-5)(Tensor(x), w_t, None, Tensor(g)).asnumpy()
+    np.testing.assert_allclose(got, y, **tol)
+    got = KernelMatmul("swiglu", norm_eps=1e-5)(Tensor(x), w_t, None, Tensor(g)).asnumpy()
+    np.testing.assert_allclose(got, silu(y[:, :n]) * y[:, n:], **tol)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype):
     """Weights of 2 MiB and more are remapped onto huge pages at the kernel's first call

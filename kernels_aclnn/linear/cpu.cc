@@ -6,6 +6,10 @@
 //   LinearSwiglu(x, W, y)                 W = gate|up (2I rows):
 //                                         y = silu(x Wg^T) * (x Wu^T)         y: [M, I]
 //   LinearResidual(x, W, r, scale, y)     y = r + scale[0] * x W^T            y: [M, N]
+//   RmsNormLinear(x, g, eps, W, y)        y = rmsnorm(x) W^T                  y: [M, N]
+//   RmsNormLinearSwiglu(x, g, eps, W, y)  the SwiGLU epilogue on rmsnorm(x)   y: [M, I]
+//                                         rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g, fp32
+//                                         (the norm before q|k|v and gate|up: one op, not two)
 // Rows of W are split between threads; each thread keeps a block of rows of x hot in cache
 // while it streams its rows of W (MR x NR register tile, 8-wide FMA).
 #include "../common/cpu_common.h"
@@ -142,6 +146,32 @@ int dispatch(const char *wtype, const float *x, const void *w, int64_t M, int64_
   }
 }
 
+// x's rows normalised (as kernels_aclnn/rms_norm) into a buffer reused across calls.
+const float *rms_normalised(const float *x, const float *g, float eps, int64_t M, int64_t K) {
+  thread_local std::vector<float> buffer;
+  buffer.resize(M * K);
+  for (int64_t m = 0; m < M; ++m) {
+    const float *xr = x + m * K;
+    float *yr = buffer.data() + m * K;
+    float ss = 0.f;
+    for (int64_t k = 0; k < K; ++k) ss += xr[k] * xr[k];
+    const float inv = 1.f / std::sqrt(ss / (float)K + eps);
+    for (int64_t k = 0; k < K; ++k) yr[k] = xr[k] * inv * g[k];
+  }
+  return buffer.data();
+}
+
+template <class E>
+int norm_then(void **params, int *ndims, int64_t **shapes, const char **dtypes, int64_t units_per_row_pair,
+              E make_epilogue) {
+  for (int i = 0; i < 3; ++i)
+    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
+  int64_t K = shapes[3][1], M = numel(ndims[0], shapes[0]) / K, units = shapes[3][0] / units_per_row_pair;
+  const float *xn = rms_normalised(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                                   *static_cast<const float *>(params[2]), M, K);
+  return dispatch(dtypes[3], xn, params[3], M, K, units, make_epilogue(static_cast<float *>(params[4]), units));
+}
+
 }  // namespace
 
 extern "C" int Linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
@@ -166,4 +196,16 @@ extern "C" int LinearResidual(int nparam, void **params, int *ndims, int64_t **s
   Residual epi{static_cast<float *>(params[4]), N, static_cast<const float *>(params[2]),
                *static_cast<const float *>(params[3])};
   return dispatch(dtypes[1], static_cast<const float *>(params[0]), params[1], M, K, N, epi);
+}
+
+extern "C" int RmsNormLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                             void *) {
+  if (nparam != 5) return 1;
+  return norm_then(params, ndims, shapes, dtypes, 1, [](float *y, int64_t n) { return Plain{y, n}; });
+}
+
+extern "C" int RmsNormLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  if (nparam != 5) return 1;
+  return norm_then(params, ndims, shapes, dtypes, 2, [](float *y, int64_t n) { return Swiglu{y, n}; });
 }

@@ -16,13 +16,14 @@ from .rotary import RotaryEmbedding
 
 class PagedAttention(nn.Cell):
     """With a residual_scale, construct(..., r) returns r + residual_scale * o_proj(attention).
+    With an input_norm, x is the un-normalised input and qkv_proj applies the norm (see Linear).
 
     Tensor parallel: each rank keeps its query heads and the KV heads they read (cache_shape is
     the rank's), qkv_proj column-parallel and o_proj row-parallel."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
                  rotary: RotaryEmbedding, backend: nn.Cell, cache_shape: tuple, dtype=ms.float32,
-                 residual_scale: float | None = None):
+                 residual_scale: float | None = None, input_norm=None):
         super().__init__()
         q_heads, kv_heads = head_shards(num_heads, num_kv_heads)
         rows = [slice(h.start * head_dim, h.stop * head_dim) for h in (q_heads, kv_heads, kv_heads)]
@@ -30,7 +31,7 @@ class PagedAttention(nn.Cell):
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
         self.qkv_proj = Linear(hidden_size, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
-                               dtype, parallel="column", part_shards=rows)
+                               dtype, parallel="column", part_shards=rows, input_norm=input_norm)
         self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype,
                              "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                              parallel="row")

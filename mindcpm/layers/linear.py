@@ -20,6 +20,10 @@ class Linear(nn.Cell):
     exact_dtype: the weight stays in `dtype` even where the model's matrices are stored in 16
     bits (a MoE router, which the spec keeps in fp32).
 
+    input_norm: the RMSNorm whose output this projection reads; construct then takes the
+    un-normalised x and the device op applies the norm (one kernel on CPU). The norm stays its
+    owner's cell, so its weight keeps its checkpoint name.
+
     Tensor parallel: "column" keeps this rank's rows of each part (`part_shards`, in the part's
     own row numbers; an even split by default), "row" keeps its columns and sums the partial
     products of all ranks before the epilogue.
@@ -27,7 +31,7 @@ class Linear(nn.Cell):
 
     def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32,
                  epilogue: str = "plain", scale: float = 1.0, parallel: str | None = None,
-                 part_shards: list[slice] | None = None, exact_dtype: bool = False):
+                 part_shards: list[slice] | None = None, exact_dtype: bool = False, input_norm=None):
         super().__init__()
         full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.full_shapes = [(n, in_features) for n in full_sizes]
@@ -47,9 +51,15 @@ class Linear(nn.Cell):
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         # Partial sums must be reduced before a residual is added, so that epilogue moves out.
         self.residual_scale = scale if self.all_reduce is not None and epilogue == "residual" else None
-        self.matmul = matmul("plain" if self.residual_scale is not None else epilogue, scale)
+        if input_norm is not None and (parallel == "row" or input_norm.all_reduce is not None):
+            raise ValueError("a fused input norm needs the whole, unsharded input")
+        self.input_norm = input_norm
+        self.matmul = matmul("plain" if self.residual_scale is not None else epilogue, scale,
+                             None if input_norm is None else input_norm.eps)
 
     def construct(self, x, residual=None):
+        if self.input_norm is not None:
+            return self.matmul(x, self.weight, residual, self.input_norm.weight)
         if self.all_reduce is None:
             return self.matmul(x, self.weight, residual)
         y = self.all_reduce(self.matmul(x, self.weight))

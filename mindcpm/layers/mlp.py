@@ -8,13 +8,14 @@ from .linear import Linear
 
 class SwiGLU(nn.Cell):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one projection. With a
-    residual_scale, construct(x, r) returns r + residual_scale * down(...)."""
+    residual_scale, construct(x, r) returns r + residual_scale * down(...). With an input_norm,
+    x is the un-normalised input and gate|up applies the norm (see Linear)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype=ms.float32,
-                 residual_scale: float | None = None):
+                 residual_scale: float | None = None, input_norm=None):
         super().__init__()
         self.gate_up_proj = Linear(hidden_size, [intermediate_size, intermediate_size], dtype, "swiglu",
-                                   parallel="column")
+                                   parallel="column", input_norm=input_norm)
         self.down_proj = Linear(intermediate_size, hidden_size, dtype,
                                 "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                                 parallel="row")

@@ -16,16 +16,19 @@ from ..layers.rotary import RotaryEmbedding
 class DecoderLayer(nn.Cell):
     def __init__(self, cfg: ModelConfig, rotary, backend, cache_shape, dtype):
         super().__init__()
+        # Each norm is applied by the projection that reads it (fused into one kernel on CPU).
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.self_attn = PagedAttention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                        rotary, backend, cache_shape, dtype, cfg.residual_scale)
+                                        rotary, backend, cache_shape, dtype, cfg.residual_scale,
+                                        input_norm=self.input_layernorm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.residual_scale)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, dtype, cfg.residual_scale,
+                          input_norm=self.post_attention_layernorm)
 
     def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
-        # Both sublayers return h + residual_scale * (their output).
-        h = self.self_attn(self.input_layernorm(h), positions, slot_mapping, block_tables, block_size, h, *extra)
-        return self.mlp(self.post_attention_layernorm(h), h)
+        # Both sublayers take the un-normalised h and return h + residual_scale * (their output).
+        h = self.self_attn(h, positions, slot_mapping, block_tables, block_size, h, *extra)
+        return self.mlp(h, h)
 
 
 class MiniCPMForCausalLM(nn.Cell):

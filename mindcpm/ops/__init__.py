@@ -76,11 +76,12 @@ def weight_dtype(dtype):
     return _kernels["weight_dtype"] or dtype
 
 
-def matmul(epilogue: str = "plain", scale: float = 1.0):
+def matmul(epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
+    """x W^T with an epilogue; with norm_eps, x is RMS-normalised first (fused where the device can)."""
     if _kernels["on"]:
         from .cpu import KernelMatmul
-        return KernelMatmul(epilogue, scale)
-    return NativeMatmul(epilogue, scale)
+        return KernelMatmul(epilogue, scale, norm_eps)
+    return NativeMatmul(epilogue, scale, norm_eps)
 
 
 def rms_norm(eps: float):

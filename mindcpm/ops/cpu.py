@@ -28,7 +28,8 @@ def _fp32(*_):
 
 class KernelMatmul(nn.Cell):
     """y = epilogue(x W^T) for x [..., K] fp32; epilogue "plain", "swiglu" (W = gate|up) or
-    "residual" (y = r + scale * x W^T).
+    "residual" (y = r + scale * x W^T). With norm_eps (plain and swiglu), x is RMS-normalised
+    with the norm weight construct receives, in the same kernel: one op fewer per norm.
 
     The kernel streams W once per block of rows of x: the right tool for decode. From
     GEMM_ROWS rows on (prefill), MindSpore's blocked MatMul is faster for fp32 weights
@@ -37,11 +38,18 @@ class KernelMatmul(nn.Cell):
 
     GEMM_ROWS = 64
 
-    def __init__(self, epilogue: str = "plain", scale: float = 1.0):
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
         super().__init__()
         self.native = NativeMatmul(epilogue, scale)
         self.epilogue = epilogue
-        if epilogue == "plain":
+        self.norm = None if norm_eps is None else KernelRMSNorm(norm_eps)
+        if self.norm is not None:
+            if epilogue == "residual":
+                raise ValueError("a norm before a residual projection is not fused")
+            name, width = ("RmsNormLinear", lambda x, g, e, w: w[0]) if epilogue == "plain" else \
+                ("RmsNormLinearSwiglu", lambda x, g, e, w: w[0] // 2)
+            self.op = aot_op("linear", name, _rows_by(width), _fp32)
+        elif epilogue == "plain":
             self.op = aot_op("linear", "Linear", _rows_by(lambda x, w: w[0]), _fp32)
         elif epilogue == "swiglu":
             self.op = aot_op("linear", "LinearSwiglu", _rows_by(lambda x, w: w[0] // 2), _fp32)
@@ -51,12 +59,16 @@ class KernelMatmul(nn.Cell):
         else:
             raise ValueError(f"unknown linear epilogue {epilogue!r}")
 
-    def construct(self, x, weight, residual=None):
+    def construct(self, x, weight, residual=None, norm_weight=None):
         rows = 1
         for n in x.shape[:-1]:
             rows *= n
         if rows >= self.GEMM_ROWS and weight.dtype == ms.float32:  # both known when the graph compiles
+            if self.norm is not None:
+                x = self.norm(x, norm_weight)
             return self.native(x, weight, residual)
+        if self.norm is not None:
+            return self.op(x, norm_weight, self.norm.eps, weight)
         if self.epilogue == "residual":
             return self.op(x, weight, residual, self.scale)
         return self.op(x, weight)

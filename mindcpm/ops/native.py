@@ -82,16 +82,20 @@ class SplitRopeAttention(nn.Cell):
 
 class NativeMatmul(nn.Cell):
     """y = epilogue(x W^T), x [..., K]: "plain", "swiglu" (W = gate|up: silu(gate) * up) or
-    "residual" (y = r + scale * x W^T)."""
+    "residual" (y = r + scale * x W^T). With norm_eps, x is first RMS-normalised with the
+    norm weight construct receives (the norm that feeds this projection)."""
 
-    def __init__(self, epilogue: str = "plain", scale: float = 1.0):
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
         super().__init__()
         if epilogue not in ("plain", "swiglu", "residual"):
             raise ValueError(f"unknown linear epilogue {epilogue!r}")
         self.epilogue, self.scale = epilogue, scale
         self.matmul = ops.MatMul(transpose_b=True)
+        self.norm = None if norm_eps is None else NativeRMSNorm(norm_eps)
 
-    def construct(self, x, weight, residual=None):
+    def construct(self, x, weight, residual=None, norm_weight=None):
+        if self.norm is not None:
+            x = self.norm(x, norm_weight)
         shape = x.shape
         y = self.matmul(x.reshape(-1, shape[-1]), weight)
         y = y.reshape(shape[:-1] + (y.shape[-1],))
