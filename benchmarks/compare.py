@@ -32,7 +32,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = ("mindcpm", "llama.cpp-f32", "llama.cpp-f16", "transformers")
+PEERS = ("mindcpm", "mindcpm-bf16", "llama.cpp-f32", "llama.cpp-f16", "transformers")
+# mindcpm-bf16: the checkpoint's matrices kept in bf16 with fp32 activations (16-bit weights on CPU).
 INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install torch transformers"}
 THREADS = int(os.environ.get("MINDCPM_COMPARE_THREADS", 0)) or os.cpu_count() or 1
 
@@ -296,15 +297,15 @@ def compare(args) -> list[dict]:
         prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
                    for _ in range(1 + args.repetitions)]
         for peer in peers:
-            label = {"mindcpm": "float32", "llama.cpp-f32": "f32", "llama.cpp-f16": "f16",
-                     "transformers": "float32"}[peer]
+            label = {"mindcpm": "float32", "mindcpm-bf16": "bfloat16", "llama.cpp-f32": "f32",
+                     "llama.cpp-f16": "f16", "transformers": "float32"}[peer]
             if peer in skipped:
                 rows.append({"engine": peer, "weights": label, "status": "skipped", "reason": skipped[peer]})
                 continue
             log(f"running {peer}")
-            if peer == "mindcpm":
-                cell = bench.Cell(model=checkpoint, prompt_len=args.prompt_len, output_len=args.output_len,
-                                  repetitions=args.repetitions, seed=args.seed)
+            if peer.startswith("mindcpm"):
+                cell = bench.Cell(model=checkpoint, precision=label, prompt_len=args.prompt_len,
+                                  output_len=args.output_len, repetitions=args.repetitions, seed=args.seed)
                 row = bench.measure(cell)
                 result = {"status": row["status"], "reason": row["reason"], "metrics": row["metrics"]}
             else:
@@ -317,9 +318,12 @@ def compare(args) -> list[dict]:
 def table(rows: list[dict]) -> str:
     from mindcpm import bench
 
-    ours = next((r["metrics"] for r in rows if r["engine"] == "mindcpm" and r["status"] == "ok"), None)
+    ok_metrics = {r["engine"]: r["metrics"] for r in rows if r["status"] == "ok"}
 
-    def ratio(m, key):
+    def ratio(m, key, weights):
+        # 16-bit peers are compared with mindcpm's 16-bit weights when that row ran.
+        ours = ok_metrics.get("mindcpm-bf16") if weights in ("f16", "bfloat16") else None
+        ours = ours or ok_metrics.get("mindcpm")
         if not ours or not m.get(key) or not ours.get(key):
             return "-"
         # TTFT: lower is better, so theirs / ours.
@@ -334,8 +338,8 @@ def table(rows: list[dict]) -> str:
             num(m.get(k)) if ok else "-" for k in ("prefill_tokens_per_second", "ttft_ms", "decode_tokens_per_second",
                                                    "itl_p50_ms", "itl_p99_ms", "tokens_per_second")]
             + [num(m.get("peak_memory_gib"), 2) if ok else "-",
-               ratio(m, "decode_tokens_per_second") if ok else "-",
-               ratio(m, "ttft_ms") if ok else "-",
+               ratio(m, "decode_tokens_per_second", r["weights"]) if ok else "-",
+               ratio(m, "ttft_ms", r["weights"]) if ok else "-",
                "" if ok else f"{r['status']}: {r['reason']}"])
     return bench.format_table(COLUMNS, lines)
 
@@ -387,8 +391,8 @@ def main(argv=None) -> int:
               f"after a warm-up")
         print(table(rows))
         print("mindcpm decode x: mindcpm's decode tok/s / the engine's; mindcpm TTFT x: the engine's TTFT / "
-              "mindcpm's (> 1: mindcpm is faster). prefill tok/s: the peers' is prompt tokens / TTFT, "
-              "mindcpm's is its prefill steps' own rate.")
+              "mindcpm's (> 1: mindcpm is faster); 16-bit engines are compared with mindcpm-bf16 when it ran. "
+              "prefill tok/s: the peers' is prompt tokens / TTFT, mindcpm's is its prefill steps' own rate.")
     return 0
 
 

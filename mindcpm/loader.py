@@ -73,22 +73,32 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     params = loadable_parameters(model)
     cells = fused_cells(model)
     owners = sharded_cells(model)
+    expected = {name: _parts(cells[name]) if name in cells else {None} for name in params}
     filled: dict[str, set] = {name: set() for name in params}
-    # Zeros: a vocab-parallel table's padding rows on the last rank come from no tensor.
-    staged = {name: np.zeros(p.shape, dtype=np.float32) for name, p in params.items()}
+    # A parameter is staged in fp32 from its first tensor until its last part arrives, then handed
+    # over: peak memory is the model plus the few parameters being assembled, not a second copy
+    # of the model in fp32 (which alone would not fit for an 8B checkpoint kept in bf16).
+    staged: dict[str, np.ndarray] = {}
     files = checkpoint_files(path)
     with tqdm(total=None, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
         for file in files:
             for hf_name, tensor in _read_tensors(file):
-                _place(hf_name, tensor, file, params, cells, owners, staged, filled)
+                name = _place(hf_name, tensor, file, params, cells, owners, staged, filled)
+                if name is not None and filled[name] == expected[name]:
+                    _hand_over(params[name], staged.pop(name, None))
                 bar.update(1)
     for name, parts in filled.items():
-        if parts != (_parts(cells[name]) if name in cells else {None}):
+        if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
-    for name, p in params.items():
-        # Each parameter keeps the dtype its layer chose: 16-bit matrices beside fp32 norms on CPU,
-        # and fp32 for the few that stay fp32 whatever the model (MoE router, lightning norm).
-        p.set_data(Tensor(staged.pop(name), p.dtype))
+
+
+def _hand_over(param, values: np.ndarray | None) -> None:
+    """Each parameter keeps the dtype its layer chose: 16-bit matrices beside fp32 norms on CPU,
+    and fp32 for the few that stay fp32 whatever the model (MoE router, lightning norm). None:
+    this rank received none of its parts' values (zeros)."""
+    if values is None:
+        values = np.zeros(param.shape, np.float32)
+    param.set_data(Tensor(values, param.dtype))
 
 
 def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
@@ -135,26 +145,33 @@ def _read_tensors(file: str):
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
 
 
-def _whole(cell, part, target) -> Shard:
-    """A parameter that holds the whole checkpoint tensor (at its part's rows, if fused)."""
-    dest = () if part is None else cell.part_rows(part)
-    dest = dest if isinstance(dest, tuple) else (dest,)
-    return Shard(target[dest].shape, (), dest)
+def _whole(cell, part, shape: tuple) -> Shard:
+    """A parameter of `shape` that holds the whole checkpoint tensor (at its part's rows, if fused)."""
+    if part is None:
+        return Shard(tuple(shape), (), ())
+    rows = cell.part_rows(part)
+    return Shard((rows.stop - rows.start,) + tuple(shape[1:]), (), (rows,))
 
 
-def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
+def _place(hf_name, tensor, file, params, cells, owners, staged, filled) -> str | None:
+    """Copies one checkpoint tensor (this rank's slice of it) into its parameter's staging
+    buffer; returns the parameter's name (None for a tensor that is skipped)."""
     name, part = our_name(hf_name)
     if name not in params:
         if name == TIED_HEAD or hf_name.endswith("rotary_emb.inv_freq"):
-            return
+            return None
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
     if part is not None and (name not in cells or part not in _parts(cells[name])):
         raise CheckpointError(f"{file}: unexpected tensor {hf_name}")
-    target = staged[name]
-    shard = owners[name].checkpoint_shard(part) if name in owners else _whole(cells.get(name), part, target)
+    if part in filled[name]:
+        raise CheckpointError(f"{file}: tensor {hf_name} appears twice")
+    shard = owners[name].checkpoint_shard(part) if name in owners else \
+        _whole(cells.get(name), part, params[name].shape)
     if shard is None:  # another rank's expert
         filled[name].add(part)
-        return
+        return name
+    # Zeros: a vocab-parallel table's padding rows on the last rank come from no tensor.
+    target = staged.setdefault(name, np.zeros(params[name].shape, dtype=np.float32))
     shape = tuple(tensor.get_shape())
     if shape != tuple(shard.full_shape):
         raise CheckpointError(f"{file}: tensor {hf_name} has shape {shape}, expected {tuple(shard.full_shape)}")
@@ -164,3 +181,4 @@ def _place(hf_name, tensor, file, params, cells, owners, staged, filled):
     except (SafetensorError, ValueError, TypeError, OSError) as e:  # a truncated file can fail only when read
         raise CheckpointError(f"{file}: cannot read tensor {hf_name} ({e})") from None
     filled[name].add(part)
+    return name
