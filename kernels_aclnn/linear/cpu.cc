@@ -111,16 +111,18 @@ inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64
   }
 }
 
-template <class W, class E>
+// kTileRows weight rows per tile: 8 for a single row of x (8 accumulators, 8 weight streams in
+// flight), 4 for more rows (3 x 4 accumulators).
+template <class W, class E, int kTileRows>
 void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t units, const E &epi) {
-  constexpr int U = 4 / E::kRowsPerUnit;  // 4 weight rows per tile
+  constexpr int U = kTileRows / E::kRowsPerUnit;
   // Rows of x per pass over W: all of a decode batch (W is streamed from memory once), capped
   // so that the block of x stays in L2 (512 KiB) next to the weight rows being multiplied.
   int64_t mb = std::max<int64_t>(3, (512 * 1024 / 4) / std::max<int64_t>(K, 1) / 3 * 3);
   int64_t blocks = (units + U - 1) / U;
-  // Chunks of 16 row tiles (64 weight rows): small enough that a descheduled thread holds
-  // up little, large enough that claiming one costs nothing next to streaming it.
-  parallel_chunks(blocks, 16, [&](int64_t b0, int64_t b1) {
+  // Chunks of 64 weight rows: small enough that a descheduled thread holds up little, large
+  // enough that claiming one costs nothing next to streaming it.
+  parallel_chunks(blocks, 64 / kTileRows, [&](int64_t b0, int64_t b1) {
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       int64_t m1 = std::min(M, m0 + mb);
       for (int64_t b = b0; b < b1; ++b) {
@@ -135,13 +137,23 @@ void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t u
   });
 }
 
+template <class W, class E>
+void run_for_rows(const void *w, const float *x, int64_t M, int64_t K, int64_t units, const E &epi) {
+  mindcpm_prefer_huge_pages(w, units * E::kRowsPerUnit * K * sizeof(typename W::T));
+  const auto *weights = static_cast<const typename W::T *>(w);
+  if (M == 1) {
+    run<W, E, 8>(x, weights, M, K, units, epi);
+  } else {
+    run<W, E, 4>(x, weights, M, K, units, epi);
+  }
+}
+
 template <class E>
 int dispatch(const char *wtype, const float *x, const void *w, int64_t M, int64_t K, int64_t units, const E &epi) {
-  const int64_t rows = units * E::kRowsPerUnit;
   switch (weight_type(wtype)) {
-    case WType::kF32: mindcpm_prefer_huge_pages(w, rows * K * 4); run<F32>(x, static_cast<const float *>(w), M, K, units, epi); return 0;
-    case WType::kBF16: mindcpm_prefer_huge_pages(w, rows * K * 2); run<BF16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
-    case WType::kF16: mindcpm_prefer_huge_pages(w, rows * K * 2); run<F16>(x, static_cast<const uint16_t *>(w), M, K, units, epi); return 0;
+    case WType::kF32: run_for_rows<F32>(w, x, M, K, units, epi); return 0;
+    case WType::kBF16: run_for_rows<BF16>(w, x, M, K, units, epi); return 0;
+    case WType::kF16: run_for_rows<F16>(w, x, M, K, units, epi); return 0;
     default: return 1;
   }
 }
