@@ -179,7 +179,9 @@ def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
     return qkv, k_cache, v_cache, positions, slots, tables
 
 
-@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,r", [(1, 1, 4, 2, 16, 4, 3, None), (3, 1, 8, 2, 16, 8, 2, None),
+# Decode rows with few kv heads split each kv head's query heads between threads (G = 2, 3, 3).
+@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,r", [(1, 1, 4, 2, 16, 4, 3, None), (1, 1, 6, 2, 16, 4, 3, None),
+                                                  (1, 1, 3, 1, 8, 4, 5, None), (3, 1, 8, 2, 16, 8, 2, None),
                                                   (2, 5, 6, 3, 8, 4, 4, None), (3, 7, 2, 1, 32, 16, 1, None),
                                                   (2, 3, 4, 2, 32, 4, 3, 16)])  # MiniMax's partial RoPE
 def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):

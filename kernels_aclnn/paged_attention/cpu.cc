@@ -85,31 +85,36 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
     }
   });
 
-  // 2. Attention of every (token, kv head) over keys 0..position of its row; units are handed
-  // out one at a time because their cost grows with the position. A single decode row (a few
-  // units) runs on the calling thread: waking a worker would cost more than it saves.
-  const int64_t units = T * Hkv;
-  parallel_chunks(units, units <= 4 ? units : 1, [&](int64_t u0, int64_t u1) {
+  // 2. Attention of every (token, kv head, slice of its query heads) over keys 0..position of
+  // its row. Units are handed out one at a time because their cost grows with the position. A
+  // kv head's query heads are split into slices only when there are too few (token, kv head)
+  // pairs to keep every thread busy (decode: 1 token x 2 kv heads on MiniCPM4): each slice then
+  // re-reads the head's keys and values, which a decode step's cache holds in L2/L3.
+  const int64_t pairs = T * Hkv;
+  const int64_t parts = std::min<int64_t>(G, std::max<int64_t>(1, (2 * num_threads() + pairs - 1) / pairs));
+  parallel_chunks(pairs * parts, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> q, scores, acc;
     q.resize(G * D), scores.resize(G * max_keys), acc.resize(D);
     for (int64_t unit = u0; unit < u1; ++unit) {
-      int64_t t = unit / Hkv, h = unit % Hkv, b = t / L;
+      const int64_t pair = unit / parts, part = unit % parts;
+      const int64_t t = pair / Hkv, h = pair % Hkv, b = t / L;
+      const int64_t g0 = part * G / parts, g1 = (part + 1) * G / parts;
       int64_t pos = positions[t];
       float *o = out + t * Hq * D + h * G * D;
       if (pos < 0 || pos >= P) {
-        std::memset(o, 0, G * D * sizeof(float));
+        std::memset(o + g0 * D, 0, (g1 - g0) * D * sizeof(float));
         continue;
       }
       pos = std::min(pos, max_keys - 1);
       const float *row = qkv + t * width;
-      for (int64_t g = 0; g < G; ++g) rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
+      for (int64_t g = g0; g < g1; ++g) rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
       const int32_t *table = tables + b * nb;
       int64_t n = pos + 1;
       for (int64_t j = 0; j < n; ++j) {
         const float *k = kc + ((int64_t)table[j / bs] * bs + j % bs) * Hkv * D + h * D;
-        for (int64_t g = 0; g < G; ++g) scores[g * max_keys + j] = dot(&q[g * D], k, D) * scale;
+        for (int64_t g = g0; g < g1; ++g) scores[g * max_keys + j] = dot(&q[g * D], k, D) * scale;
       }
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = g0; g < g1; ++g) {
         float *s = &scores[g * max_keys];
         float mx = s[0];
         for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
