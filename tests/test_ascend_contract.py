@@ -83,7 +83,7 @@ def _run_script(model_dir, backend_factory, cache_shape_fn, tokens):
         out = {}
         for step in steps:
             *inputs, width = _step_inputs(tokens, step)
-            result = step_fn(*[Tensor(a) for a in inputs]).asnumpy()
+            result = step_fn(*[Tensor(a) for a in inputs])[0].asnumpy()  # (logits, arg-max)
             for i, (name, start, n) in enumerate(step):
                 for j in range(n):
                     out[(name, start + j)] = result[i * width + j]
