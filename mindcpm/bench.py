@@ -5,7 +5,7 @@ A cell is one combination of model, precision, batch, prompt length, output leng
 attention. The parent process never loads a model: each cell runs in a fresh child process
 (`python -m mindcpm.bench CELL_JSON RESULT_FILE`) so that its peak memory (ru_maxrss) and its
 compiled graphs are its own. The child warms up on the cell's workload (this compiles every
-shape bucket it meets), then measures `repetitions` runs of the same workload with fresh random
+shape bucket it meets; a mixed workload repeats until a run meets no new one), then measures `repetitions` runs of the same workload with fresh random
 prompts and counts the graphs compiled after the warm-up, which must be none.
 
 Adding a shape is one entry in SHAPES: a Hugging Face config.json as a dict.
@@ -107,6 +107,7 @@ PAGED_BLOCK_SIZE = 16
 KV_CACHE_GIB = 2.0  # LLM's default cache budget
 LONG_CHUNK = 512  # prefill chunk of the long-context mode
 PREFILL_SAMPLES = 3  # long-context prefill: chunks timed at this many offsets, then integrated
+MIXED_WARMUP_RUNS = 6  # a mixed workload's warm-up: until a run compiles no new graph, at most this many
 RUNTIME_OVERHEAD = 1.0 * GIB  # MindSpore, Python, graphs, activations: 0.5-1.1 GiB measured here
 
 
@@ -418,7 +419,7 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
 
         phase("warm-up (compiling)")
         start = time.perf_counter()
-        timed_run(llm, workload(cell, rng, vocab))
+        warm_up(llm, cell, rng, vocab)
         warmup_seconds = time.perf_counter() - start
         warm_graphs, warm_compile = len(runner.compiled_shapes), runner.compile_seconds
 
@@ -431,6 +432,19 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def warm_up(llm, cell: Cell, rng: np.random.Generator, vocab: int) -> None:
+    """Runs the workload until its graphs are compiled: once for a fixed workload (every run has
+    the same shapes); a mixed one's random lengths meet its (batch rows, tokens per row, cache
+    blocks) buckets over several runs, so it repeats until a run compiles nothing new (at most
+    MIXED_WARMUP_RUNS), as a server reaches its steady state."""
+    compiled = llm.engine.runner.compiled_shapes
+    for i in range(1 if cell.workload == "fixed" else MIXED_WARMUP_RUNS):
+        before = len(compiled)
+        timed_run(llm, workload(cell, rng, vocab))
+        if i > 0 and len(compiled) == before:
+            return
 
 
 def context_metrics(llm, cell: Cell, phase=lambda text: None) -> dict:

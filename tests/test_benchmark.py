@@ -67,6 +67,27 @@ def test_mixed_workload_has_four_requests_per_slot_of_bounded_lengths():
     assert [(len(ids), n) for ids, n in fixed] == [(40, 20)] * 3
 
 
+@pytest.mark.parametrize("workload, new_graphs_per_run, runs", [
+    ("fixed", [3, 0, 0], 1),  # every run has the same shapes: one warm-up run
+    ("mixed", [5, 2, 1, 0, 0], 4),  # until a run (after the first) compiles nothing new
+    ("mixed", [1] * 10, bench.MIXED_WARMUP_RUNS),  # and never more than the cap
+])
+def test_warm_up_repeats_a_mixed_workload_until_no_new_graph(monkeypatch, workload, new_graphs_per_run, runs):
+    from types import SimpleNamespace
+    compiled = set()
+    calls = []
+
+    def fake_run(llm, requests):  # a run that compiles new_graphs_per_run[i] shapes
+        calls.append(requests)
+        compiled.update((len(calls), j) for j in range(new_graphs_per_run[len(calls) - 1]))
+
+    monkeypatch.setattr(bench, "timed_run", fake_run)
+    llm = SimpleNamespace(engine=SimpleNamespace(runner=SimpleNamespace(compiled_shapes=compiled)))
+    cell = bench.Cell("tiny-llama", batch=2, workload=workload)
+    bench.warm_up(llm, cell, np.random.default_rng(0), 512)
+    assert len(calls) == runs
+
+
 def test_kernels_option_passes_straight_to_llm():
     assert "kernels" not in bench.Cell("tiny-llama").llm_kwargs()
     assert bench.Cell("tiny-llama", kernels="on").llm_kwargs()["kernels"] == "on"
