@@ -292,6 +292,9 @@ def compare(args) -> list[dict]:
                 gguf_files[peer] = os.path.join(tmp, f"{peer}.gguf")
                 write_gguf(gguf_files[peer], cfg, weights, checkpoint, f16)
         del weights
+        # Flush the files just written (GBs of dirty pages): their write-back would otherwise
+        # slow down whichever engine runs first.
+        os.sync()
         # The prompts mindcpm's cell draws: warm-up first, then one per repetition.
         rng = np.random.default_rng(args.seed)
         prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
