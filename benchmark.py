@@ -81,8 +81,10 @@ def parse_args(argv):
                    help="measured runs per cell after the warm-up; medians are reported (default 3)")
     o.add_argument("--block-size", type=int, default=bench.PAGED_BLOCK_SIZE, metavar="B",
                    help="KV block size with paged attention on (default 16)")
-    o.add_argument("--kernels", default=None, metavar="auto|on|off",
-                   help="passed to LLM(kernels=...) (CPU custom kernels); default: not passed")
+    o.add_argument("--kernels", type=list_arg(bench.kernels_mode, "--kernels"), default=[None],
+                   metavar="auto,on,off",
+                   help="passed to LLM(kernels=...) (CPU custom kernels); a list compares them "
+                        "(default: not passed, i.e. auto)")
     o.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts (default 0)")
     o.add_argument("--timeout", type=float, default=3600, metavar="S", help="seconds per cell (default 3600)")
     out = p.add_argument_group("output")
@@ -98,8 +100,8 @@ def cells_from_args(args) -> list[bench.Cell]:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
-                               args.workload, args.context, args.sparse, repetitions=args.repetitions,
-                               block_size=args.block_size, kernels=args.kernels, seed=args.seed)
+                               args.workload, args.context, args.sparse, args.kernels,
+                               repetitions=args.repetitions, block_size=args.block_size, seed=args.seed)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:

@@ -214,15 +214,23 @@ def workload_kind(text: str) -> str:
 
 
 def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, workloads=("fixed",),
-                  contexts=(), sparse_modes=("off",), **common) -> list[Cell]:
+                  contexts=(), sparse_modes=("off",), kernel_modes=(None,), **common) -> list[Cell]:
     """Every combination, model-major (the order the table shows them). With contexts, the
-    long-context cells (model x precision x sparse x context) instead of the throughput ones."""
+    long-context cells (model x precision x sparse x context) instead of the throughput ones.
+    kernel_modes: LLM(kernels=...) values (None: not passed)."""
     if contexts:
-        return [Cell(model=m, precision=p, context=c, sparse=sp, **common)
-                for m in models for p in precisions for sp in sparse_modes for c in contexts]
-    return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, **common)
+        return [Cell(model=m, precision=p, context=c, sparse=sp, kernels=k, **common)
+                for m in models for p in precisions for sp in sparse_modes for c in contexts for k in kernel_modes]
+    return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, kernels=k,
+                 **common)
             for m in models for p in precisions for b in batches for pl in prompt_lens for ol in output_lens
-            for pg in paged_modes for w in workloads]
+            for pg in paged_modes for w in workloads for k in kernel_modes]
+
+
+def kernels_mode(text: str) -> str:
+    if text not in ("auto", "on", "off"):
+        raise ValueError(f"--kernels: {text!r} is not one of auto, on, off")
+    return text
 
 
 def sparse_mode(text: str) -> str:
@@ -645,6 +653,8 @@ def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
     for i, r in enumerate(rows, 1):
         ok = r["status"] == "ok"
         note = "" if ok else f"{r['status']}: {r['reason']}"
+        if ok and r.get("kernels"):
+            note = f"kernels {r['kernels']}"
         mixed = r.get("workload") == "mixed"  # lengths are maxima; 4 x batch requests share the batch
         batch = f"{r['batch']} ({4 * r['batch']} req)" if mixed else str(r["batch"])
         upto = "<=" if mixed else ""

@@ -91,11 +91,15 @@ def test_warm_up_repeats_a_mixed_workload_until_no_new_graph(monkeypatch, worklo
 def test_kernels_option_passes_straight_to_llm():
     assert "kernels" not in bench.Cell("tiny-llama").llm_kwargs()
     assert bench.Cell("tiny-llama", kernels="on").llm_kwargs()["kernels"] == "on"
+    cells = benchmark.cells_from_args(benchmark.parse_args(["-m", "tiny-llama", "--kernels", "on,off"]))
+    assert [c.kernels for c in cells] == ["on", "off"]
+    assert [c.kernels for c in benchmark.cells_from_args(benchmark.parse_args(["-m", "tiny-llama"]))] == [None]
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["-b", "0"], "--batch"), (["-p", "x"], "--prompt-len"), (["--paged", "maybe"], "--paged"),
-    (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload")])
+    (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload"),
+    (["--kernels", "maybe"], "--kernels")])
 def test_bad_option_is_one_usage_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)
