@@ -267,16 +267,22 @@ def total_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def available_memory() -> int:
-    """MemAvailable (what can be used now on a shared machine), else the physical total."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """The `key:  N kB` line of a /proc file, in bytes (None where the file or line is missing)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return total_memory()
+    return None
+
+
+def available_memory() -> int:
+    """MemAvailable (what can be used now on a shared machine), else the physical total."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable")
+    return total_memory() if available is None else available
 
 
 def refusal(cfg: ModelConfig, cell: Cell, from_checkpoint: bool, total: int | None = None,
@@ -515,14 +521,8 @@ def peak_rss() -> int:
     """Peak resident memory of this process, in bytes. VmHWM, not ru_maxrss: Linux carries a
     parent's maximum over fork/exec into the child's ru_maxrss, so a child started by a large
     parent would report at least the parent's size."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_kib("/proc/self/status", "VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if peak is None else peak
 
 
 def summarize(runs: list[RunTimes], load_seconds, warmup_seconds, warm_compile, warm_graphs, runner) -> dict:

@@ -210,6 +210,15 @@ void parallel_chunks(int64_t n, int64_t chunk, F fn) {
 // when MINDCPM_HUGE_PAGES=off.
 extern "C" void mindcpm_prefer_huge_pages(const void *data, size_t bytes);
 
+// y = x / sqrt(mean(x^2) + eps) * g over one row of H fp32 values (RmsNorm, and the norm the
+// linear kernel applies before its projection).
+inline void rms_norm_row(const float *x, const float *g, float eps, int64_t H, float *y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+  const float inv = 1.f / std::sqrt(ss / (float)H + eps);
+  for (int64_t i = 0; i < H; ++i) y[i] = x[i] * inv * g[i];
+}
+
 inline int64_t numel(int ndim, const int64_t *shape) {
   int64_t n = 1;
   for (int i = 0; i < ndim; ++i) n *= shape[i];

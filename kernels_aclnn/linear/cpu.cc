@@ -158,18 +158,11 @@ int dispatch(const char *wtype, const float *x, const void *w, int64_t M, int64_
   }
 }
 
-// x's rows normalised (as kernels_aclnn/rms_norm) into a buffer reused across calls.
+// x's rows normalised into a buffer reused across calls.
 const float *rms_normalised(const float *x, const float *g, float eps, int64_t M, int64_t K) {
   thread_local std::vector<float> buffer;
   buffer.resize(M * K);
-  for (int64_t m = 0; m < M; ++m) {
-    const float *xr = x + m * K;
-    float *yr = buffer.data() + m * K;
-    float ss = 0.f;
-    for (int64_t k = 0; k < K; ++k) ss += xr[k] * xr[k];
-    const float inv = 1.f / std::sqrt(ss / (float)K + eps);
-    for (int64_t k = 0; k < K; ++k) yr[k] = xr[k] * inv * g[k];
-  }
+  for (int64_t m = 0; m < M; ++m) rms_norm_row(x + m * K, g, eps, K, buffer.data() + m * K);
   return buffer.data();
 }
 

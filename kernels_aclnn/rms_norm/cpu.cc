@@ -15,14 +15,7 @@ extern "C" int RmsNorm(int nparam, void **params, int *ndims, int64_t **shapes, 
   const int64_t H = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / H;
   // Threads only pay off for many rows (prefill); a decode row is a few KiB.
   parallel_chunks(rows, 8, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float *xr = x + r * H;
-      float *yr = y + r * H;
-      float ss = 0.f;
-      for (int64_t i = 0; i < H; ++i) ss += xr[i] * xr[i];
-      float inv = 1.f / std::sqrt(ss / (float)H + eps);
-      for (int64_t i = 0; i < H; ++i) yr[i] = xr[i] * inv * w[i];
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(x + r * H, w, eps, H, y + r * H);
   });
   return 0;
 }

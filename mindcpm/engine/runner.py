@@ -141,7 +141,8 @@ class ModelRunner:
         logits, greedy_ids = self._run_step(inputs)
         if any(want_prompt_lp):
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
-            logits, greedy_ids = logits[Tensor(last_rows)], greedy_ids[Tensor(last_rows)]
+            rows = Tensor(last_rows)
+            logits, greedy_ids = logits[rows], greedy_ids[rows]
         done = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(seqs, num_new)]
         requests = [SampleRequest(s.params, s.prompt_token_ids, s.completion_token_ids, s.rng) for s in seqs]
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
