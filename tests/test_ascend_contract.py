@@ -76,14 +76,17 @@ def _run_script(model_dir, backend_factory, cache_shape_fn, tokens):
     cache_shape = cache_shape_fn(NUM_BLOCKS + 1, BLOCK, cfg.num_kv_heads, cfg.head_dim)
     model = MiniCPMForCausalLM(cfg, backend_factory, cache_shape, BLOCK, ms.float32)
     load_checkpoint(model, model_dir, ms.float32, progress=False)
-    step_fn = _CompiledStep(model)
+    step_fns = {}  # a compiled step runs one input-shape bucket (as in the runner)
     logits, calls = {}, {}
     for stage, steps in STAGES.items():
         before = CALLS.copy()
         out = {}
         for step in steps:
             *inputs, width = _step_inputs(tokens, step)
-            result = step_fn(*[Tensor(a) for a in inputs])[0].asnumpy()  # (logits, arg-max)
+            shapes = tuple(a.shape for a in inputs)
+            if shapes not in step_fns:
+                step_fns[shapes] = _CompiledStep(model, shapes)
+            result = step_fns[shapes](*[Tensor(a) for a in inputs])[0].asnumpy()  # (logits, arg-max)
             for i, (name, start, n) in enumerate(step):
                 for j in range(n):
                     out[(name, start + j)] = result[i * width + j]

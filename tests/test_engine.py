@@ -96,3 +96,18 @@ def test_no_recompilation_in_steady_state(tiny_dir):
     # Same lengths, other tokens (the same ones would hit the prefix cache and prefill less).
     llm.generate([{"prompt_token_ids": [(t + 50) % 256 for t in p]} for p in PROMPTS[:4]], params)
     assert llm.engine.runner.compiled_shapes == shapes
+
+
+def test_a_compiled_step_refuses_another_shape(tiny_dir):
+    # MindSpore's inference path would run the cached graph on the wrong shapes without a word.
+    import numpy as np
+    from mindspore import Tensor
+    from mindcpm import SamplingParams
+    llm = _llm(tiny_dir, max_num_seqs=1)
+    llm.generate({"prompt_token_ids": PROMPTS[1]}, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    runner = llm.engine.runner
+    shapes, step = next(iter(runner.steps.items()))
+    inputs = [Tensor(np.zeros(s, np.int32)) for s in shapes]
+    inputs[0] = Tensor(np.zeros((shapes[0][0] * 2, *shapes[0][1:]), np.int32))
+    with pytest.raises(ValueError, match="compiled for input shapes"):
+        step(*inputs)
