@@ -23,9 +23,11 @@ extern "C" void mindcpm_prefer_huge_pages(const void *data, size_t bytes) {
   static std::unordered_set<const void *> seen;  // once per weight, whether it worked or not
   std::lock_guard<std::mutex> lock(mutex);
   if (!seen.insert(data).second) return;
-  // Only the whole 2 MiB pages inside the weight: its neighbours' memory is not ours to move.
-  uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
-  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  // Every 2 MiB page the weight touches, its ends included: a collapse keeps the contents of
+  // whatever else shares those pages (khugepaged does the same to live memory), and a weight
+  // of exactly 2 MiB rarely starts on a boundary.
+  uintptr_t begin = reinterpret_cast<uintptr_t>(data) & ~(kHuge - 1);
+  uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes + kHuge - 1) & ~(kHuge - 1);
   if (end > begin) madvise(reinterpret_cast<void *>(begin), end - begin, kMadvCollapse);
 #endif
 }
