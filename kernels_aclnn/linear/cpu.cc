@@ -45,6 +45,28 @@ inline void tile(const float *x, int64_t ldx, const typename W::T *const *rows, 
       for (int j = 0; j < NR; ++j) acc[i][j] += x[i * ldx + k] * W::get(rows[j] + k);
 }
 
+// dot(x, w) over K for one weight row, read as one sequential stream with 4 accumulators.
+// For a single row of x with 16-bit weights this beats the MR x NR tile, whose NR rows are NR
+// interleaved streams (2% per decode step in bf16 here; for fp32 the tile is 7% faster).
+template <class W>
+inline float dot_row(const float *x, const typename W::T *w, int64_t K) {
+  int64_t k = 0;
+  float sum = 0.f;
+#ifdef __AVX2__
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (; k + 32 <= K; k += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W::load8(w + k), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), W::load8(w + k + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), W::load8(w + k + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), W::load8(w + k + 24), a3);
+  }
+  for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W::load8(w + k), a0);
+  sum = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+  for (; k < K; ++k) sum += x[k] * W::get(w + k);
+  return sum;
+}
+
 inline float silu(float g) { return g / (1.f + std::exp(-g)); }
 
 // The three epilogues: where a block of NR weight rows starting at `unit` goes in y.
@@ -106,7 +128,11 @@ inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64
     epi.template store<2, NR>(m, u, acc);
   } else if (m1 - m == 1) {
     float acc[1][NR];
-    tile<1, NR, W>(x + m * K, K, rows, K, acc);
+    if constexpr (std::is_same<W, F32>::value) {
+      tile<1, NR, W>(x + m * K, K, rows, K, acc);
+    } else {
+      for (int j = 0; j < NR; ++j) acc[0][j] = dot_row<W>(x + m * K, rows[j], K);
+    }
     epi.template store<1, NR>(m, u, acc);
   }
 }
