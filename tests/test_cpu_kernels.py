@@ -183,7 +183,9 @@ def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
 @pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,r", [(1, 1, 4, 2, 16, 4, 3, None), (1, 1, 6, 2, 16, 4, 3, None),
                                                   (1, 1, 3, 1, 8, 4, 5, None), (3, 1, 8, 2, 16, 8, 2, None),
                                                   (2, 5, 6, 3, 8, 4, 4, None), (3, 7, 2, 1, 32, 16, 1, None),
-                                                  (2, 3, 4, 2, 32, 4, 3, 16)])  # MiniMax's partial RoPE
+                                                  (2, 3, 4, 2, 32, 4, 3, 16),  # MiniMax's partial RoPE
+                                                  (2, 2, 4, 2, 12, 8, 6, None),  # D % 8 != 0, 8-key blocks
+                                                  (1, 1, 8, 1, 136, 16, 3, None)])  # D > 64: two value blocks
 def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
     from mindcpm.ops.cpu import KernelAttention
     rotary, (cos, sin) = _rotary(d, rotary_dim=r)

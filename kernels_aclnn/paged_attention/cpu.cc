@@ -38,13 +38,110 @@ inline float dot(const float *a, const float *b, int64_t n) {
   return s;
 }
 
-inline void axpy(float a, const float *x, float *y, int64_t n) {
-  int64_t i = 0;
+// s[j] = scale * dot(q, keys[j]) for j < n (key j at kc + offsets[j]). Eight keys at a time share
+// one horizontal reduction instead of eight.
+void scores_of(const float *q, const float *kc, const int64_t *offsets, int64_t n, int64_t D, float scale,
+               float *s) {
+  int64_t j = 0;
 #ifdef __AVX2__
-  __m256 av = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  const int64_t Dv = D / 8 * 8;
+  for (; j + 8 <= n; j += 8) {
+    __m256 a[8];
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < Dv; d += 8) {
+      __m256 qv = _mm256_loadu_ps(q + d);
+      for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kc + offsets[j + i] + d), a[i]);
+    }
+    // Lane i of the result is the sum of a[i].
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+    _mm256_storeu_ps(s + j, _mm256_mul_ps(sum, _mm256_set1_ps(scale)));
+    for (int64_t d = Dv; d < D; ++d)
+      for (int i = 0; i < 8; ++i) s[j + i] += scale * q[d] * kc[offsets[j + i] + d];
+  }
 #endif
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; j < n; ++j) s[j] = dot(q, kc + offsets[j], D) * scale;
+}
+
+#ifdef __AVX2__
+// exp(x) for x <= 0 (Cephes expf: x = k ln2 + r, a degree-5 polynomial in r; ~1 ulp). Inputs
+// below -87 give exp(-87) ~ 1.6e-38 rather than a denormal, harmless next to the row's max of 1.
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+#endif
+
+// s[0..n) -> softmax(s) in place.
+void softmax(float *s, int64_t n) {
+  float mx = s[0];
+  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef __AVX2__
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+    _mm256_storeu_ps(s + j, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = hsum(acc);
+#endif
+  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
+  const float inv = 1.f / sum;
+  for (j = 0; j < n; ++j) s[j] *= inv;
+}
+
+#ifdef __AVX2__
+// out[0..8 NV) = sum_j p[j] * values[j][0..8 NV), the accumulators held in registers.
+template <int NV>
+void weighted_block(const float *p, const float *vc, const int64_t *offsets, int64_t n, float *out) {
+  __m256 a[NV];
+  for (int i = 0; i < NV; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 w = _mm256_set1_ps(p[j]);
+    const float *v = vc + offsets[j];
+    for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, a[i]);
+}
+#endif
+
+// out[0..D) = sum_j p[j] * values[j] (value j at vc + offsets[j]).
+void weighted_sum(const float *p, const float *vc, const int64_t *offsets, int64_t n, int64_t D, float *out) {
+  int64_t d = 0;
+#ifdef __AVX2__
+  for (; d + 64 <= D; d += 64) weighted_block<8>(p, vc + d, offsets, n, out + d);
+  switch ((D - d) / 8) {
+    case 7: weighted_block<7>(p, vc + d, offsets, n, out + d); break;
+    case 6: weighted_block<6>(p, vc + d, offsets, n, out + d); break;
+    case 5: weighted_block<5>(p, vc + d, offsets, n, out + d); break;
+    case 4: weighted_block<4>(p, vc + d, offsets, n, out + d); break;
+    case 3: weighted_block<3>(p, vc + d, offsets, n, out + d); break;
+    case 2: weighted_block<2>(p, vc + d, offsets, n, out + d); break;
+    case 1: weighted_block<1>(p, vc + d, offsets, n, out + d); break;
+    default: break;
+  }
+  d += (D - d) / 8 * 8;
+#endif
+  for (; d < D; ++d) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * vc[offsets[j] + d];
+    out[d] = acc;
+  }
 }
 
 }  // namespace
@@ -93,8 +190,9 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
   const int64_t pairs = T * Hkv;
   const int64_t parts = std::min<int64_t>(G, std::max<int64_t>(1, (2 * num_threads() + pairs - 1) / pairs));
   parallel_chunks(pairs * parts, 1, [&](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> q, scores, acc;
-    q.resize(G * D), scores.resize(G * max_keys), acc.resize(D);
+    thread_local std::vector<float> q, scores;
+    thread_local std::vector<int64_t> offsets;  // key j's K/V row: kc / vc + offsets[j]
+    q.resize(G * D), scores.resize(max_keys), offsets.resize(max_keys);
     for (int64_t unit = u0; unit < u1; ++unit) {
       const int64_t pair = unit / parts, part = unit % parts;
       const int64_t t = pair / Hkv, h = pair % Hkv, b = t / L;
@@ -107,26 +205,14 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
       }
       pos = std::min(pos, max_keys - 1);
       const float *row = qkv + t * width;
-      for (int64_t g = g0; g < g1; ++g) rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
       const int32_t *table = tables + b * nb;
-      int64_t n = pos + 1;
-      for (int64_t j = 0; j < n; ++j) {
-        const float *k = kc + ((int64_t)table[j / bs] * bs + j % bs) * Hkv * D + h * D;
-        for (int64_t g = g0; g < g1; ++g) scores[g * max_keys + j] = dot(&q[g * D], k, D) * scale;
-      }
+      const int64_t n = pos + 1;
+      for (int64_t j = 0; j < n; ++j) offsets[j] = (((int64_t)table[j / bs] * bs + j % bs) * Hkv + h) * D;
       for (int64_t g = g0; g < g1; ++g) {
-        float *s = &scores[g * max_keys];
-        float mx = s[0];
-        for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-        float sum = 0.f;
-        for (int64_t j = 0; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-        float inv = 1.f / sum;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < n; ++j) {
-          const float *v = vc + ((int64_t)table[j / bs] * bs + j % bs) * Hkv * D + h * D;
-          axpy(s[j] * inv, v, acc.data(), D);
-        }
-        std::memcpy(o + g * D, acc.data(), D * sizeof(float));
+        rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
+        scores_of(&q[g * D], kc, offsets.data(), n, D, scale, scores.data());
+        softmax(scores.data(), n);
+        weighted_sum(scores.data(), vc, offsets.data(), n, D, o + g * D);
       }
     }
   });
