@@ -68,6 +68,22 @@ def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n):
     np.testing.assert_allclose(got, silu(y[:, :n]) * y[:, n:], **tol)
 
 
+@pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
+@pytest.mark.parametrize("m,k,i", SHAPES + [(70, 40, 9)])  # 70 rows: fp32 takes the two projections apart
+def test_mlp_block_kernel_matches_numpy(dtype, m, k, i):
+    from mindcpm.ops.cpu import KernelSwigluMlp
+    rng = np.random.default_rng(m + 11 * k + i)
+    x = (3 * rng.standard_normal((m, k))).astype(np.float32)
+    r = rng.standard_normal((m, k)).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    wgu_t, wgu = as_stored(rng.standard_normal((2 * i, k)).astype(np.float32), dtype)
+    wd_t, wd = as_stored(rng.standard_normal((k, i)).astype(np.float32), dtype)
+    y = rms_norm_ref(x, g, 1e-5) @ wgu.astype(np.float64).T
+    want = r + 0.37 * (silu(y[:, :i]) * y[:, i:]) @ wd.astype(np.float64).T
+    got = KernelSwigluMlp(0.37, 1e-5)(Tensor(x), Tensor(g), wgu_t, wd_t, Tensor(r)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype):
     """Weights of 2 MiB and more are remapped onto huge pages at the kernel's first call

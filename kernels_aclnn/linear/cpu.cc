@@ -10,6 +10,9 @@
 //   RmsNormLinearSwiglu(x, g, eps, W, y)  the SwiGLU epilogue on rmsnorm(x)   y: [M, I]
 //                                         rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g, fp32
 //                                         (the norm before q|k|v and gate|up: one op, not two)
+//   RmsNormSwigluMlp(x, g, eps, Wgu, Wd, r, scale, y)
+//                                         y = r + scale[0] * swiglu(rmsnorm(x) Wgu^T) Wd^T
+//                                         (a whole MLP block, the two GEMVs back to back)
 // Rows of W are split between threads; each thread keeps a block of rows of x hot in cache
 // while it streams its rows of W (MR x NR register tile, 8-wide FMA).
 #include "../common/cpu_common.h"
@@ -239,4 +242,22 @@ extern "C" int RmsNormLinearSwiglu(int nparam, void **params, int *ndims, int64_
                                    void *, void *) {
   if (nparam != 5) return 1;
   return norm_then(params, ndims, shapes, dtypes, 2, [](float *y, int64_t n) { return Swiglu{y, n}; });
+}
+
+extern "C" int RmsNormSwigluMlp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  if (nparam != 8 || std::strcmp(dtypes[3], dtypes[4]) != 0) return 1;
+  for (int i : {0, 1, 2, 5, 6})
+    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
+  int64_t K = shapes[3][1], I = shapes[3][0] / 2, M = numel(ndims[0], shapes[0]) / K;
+  if (shapes[4][0] != K || shapes[4][1] != I) return 3;
+  const auto *x = static_cast<const float *>(params[0]);
+  const float *xn = rms_normalised(x, static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                                   M, K);
+  thread_local std::vector<float> hidden;  // the [M, I] SwiGLU activations, reused across calls
+  hidden.resize(M * I);
+  if (int err = dispatch(dtypes[3], xn, params[3], M, K, I, Swiglu{hidden.data(), I})) return err;
+  Residual epi{static_cast<float *>(params[7]), K, static_cast<const float *>(params[5]),
+               *static_cast<const float *>(params[6])};
+  return dispatch(dtypes[4], hidden.data(), params[4], M, I, K, epi);
 }

@@ -3,13 +3,15 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn
 
+from ..ops import swiglu_mlp
 from .linear import Linear
 
 
 class SwiGLU(nn.Cell):
     """down(silu(gate(x)) * up(x)), with gate and up fused into one projection. With a
     residual_scale, construct(x, r) returns r + residual_scale * down(...). With an input_norm,
-    x is the un-normalised input and gate|up applies the norm (see Linear)."""
+    x is the un-normalised input and gate|up applies the norm (see Linear); with both, the
+    device may run the whole block as one op (ops.swiglu_mlp)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dtype=ms.float32,
                  residual_scale: float | None = None, input_norm=None):
@@ -20,6 +22,13 @@ class SwiGLU(nn.Cell):
                                 "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                                 parallel="row")
         self.intermediate_size = intermediate_size
+        # The whole block as one op where the device has it; not with sharded projections,
+        # whose partial sums are reduced between the two.
+        whole = input_norm is not None and residual_scale is not None and self.down_proj.all_reduce is None
+        self.fused = swiglu_mlp(residual_scale, input_norm.eps) if whole else None
 
     def construct(self, x, residual=None):
+        if self.fused is not None:
+            return self.fused(x, self.gate_up_proj.input_norm.weight, self.gate_up_proj.weight,
+                              self.down_proj.weight, residual)
         return self.down_proj(self.gate_up_proj(x), residual)

@@ -84,6 +84,15 @@ def matmul(epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None =
     return NativeMatmul(epilogue, scale, norm_eps)
 
 
+def swiglu_mlp(scale: float, norm_eps: float):
+    """r + scale * down(silu(gate) * up)(rmsnorm(x)) as one op where the device has one (the
+    CPU kernels), else None: the layer then composes its two projections."""
+    if _kernels["on"]:
+        from .cpu import KernelSwigluMlp
+        return KernelSwigluMlp(scale, norm_eps)
+    return None
+
+
 def rms_norm(eps: float):
     if _kernels["on"]:
         from .cpu import KernelRMSNorm

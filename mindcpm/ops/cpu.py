@@ -4,7 +4,8 @@ MindSpore's CPU graph ops cost tens of microseconds each and its MatMul is slow 
 matrices of decode; a custom AOT op costs ~10-15 us, so a decoder layer here is seven kernels:
 norm, qkv linear, RoPE + cache write + attention, o_proj + residual, norm, gate|up linear with
 the SwiGLU epilogue, down + residual. Weights may be fp32, bf16 or fp16 (widened in registers);
-activations and the KV cache are fp32. Each cell has a native twin in ops/native.py with the
+activations and the KV cache are fp32. The MLP block (norm, gate|up, SwiGLU, down, residual)
+is one kernel of its own (KernelSwigluMlp). Each cell has a native twin in ops/native.py with the
 same construct signature, which is the fallback and what the tests compare against.
 """
 from __future__ import annotations
@@ -72,6 +73,28 @@ class KernelMatmul(nn.Cell):
         if self.epilogue == "residual":
             return self.op(x, weight, residual, self.scale)
         return self.op(x, weight)
+
+
+class KernelSwigluMlp(nn.Cell):
+    """r + scale * down(silu(gate) * up) of rmsnorm(x), gate|up and down in one kernel: the MLP
+    block of a decoder layer is one op instead of two. Rows from GEMM_ROWS on with fp32 weights
+    (prefill) take the two projections apart, as KernelMatmul does."""
+
+    def __init__(self, scale: float, norm_eps: float):
+        super().__init__()
+        self.gate_up = KernelMatmul("swiglu", norm_eps=norm_eps)
+        self.down = KernelMatmul("residual", scale)
+        self.eps = self.gate_up.norm.eps
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.op = aot_op("linear", "RmsNormSwigluMlp", lambda x, *rest: x, _fp32)
+
+    def construct(self, x, norm_weight, gate_up_weight, down_weight, residual):
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        if rows >= KernelMatmul.GEMM_ROWS and gate_up_weight.dtype == ms.float32:
+            return self.down(self.gate_up(x, gate_up_weight, None, norm_weight), down_weight, residual)
+        return self.op(x, norm_weight, self.eps, gate_up_weight, down_weight, residual, self.scale)
 
 
 class KernelRMSNorm(nn.Cell):
