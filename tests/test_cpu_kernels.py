@@ -220,6 +220,37 @@ def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
     np.testing.assert_allclose(vc.asnumpy()[:-bs], v_ref[:-bs])
 
 
+# The attention block: norm, q|k|v, attention, o_proj and residual in one kernel; 70 rows in fp32
+# take the three ops apart.
+@pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
+@pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,hidden", [(1, 1, 4, 2, 16, 4, 3, 24), (3, 2, 6, 3, 8, 4, 4, 37),
+                                                       (1, 70, 4, 2, 16, 16, 5, 40)])
+def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, hidden):
+    from mindcpm.ops.cpu import KernelAttentionBlock
+    rotary, (cos, sin) = _rotary(d, max_pos=nb * bs)
+    num_blocks = b * nb + 1
+    _, k_cache, v_cache, positions, slots, tables = _attention_case(b + l, b, l, hq, hkv, d, bs, nb, num_blocks)
+    rng = np.random.default_rng(hidden)
+    x = (3 * rng.standard_normal((b, l, hidden))).astype(np.float32)
+    r = rng.standard_normal((b, l, hidden)).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, hidden).astype(np.float32)
+    wqkv_t, wqkv = as_stored((0.3 * rng.standard_normal(((hq + 2 * hkv) * d, hidden))).astype(np.float32), dtype)
+    wo_t, wo = as_stored(rng.standard_normal((hidden, hq * d)).astype(np.float32), dtype)
+    qkv = (rms_norm_ref(x, g, 1e-5) @ wqkv.astype(np.float64).T).astype(np.float32)
+    scale = 1 / np.sqrt(d)
+    attended, k_ref, v_ref = attention_ref(qkv, cos, sin, positions, slots, tables, k_cache, v_cache, hq, hkv, d,
+                                           bs, scale)
+    want = r + 0.37 * attended.reshape(b, l, -1) @ wo.astype(np.float64).T
+    kc, vc = Parameter(Tensor(k_cache), name="kc"), Parameter(Tensor(v_cache), name="vc")
+    block = KernelAttentionBlock(rotary, hq, hkv, d, scale, 0.37, 1e-5)
+    got = block(Tensor(x), Tensor(g), wqkv_t, kc, vc, Tensor(positions), Tensor(slots), Tensor(tables), bs, wo_t,
+                Tensor(r)).asnumpy()
+    real = positions.reshape(-1) >= 0
+    np.testing.assert_allclose(got.reshape(b * l, -1)[real], want.reshape(b * l, -1)[real], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(kc.asnumpy()[:-bs], k_ref[:-bs], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(vc.asnumpy()[:-bs], v_ref[:-bs], rtol=1e-4, atol=1e-5)
+
+
 class _CacheStep(nn.Cell):
     """One compiled step that writes the cache Parameters in place and reads them back."""
 

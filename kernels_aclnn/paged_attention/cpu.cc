@@ -9,9 +9,11 @@
 //   k/v_cache    [S, Hkv, D] fp32           slot-major; written IN PLACE (they are Parameters)
 //   meta         [2] fp32                   scale, block size
 //   out          [B, L, Hq * D]
+//   RmsNormAttentionBlock(x, g, eps, Wqkv, cos, ..., meta, Wo, r, scale, y): the whole attention
+//   block of a decoder layer, the projections around it included (see its definition below).
 // Every token's K/V is written before any query attends, so a prefill chunk sees itself.
 // Query heads h*G .. h*G+G-1 share KV head h; a (token, kv head) pair is one unit of work.
-#include "../common/cpu_common.h"
+#include "../common/gemv.h"
 
 using namespace mindcpm;
 
@@ -144,31 +146,39 @@ void weighted_sum(const float *p, const float *vc, const int64_t *offsets, int64
   }
 }
 
-}  // namespace
+// The cache and position inputs of both entry points, in their order from `first` on:
+// cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache, meta.
+struct CacheArgs {
+  const float *cos, *sin, *meta;
+  const int32_t *positions, *slots, *tables;
+  float *kc, *vc;
+  int64_t B, L, nb, Hkv, D, P, R;
+  CacheArgs(void **params, int64_t **shapes, int first)
+      : cos(static_cast<const float *>(params[first])), sin(static_cast<const float *>(params[first + 1])),
+        meta(static_cast<const float *>(params[first + 7])),
+        positions(static_cast<const int32_t *>(params[first + 2])),
+        slots(static_cast<const int32_t *>(params[first + 3])),
+        tables(static_cast<const int32_t *>(params[first + 4])), kc(static_cast<float *>(params[first + 5])),
+        vc(static_cast<float *>(params[first + 6])), B(shapes[first + 2][0]), L(shapes[first + 2][1]),
+        nb(shapes[first + 4][1]), Hkv(shapes[first + 5][1]), D(shapes[first + 5][2]), P(shapes[first][0]),
+        R(shapes[first][1]) {}
+};
 
-extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                  void *, void *) {
-  if (nparam != 10) return 1;
-  for (int i : {0, 1, 2, 6, 7, 8, 9})
-    if (std::strcmp(dtypes[i], "float32") != 0) return 2;
-  const float *qkv = static_cast<const float *>(params[0]);
-  const float *cos = static_cast<const float *>(params[1]);
-  const float *sin = static_cast<const float *>(params[2]);
-  const int32_t *positions = static_cast<const int32_t *>(params[3]);
-  const int32_t *slots = static_cast<const int32_t *>(params[4]);
-  const int32_t *tables = static_cast<const int32_t *>(params[5]);
-  float *kc = static_cast<float *>(params[6]);
-  float *vc = static_cast<float *>(params[7]);
-  const float *meta = static_cast<const float *>(params[8]);
-  float *out = static_cast<float *>(params[9]);
+bool all_fp32(const char **dtypes, std::initializer_list<int> which) {
+  for (int i : which)
+    if (std::strcmp(dtypes[i], "float32") != 0) return false;
+  return true;
+}
 
-  const int64_t B = shapes[3][0], L = shapes[3][1], T = B * L, nb = shapes[5][1];
-  const int64_t Hkv = shapes[6][1], D = shapes[6][2], P = shapes[1][0], R = shapes[1][1];
-  const int64_t width = shapes[0][ndims[0] - 1], Hq = width / D - 2 * Hkv, G = Hq / Hkv;
-  const float scale = meta[0];
-  const int64_t bs = (int64_t)meta[1];
+void rope_paged_attention(const float *qkv, int64_t width, const CacheArgs &c, float *out) {
+  const int64_t B = c.B, L = c.L, T = B * L, nb = c.nb, Hkv = c.Hkv, D = c.D, P = c.P, R = c.R;
+  const float *cos = c.cos, *sin = c.sin;
+  const int32_t *positions = c.positions, *slots = c.slots, *tables = c.tables;
+  float *kc = c.kc, *vc = c.vc;
+  const int64_t Hq = width / D - 2 * Hkv, G = Hq / Hkv;
+  const float scale = c.meta[0];
+  const int64_t bs = (int64_t)c.meta[1];
   const int64_t max_keys = nb * bs;
-
   // 1. Rotate and write every real token's K and V.
   parallel_chunks(T, 16, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -216,5 +226,39 @@ extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t
       }
     }
   });
+}
+
+}  // namespace
+
+
+extern "C" int RopePagedAttention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *, void *) {
+  if (nparam != 10 || !all_fp32(dtypes, {0, 1, 2, 6, 7, 8, 9})) return 1;
+  rope_paged_attention(static_cast<const float *>(params[0]), shapes[0][ndims[0] - 1], CacheArgs(params, shapes, 1),
+                       static_cast<float *>(params[9]));
   return 0;
+}
+
+// The whole attention block of a decoder layer in one op:
+//   RmsNormAttentionBlock(x, g, eps, Wqkv, cos, sin, positions, slot_mapping, block_tables, k_cache, v_cache,
+//                         meta, Wo, r, scale, y)
+//   y = r + scale[0] * attention(rmsnorm(x) Wqkv^T) Wo^T      x, r, y: [B, L, H]
+//   Wqkv [(Hq + 2 Hkv) D, H] and Wo [H, Hq D]: fp32 | bf16 | fp16 (the same dtype)
+extern "C" int RmsNormAttentionBlock(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  if (nparam != 16 || !all_fp32(dtypes, {0, 1, 2, 4, 5, 9, 10, 11, 13, 14, 15}) ||
+      std::strcmp(dtypes[3], dtypes[12]) != 0)
+    return 1;
+  const CacheArgs c(params, shapes, 4);
+  const int64_t H = shapes[3][1], width = shapes[3][0], M = c.B * c.L, Hq_D = shapes[12][1];
+  if (shapes[12][0] != H || width != Hq_D + 2 * c.Hkv * c.D) return 3;
+  const float *xn = gemv::rms_normalised(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                                         *static_cast<const float *>(params[2]), M, H);
+  thread_local std::vector<float> qkv, attended;  // reused across calls
+  qkv.resize(M * width), attended.resize(M * Hq_D);
+  if (int err = gemv::dispatch(dtypes[3], xn, params[3], M, H, width, gemv::Plain{qkv.data(), width})) return err;
+  rope_paged_attention(qkv.data(), width, c, attended.data());
+  gemv::Residual epi{static_cast<float *>(params[15]), H, static_cast<const float *>(params[13]),
+                     *static_cast<const float *>(params[14])};
+  return gemv::dispatch(dtypes[12], attended.data(), params[12], M, Hq_D, H, epi);
 }

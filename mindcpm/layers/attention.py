@@ -8,7 +8,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
-from ..ops import attention_core
+from ..ops import attention_block, attention_core
 from ..parallel import head_shards
 from .linear import Linear
 from .rotary import RotaryEmbedding
@@ -16,7 +16,8 @@ from .rotary import RotaryEmbedding
 
 class PagedAttention(nn.Cell):
     """With a residual_scale, construct(..., r) returns r + residual_scale * o_proj(attention).
-    With an input_norm, x is the un-normalised input and qkv_proj applies the norm (see Linear).
+    With an input_norm, x is the un-normalised input and qkv_proj applies the norm (see Linear);
+    with both, the device may run the whole block as one op (ops.attention_block).
 
     Tensor parallel: each rank keeps its query heads and the KV heads they read (cache_shape is
     the rank's), qkv_proj column-parallel and o_proj row-parallel."""
@@ -36,11 +37,19 @@ class PagedAttention(nn.Cell):
                              "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                              parallel="row")
         self.attend = attention_core(backend, rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale)
+        # The whole block as one op where the device has it; not with a sharded o_proj, whose
+        # partial sums are reduced before the residual.
+        whole = input_norm is not None and residual_scale is not None and self.o_proj.all_reduce is None
+        self.fused = attention_block(backend, rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale,
+                                     residual_scale, input_norm.eps) if whole else None
         self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
 
     def construct(self, x, positions, slot_mapping, block_tables, block_size, residual=None, *extra):
         """extra: step inputs only some backends take (sparse attention's C1/C2 metadata)."""
+        if self.fused is not None:
+            return self.fused(x, self.qkv_proj.input_norm.weight, self.qkv_proj.weight, self.k_cache, self.v_cache,
+                              positions, slot_mapping, block_tables, block_size, self.o_proj.weight, residual)
         out = self.attend(self.qkv_proj(x), self.k_cache, self.v_cache, positions, slot_mapping, block_tables,
                           block_size, *extra)
         return self.o_proj(out, residual)

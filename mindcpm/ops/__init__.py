@@ -116,6 +116,16 @@ def attention_core(backend, rotary, num_heads: int, num_kv_heads: int, head_dim:
     return SplitRopeAttention(backend, rotary, num_heads, num_kv_heads, head_dim, scale)
 
 
+def attention_block(backend, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                    residual_scale: float, norm_eps: float):
+    """r + residual_scale * o_proj(attention(qkv_proj(rmsnorm(x)))) as one op where the device has
+    one (the CPU kernels with the native backend), else None: the layer then composes it."""
+    if _kernels["on"] and backend.name == "native":
+        from .cpu import KernelAttentionBlock
+        return KernelAttentionBlock(rotary, num_heads, num_kv_heads, head_dim, scale, residual_scale, norm_eps)
+    return None
+
+
 def moe_backend(name: str | None = None):
     """The MoE backend that goes with attention backend `name` (one choice per device)."""
     name = name or os.environ.get("MINDCPM_ATTENTION") or default_backend()

@@ -5,7 +5,8 @@ matrices of decode; a custom AOT op costs ~10-15 us, so a decoder layer here is 
 norm, qkv linear, RoPE + cache write + attention, o_proj + residual, norm, gate|up linear with
 the SwiGLU epilogue, down + residual. Weights may be fp32, bf16 or fp16 (widened in registers);
 activations and the KV cache are fp32. The MLP block (norm, gate|up, SwiGLU, down, residual)
-is one kernel of its own (KernelSwigluMlp). Each cell has a native twin in ops/native.py with the
+is one kernel of its own (KernelSwigluMlp), and so is the attention block (KernelAttentionBlock:
+norm, q|k|v, RoPE + cache write + attention, o_proj, residual). Each cell has a native twin in ops/native.py with the
 same construct signature, which is the fallback and what the tests compare against.
 """
 from __future__ import annotations
@@ -73,6 +74,37 @@ class KernelMatmul(nn.Cell):
         if self.epilogue == "residual":
             return self.op(x, weight, residual, self.scale)
         return self.op(x, weight)
+
+
+class KernelAttentionBlock(nn.Cell):
+    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel (RoPE, the in-place
+    cache write and paged attention as in KernelAttention): the attention block of a decoder
+    layer is one op instead of three. Rows from GEMM_ROWS on with fp32 weights (prefill) take
+    the three ops apart, whose projections then use MatMul."""
+
+    def __init__(self, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 residual_scale: float, norm_eps: float):
+        super().__init__()
+        self.qkv = KernelMatmul("plain", norm_eps=norm_eps)
+        self.attend = KernelAttention(rotary, num_heads, num_kv_heads, head_dim, scale)
+        self.o_proj = KernelMatmul("residual", residual_scale)
+        self.eps = self.qkv.norm.eps
+        self.residual_scale = Tensor(np.array([residual_scale], np.float32))
+        self.op = aot_op("paged_attention", "RmsNormAttentionBlock", lambda x, *rest: x, _fp32)
+
+    def construct(self, x, norm_weight, qkv_weight, k_cache, v_cache, positions, slot_mapping, block_tables,
+                  block_size, o_weight, residual):
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        if rows >= KernelMatmul.GEMM_ROWS and qkv_weight.dtype == ms.float32:
+            qkv = self.qkv(x, qkv_weight, None, norm_weight)
+            out = self.attend(qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size)
+            return self.o_proj(out, o_weight, residual)
+        meta = Tensor([self.attend.scale, float(block_size)], ms.float32)
+        rotary = self.attend.rotary
+        return self.op(x, norm_weight, self.eps, qkv_weight, rotary.cos, rotary.sin, positions, slot_mapping,
+                       block_tables, k_cache, v_cache, meta, o_weight, residual, self.residual_scale)
 
 
 class KernelSwigluMlp(nn.Cell):
