@@ -1,13 +1,14 @@
 """The model's per-layer ops as C++ CPU kernels (kernels_aclnn/<op>/cpu.cc), one custom op each.
 
 MindSpore's CPU graph ops cost tens of microseconds each and its MatMul is slow for the thin
-matrices of decode; a custom AOT op costs ~10-15 us, so a decoder layer here is seven kernels:
-norm, qkv linear, RoPE + cache write + attention, o_proj + residual, norm, gate|up linear with
-the SwiGLU epilogue, down + residual. Weights may be fp32, bf16 or fp16 (widened in registers);
-activations and the KV cache are fp32. The MLP block (norm, gate|up, SwiGLU, down, residual)
-is one kernel of its own (KernelSwigluMlp), and so is the attention block (KernelAttentionBlock:
-norm, q|k|v, RoPE + cache write + attention, o_proj, residual). Each cell has a native twin in ops/native.py with the
-same construct signature, which is the fallback and what the tests compare against.
+matrices of decode; a custom AOT op costs ~10-20 us to dispatch, so the kernels take whole
+blocks: a MiniCPM decoder layer is two ops, the attention block (KernelAttentionBlock: norm,
+q|k|v, RoPE + cache write + paged attention, o_proj, residual) and the MLP block
+(KernelSwigluMlp: norm, gate|up, SwiGLU, down, residual). The single ops (KernelMatmul with its
+epilogues and optional norm, KernelAttention, KernelRMSNorm, KernelEmbedding) serve the other
+layers. Weights may be fp32, bf16 or fp16 (widened in registers); activations and the KV cache
+are fp32. Each single op has a native twin in ops/native.py with the same construct signature,
+which is the fallback and what the tests compare against.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ class KernelMatmul(nn.Cell):
 
     GEMM_ROWS = 64
 
+    @staticmethod
+    def takes_matmul(x, weight) -> bool:
+        """Whether x W^T goes to MindSpore's MatMul (known when the graph compiles)."""
+        rows = 1
+        for n in x.shape[:-1]:
+            rows *= n
+        return rows >= KernelMatmul.GEMM_ROWS and weight.dtype == ms.float32
+
     def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
         super().__init__()
         self.native = NativeMatmul(epilogue, scale)
@@ -62,10 +71,7 @@ class KernelMatmul(nn.Cell):
             raise ValueError(f"unknown linear epilogue {epilogue!r}")
 
     def construct(self, x, weight, residual=None, norm_weight=None):
-        rows = 1
-        for n in x.shape[:-1]:
-            rows *= n
-        if rows >= self.GEMM_ROWS and weight.dtype == ms.float32:  # both known when the graph compiles
+        if KernelMatmul.takes_matmul(x, weight):
             if self.norm is not None:
                 x = self.norm(x, norm_weight)
             return self.native(x, weight, residual)
@@ -94,10 +100,7 @@ class KernelAttentionBlock(nn.Cell):
 
     def construct(self, x, norm_weight, qkv_weight, k_cache, v_cache, positions, slot_mapping, block_tables,
                   block_size, o_weight, residual):
-        rows = 1
-        for n in x.shape[:-1]:
-            rows *= n
-        if rows >= KernelMatmul.GEMM_ROWS and qkv_weight.dtype == ms.float32:
+        if KernelMatmul.takes_matmul(x, qkv_weight):
             qkv = self.qkv(x, qkv_weight, None, norm_weight)
             out = self.attend(qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size)
             return self.o_proj(out, o_weight, residual)
@@ -121,10 +124,7 @@ class KernelSwigluMlp(nn.Cell):
         self.op = aot_op("linear", "RmsNormSwigluMlp", lambda x, *rest: x, _fp32)
 
     def construct(self, x, norm_weight, gate_up_weight, down_weight, residual):
-        rows = 1
-        for n in x.shape[:-1]:
-            rows *= n
-        if rows >= KernelMatmul.GEMM_ROWS and gate_up_weight.dtype == ms.float32:
+        if KernelMatmul.takes_matmul(x, gate_up_weight):
             return self.down(self.gate_up(x, gate_up_weight, None, norm_weight), down_weight, residual)
         return self.op(x, norm_weight, self.eps, gate_up_weight, down_weight, residual, self.scale)
 
