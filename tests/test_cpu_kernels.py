@@ -71,7 +71,7 @@ def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n):
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
 @pytest.mark.parametrize("m,k,i", SHAPES + [(70, 40, 9)])  # 70 rows: fp32 takes the two projections apart
 def test_mlp_block_kernel_matches_numpy(dtype, m, k, i):
-    from mindcpm.ops.cpu import KernelSwigluMlp
+    from mindcpm.ops.cpu import KernelMatmul, KernelSwigluMlp
     rng = np.random.default_rng(m + 11 * k + i)
     x = (3 * rng.standard_normal((m, k))).astype(np.float32)
     r = rng.standard_normal((m, k)).astype(np.float32)
@@ -80,7 +80,8 @@ def test_mlp_block_kernel_matches_numpy(dtype, m, k, i):
     wd_t, wd = as_stored(rng.standard_normal((k, i)).astype(np.float32), dtype)
     y = rms_norm_ref(x, g, 1e-5) @ wgu.astype(np.float64).T
     want = r + 0.37 * (silu(y[:, :i]) * y[:, i:]) @ wd.astype(np.float64).T
-    got = KernelSwigluMlp(0.37, 1e-5)(Tensor(x), Tensor(g), wgu_t, wd_t, Tensor(r)).asnumpy()
+    block = KernelSwigluMlp(KernelMatmul("swiglu", norm_eps=1e-5), KernelMatmul("residual", 0.37))
+    got = block(Tensor(x), Tensor(g), wgu_t, wd_t, Tensor(r)).asnumpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
@@ -226,7 +227,7 @@ def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
 @pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,hidden", [(1, 1, 4, 2, 16, 4, 3, 24), (3, 2, 6, 3, 8, 4, 4, 37),
                                                        (1, 70, 4, 2, 16, 16, 5, 40)])
 def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, hidden):
-    from mindcpm.ops.cpu import KernelAttentionBlock
+    from mindcpm.ops.cpu import KernelAttention, KernelAttentionBlock, KernelMatmul
     rotary, (cos, sin) = _rotary(d, max_pos=nb * bs)
     num_blocks = b * nb + 1
     _, k_cache, v_cache, positions, slots, tables = _attention_case(b + l, b, l, hq, hkv, d, bs, nb, num_blocks)
@@ -242,7 +243,8 @@ def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, h
                                            bs, scale)
     want = r + 0.37 * attended.reshape(b, l, -1) @ wo.astype(np.float64).T
     kc, vc = Parameter(Tensor(k_cache), name="kc"), Parameter(Tensor(v_cache), name="vc")
-    block = KernelAttentionBlock(rotary, hq, hkv, d, scale, 0.37, 1e-5)
+    block = KernelAttentionBlock(KernelMatmul("plain", norm_eps=1e-5), KernelAttention(rotary, hq, hkv, d, scale),
+                                 KernelMatmul("residual", 0.37))
     got = block(Tensor(x), Tensor(g), wqkv_t, kc, vc, Tensor(positions), Tensor(slots), Tensor(tables), bs, wo_t,
                 Tensor(r)).asnumpy()
     real = positions.reshape(-1) >= 0

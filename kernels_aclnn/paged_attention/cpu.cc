@@ -202,7 +202,7 @@ void rope_paged_attention(const float *qkv, int64_t width, const CacheArgs &c, f
   parallel_chunks(pairs * parts, 1, [&](int64_t u0, int64_t u1) {
     thread_local std::vector<float> q, scores;
     thread_local std::vector<int64_t> offsets;  // key j's K/V row: kc / vc + offsets[j]
-    q.resize(G * D), scores.resize(max_keys), offsets.resize(max_keys);
+    q.resize(D), scores.resize(max_keys), offsets.resize(max_keys);
     for (int64_t unit = u0; unit < u1; ++unit) {
       const int64_t pair = unit / parts, part = unit % parts;
       const int64_t t = pair / Hkv, h = pair % Hkv, b = t / L;
@@ -219,8 +219,8 @@ void rope_paged_attention(const float *qkv, int64_t width, const CacheArgs &c, f
       const int64_t n = pos + 1;
       for (int64_t j = 0; j < n; ++j) offsets[j] = (((int64_t)table[j / bs] * bs + j % bs) * Hkv + h) * D;
       for (int64_t g = g0; g < g1; ++g) {
-        rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, &q[g * D]);
-        scores_of(&q[g * D], kc, offsets.data(), n, D, scale, scores.data());
+        rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, q.data());
+        scores_of(q.data(), kc, offsets.data(), n, D, scale, scores.data());
         softmax(scores.data(), n);
         weighted_sum(scores.data(), vc, offsets.data(), n, D, o + g * D);
       }

@@ -37,11 +37,7 @@ class PagedAttention(nn.Cell):
                              "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                              parallel="row")
         self.attend = attention_core(backend, rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale)
-        # The whole block as one op where the device has it; not with a sharded o_proj, whose
-        # partial sums are reduced before the residual.
-        whole = input_norm is not None and residual_scale is not None and self.o_proj.all_reduce is None
-        self.fused = attention_block(backend, rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale,
-                                     residual_scale, input_norm.eps) if whole else None
+        self.fused = attention_block(self.qkv_proj.matmul, self.attend, self.o_proj.matmul)
         self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
         self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
 

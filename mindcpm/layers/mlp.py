@@ -22,10 +22,7 @@ class SwiGLU(nn.Cell):
                                 "plain" if residual_scale is None else "residual", residual_scale or 1.0,
                                 parallel="row")
         self.intermediate_size = intermediate_size
-        # The whole block as one op where the device has it; not with sharded projections,
-        # whose partial sums are reduced between the two.
-        whole = input_norm is not None and residual_scale is not None and self.down_proj.all_reduce is None
-        self.fused = swiglu_mlp(residual_scale, input_norm.eps) if whole else None
+        self.fused = swiglu_mlp(self.gate_up_proj.matmul, self.down_proj.matmul)
 
     def construct(self, x, residual=None):
         if self.fused is not None:

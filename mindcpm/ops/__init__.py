@@ -84,12 +84,15 @@ def matmul(epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None =
     return NativeMatmul(epilogue, scale, norm_eps)
 
 
-def swiglu_mlp(scale: float, norm_eps: float):
-    """r + scale * down(silu(gate) * up)(rmsnorm(x)) as one op where the device has one (the
-    CPU kernels), else None: the layer then composes its two projections."""
-    if _kernels["on"]:
-        from .cpu import KernelSwigluMlp
-        return KernelSwigluMlp(scale, norm_eps)
+def swiglu_mlp(gate_up_matmul, down_matmul):
+    """r + scale * down(silu(gate) * up)(rmsnorm(x)) as one op where the device has one, from the
+    layer's two matmul ops: the CPU kernels, when gate|up applies the norm and down adds the
+    residual (not when a sharded down reduces its partial sums first). Else None: the layer then
+    composes its two projections."""
+    from .cpu import KernelMatmul, KernelSwigluMlp
+    if (isinstance(gate_up_matmul, KernelMatmul) and gate_up_matmul.norm is not None
+            and isinstance(down_matmul, KernelMatmul) and down_matmul.epilogue == "residual"):
+        return KernelSwigluMlp(gate_up_matmul, down_matmul)
     return None
 
 
@@ -116,13 +119,15 @@ def attention_core(backend, rotary, num_heads: int, num_kv_heads: int, head_dim:
     return SplitRopeAttention(backend, rotary, num_heads, num_kv_heads, head_dim, scale)
 
 
-def attention_block(backend, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                    residual_scale: float, norm_eps: float):
-    """r + residual_scale * o_proj(attention(qkv_proj(rmsnorm(x)))) as one op where the device has
-    one (the CPU kernels with the native backend), else None: the layer then composes it."""
-    if _kernels["on"] and backend.name == "native":
-        from .cpu import KernelAttentionBlock
-        return KernelAttentionBlock(rotary, num_heads, num_kv_heads, head_dim, scale, residual_scale, norm_eps)
+def attention_block(qkv_matmul, attention, o_matmul):
+    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) as one op where the device has one, from
+    the layer's three ops: the CPU kernels with the native backend, when q|k|v applies the norm
+    and o_proj adds the residual (not when a sharded o_proj reduces its partial sums first). Else
+    None: the layer then composes them."""
+    from .cpu import KernelAttention, KernelAttentionBlock, KernelMatmul
+    if (isinstance(qkv_matmul, KernelMatmul) and qkv_matmul.norm is not None and isinstance(attention, KernelAttention)
+            and isinstance(o_matmul, KernelMatmul) and o_matmul.epilogue == "residual"):
+        return KernelAttentionBlock(qkv_matmul, attention, o_matmul)
     return None
 
 

@@ -83,19 +83,14 @@ class KernelMatmul(nn.Cell):
 
 
 class KernelAttentionBlock(nn.Cell):
-    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel (RoPE, the in-place
-    cache write and paged attention as in KernelAttention): the attention block of a decoder
-    layer is one op instead of three. Rows from GEMM_ROWS on with fp32 weights (prefill) take
-    the three ops apart, whose projections then use MatMul."""
+    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel, built from the layer's
+    own kernel cells (the q|k|v projection with its norm, the attention, o_proj with its
+    residual): the attention block of a decoder layer is one op instead of three. Rows from
+    GEMM_ROWS on with fp32 weights (prefill) run those three cells, whose projections use MatMul."""
 
-    def __init__(self, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 residual_scale: float, norm_eps: float):
+    def __init__(self, qkv: KernelMatmul, attend: KernelAttention, o_proj: KernelMatmul):
         super().__init__()
-        self.qkv = KernelMatmul("plain", norm_eps=norm_eps)
-        self.attend = KernelAttention(rotary, num_heads, num_kv_heads, head_dim, scale)
-        self.o_proj = KernelMatmul("residual", residual_scale)
-        self.eps = self.qkv.norm.eps
-        self.residual_scale = Tensor(np.array([residual_scale], np.float32))
+        self.qkv, self.attend, self.o_proj = qkv, attend, o_proj
         self.op = aot_op("paged_attention", "RmsNormAttentionBlock", lambda x, *rest: x, _fp32)
 
     def construct(self, x, norm_weight, qkv_weight, k_cache, v_cache, positions, slot_mapping, block_tables,
@@ -104,29 +99,26 @@ class KernelAttentionBlock(nn.Cell):
             qkv = self.qkv(x, qkv_weight, None, norm_weight)
             out = self.attend(qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size)
             return self.o_proj(out, o_weight, residual)
-        meta = Tensor([self.attend.scale, float(block_size)], ms.float32)
         rotary = self.attend.rotary
-        return self.op(x, norm_weight, self.eps, qkv_weight, rotary.cos, rotary.sin, positions, slot_mapping,
-                       block_tables, k_cache, v_cache, meta, o_weight, residual, self.residual_scale)
+        return self.op(x, norm_weight, self.qkv.norm.eps, qkv_weight, rotary.cos, rotary.sin, positions,
+                       slot_mapping, block_tables, k_cache, v_cache, self.attend.meta(block_size), o_weight,
+                       residual, self.o_proj.scale)
 
 
 class KernelSwigluMlp(nn.Cell):
-    """r + scale * down(silu(gate) * up) of rmsnorm(x), gate|up and down in one kernel: the MLP
-    block of a decoder layer is one op instead of two. Rows from GEMM_ROWS on with fp32 weights
-    (prefill) take the two projections apart, as KernelMatmul does."""
+    """r + scale * down(silu(gate) * up) of rmsnorm(x) in one kernel, built from the layer's own
+    kernel cells (gate|up with its norm, down with its residual): the MLP block of a decoder layer
+    is one op instead of two. Rows from GEMM_ROWS on with fp32 weights (prefill) run the two cells."""
 
-    def __init__(self, scale: float, norm_eps: float):
+    def __init__(self, gate_up: KernelMatmul, down: KernelMatmul):
         super().__init__()
-        self.gate_up = KernelMatmul("swiglu", norm_eps=norm_eps)
-        self.down = KernelMatmul("residual", scale)
-        self.eps = self.gate_up.norm.eps
-        self.scale = Tensor(np.array([scale], np.float32))
+        self.gate_up, self.down = gate_up, down
         self.op = aot_op("linear", "RmsNormSwigluMlp", lambda x, *rest: x, _fp32)
 
     def construct(self, x, norm_weight, gate_up_weight, down_weight, residual):
         if KernelMatmul.takes_matmul(x, gate_up_weight):
             return self.down(self.gate_up(x, gate_up_weight, None, norm_weight), down_weight, residual)
-        return self.op(x, norm_weight, self.eps, gate_up_weight, down_weight, residual, self.scale)
+        return self.op(x, norm_weight, self.gate_up.norm.eps, gate_up_weight, down_weight, residual, self.down.scale)
 
 
 class KernelRMSNorm(nn.Cell):
@@ -162,7 +154,10 @@ class KernelAttention(nn.Cell):
                          lambda qkv, *rest: list(qkv[:-1]) + [num_heads * head_dim], _fp32)
         self.scale = scale
 
+    def meta(self, block_size):
+        """The kernel's [scale, block size] input (a constant of the graph)."""
+        return Tensor([self.scale, float(block_size)], ms.float32)
+
     def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size):
-        meta = Tensor([self.scale, float(block_size)], ms.float32)
         return self.op(qkv, self.rotary.cos, self.rotary.sin, positions, slot_mapping, block_tables,
-                       k_cache, v_cache, meta)
+                       k_cache, v_cache, self.meta(block_size))
