@@ -140,8 +140,9 @@ class ModelRunner:
                 "block_tables": tables, "logits_rows": logits_rows, "state_slots": state_slots}
         if "c1_table" in self.model.STEP_INPUTS:
             meta.update(sparse_step_metadata(seqs, num_new, tables, width, self.pad_block))
-        # Each model names the metadata its construct takes, in order (STEP_INPUTS).
-        return [Tensor(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
+        # Each model names the metadata its construct takes, in order (STEP_INPUTS). from_numpy
+        # shares the fresh arrays instead of copying them (1.5 us a tensor against Tensor()'s 9).
+        return [ms.from_numpy(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
 
     # -- one step -------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], num_new: list[int]) -> list[int | None]:
