@@ -8,9 +8,12 @@ weights, the same prompts, the same greedy workload, on this machine. Not a test
 
 The shape's weights are drawn once (N(0, 0.02^2), norms 1) and written as a Hugging Face
 checkpoint (safetensors; mindcpm and transformers read it) and as GGUF files at f32 and f16 (the
-`gguf` package; llama.cpp reads them). Each engine runs in its own process: one warm-up run, then
--r measured runs of one request with -p random prompt tokens generating -n tokens. The table
-gives each engine's numbers and mindcpm's ratio to it (> 1: mindcpm is faster).
+`gguf` package; llama.cpp reads them). Each engine loads in its own process and warms up on one
+request; then come -r rounds, in each of which every engine runs one request of -p random prompt
+tokens generating -n tokens (the same prompt for all, the order rotating from round to round).
+Other tenants of the machine move memory bandwidth by 10-15% within minutes, so mindcpm's ratio
+to an engine (> 1: mindcpm is faster) is taken within each round; the table gives the rounds'
+median and range, and each engine's median numbers.
 
 A peer that is not installed is skipped with the command that installs it:
     pip install llama-cpp-python          # builds llama.cpp from source (several minutes)
@@ -27,6 +30,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -160,73 +164,101 @@ def add_tokenizer(w, tokenizer_dir: str, vocab_size: int) -> None:
     w.add_add_bos_token(False)
 
 
-# -- peers, each in its own process --------------------------------------------------------------
-def timings(start: float, stamps: list[float], prompt_len: int) -> dict:
-    """One run's numbers from its submission time and per-token timestamps."""
-    gaps = np.diff(stamps)
-    ttft = stamps[0] - start
-    return {"tokens_per_second": len(stamps) / (stamps[-1] - start), "ttft_ms": 1000 * ttft,
+# -- engines, each in its own process ------------------------------------------------------------
+# Each engine loads once in a worker process and warms up on prompts[0]; the parent then runs the
+# repetitions in rounds, every engine one request per round, in an order that rotates. Engines
+# sharing the machine's memory bandwidth with other tenants see the same minutes, so a ratio is
+# taken within each round (their median is printed), not between runs minutes apart.
+def timings(ttft: float, gaps: list[float], prompt_len: int) -> dict:
+    """One run's numbers from its time to the first token and the gaps between tokens (s)."""
+    total = ttft + float(np.sum(gaps))
+    return {"tokens_per_second": (len(gaps) + 1) / total, "ttft_ms": 1000 * ttft,
             "prefill_tokens_per_second": prompt_len / ttft,
-            "decode_tokens_per_second": len(gaps) / float(gaps.sum()) if len(gaps) else 0.0,
-            "gaps": gaps.tolist()}
+            "decode_tokens_per_second": len(gaps) / float(np.sum(gaps)) if len(gaps) else 0.0,
+            "gaps": [float(g) for g in gaps]}
 
 
-def run_llamacpp(gguf_path: str, prompts: list[list[int]], output_len: int) -> list[dict]:
+def from_stamps(start: float, stamps: list[float]) -> tuple[float, list[float]]:
+    return stamps[0] - start, np.diff(stamps).tolist()
+
+
+def load_llamacpp(spec: dict):
+    """-> run(prompt) -> (ttft, gaps) on llama.cpp (llama-cpp-python)."""
     from llama_cpp import Llama
 
-    n_ctx = len(prompts[0]) + output_len + 16
-    llm = Llama(gguf_path, n_ctx=n_ctx, n_batch=max(512, len(prompts[0])), n_threads=THREADS,
+    n_ctx = spec["prompt_len"] + spec["output_len"] + 16
+    llm = Llama(spec["path"], n_ctx=n_ctx, n_batch=max(512, spec["prompt_len"]), n_threads=THREADS,
                 n_threads_batch=THREADS, verbose=False)
-    runs = []
-    for prompt in prompts:
-        start = time.perf_counter()
-        stamps = []
+
+    def run(prompt):
+        start, stamps = time.perf_counter(), []
         for _ in llm.generate(prompt, temp=0.0, reset=True):
             stamps.append(time.perf_counter())
-            if len(stamps) == output_len:
+            if len(stamps) == spec["output_len"]:
                 break
-        runs.append(timings(start, stamps, len(prompt)))
-    return runs
+        return from_stamps(start, stamps)
+    return run
 
 
-def run_transformers(checkpoint: str, prompts: list[list[int]], output_len: int) -> list[dict]:
+def load_transformers(spec: dict):
+    """-> run(prompt) -> (ttft, gaps) on Hugging Face transformers, greedy with its KV cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(THREADS)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    runs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            start = time.perf_counter()
-            stamps = []
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+
+    def run(prompt):
+        start, stamps = time.perf_counter(), []
+        with torch.inference_mode():
             out = model(torch.tensor([prompt]), use_cache=True)
             while True:
                 token = out.logits[0, -1].argmax().item()
                 stamps.append(time.perf_counter())
-                if len(stamps) == output_len:
+                if len(stamps) == spec["output_len"]:
                     break
                 out = model(torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
-            runs.append(timings(start, stamps, len(prompt)))
-    return runs
+        return from_stamps(start, stamps)
+    return run
 
 
-def worker_main(peer: str, spec_file: str, result_file: str) -> int:
-    """Child entry: load the peer, warm up on prompts[0], time the rest; write the summary."""
+def load_mindcpm(spec: dict):
+    """-> run(prompt) -> (ttft, gaps) on mindcpm, configured as benchmark.py's cell."""
+    from mindcpm import bench
+    from mindcpm.cli import prepare_environment
+    from mindcpm.llm import LLM
+
+    prepare_environment()
+    cell = bench.Cell(model=spec["path"], precision=spec["precision"], prompt_len=spec["prompt_len"],
+                      output_len=spec["output_len"])
+    llm = LLM(model=spec["path"], **cell.llm_kwargs())
+
+    def run(prompt):
+        times = bench.timed_run(llm, [(prompt, spec["output_len"])])
+        return times.ttft[0], times.gaps
+    return run
+
+
+LOADERS = {"mindcpm": load_mindcpm, "llama.cpp": load_llamacpp, "transformers": load_transformers}
+
+
+def worker_main(spec_file: str, fd: str) -> int:
+    """Child entry: load the engine and warm up, then run the prompt of each `run i` line on
+    stdin; every reply is one JSON line on file descriptor `fd` (the libraries own stdout)."""
     with open(spec_file) as f:
         spec = json.load(f)
-    start = time.perf_counter()
-    run = run_llamacpp if peer.startswith("llama.cpp") else run_transformers
-    runs = run(spec["path"], spec["prompts"], spec["output_len"])
-    measured = runs[1:]
-    gaps = [g for r in measured for g in r.pop("gaps")]
-    summary = {key: float(np.median([r[key] for r in measured])) for key in measured[0]}
-    summary.update(itl_p50_ms=1000 * float(np.percentile(gaps, 50)) if gaps else 0.0,
-                   itl_p99_ms=1000 * float(np.percentile(gaps, 99)) if gaps else 0.0,
-                   peak_memory_gib=peak_rss() / 2**30,
-                   total_seconds=time.perf_counter() - start)
-    with open(result_file, "w") as f:
-        json.dump(summary, f)
+    replies = os.fdopen(int(fd), "w", buffering=1)
+    run = LOADERS[spec["engine"]](spec)
+    run(spec["prompts"][0])
+    replies.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        command, *arg = line.split()
+        if command == "run":
+            prompt = spec["prompts"][int(arg[0])]
+            replies.write(json.dumps(timings(*run(prompt), len(prompt))) + "\n")
+        elif command == "exit":
+            replies.write(json.dumps({"peak_memory_gib": peak_rss() / 2**30}) + "\n")
+            break
     return 0
 
 
@@ -240,18 +272,67 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_peer(peer: str, path: str, prompts, output_len: int, tmp: str, threads: int) -> dict:
-    spec, result = os.path.join(tmp, f"{peer}.spec.json"), os.path.join(tmp, f"{peer}.result.json")
-    with open(spec, "w") as f:
-        json.dump({"path": path, "prompts": prompts, "output_len": output_len}, f)
-    env = dict(os.environ, MINDCPM_COMPARE_THREADS=str(threads))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", peer, spec, result],
-                          capture_output=True, text=True, errors="replace", env=env)
-    if proc.returncode != 0 or not os.path.isfile(result):
-        last = [line for line in proc.stderr.splitlines() if line.strip()][-1:] or [f"status {proc.returncode}"]
-        return {"status": "failed", "reason": last[0][:300]}
-    with open(result) as f:
-        return {"status": "ok", "metrics": json.load(f)}
+class Worker:
+    """The parent's handle on one engine's process."""
+
+    def __init__(self, peer: str, spec: dict, tmp: str, threads: int):
+        spec_file = os.path.join(tmp, f"{peer}.spec.json")
+        with open(spec_file, "w") as f:
+            json.dump(spec, f)
+        read_end, write_end = os.pipe()
+        env = dict(os.environ, MINDCPM_COMPARE_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
+        env.setdefault("MS_COMPILER_CACHE_ENABLE", "0")  # unsafe in MindSpore 2.10 (README)
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", spec_file,
+                                      str(write_end)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, errors="replace", env=env,
+                                     pass_fds=(write_end,))
+        os.close(write_end)  # the child's death then ends our reads
+        self.replies = os.fdopen(read_end)
+        self.stderr_tail: list[str] = []
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        self.runs: list[dict] = []
+        self.failure: str | None = None
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            if line.strip():
+                self.stderr_tail[:] = (self.stderr_tail + [line.strip()])[-5:]
+
+    def _reply(self) -> dict | None:
+        line = self.replies.readline()
+        if line:
+            return json.loads(line)
+        status = self.proc.wait()
+        time.sleep(0.1)  # the stderr reader's last lines
+        last = self.stderr_tail[-1:] or [f"status {status}"]
+        self.failure = last[0][:300]
+        return None
+
+    def ready(self) -> bool:
+        return self._reply() is not None
+
+    def run(self, index: int) -> dict | None:
+        self.proc.stdin.write(f"run {index}\n")
+        self.proc.stdin.flush()
+        reply = self._reply()
+        if reply is not None:
+            self.runs.append(reply)
+        return reply
+
+    def finish(self) -> dict:
+        """The summary of the runs (medians, ITL percentiles over every gap, peak memory)."""
+        self.proc.stdin.write("exit\n")
+        self.proc.stdin.flush()
+        end = self._reply() or {}
+        self.proc.wait()
+        gaps = [g for r in self.runs for g in r["gaps"]]
+        keys = [k for k in self.runs[0] if k != "gaps"]
+        summary = {key: float(np.median([r[key] for r in self.runs])) for key in keys}
+        summary.update(itl_p50_ms=1000 * float(np.percentile(gaps, 50)) if gaps else 0.0,
+                       itl_p99_ms=1000 * float(np.percentile(gaps, 99)) if gaps else 0.0,
+                       peak_memory_gib=end.get("peak_memory_gib", 0.0))
+        return summary
 
 
 def missing_peers(peers: list[str]) -> dict[str, str]:
@@ -272,6 +353,21 @@ COLUMNS = ("engine", "weights", "prefill tok/s", "TTFT ms", "decode tok/s", "ITL
            "tokens/s", "peak mem GiB", "mindcpm decode x", "mindcpm TTFT x", "note")
 
 
+LABELS = {"mindcpm": "float32", "mindcpm-bf16": "bfloat16", "llama.cpp-f32": "f32", "llama.cpp-f16": "f16",
+          "transformers": "float32"}
+
+
+def engine_of(peer: str) -> str:
+    return peer.split("-")[0]
+
+
+def baseline(peer: str, rows: dict) -> str | None:
+    """The mindcpm row a peer is compared with: mindcpm-bf16 for 16-bit peers when it ran."""
+    if LABELS[peer] in ("f16", "bfloat16") and "mindcpm-bf16" in rows:
+        return "mindcpm-bf16"
+    return "mindcpm" if "mindcpm" in rows else None
+
+
 def compare(args) -> list[dict]:
     from mindcpm import bench
 
@@ -280,57 +376,79 @@ def compare(args) -> list[dict]:
     skipped = missing_peers(peers)
     if "transformers" in peers and cfg["architectures"][0] != "LlamaForCausalLM":
         skipped["transformers"] = "transformers has no built-in MiniCPM class; use a Llama shape (smollm2-135m)"
-    rows = []
     with tempfile.TemporaryDirectory(prefix="mindcpm-compare-") as tmp:
         checkpoint = os.path.join(tmp, "checkpoint")
         log(f"writing {args.model} random weights (seed {args.seed}) as safetensors and GGUF f32/f16")
         weights = random_weights(cfg, args.seed)
         write_checkpoint(checkpoint, args.model, weights)
-        gguf_files = {}
+        paths = {p: checkpoint for p in peers}
         for peer, f16 in (("llama.cpp-f32", False), ("llama.cpp-f16", True)):
             if peer in peers and peer not in skipped:
-                gguf_files[peer] = os.path.join(tmp, f"{peer}.gguf")
-                write_gguf(gguf_files[peer], cfg, weights, checkpoint, f16)
+                paths[peer] = os.path.join(tmp, f"{peer}.gguf")
+                write_gguf(paths[peer], cfg, weights, checkpoint, f16)
         del weights
         # Flush the files just written (GBs of dirty pages): their write-back would otherwise
         # slow down whichever engine runs first.
         os.sync()
-        # The prompts mindcpm's cell draws: warm-up first, then one per repetition.
         rng = np.random.default_rng(args.seed)
         prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
-                   for _ in range(1 + args.repetitions)]
-        for peer in peers:
-            label = {"mindcpm": "float32", "mindcpm-bf16": "bfloat16", "llama.cpp-f32": "f32",
-                     "llama.cpp-f16": "f16", "transformers": "float32"}[peer]
-            if peer in skipped:
-                rows.append({"engine": peer, "weights": label, "status": "skipped", "reason": skipped[peer]})
-                continue
-            log(f"running {peer}")
-            if peer.startswith("mindcpm"):
-                cell = bench.Cell(model=checkpoint, precision=label, prompt_len=args.prompt_len,
-                                  output_len=args.output_len, repetitions=args.repetitions, seed=args.seed)
-                row = bench.measure(cell)
-                result = {"status": row["status"], "reason": row["reason"], "metrics": row["metrics"]}
+                   for _ in range(1 + args.repetitions)]  # the warm-up's, then one per round
+        workers, failed = {}, {}
+        for peer in (p for p in peers if p not in skipped):
+            log(f"loading {peer}")
+            spec = {"engine": engine_of(peer), "path": paths[peer], "precision": LABELS[peer],
+                    "prompts": prompts, "prompt_len": args.prompt_len, "output_len": args.output_len}
+            worker = Worker(peer, spec, tmp, args.threads)
+            if worker.ready():
+                workers[peer] = worker
             else:
-                path = gguf_files.get(peer, checkpoint)
-                result = run_peer(peer, path, prompts, args.output_len, tmp, args.threads)
-            rows.append({"engine": peer, "weights": label, **result})
-    return rows
+                failed[peer] = worker.failure
+        for r in range(1, args.repetitions + 1):
+            live = [p for p in workers if p not in failed]
+            for peer in live[r % len(live):] + live[:r % len(live)] if live else []:
+                log(f"round {r}/{args.repetitions}: {peer}")
+                if workers[peer].run(r) is None:
+                    failed[peer] = workers[peer].failure
+        rows = {}
+        for peer in peers:
+            row = {"engine": peer, "weights": LABELS[peer]}
+            if peer in skipped:
+                row.update(status="skipped", reason=skipped[peer])
+            elif peer in failed:
+                row.update(status="failed", reason=failed[peer])
+                if peer in workers:
+                    workers[peer].proc.kill()
+            else:
+                row.update(status="ok", reason=None, metrics=workers[peer].finish(), runs=workers[peer].runs)
+            rows[peer] = row
+    add_ratios(rows)
+    for row in rows.values():
+        row.pop("runs", None)
+    return list(rows.values())
+
+
+def add_ratios(rows: dict) -> None:
+    """mindcpm's ratio to each engine, per round (the rounds' median and range): decode tok/s
+    ours / theirs, TTFT theirs / ours (> 1: mindcpm is faster)."""
+    ok = {p: r for p, r in rows.items() if r["status"] == "ok"}
+    for peer, row in ok.items():
+        ours = baseline(peer, ok)
+        if ours is None or ours == peer:
+            continue
+        pairs = list(zip(ok[ours]["runs"], row["runs"]))
+        for key, name in (("decode_tokens_per_second", "decode"), ("ttft_ms", "ttft")):
+            ratios = [(b[key] / a[key] if key == "ttft_ms" else a[key] / b[key]) for a, b in pairs if a[key] and b[key]]
+            if ratios:
+                row[f"mindcpm_{name}_x"] = {"median": float(np.median(ratios)), "min": float(min(ratios)),
+                                            "max": float(max(ratios))}
 
 
 def table(rows: list[dict]) -> str:
     from mindcpm import bench
 
-    ok_metrics = {r["engine"]: r["metrics"] for r in rows if r["status"] == "ok"}
-
-    def ratio(m, key, weights):
-        # 16-bit peers are compared with mindcpm's 16-bit weights when that row ran.
-        ours = ok_metrics.get("mindcpm-bf16") if weights in ("f16", "bfloat16") else None
-        ours = ours or ok_metrics.get("mindcpm")
-        if not ours or not m.get(key) or not ours.get(key):
-            return "-"
-        # TTFT: lower is better, so theirs / ours.
-        return f"{(m[key] / ours[key] if key == 'ttft_ms' else ours[key] / m[key]):.2f}"
+    def ratio(r, name):
+        x = r.get(f"mindcpm_{name}_x")
+        return f"{x['median']:.2f} ({x['min']:.2f}-{x['max']:.2f})" if x else "-"
 
     lines = []
     for r in rows:
@@ -340,9 +458,7 @@ def table(rows: list[dict]) -> str:
         lines.append([r["engine"], r["weights"]] + [
             num(m.get(k)) if ok else "-" for k in ("prefill_tokens_per_second", "ttft_ms", "decode_tokens_per_second",
                                                    "itl_p50_ms", "itl_p99_ms", "tokens_per_second")]
-            + [num(m.get("peak_memory_gib"), 2) if ok else "-",
-               ratio(m, "decode_tokens_per_second", r["weights"]) if ok else "-",
-               ratio(m, "ttft_ms", r["weights"]) if ok else "-",
+            + [num(m.get("peak_memory_gib"), 2) if ok else "-", ratio(r, "decode"), ratio(r, "ttft"),
                "" if ok else f"{r['status']}: {r['reason']}"])
     return bench.format_table(COLUMNS, lines)
 
@@ -390,16 +506,17 @@ def main(argv=None) -> int:
                           "repetitions": args.repetitions, "threads": args.threads, "rows": rows}, indent=2))
     else:
         print(f"{args.model} random weights, 1 request, {args.prompt_len} prompt tokens, {args.output_len} "
-              f"generated (greedy), {args.threads} threads for the peers, medians of {args.repetitions} runs "
-              f"after a warm-up")
+              f"generated (greedy), {args.threads} threads for the peers, medians of {args.repetitions} "
+              f"interleaved rounds after a warm-up")
         print(table(rows))
         print("mindcpm decode x: mindcpm's decode tok/s / the engine's; mindcpm TTFT x: the engine's TTFT / "
-              "mindcpm's (> 1: mindcpm is faster); 16-bit engines are compared with mindcpm-bf16 when it ran. "
-              "prefill tok/s: the peers' is prompt tokens / TTFT, mindcpm's is its prefill steps' own rate.")
+              "mindcpm's (> 1: mindcpm is faster); each is taken within a round, and the rounds' median (min-max) "
+              "is shown. 16-bit engines are compared with mindcpm-bf16 when it ran. prefill tok/s: prompt "
+              "tokens / TTFT.")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        sys.exit(worker_main(*sys.argv[2:5]))
+        sys.exit(worker_main(*sys.argv[2:4]))
     sys.exit(main())

@@ -200,6 +200,25 @@ def test_compare_names_a_missing_peer_and_how_to_install_it(monkeypatch):
     assert "pip install torch transformers" in missing["transformers"]
 
 
+def test_compare_takes_each_ratio_within_a_round():
+    def row(decode, ttft):
+        return {"status": "ok", "runs": [{"decode_tokens_per_second": d, "ttft_ms": t} for d, t in zip(decode, ttft)]}
+
+    rows = {"mindcpm": row([10.0, 20.0, 30.0], [100.0, 100.0, 50.0]),
+            "mindcpm-bf16": row([40.0, 40.0, 40.0], [80.0, 80.0, 80.0]),
+            "llama.cpp-f32": row([5.0, 40.0, 30.0], [200.0, 50.0, 50.0]),
+            "llama.cpp-f16": row([20.0, 80.0, 40.0], [40.0, 40.0, 160.0]),
+            "transformers": {"status": "failed", "reason": "x"}}
+    compare.add_ratios(rows)
+    # f32: rounds 10/5, 20/40, 30/30; the 16-bit peer against mindcpm-bf16: 40/20, 40/80, 40/40.
+    assert rows["llama.cpp-f32"]["mindcpm_decode_x"] == {"median": 1.0, "min": 0.5, "max": 2.0}
+    assert rows["llama.cpp-f16"]["mindcpm_decode_x"] == {"median": 1.0, "min": 0.5, "max": 2.0}
+    # TTFT: theirs / ours.
+    assert rows["llama.cpp-f32"]["mindcpm_ttft_x"]["median"] == 1.0
+    assert rows["llama.cpp-f16"]["mindcpm_ttft_x"] == {"median": 0.5, "min": 0.5, "max": 2.0}
+    assert "mindcpm_decode_x" not in rows["mindcpm"] and "mindcpm_decode_x" not in rows["transformers"]
+
+
 # -- tables ---------------------------------------------------------------------------------------
 ENV = {"mindspore": "2.10.0", "device": "CPU", "cards": 1, "cpu_count": 2}
 
