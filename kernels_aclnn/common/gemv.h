@@ -139,8 +139,9 @@ void run(const float *x, const typename W::T *w, int64_t M, int64_t K, int64_t u
   // so that the block of x stays in L2 (512 KiB) next to the weight rows being multiplied.
   int64_t mb = std::max<int64_t>(3, (512 * 1024 / 4) / std::max<int64_t>(K, 1) / 3 * 3);
   int64_t blocks = (units + U - 1) / U;
-  // Chunks of 64 weight rows: small enough that a descheduled thread holds up little, large
-  // enough that claiming one costs nothing next to streaming it.
+  // Claims of at least 64 weight rows (parallel_chunks makes the early ones longer): the last
+  // ones are small enough that a descheduled thread holds up little, and even those cost
+  // nothing to claim next to streaming them.
   parallel_chunks(blocks, 64 / kTileRows, [&](int64_t b0, int64_t b1) {
     for (int64_t m0 = 0; m0 < M; m0 += mb) {
       int64_t m1 = std::min(M, m0 + mb);
