@@ -28,7 +28,8 @@ def silu(x):
 
 
 # -- linear ----------------------------------------------------------------------------------------
-SHAPES = [(1, 64, 24), (1, 33, 13), (3, 37, 19), (2, 100, 7), (17, 72, 130), (5, 8, 1)]
+# (1, 40, 1001): a decode row over many guided claims, each with its remainder of units.
+SHAPES = [(1, 64, 24), (1, 33, 13), (1, 40, 1001), (3, 37, 19), (2, 100, 7), (17, 72, 130), (5, 8, 1)]
 
 
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
