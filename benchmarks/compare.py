@@ -312,9 +312,15 @@ class Worker:
     def ready(self) -> bool:
         return self._reply() is not None
 
+    def _send(self, command: str) -> None:
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except OSError:
+            pass  # the worker died: _reply reads the end of its pipe and says why
+
     def run(self, index: int) -> dict | None:
-        self.proc.stdin.write(f"run {index}\n")
-        self.proc.stdin.flush()
+        self._send(f"run {index}")
         reply = self._reply()
         if reply is not None:
             self.runs.append(reply)
@@ -322,8 +328,7 @@ class Worker:
 
     def finish(self) -> dict:
         """The summary of the runs (medians, ITL percentiles over every gap, peak memory)."""
-        self.proc.stdin.write("exit\n")
-        self.proc.stdin.flush()
+        self._send("exit")
         end = self._reply() or {}
         self.proc.wait()
         gaps = [g for r in self.runs for g in r["gaps"]]
