@@ -11,7 +11,6 @@
 #include <functional>
 #include <mutex>
 #include <thread>
-#include <type_traits>
 #include <vector>
 #include <sched.h>
 #include <sys/mman.h>
@@ -98,9 +97,9 @@ inline int num_threads() {
 // A small persistent thread pool that degrades gracefully on a busy machine.
 // Not OpenMP: libgomp's workers spin long after each parallel region, stealing the cores that
 // MindSpore's threads and other processes need, and a static split makes every kernel wait for
-// a descheduled thread (measured: decode 3-4x slower under load). Here work is claimed in small
-// chunks from an atomic counter by the caller and whichever workers show up: a worker that is
-// not running simply takes no chunk, and the caller never waits for a thread that has not
+// a descheduled thread (measured: decode 3-4x slower under load). Here work is claimed in
+// chunks from an atomic counter (parallel_chunks) by the caller and whichever workers show up:
+// a worker that is not running simply takes no chunk, and the caller never waits for a thread that has not
 // joined. Workers spin ~50 us for the next kernel of the step, then sleep.
 class Pool;
 // The process's one pool, defined in runtime.cc: every op's library links that one shared

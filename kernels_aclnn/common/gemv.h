@@ -11,7 +11,6 @@
 namespace mindcpm {
 namespace gemv {
 
-
 // acc[i][j] = dot(x row i, W row j) over K, for MR rows of x and NR rows of W.
 template <int MR, int NR, class W>
 inline void tile(const float *x, int64_t ldx, const typename W::T *const *rows, int64_t K, float acc[MR][NR]) {
@@ -70,14 +69,15 @@ struct Swiglu {  // NR/2 gate rows then the matching NR/2 up rows -> NR/2 y colu
   }
 };
 
-// Weight rows of `units` output columns: unit u uses row u (Plain/Residual) or rows u and
-// u + units (Swiglu: gate and up).
+// Weight rows of U output columns u, u + stride, ..., u + (U - 1) stride of `units`: unit v uses
+// row v (Plain/Residual), or rows v and v + units (Swiglu: gate and up; the up rows after all
+// the gate rows).
 template <class W, class E, int U>
-inline void row_pointers(const typename W::T *w, int64_t K, int64_t units, int64_t u,
+inline void row_pointers(const typename W::T *w, int64_t K, int64_t units, int64_t u, int64_t stride,
                          const typename W::T *rows[]) {
   for (int j = 0; j < U; ++j) {
-    rows[j] = w + (u + j) * K;
-    if (E::kRowsPerUnit == 2) rows[U + j] = w + (units + u + j) * K;
+    rows[j] = w + (u + j * stride) * K;
+    if (E::kRowsPerUnit == 2) rows[U + j] = w + (units + u + j * stride) * K;
   }
 }
 
@@ -86,7 +86,7 @@ inline void unit_block(const float *x, const typename W::T *w, int64_t m0, int64
                        int64_t u, const E &epi) {
   constexpr int NR = U * E::kRowsPerUnit;
   const typename W::T *rows[NR];
-  row_pointers<W, E, U>(w, K, units, u, rows);
+  row_pointers<W, E, U>(w, K, units, u, 1, rows);
   // 3 x 4 tiles: 12 accumulators hide the FMA latency and leave registers for the loads.
   int64_t m = m0;
   for (; m + 3 <= m1; m += 3) {
@@ -117,11 +117,7 @@ inline void spaced_units(const float *x, const typename W::T *w, int64_t K, int6
   const int64_t span = (u1 - u0) / U;
   for (int64_t i = 0; i < span; ++i) {
     const typename W::T *rows[U * R];
-    for (int j = 0; j < U; ++j) {
-      const int64_t u = u0 + i + j * span;
-      rows[j] = w + u * K;
-      if (R == 2) rows[U + j] = w + (units + u) * K;
-    }
+    row_pointers<W, E, U>(w, K, units, u0 + i, span, rows);
     float acc[1][U * R];
     tile<1, U * R, W>(x, K, rows, K, acc);
     for (int j = 0; j < U; ++j) {

@@ -1,8 +1,9 @@
 """The model's per-layer ops as C++ CPU kernels (kernels_aclnn/<op>/cpu.cc), one custom op each.
 
-MindSpore's CPU graph ops cost tens of microseconds each and its MatMul is slow for the thin
-matrices of decode; a custom AOT op costs ~10-20 us to dispatch, so the kernels take whole
-blocks: a MiniCPM decoder layer is two ops, the attention block (KernelAttentionBlock: norm,
+MindSpore has no fused CPU ops for these layers and its MatMul is slow for the thin matrices of
+decode. In a compiled graph each op costs ~2 us to launch (and each Parameter ~2.5 us a call,
+measured here), but each op also writes its output to memory and hands its work to the kernel
+threads once, so the kernels take whole blocks: a MiniCPM decoder layer is two ops, the attention block (KernelAttentionBlock: norm,
 q|k|v, RoPE + cache write + paged attention, o_proj, residual) and the MLP block
 (KernelSwigluMlp: norm, gate|up, SwiGLU, down, residual). The single ops (KernelMatmul with its
 epilogues and optional norm, KernelAttention, KernelRMSNorm, KernelEmbedding) serve the other
