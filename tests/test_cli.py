@@ -220,6 +220,9 @@ def test_chat_ctrl_c_stops_the_answer_then_quits_at_the_prompt(tiny, tmp_path):
         proc.send_signal(signal.SIGINT)  # stops the answer, not the program
         assert _read_line_with_timeout(proc.stderr, 120) == b"[answer stopped]\n"
         proc.send_signal(signal.SIGINT)  # at the prompt: quits quietly
+        # Wait with stdin still open: closing it first races the Ctrl-C with an end of input,
+        # which ends the chat with status 0 if the main thread sees it before the watcher runs.
+        proc.wait(timeout=120)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
