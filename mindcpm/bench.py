@@ -628,8 +628,8 @@ def environment() -> dict:
         ms_version = metadata.version("mindspore")
     except metadata.PackageNotFoundError:
         ms_version = "?"
-    from .ops import on_ascend
-    device = "Ascend" if on_ascend() else "CPU"
+    from .ops import detect_device
+    device = "Ascend" if detect_device() == "ascend" else "CPU"
     return {"mindspore": ms_version, "device": device, "cards": 1, "cpu_count": os.cpu_count(),
             "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 1),
             "python": platform.python_version(), "machine": platform.machine()}

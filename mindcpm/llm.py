@@ -14,8 +14,7 @@ from .config import ModelConfig
 from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
-from .loader import load_dummy_weights
-from .ops import on_ascend, setup_runtime
+from .ops import setup_runtime
 from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -60,27 +59,27 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-def resolve_kernels(setting: str) -> bool:
+def resolve_kernels(setting: str, device: str = "cpu") -> bool:
     """The CPU custom kernels: "auto" = on when the device is the CPU and g++ builds them."""
     from .ops.cpu_kernels import kernels_requested
-    if on_ascend():
+    if device == "ascend":
         if setting == "on":
             raise ValueError("kernels='on' selects the CPU kernels, but the device is Ascend")
         return False
     return kernels_requested(setting)
 
 
-def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False) -> tuple[str, str | None]:
+def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: str = "cpu") -> tuple[str, str | None]:
     """(compute dtype, weight dtype or None when the weights are in the compute dtype).
     On CPU, bfloat16/float16 mean 16-bit weights with fp32 activations through the kernels."""
     if dtype == "auto":
         # MindSpore's CPU ops have no bf16 compute and fp16 GEMV is slow there: fp32 on CPU.
-        if not on_ascend():
+        if device != "ascend":
             return "float32", None
         return ("float16" if cfg.torch_dtype == "float16" else "bfloat16"), None
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    if on_ascend() or dtype == "float32":
+    if device == "ascend" or dtype == "float32":
         return dtype, None
     if kernels:
         return "float32", dtype
@@ -98,29 +97,34 @@ class LLM:
                  load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
-        when config.json has none; False switches it off."""
+        when config.json has none; False switches it off.
+
+        attention: "native" or "ascend" (None: the device's own; the environment variable
+        MINDCPM_ATTENTION overrides it). "ascend" on a CPU host is for tests with CPU stand-ins
+        of the Ascend kernels."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
-        setup_runtime()
+        device = setup_runtime()
+        attention = attention or os.environ.get("MINDCPM_ATTENTION") or None
         tp = init_tensor_parallel(tensor_parallel_size, enable_expert_parallel)
         with all_ranks_or_none():  # one rank's bad input stops every rank
             path = resolve_model_path(model)
             self.model_path = path
             self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
             self.tokenizer = Tokenizer.from_dir(path)
-            self.kernels = resolve_kernels(kernels) and (attention or "native") == "native"
-            self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels)
+            self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
+            self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
             max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                 self.config.max_position_embeddings)
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
-                                      attention, self.kernels, DTYPES.get(self.weight_dtype))
+                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:
-                load_dummy_weights(runner.model, seed)
+                runner.load_dummy_weights(seed)
         if tp.rank != 0:
             # A worker rank only runs the steps rank 0 sends; its process ends with rank 0's.
             runner.serve()

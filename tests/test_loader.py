@@ -24,11 +24,10 @@ def test_checkpoint_staged_one_parameter_at_a_time(deep_model_dir):
     from mindcpm.config import ModelConfig
     from mindcpm.loader import load_checkpoint, loadable_parameters, our_name
     from mindcpm.models.minicpm import MiniCPMForCausalLM
-    from mindcpm.ops.native import NativeAttention
+    from mindcpm.ops import Device
 
     cfg = ModelConfig.from_dir(deep_model_dir)
-    model = MiniCPMForCausalLM(cfg, NativeAttention, NativeAttention.cache_shape(2, 4, cfg.num_kv_heads, cfg.head_dim),
-                               4, ms.float32)
+    model = MiniCPMForCausalLM(cfg, Device(block_size=4, cache_blocks=2))
     params = loadable_parameters(model)
     total = sum(int(np.prod(p.shape)) * 4 for p in params.values())
     largest = max(int(np.prod(p.shape)) * 4 for p in params.values())

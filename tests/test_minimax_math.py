@@ -315,14 +315,14 @@ def test_loader_names_and_clear_errors(tmp_path):
     from mindcpm.config import ModelConfig
     from mindcpm.loader import CheckpointError, load_checkpoint
     from mindcpm.models.minimax import MiniMaxForCausalLM
-    from mindcpm.ops.native import NativeAttention
+    from mindcpm.ops import Device
     from tests.tiny_minimax import make_tiny_minimax, minimax_config, random_weights
     cfg = minimax_config(hidden=32, heads=2, head_dim=16, kv_heads=1, attn_types=(0, 1), intermediate=8)
     path = make_tiny_minimax(str(tmp_path / "ok"), cfg)
     mc = ModelConfig.from_dir(path)
 
     def model(dtype=ms.float32):
-        return MiniMaxForCausalLM(mc, NativeAttention, NativeAttention.cache_shape(3, 8, 1, 16), 8, dtype, 2)
+        return MiniMaxForCausalLM(mc, Device(dtype=dtype, block_size=8, cache_blocks=3), 2)
     m = model(ms.float16)
     load_checkpoint(m, path, ms.float16, progress=False)
     weights = random_weights(cfg)
@@ -355,9 +355,8 @@ def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
     import mindspore as ms
     from mindcpm.config import ModelConfig
     from mindcpm.models.minimax import MiniMaxForCausalLM
-    from mindcpm.ops import kernel_mode
+    from mindcpm.ops import Device
     from mindcpm.ops.cpu_kernels import kernels_available
-    from mindcpm.ops.native import NativeAttention
     from tests.tiny_minimax import minimax_config
     if not kernels_available():
         pytest.skip("16-bit weights on CPU need the CPU kernels (no g++)")
@@ -365,9 +364,8 @@ def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
                          shared_intermediate=8)
     with open(tmp_path / "config.json", "w") as f:
         json.dump(cfg, f)
-    with kernel_mode(True, ms.bfloat16):
-        m = MiniMaxForCausalLM(ModelConfig.from_dir(str(tmp_path)), NativeAttention,
-                               NativeAttention.cache_shape(3, 8, 1, 16), 8, ms.float32, 2)
+    device = Device(weight_dtype=ms.bfloat16, kernels=True, block_size=8, cache_blocks=3)
+    m = MiniMaxForCausalLM(ModelConfig.from_dir(str(tmp_path)), device, 2)
     layer = m.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == ms.bfloat16
     assert layer.block_sparse_moe.gate.weight.dtype == ms.float32 and layer.coefficient.weight.dtype == ms.float32

@@ -6,6 +6,7 @@ workload compiles a bounded set of graphs once and never again in steady state.
 from __future__ import annotations
 
 import time
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,12 +14,11 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..config import ModelConfig
-from ..loader import load_checkpoint
+from ..loader import load_checkpoint, load_dummy_weights
 from ..models.registry import model_class
-from ..layers.sparse import sparse_backend_factory, sparse_step_metadata
-from ..ops import attention_backend, kernel_mode
-from ..ops.native import NativeAttention
-from ..parallel import StepChannel, kv_heads_per_rank, tp_group
+from ..layers.sparse import sparse_step_metadata
+from ..ops.device import Device
+from ..parallel import StepChannel, tp_group
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
 
@@ -30,9 +30,10 @@ class RunnerConfig:
     max_num_seqs: int
     max_model_len: int
     dtype: ms.dtype.Type = ms.float32
-    attention: str | None = None  # backend name; None = the device's default
+    attention: str | None = None  # "native" / "ascend"; None = the device's own
     kernels: bool = False  # the CPU custom kernels (mindcpm/ops/cpu.py) instead of MindSpore's ops
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
+    device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -52,22 +53,31 @@ class _CompiledStep(nn.Cell):
     compiled the graph, later calls run it directly, without ms.jit's per-call argument key and
     autograd bookkeeping (measured: 1.3 ms less per decode step on CPU). That path keeps one graph
     per cell (and would run it on inputs of another shape without a word), so each cell is
-    built for one bucket's input shapes and refuses others."""
+    built for one bucket's input shapes and refuses others.
 
-    def __init__(self, model: nn.Cell, shapes: tuple):
+    Its parameters name the graph inputs (Ascend's kernels read some by name: ops/device.py
+    STEP_INPUTS); the device gives the jit options (Ascend: infer_boost on), set on this cell too,
+    whose run path uses its own jit config."""
+
+    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None):
         super().__init__()
         self.model = model
         self.shapes = shapes
         self.phase = "increment"
+        jit_options = jit_options or {}
+        if jit_options:
+            self.set_jit_config(ms.JitConfig(**jit_options))
+        self.construct = types.MethodType(ms.jit(type(self).construct, **jit_options), self)
 
     def __call__(self, *inputs):
         if tuple(t.shape for t in inputs) != self.shapes:
             raise ValueError(f"a step compiled for input shapes {self.shapes} got {[t.shape for t in inputs]}")
         return super().__call__(*inputs)
 
-    @ms.jit
-    def construct(self, *inputs):
-        logits = self.model(*inputs)
+    def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
+                  logits_rows, *extra):
+        logits = self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
+                            logits_rows, *extra)
         return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
 
 
@@ -79,31 +89,31 @@ class ModelRunner:
         # One block past the scheduler's pool takes the K/V writes of padding tokens.
         self.pad_block = cfg.num_blocks
         self.tp = tp_group()
-        if model_cfg.sparse is not None:
-            if self.tp.size > 1:
-                raise ValueError("InfLLM-v2 sparse attention with tensor parallelism is not supported yet")
-            # Sparse attention is its own composite over the slot-major cache, on every device.
-            factory = sparse_backend_factory(model_cfg, cfg.block_size, cfg.num_blocks + 1, cfg.dtype, cfg.kernels)
-            self.backend_name, cache_layout = "infllm-v2", NativeAttention
-        else:
-            backend = attention_backend(cfg.attention)
-            factory = cache_layout = type(backend)
-            self.backend_name = backend.name
-        cache_shape = cache_layout.cache_shape(cfg.num_blocks + 1, cfg.block_size,
-                                               kv_heads_per_rank(model_cfg.num_kv_heads), model_cfg.head_dim)
+        self.device = Device(cfg.device, cfg.dtype, cfg.weight_dtype, cfg.kernels, model_cfg.sparse, cfg.block_size,
+                             cfg.num_blocks + 1, self.tp, cfg.attention)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
-        with kernel_mode(cfg.kernels, cfg.weight_dtype):
-            self.model = model_class(model_cfg.architecture)(
-                model_cfg, factory, cache_shape, cfg.block_size, cfg.dtype, **extra)
+        self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
+        self.device.fuse_blocks(self.model)
+        self.step_inputs = self.device.step_input_names(self.model)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
+            self.device.after_load(self.model)
         self.channel = StepChannel() if self.tp.size > 1 else None
         self.steps: dict[tuple, _CompiledStep] = {}  # input shapes -> its compiled step
         self.sampler = Sampler(eos_token_ids)
         self.compile_seconds = 0.0
+
+    @property
+    def backend_name(self) -> str:
+        return self.device.attention_name
+
+    def load_dummy_weights(self, seed: int) -> None:
+        """Random weights of the model's shapes (benchmarks), in the device's layout."""
+        load_dummy_weights(self.model, seed)
+        self.device.after_load(self.model)
 
     # -- metadata ------------------------------------------------------------------------
     def _blocks_bucket(self, num_tokens: int) -> int:
@@ -121,6 +131,10 @@ class ModelRunner:
         slots = np.full((rows, width), self.pad_block * bs, np.int32)
         tables = np.full((rows, nb), self.pad_block, np.int32)
         last_rows = np.zeros(rows, np.int32)
+        # Each row's kv length after this step and its new tokens; padding rows read key 0 of
+        # the padding block (ops/ascend.py).
+        kv_lens = np.ones(rows, np.int32)
+        q_lens = np.ones(rows, np.int32)
         state_slots = np.full(rows, self.pad_state_slot, np.int32)
         for i, (seq, n) in enumerate(zip(seqs, num_new)):
             start = seq.num_cached_tokens
@@ -133,16 +147,18 @@ class ModelRunner:
             # its last token, which nb covers.
             tables[i, :min(len(table), nb)] = table[:nb]
             last_rows[i] = i * width + n - 1
+            kv_lens[i], q_lens[i] = start + n, n
             if seq.state_slot is not None:
                 state_slots[i] = seq.state_slot
         logits_rows = np.arange(rows * width, dtype=np.int32) if all_rows else last_rows
-        meta = {"input_ids": input_ids, "positions": positions, "slot_mapping": slots.reshape(-1),
-                "block_tables": tables, "logits_rows": logits_rows, "state_slots": state_slots}
-        if "c1_table" in self.model.STEP_INPUTS:
+        meta = {"input_ids": input_ids, "positions": positions, "batch_valid_length": kv_lens, "q_seq_lens": q_lens,
+                "slot_mapping": slots.reshape(-1), "block_tables": tables, "logits_rows": logits_rows,
+                "state_slots": state_slots}
+        if self.device.sparse is not None:
             meta.update(sparse_step_metadata(seqs, num_new, tables, width, self.pad_block))
-        # Each model names the metadata its construct takes, in order (STEP_INPUTS). from_numpy
-        # shares the fresh arrays instead of copying them (1.5 us a tensor against Tensor()'s 9).
-        return [ms.from_numpy(meta[name]) for name in self.model.STEP_INPUTS], last_rows, width
+        # The device names the step's inputs, in order. from_numpy shares the fresh arrays instead
+        # of copying them (1.5 us a tensor against Tensor()'s 9).
+        return [ms.from_numpy(meta[name]) for name in self.step_inputs], last_rows, width
 
     # -- one step -------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], num_new: list[int]) -> list[int | None]:
@@ -187,7 +203,7 @@ class ModelRunner:
         if step is not None:
             return step(*inputs)
         start = time.perf_counter()
-        step = self.steps[key] = _CompiledStep(self.model, key)
+        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options())
         outputs = step(*inputs)
         outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start

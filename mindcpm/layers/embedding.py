@@ -4,7 +4,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..ops import embedding, matmul, weight_dtype
+from ..ops.device import Device
 from ..parallel import Shard, tp_group, vocab_rows
 
 
@@ -14,14 +14,16 @@ class Embedding(nn.Cell):
     Tensor parallel: each rank holds a slice of the vocabulary; ids outside it give zeros and
     the ranks' rows are summed."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32, scale: float = 1.0):
+    def __init__(self, vocab_size: int, hidden_size: int, dtype=ms.float32, scale: float = 1.0,
+                 device: Device | None = None):
         super().__init__()
+        device = device or Device()
         self.full_shape = (vocab_size, hidden_size)
         self.rows = vocab_rows(vocab_size)
         local = -(-vocab_size // tp_group().size)
-        self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), weight_dtype(dtype)), name="weight",
+        self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), device.stored_dtype(dtype)), name="weight",
                                 requires_grad=False)
-        self.lookup = embedding(scale)
+        self.lookup = device.embedding(scale)
         self.all_reduce = ops.AllReduce() if tp_group().size > 1 else None
 
     def construct(self, ids):
@@ -40,8 +42,10 @@ class LMHead(nn.Cell):
     """logits = h W^T in fp32; W is the embedding's when the checkpoint ties them. Tensor
     parallel: each rank scores its vocabulary slice and the slices are gathered."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, dtype=ms.float32):
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, dtype=ms.float32,
+                 device: Device | None = None):
         super().__init__()
+        device = device or Device()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
         if self.tied:
@@ -50,9 +54,9 @@ class LMHead(nn.Cell):
             self.full_shape = (vocab_size, hidden_size)
             self.rows = vocab_rows(vocab_size)
             local = -(-vocab_size // tp_group().size)
-            self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), weight_dtype(dtype)), name="weight",
-                                    requires_grad=False)
-        self.matmul = matmul()
+            self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), device.stored_dtype(dtype)),
+                                    name="weight", requires_grad=False)
+        self.matmul = device.matmul()
         self.tp_size = tp_group().size
         self.all_gather = ops.AllGather() if self.tp_size > 1 else None
 

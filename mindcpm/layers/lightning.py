@@ -9,6 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ..ops.device import Device
 from ..parallel import even_rows
 from .linear import Linear
 from .norm import RMSNorm
@@ -33,17 +34,19 @@ def lightning_slopes(num_heads: int, layer: int, num_layers: int) -> np.ndarray:
 
 class LightningAttention(nn.Cell):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer: int, num_layers: int,
-                 block: int, eps: float, backend: nn.Cell, num_state_slots: int, dtype=ms.float32):
+                 block: int, eps: float, backend: nn.Cell, num_state_slots: int, dtype=ms.float32,
+                 device: Device | None = None):
+        """backend: the device's lightning core (Device.lightning)."""
         super().__init__()
         heads = even_rows(num_heads, "lightning heads")  # tensor parallel: this rank's heads
         self.num_heads, self.head_dim, self.block = heads.stop - heads.start, head_dim, block
         # Head-major: rows [h*3D, h*3D+D) are q of head h, then its k, then its v (§2.1), so a
         # rank's heads are one contiguous block of rows of qkv_proj and of output_gate.
-        self.qkv_proj = Linear(hidden_size, 3 * num_heads * head_dim, dtype, parallel="column")
-        self.output_gate = Linear(hidden_size, num_heads * head_dim, dtype, parallel="column")
+        self.qkv_proj = Linear(hidden_size, 3 * num_heads * head_dim, dtype, parallel="column", device=device)
+        self.output_gate = Linear(hidden_size, num_heads * head_dim, dtype, parallel="column", device=device)
         # One RMS over all H*D features, in fp32, summed across the ranks' heads (§2.6).
-        self.norm = RMSNorm(num_heads * head_dim, eps, ms.float32, sharded=True)
-        self.out_proj = Linear(num_heads * head_dim, hidden_size, dtype, parallel="row")
+        self.norm = RMSNorm(num_heads * head_dim, eps, ms.float32, sharded=True, device=device)
+        self.out_proj = Linear(num_heads * head_dim, hidden_size, dtype, parallel="row", device=device)
         # Never cast with the model (spec §2.7): in bf16 exp(-s) is 1.0 for small s.
         slopes = lightning_slopes(num_heads, layer, num_layers)[heads]
         self.slopes = Parameter(Tensor(slopes, ms.float32), name="slopes", requires_grad=False)

@@ -5,7 +5,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..ops import matmul, weight_dtype
+from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
 
 
@@ -13,26 +13,24 @@ class Linear(nn.Cell):
     """y = epilogue(x W^T) with W stored (out_features, in_features), no bias.
 
     `output_sizes` names the parts of a fused projection (q|k|v, gate|up); the loader fills
-    each part from its own checkpoint tensor. The epilogue is "plain", "swiglu" (the output is
-    silu(gate) * up of a gate|up projection) or "residual" (construct(x, r) = r + scale x W^T),
-    so the device's op can fuse it.
+    each part from its own checkpoint tensor. The epilogue is "plain" or "swiglu" (the output is
+    silu(gate) * up of a gate|up projection), so the device's op can fuse it.
 
     exact_dtype: the weight stays in `dtype` even where the model's matrices are stored in 16
     bits (a MoE router, which the spec keeps in fp32).
 
-    input_norm: the RMSNorm whose output this projection reads; construct then takes the
-    un-normalised x and the device op applies the norm (one kernel on CPU). The norm stays its
-    owner's cell, so its weight keeps its checkpoint name.
-
     Tensor parallel: "column" keeps this rank's rows of each part (`part_shards`, in the part's
     own row numbers; an even split by default), "row" keeps its columns and sums the partial
-    products of all ranks before the epilogue.
+    products of all ranks.
+
+    device: where the op comes from (the default: MindSpore's own ops).
     """
 
     def __init__(self, in_features: int, output_sizes: list[int] | int, dtype=ms.float32,
-                 epilogue: str = "plain", scale: float = 1.0, parallel: str | None = None,
-                 part_shards: list[slice] | None = None, exact_dtype: bool = False, input_norm=None):
+                 epilogue: str = "plain", parallel: str | None = None, part_shards: list[slice] | None = None,
+                 exact_dtype: bool = False, device: Device | None = None):
         super().__init__()
+        device = device or Device()
         full_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.full_shapes = [(n, in_features) for n in full_sizes]
         self.part_shards = [slice(0, n) for n in full_sizes]
@@ -45,25 +43,15 @@ class Linear(nn.Cell):
             raise ValueError(f"unknown parallel style {parallel!r}")
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
-        stored = dtype if exact_dtype else weight_dtype(dtype)
+        stored = dtype if exact_dtype else device.stored_dtype(dtype)
         self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), stored),
                                 name="weight", requires_grad=False)
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
-        # Partial sums must be reduced before a residual is added, so that epilogue moves out.
-        self.residual_scale = scale if self.all_reduce is not None and epilogue == "residual" else None
-        if input_norm is not None and (parallel == "row" or input_norm.all_reduce is not None):
-            raise ValueError("a fused input norm needs the whole, unsharded input")
-        self.input_norm = input_norm
-        self.matmul = matmul("plain" if self.residual_scale is not None else epilogue, scale,
-                             None if input_norm is None else input_norm.eps)
+        self.matmul = device.matmul(epilogue)
 
-    def construct(self, x, residual=None):
-        if self.input_norm is not None:
-            return self.matmul(x, self.weight, residual, self.input_norm.weight)
-        if self.all_reduce is None:
-            return self.matmul(x, self.weight, residual)
-        y = self.all_reduce(self.matmul(x, self.weight))
-        return y if self.residual_scale is None else residual + y * self.residual_scale
+    def construct(self, x):
+        y = self.matmul(x, self.weight)
+        return y if self.all_reduce is None else self.all_reduce(y)
 
     def part_rows(self, part: int) -> slice:
         start = sum(self.output_sizes[:part])

@@ -6,6 +6,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
 from .linear import Linear
 
@@ -54,19 +55,18 @@ class Experts(nn.Cell):
 
 
 class MoE(nn.Cell):
-    """Tensor parallel: each rank computes its share of every token's output (its whole experts
-    with expert parallelism, else its slice of every expert) and the shares are summed."""
+    """backend: the device's MoE op (Device.moe). Tensor parallel: each rank computes its share
+    of every token's output (its whole experts with expert parallelism, else its slice of every
+    expert) and the shares are summed."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
-                 backend: nn.Cell, dtype=ms.float32):
+                 backend: nn.Cell, dtype=ms.float32, device: Device | None = None):
         super().__init__()
         tp = tp_group()
         self.top_k = top_k
-        self.gate = Linear(hidden_size, num_experts, ms.float32, exact_dtype=True)  # fp32 like the checkpoint
+        # fp32 like the checkpoint
+        self.gate = Linear(hidden_size, num_experts, ms.float32, exact_dtype=True, device=device)
         expert_parallel = tp.size > 1 and tp.expert_parallel
-        if expert_parallel and backend.name != "native":
-            raise ValueError(f"expert parallelism is not implemented for the {backend.name} MoE backend; "
-                             "leave it off to split every expert across the ranks instead")
         held = even_rows(num_experts, "experts") if expert_parallel else slice(0, num_experts)
         self.first_expert = held.start
         self.experts = Experts(num_experts, hidden_size, intermediate_size, dtype, held,

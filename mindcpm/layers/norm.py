@@ -4,7 +4,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..ops import rms_norm
+from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
 
 
@@ -15,13 +15,14 @@ class RMSNorm(nn.Cell):
     all H*D lightning features, minimax_m1 spec §2.6): each rank holds its slice of the weight and
     the sum of squares is summed over the ranks before the mean."""
 
-    def __init__(self, size: int, eps: float, dtype=ms.float32, sharded: bool = False):
+    def __init__(self, size: int, eps: float, dtype=ms.float32, sharded: bool = False, device: Device | None = None):
         super().__init__()
+        device = device or Device()
         self.eps, self.size = eps, size
         self.rows = even_rows(size, "normalised features") if sharded else slice(0, size)
         self.weight = Parameter(Tensor(np.ones(self.rows.stop - self.rows.start), dtype), name="weight",
                                 requires_grad=False)
-        self.norm = rms_norm(eps)
+        self.norm = device.rms_norm(eps)
         self.all_reduce = ops.AllReduce() if sharded and tp_group().size > 1 else None
 
     def construct(self, x):

@@ -20,13 +20,11 @@ which is dense attention. Stage 2 is attention restricted to the selected blocks
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..config import ModelConfig, SparseConfig
+from ..config import SparseConfig
 from ..ops.infllm import block_selection_kernel, block_sparse_attention_kernel
 from ..ops.native import MASKED, gather_slots
 
@@ -35,19 +33,13 @@ STRIDE, C2_STRIDE, BLOCK = 16, 64, 64  # kernel strides and the selection block 
 INF = float("inf")
 
 
-def sparse_backend_factory(cfg: ModelConfig, block_size: int, num_entries: int, dtype, kernels: bool = True):
-    """A no-argument constructor of the sparse attention cell, one per layer; `kernels`: the CPU
-    kernels where they build (the runner's switch), else the composites."""
+def check_sparse_block_size(block_size: int) -> None:
     if block_size != STRIDE:
         raise ValueError(f"sparse attention keeps its compressed keys in the KV blocks and needs "
                          f"block_size {STRIDE}, got {block_size}")
-    return functools.partial(InfLLMv2Attention, cfg.sparse, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                             num_entries, dtype, kernels)
 
 
 class InfLLMv2Attention(nn.Cell):
-    name = "infllm-v2"
-
     def __init__(self, sparse: SparseConfig, num_heads: int, num_kv_heads: int, head_dim: int,
                  num_entries: int, dtype=ms.float32, use_kernel: bool = True):
         super().__init__()
@@ -72,7 +64,8 @@ class InfLLMv2Attention(nn.Cell):
         self.bmm = ops.BatchMatMul()
 
     def construct(self, q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, scale,
-                  c1_src, c1_dst, c2_src, c2_dst, c1_table, c2_table):
+                  batch_valid_length, q_seq_lens, c1_src, c1_dst, c2_src, c2_dst, c1_table, c2_table):
+        """The row lengths are the Ascend kernels' inputs; the positions say the same here."""
         b, l, hq, d = q.shape
         hkv = k.shape[2]
         ops.scatter_update(k_cache, slot_mapping, k.reshape(b * l, hkv, d))

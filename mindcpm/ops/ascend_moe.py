@@ -9,14 +9,20 @@
                                    the sorted expert ids [N*k].
   counts    MoeComputeExpertTokens cumulative rows per expert [E] -> GroupedMatmul's group_list.
   experts   GroupedMatmul x2       split_item=3, group_type=0: one x [N*k, in], one stacked weight
-                                   [E, out, in] (transpose_b, the layout the loader fills for every
-                                   backend), SwiGLU between the two.
-  combine   MoeFinalizeRouting     out[i] = sum_k scales[i, k] * expanded[expanded_row_idx[i + k*N]].
+                                   [E, in, out], SwiGLU between the two. Not transposed: MindSpore's
+                                   inference refuses transpose_b on the 910B (grouped_matmul.cc); the
+                                   loader fills [E, out, in] and Device.after_load transposes it
+                                   once, as vllm-mindspore's fused MoE keeps [E, in, out].
+  combine   MoeFinalizeRouting     out[i] = x1[i] + sum_k scales[i, k] * (expanded[expanded_row_idx[i + k*N]]
+                                   + bias[expert]), with x1 and bias zeros: bias is a required (E, H)
+                                   tensor in the activation dtype (its inference refuses None, and
+                                   so does aclnnMoeFinalizeRouting).
 
 Unverified on hardware (no NPU was available): the 2.10 docstrings list fp16 (and fp32 for the
-grouped form) for GroupedMatmul and MoeFinalizeRouting, not bf16; a bf16 model may need them in
-fp16. The CPU contract test (tests/test_minimax_ascend_contract.py) runs these exact calls through
-stand-ins written from the documentation (tests/ascend_moe_standins.py).
+grouped form) for GroupedMatmul and MoeFinalizeRouting, not bf16, though their inference accepts
+bf16 (tests/test_ascend_vendor_checks.py compiles both dtypes through it). The CPU contract test
+(tests/test_minimax_ascend_contract.py) runs these exact calls through stand-ins written from
+the documentation (tests/ascend_moe_standins.py).
 
 The kernels are module-level names so that tests can replace them.
 """
@@ -29,20 +35,19 @@ from mindspore.ops.auto_generate import (GroupedMatmul, MoeComputeExpertTokens, 
 
 
 class AscendMoE(nn.Cell):
-    name = "ascend"
-
     def __init__(self):
         super().__init__()
         self.gating = MoeGatingTopKSoftmax()
         self.init_routing = MoeInitRouting()
         self.expert_tokens = MoeComputeExpertTokens()
-        self.gmm = GroupedMatmul(split_item=3, group_type=0, transpose_a=False, transpose_b=True)
+        self.gmm = GroupedMatmul(split_item=3, group_type=0, transpose_a=False, transpose_b=False)
         self.finalize = MoeFinalizeRouting()
 
     def construct(self, x, router_logits, w13, w2, top_k, first_expert=0):
-        """x [N, hidden]; router_logits [N, E] fp32; w13 [E, 2I, hidden]; w2 [E, hidden, I]."""
+        """x [N, hidden]; router_logits [N, E] fp32; w13 [E, hidden, 2I]; w2 [E, I, hidden]
+        (first_expert: expert parallelism, which the Device refuses for this op)."""
         n, hidden = x.shape
-        num_experts, inter = w13.shape[0], w13.shape[1] // 2
+        num_experts, inter = w13.shape[0], w13.shape[2] // 2
         weights, experts, row_idx = self.gating(router_logits.astype(ms.float32), None, top_k)
         weights = weights / weights.sum(-1, keepdims=True)
         expanded_x, expanded_row_idx, sorted_experts = self.init_routing(x, row_idx, experts, n)
@@ -50,5 +55,6 @@ class AscendMoE(nn.Cell):
         gate_up = self.gmm([expanded_x], [w13], None, None, None, None, None, group_list)[0]
         act = ops.silu(gate_up[:, :inter]) * gate_up[:, inter:]
         down = self.gmm([act], [w2], None, None, None, None, None, group_list)[0]  # [N*k, hidden]
-        return self.finalize(down, ops.zeros((n, hidden), down.dtype), None, None,
+        bias = ops.zeros((num_experts, hidden), down.dtype)
+        return self.finalize(down, ops.zeros((n, hidden), down.dtype), None, bias,
                              weights.astype(down.dtype), expanded_row_idx, experts)

@@ -3,9 +3,10 @@
 MindSpore has no fused CPU ops for these layers and its MatMul is slow for the thin matrices of
 decode. In a compiled graph each op costs ~2 us to launch (and each Parameter ~2.5 us a call,
 measured here), but each op also writes its output to memory and hands its work to the kernel
-threads once, so the kernels take whole blocks: a MiniCPM decoder layer is two ops, the attention block (KernelAttentionBlock: norm,
-q|k|v, RoPE + cache write + paged attention, o_proj, residual) and the MLP block
-(KernelSwigluMlp: norm, gate|up, SwiGLU, down, residual). The single ops (KernelMatmul with its
+threads once, so the kernels take whole blocks: a MiniCPM decoder layer is two ops
+(KernelDecoderLayer, put in place of the built layer by Device.fuse_blocks), the attention block
+(KernelAttentionBlock: norm, q|k|v, RoPE + cache write + paged attention, o_proj, residual) and
+the MLP block (KernelSwigluMlp: norm, gate|up, SwiGLU, down, residual). The single ops (KernelMatmul with its
 epilogues and optional norm, KernelAttention, KernelRMSNorm, KernelEmbedding) serve the other
 layers. Weights may be fp32, bf16 or fp16 (widened in registers); activations and the KV cache
 are fp32. Each single op has a native twin in ops/native.py with the same construct signature,
@@ -159,6 +160,29 @@ class KernelAttention(nn.Cell):
         """The kernel's [scale, block size] input (a constant of the graph)."""
         return Tensor([self.scale, float(block_size)], ms.float32)
 
-    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size):
+    def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, *lengths):
+        """lengths: the step's batch_valid_length and q_seq_lens, which the positions imply here."""
         return self.op(qkv, self.rotary.cos, self.rotary.sin, positions, slot_mapping, block_tables,
                        k_cache, v_cache, self.meta(block_size))
+
+
+class KernelDecoderLayer(nn.Cell):
+    """A built pre-norm decoder layer, h += s * attn(norm(h)); h += s * mlp(norm(h)), as two kernel
+    ops (KernelAttentionBlock, KernelSwigluMlp). It keeps the layer's own cells under their own
+    names, so its Parameters and their checkpoint names are the layer's (Device.fuse_blocks)."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        scale = layer.residual_scale
+        self.attention_block = KernelAttentionBlock(KernelMatmul("plain", norm_eps=layer.input_layernorm.eps),
+                                                    layer.self_attn.attend, KernelMatmul("residual", scale))
+        self.mlp_block = KernelSwigluMlp(KernelMatmul("swiglu", norm_eps=layer.post_attention_layernorm.eps),
+                                         KernelMatmul("residual", scale))
+
+    def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
+        attn, mlp = self.self_attn, self.mlp
+        h = self.attention_block(h, self.input_layernorm.weight, attn.qkv_proj.weight, attn.k_cache, attn.v_cache,
+                                 positions, slot_mapping, block_tables, block_size, attn.o_proj.weight, h)
+        return self.mlp_block(h, self.post_attention_layernorm.weight, mlp.gate_up_proj.weight, mlp.down_proj.weight, h)

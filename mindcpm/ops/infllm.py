@@ -1,16 +1,15 @@
 """Device-specific parts of InfLLM-v2 sparse attention: the C++ CPU kernels of stage 1 (block
 selection, kernels_aclnn/infllm_score/cpu.cc) and stage 2 (kernels_aclnn/infllm_attention/cpu.cc),
-or None where they cannot run (then the composite in mindcpm/layers/sparse.py is used: it runs
-on every device, but reads every block)."""
+or None where they cannot be built (then the composite in mindcpm/layers/sparse.py is used: it
+runs on every device, but reads every block). The Device asks for them only on CPU."""
 from __future__ import annotations
 
-from . import on_ascend
 from .cpu_kernels import KernelBuildError, aot_op, build, kernels_available
 
 
 def _kernel_op(op_name: str, func_name: str, out_shape_fn, out_dtype_fn):
-    """The op of kernels_aclnn/<op_name>/cpu.cc, or None off CPU or when it cannot be built."""
-    if on_ascend() or not kernels_available():
+    """The op of kernels_aclnn/<op_name>/cpu.cc, or None when it cannot be built."""
+    if not kernels_available():
         return None
     try:
         build(op_name)

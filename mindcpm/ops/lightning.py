@@ -22,8 +22,6 @@ from mindspore import nn, ops
 
 
 class NativeLightning(nn.Cell):
-    name = "native"
-
     def __init__(self):
         super().__init__()
         self.bmm = ops.BatchMatMul()

@@ -22,8 +22,6 @@ def route(router_logits, top_k: int):
 
 
 class NativeMoE(nn.Cell):
-    name = "native"
-
     def __init__(self):
         super().__init__()
         self.bmm_t = ops.BatchMatMul(transpose_b=True)

@@ -15,20 +15,16 @@ MASKED = -1e30
 
 
 class NativeAttention(nn.Cell):
-    name = "native"
-
     def __init__(self):
         super().__init__()
         self.scores = ops.BatchMatMul(transpose_b=True)
         self.weighted = ops.BatchMatMul()
 
-    @staticmethod
-    def cache_shape(num_blocks: int, block_size: int, kv_heads: int, head_dim: int) -> tuple:
-        return (num_blocks * block_size, kv_heads, head_dim)
-
-    def construct(self, q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, scale):
+    def construct(self, q, k, v, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, scale,
+                  batch_valid_length=None, q_seq_lens=None):
         """q: [B, L, Hq, D]; k, v: [B, L, Hkv, D]; positions: [B, L] (-1 for padding);
-        slot_mapping: [B*L]; block_tables: [B, nb]. Returns [B, L, Hq*D]."""
+        slot_mapping: [B*L]; block_tables: [B, nb]. Returns [B, L, Hq*D]. The row lengths are
+        the kernels' inputs (ops/ascend.py); the positions say the same here."""
         b, l, hq, d = q.shape
         hkv = k.shape[2]
         ops.scatter_update(k_cache, slot_mapping, k.reshape(b * l, hkv, d))
@@ -70,7 +66,8 @@ class SplitRopeAttention(nn.Cell):
         self.scale = scale
 
     def construct(self, qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size, *extra):
-        """extra: step inputs only some backends take (sparse attention's C1/C2 metadata)."""
+        """extra: batch_valid_length, q_seq_lens, then step inputs only some backends take
+        (sparse attention's C1/C2 metadata)."""
         b, l, _ = qkv.shape
         q = qkv[..., : self.q_size].reshape(b, l, self.num_heads, self.head_dim)
         k = qkv[..., self.q_size: self.q_size + self.kv_size].reshape(b, l, self.num_kv_heads, self.head_dim)

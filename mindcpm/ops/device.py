@@ -1,0 +1,267 @@
+"""The one object that knows the device.
+
+A Device is built once per LLM from (device, compute dtype, weight dtype, CPU kernels on/off,
+sparse config, tensor-parallel group, cache geometry) and hands every model, layer and the
+runner what depends on them: the ops (linear, RMS norm, embedding, attention core, MoE,
+lightning), the KV-cache shape, the names and values of the step's graph inputs, the passes
+over a built model (CPU block fusion; Ascend expert layout after load) and the jit config of
+the compiled step. Models, layers and the engine hold no backend names and no op classes.
+
+Ascend calling conventions follow the MindSpore-on-Ascend stacks that run (read, not copied):
+vllm-mindspore's model runner feeds the attention kernels named graph inputs
+`batch_valid_length` (each row's kv length) and `q_seq_lens`, next to `slot_mapping` and
+`block_tables`, and compiles with jit_level O0 and infer_boost on; its fused MoE keeps expert
+weights as [E, in, out] for GroupedMatmul (no transpose).
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import mindspore as ms
+
+from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNorm, SplitRopeAttention
+
+DEVICES = ("cpu", "ascend")
+ATTENTION_BACKENDS = ("native", "ascend")
+
+# The compiled step's named graph inputs, in order (then the model's extras, then the attention
+# core's extras). MindSpore names a graph input after the top-level parameter of the compiled
+# function, and Ascend's internal PagedAttention reads `batch_valid_length` and `q_seq_lens` by
+# those names on the host; so they are parameters, never *args.
+STEP_INPUTS = ("input_ids", "positions", "batch_valid_length", "q_seq_lens", "slot_mapping", "block_tables",
+               "logits_rows")
+
+# The internal PagedAttention kernel's block sizes and its head_dim * block_size bound (ATB
+# PagedAttention operation doc); FlashAttentionScore's head_dim: a multiple of 16, at most 512.
+ASCEND_BLOCK_SIZES = (16, 32, 64, 128)
+ASCEND_MAX_BLOCK_ELEMENTS = 16384
+ASCEND_MAX_HEAD_DIM = 512
+
+
+# -- the process's runtime ----------------------------------------------------------------
+def detect_device() -> str:
+    """"ascend" when an Ascend device is present, else "cpu". Asks the device count, not whether
+    the plugin loads; probes the plugin quietly first (ms.device_context.ascend.is_available()
+    logs two warnings per call on a CPU host)."""
+    from mindspore._c_expression import MSContext
+    if not MSContext.get_instance().is_pkg_support_device("Ascend"):
+        return "cpu"
+    try:
+        return "ascend" if ms.device_context.ascend.device_count() > 0 else "cpu"
+    except RuntimeError:
+        return "cpu"
+
+
+_runtime: str | None = None  # the device this process's runtime was set up for
+
+
+def setup_runtime(device: str | None = None) -> str:
+    """Selects the process's device once ("cpu" / "ascend"; None = detect); returns it."""
+    global _runtime
+    if _runtime is not None:
+        return _runtime
+    device = device or detect_device()
+    if device == "ascend":
+        try:
+            ms.set_device("Ascend")
+        except RuntimeError as e:
+            raise RuntimeError(f"cannot use the Ascend device: {str(e).splitlines()[0]}") from None
+        # Prefill attention is aclnn FlashAttentionScore, whose documented inputs we pass (BSH,
+        # uint8 mask, 1 = discard). With infer_boost on, MindSpore would otherwise dispatch it to
+        # the internal kernel, which takes additive fp16 masks and reads q/kv lengths from the
+        # graph inputs instead (q lengths = kv lengths without `q_seq_lens`: wrong for chunked
+        # prefill rows). Read when the first graph compiles, so set here.
+        _append_env_list("MS_DISABLE_INTERNAL_KERNELS_LIST", "FlashAttentionScore")
+    else:
+        try:
+            ms.set_device("CPU")
+        except RuntimeError:
+            pass  # a kernel already ran on the default device, which is the CPU
+        # The asynchronous PyNative pipeline thrashes two cores; synchronous launches are
+        # 10-20x faster and attribute errors to the op that raised them.
+        ms.runtime.launch_blocking()
+        # A compiled graph then runs on the calling thread instead of being handed to a
+        # "frontend_queue" thread that busy-waits for the next graph: on two cores that
+        # spinning thread competes with the host's work between steps (measured: 0.3-0.4 ms
+        # less per decode step). Read when the first graph runs, so it must be set first.
+        os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
+    _runtime = device
+    return device
+
+
+def _append_env_list(name: str, item: str) -> None:
+    items = [s for s in os.environ.get(name, "").split(",") if s]
+    if item not in items:
+        os.environ[name] = ",".join(items + [item])
+
+
+# -- the device object ----------------------------------------------------------------------
+class Device:
+    """What the model runs with. `name`: "cpu" or "ascend"; `attention`: the attention backend,
+    "native" (MindSpore composites, every device) or "ascend" (the Ascend kernels; on a CPU host
+    only with tests' stand-ins or to compile their graphs). A Device("ascend") may be built on
+    a CPU host in any dtype: that is the test-only way to build 16-bit Ascend graphs here."""
+
+    def __init__(self, name: str = "cpu", dtype=ms.float32, weight_dtype=None, kernels: bool = False,
+                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None):
+        from ..parallel import tp_group
+        if name not in DEVICES:
+            raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
+        self.name = name
+        self.attention_backend = attention or ("ascend" if name == "ascend" else "native")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}; "
+                             f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if weight_dtype is not None and not kernels:
+            raise ValueError("16-bit weights with fp32 activations need the CPU kernels")
+        if kernels and self.attention_backend != "native":
+            raise ValueError("the CPU kernels go with the native attention backend")
+        self.dtype, self.weight_dtype, self.kernels = dtype, weight_dtype, kernels
+        self.sparse = sparse
+        self.block_size, self.cache_blocks = block_size, cache_blocks
+        self.tp = tp or tp_group()
+        if self.ascend_kernels:
+            check_ascend_block_size(block_size)
+
+    @property
+    def ascend_kernels(self) -> bool:
+        return self.attention_backend == "ascend"
+
+    @property
+    def attention_name(self) -> str:
+        """What serves attention: "native", "ascend" or "infllm-v2" (sparse, on every device)."""
+        return "infllm-v2" if self.sparse is not None else self.attention_backend
+
+    # -- ops --------------------------------------------------------------------------------
+    def stored_dtype(self, dtype):
+        """The dtype of a layer's matrix weights for a layer of compute dtype `dtype`."""
+        return self.weight_dtype or dtype
+
+    def matmul(self, epilogue: str = "plain", scale: float = 1.0):
+        """x W^T with an epilogue ("plain", "swiglu", "residual")."""
+        if self.kernels:
+            from .cpu import KernelMatmul
+            return KernelMatmul(epilogue, scale)
+        return NativeMatmul(epilogue, scale)
+
+    def rms_norm(self, eps: float):
+        if self.kernels:
+            from .cpu import KernelRMSNorm
+            return KernelRMSNorm(eps)
+        return NativeRMSNorm(eps)
+
+    def embedding(self, scale: float = 1.0):
+        if self.kernels:
+            from .cpu import KernelEmbedding
+            return KernelEmbedding(scale)
+        return NativeEmbedding(scale)
+
+    def attention(self, rotary, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        """qkv [B, L, (Hq + 2 Hkv) D] -> [B, L, Hq D] over a layer's paged cache; called as
+        (qkv, k_cache, v_cache, positions, slot_mapping, block_tables, block_size,
+        batch_valid_length, q_seq_lens, *attention extras)."""
+        if self.sparse is not None:
+            if self.tp.size > 1:
+                raise ValueError("InfLLM-v2 sparse attention with tensor parallelism is not supported yet")
+            from ..layers.sparse import InfLLMv2Attention, check_sparse_block_size
+            check_sparse_block_size(self.block_size)
+            # Its own composite (or CPU kernels) over the slot-major cache, on every device.
+            core = InfLLMv2Attention(self.sparse, num_heads, num_kv_heads, head_dim, self.cache_blocks, self.dtype,
+                                     self.kernels)
+        elif self.ascend_kernels:
+            check_ascend_head_dim(head_dim, self.block_size)
+            from .ascend import AscendAttention
+            core = AscendAttention(num_heads, num_kv_heads, scale)
+        elif self.kernels:
+            from .cpu import KernelAttention
+            return KernelAttention(rotary, num_heads, num_kv_heads, head_dim, scale)
+        else:
+            core = NativeAttention()
+        return SplitRopeAttention(core, rotary, num_heads, num_kv_heads, head_dim, scale)
+
+    def moe(self):
+        """The routed-expert op: Ascend's MoE kernels, or the composite of ops/moe.py."""
+        if self.ascend_kernels:
+            if self.tp.size > 1 and self.tp.expert_parallel:
+                raise ValueError("expert parallelism is not implemented for the Ascend MoE kernels; "
+                                 "leave it off to split every expert across the ranks instead")
+            from .ascend_moe import AscendMoE
+            return AscendMoE()
+        from .moe import NativeMoE
+        return NativeMoE()
+
+    def lightning(self):
+        """Lightning attention: the composite on every device (no fused kernel exists)."""
+        from .lightning import NativeLightning
+        return NativeLightning()
+
+    # -- cache and step inputs ----------------------------------------------------------------
+    def cache_shape(self, kv_heads: int, head_dim: int) -> tuple:
+        """One layer's K (or V) cache: block-major for the Ascend kernels (the layout
+        ReshapeAndCache and PagedAttention document), slot-major for the composites."""
+        if self.ascend_kernels and self.sparse is None:
+            return (self.cache_blocks, self.block_size, kv_heads, head_dim)
+        return (self.cache_blocks * self.block_size, kv_heads, head_dim)
+
+    def attention_extras(self) -> tuple:
+        """Names of the step inputs only this device's attention core takes (after the model's)."""
+        if self.sparse is not None:
+            from ..layers.sparse import SPARSE_STEP_INPUTS
+            return SPARSE_STEP_INPUTS
+        return ()
+
+    def step_input_names(self, model) -> tuple:
+        return STEP_INPUTS + tuple(model.EXTRA_INPUTS) + self.attention_extras()
+
+    def jit_options(self) -> dict:
+        """Options of ms.jit for the compiled step. Ascend: jit_level O0 with infer_boost on,
+        which ReshapeAndCache and PagedAttention need (they only have internal kernels, selected
+        only with infer_boost; MindSpore's own Ascend tests of them and vllm-mindspore set it)."""
+        if self.ascend_kernels:
+            return {"jit_level": "O0", "infer_boost": "on"}
+        return {}
+
+    # -- passes over a built model ------------------------------------------------------------
+    def fuse_blocks(self, model) -> None:
+        """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
+        becomes two kernel ops over the same Parameters (checkpoint names unchanged), unless
+        tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual."""
+        if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
+            return
+        from .cpu import KernelDecoderLayer
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = KernelDecoderLayer(layer)
+
+    def after_load(self, model) -> None:
+        """Ascend: stacked expert weights from the loader's [E, out, in] to GroupedMatmul's
+        [E, in, out], once (never per step)."""
+        if not self.ascend_kernels:
+            return
+        for _, cell in model.cells_and_names():
+            if hasattr(cell, "loader_parts"):
+                w = cell.weight
+                cell.weight = ms.Parameter(ms.Tensor(np.ascontiguousarray(np.swapaxes(_as_numpy(w), 1, 2)), w.dtype),
+                                           name=w.name, requires_grad=False)
+
+
+def _as_numpy(param) -> np.ndarray:
+    """A parameter's values as numpy (bf16 has no numpy dtype: widened to fp32)."""
+    if param.dtype == ms.bfloat16:
+        return param.astype(ms.float32).asnumpy()
+    return param.asnumpy()
+
+
+def check_ascend_block_size(block_size: int) -> None:
+    if block_size not in ASCEND_BLOCK_SIZES:
+        raise ValueError(f"block_size {block_size} is not supported by Ascend's PagedAttention; "
+                         f"choose one of {', '.join(map(str, ASCEND_BLOCK_SIZES))}")
+
+
+def check_ascend_head_dim(head_dim: int, block_size: int) -> None:
+    if head_dim % 16 or head_dim > ASCEND_MAX_HEAD_DIM:
+        raise ValueError(f"head_dim {head_dim} is not supported by Ascend's FlashAttentionScore "
+                         f"(a multiple of 16, at most {ASCEND_MAX_HEAD_DIM})")
+    if head_dim * block_size > ASCEND_MAX_BLOCK_ELEMENTS:
+        raise ValueError(f"head_dim {head_dim} x block_size {block_size} exceeds Ascend's PagedAttention "
+                         f"limit of {ASCEND_MAX_BLOCK_ELEMENTS}; use a smaller block_size")
