@@ -136,6 +136,70 @@ def test_sharded_bf16_checkpoint_matches_transformers(checkpoints, hf_reference)
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+# -- a broken sharded checkpoint: one error line naming the problem ---------------------------------
+def _break(path: str, case: str) -> None:
+    index = os.path.join(path, "model.safetensors.index.json")
+    with open(index) as f:
+        text = f.read()
+    weight_map = json.loads(text)["weight_map"]
+    if case == "missing_shard":
+        os.remove(os.path.join(path, "model-00002-of-00003.safetensors"))
+    elif case == "truncated_shard":
+        shard = os.path.join(path, "model-00003-of-00003.safetensors")
+        with open(shard, "r+b") as f:
+            f.truncate(os.path.getsize(shard) // 2)
+    elif case == "shard_lacks_tensor":  # a stale index: it places a tensor of shard 2 in shard 1
+        moved = next(name for name, shard in sorted(weight_map.items()) if shard.startswith("model-00002"))
+        weight_map[moved] = "model-00001-of-00003.safetensors"
+        with open(index, "w") as f:
+            json.dump({"weight_map": weight_map}, f)
+    elif case == "corrupt_index":
+        with open(index, "w") as f:
+            f.write(text[: len(text) // 2])
+    elif case == "no_weight_map":
+        with open(index, "w") as f:
+            json.dump({"metadata": {"total_size": 1}}, f)
+
+
+BROKEN = {
+    "missing_shard": ["model.safetensors.index.json names model-00002-of-00003.safetensors, which is missing"],
+    "truncated_shard": ["model-00003-of-00003.safetensors", "corrupt or truncated"],
+    "shard_lacks_tensor": ["model-00001-of-00003.safetensors has no tensor model.",
+                           "which model.safetensors.index.json places in it"],
+    "corrupt_index": ["cannot read", "model.safetensors.index.json"],
+    "no_weight_map": ["model.safetensors.index.json", "no weight_map"],
+}
+
+
+@pytest.fixture
+def broken(checkpoints, tmp_path):
+    def make(case: str) -> str:
+        path = str(tmp_path / case)
+        shutil.copytree(checkpoints("bfloat16", SHARDS)[0], path)
+        _break(path, case)
+        return path
+    return make
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_broken_sharded_checkpoint_is_one_error_line_and_status_1(broken, case, capsys):
+    from tests.test_cli import assert_one_error_line, generate
+    status = generate.main(["--model", broken(case), "--dtype", "float32", "--kernels", "off", "x"])
+    captured = capsys.readouterr()
+    assert status == 1, (captured.out, captured.err)
+    assert "\n" not in assert_one_error_line(captured.err, *BROKEN[case])
+    assert captured.out == ""
+
+
+def test_missing_shard_through_the_cli_process(broken, tmp_path):
+    from tests.test_cli import assert_one_error_line, run_script
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_script("generate.py", "--model", broken("missing_shard"), "x", cwd=cwd)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines() == [assert_one_error_line(proc.stderr, *BROKEN["missing_shard"])]
+
+
 # -- fp16 activations -----------------------------------------------------------------------------
 FP16_UNIT_ROUNDOFF = 2.0 ** -11
 # Rounding points on the path from the token to its logits, per decoder layer: the normalised
