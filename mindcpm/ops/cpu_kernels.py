@@ -36,7 +36,8 @@ SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
 
 class KernelBuildError(RuntimeError):
-    """The CPU kernels cannot be built here: no working C++ compiler. Callers may fall back."""
+    """The CPU kernels cannot be built here (no working C++ compiler, no writable cache). Callers
+    may fall back."""
 
 
 class KernelSourceError(RuntimeError):
@@ -113,12 +114,16 @@ def _compile(src: str, name: str, libs: list[str]) -> str:
             source += f.read()
     flags = compile_flags()
     key = hashlib.sha256(source + "\0".join(flags + tuple(libs)).encode() + version.encode()).hexdigest()[:16]
-    os.makedirs(cache_dir(), exist_ok=True)
     lib = os.path.join(cache_dir(), f"{name}-{key}.so")
     if os.path.isfile(lib):
         return lib
-    # Build to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        # Build to a private name and rename: concurrent processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    except OSError as e:  # like a missing compiler: nothing wrong with the kernels
+        raise KernelBuildError(f"cannot write the kernel cache {cache_dir()} ({e}); MINDCPM_CACHE moves it") \
+            from None
     os.close(fd)
     cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, src, *libs, "-o", tmp]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -153,7 +158,8 @@ def kernels_requested(setting: str = "auto") -> bool:
 @functools.lru_cache(maxsize=None)
 def kernels_available() -> bool:
     """True when the CPU kernels can be built (the probe op compiles); False, with a one-line
-    notice, when there is no working g++. A probe source that does not compile raises."""
+    notice, when they cannot be built here (no working g++). A probe source that does not compile
+    raises."""
     try:
         build("linear")
     except KernelBuildError as e:
