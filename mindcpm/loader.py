@@ -2,6 +2,7 @@
 that turn a bad checkpoint into a one-line error naming the file and tensor."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -34,23 +35,37 @@ class CheckpointError(ValueError):
     """A checkpoint's files or tensors cannot be used; the message names which."""
 
 
-def checkpoint_files(path: str) -> list[str]:
-    index = os.path.join(path, "model.safetensors.index.json")
+INDEX = "model.safetensors.index.json"
+
+
+def checkpoint_files(path: str) -> dict[str, set[str] | None]:
+    """Checkpoint file -> the tensor names its index places in it (None: a single-file checkpoint)."""
+    index = os.path.join(path, INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"cannot read {index}: {e}") from None
-        files = [os.path.join(path, s) for s in shards]
-        for f in files:
+        shards: dict[str, set[str]] = {}
+        for name, shard in _weight_map(index).items():
+            shards.setdefault(os.path.join(path, shard), set()).add(name)
+        for f in shards:
             if not os.path.isfile(f):
                 raise CheckpointError(f"{index} names {os.path.basename(f)}, which is missing")
-        return files
+        return dict(sorted(shards.items()))
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
-        return [single]
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        return {single: None}
+    raise CheckpointError(f"no model.safetensors or {INDEX} in {path}")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {index}: {e}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map \
+            or not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index}: no weight_map from tensor names to shard files")
+    return weight_map
 
 
 def our_name(hf_name: str) -> tuple[str, int | tuple | None]:
@@ -76,17 +91,23 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     expected = {name: _parts(cells[name]) if name in cells else {None} for name in params}
     filled: dict[str, set] = {name: set() for name in params}
     # A parameter is staged in fp32 from its first tensor until its last part arrives, then handed
-    # over: peak memory is the model plus the few parameters being assembled, not a second copy
-    # of the model in fp32 (which alone would not fit for an 8B checkpoint kept in bf16).
+    # over: peak memory is the model plus the parameter being assembled, not a second copy of the
+    # model in fp32 (which alone would not fit for an 8B checkpoint kept in bf16). The tensors are
+    # read in parameter order, across every shard at once, so that a fused parameter whose parts
+    # sit in different shards is not held while whole shards are read.
     staged: dict[str, np.ndarray] = {}
-    files = checkpoint_files(path)
-    with tqdm(total=None, desc="loading weights", unit="tensor", disable=not progress, leave=False) as bar:
-        for file in files:
-            for hf_name, tensor in _read_tensors(file):
-                name = _place(hf_name, tensor, file, params, cells, owners, staged, filled)
-                if name is not None and filled[name] == expected[name]:
-                    _hand_over(params[name], staged.pop(name, None))
-                bar.update(1)
+    with contextlib.ExitStack() as shards:
+        tensors = []  # (checkpoint name, its file, the file's open handle)
+        for file, indexed in checkpoint_files(path).items():
+            handle = shards.enter_context(_open(file, indexed))
+            tensors += [(key, file, handle) for key in handle.keys()]
+        tensors.sort(key=lambda t: our_name(t[0])[0])
+        for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
+                                          leave=False):
+            # A lazy slice: each tensor-parallel rank reads only the part it holds.
+            name = _place(hf_name, handle.get_slice(hf_name), file, params, cells, owners, staged, filled)
+            if name is not None and filled[name] == expected[name]:
+                _hand_over(params[name], staged.pop(name, None))
     for name, parts in filled.items():
         if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
@@ -134,15 +155,19 @@ def _parts(cell) -> set:
     return cell.loader_parts() if hasattr(cell, "loader_parts") else set(range(len(cell.output_sizes)))
 
 
-def _read_tensors(file: str):
+def _open(file: str, indexed: set[str] | None):
+    """The open safetensors file, checked to hold `indexed` (the names the index places in it).
+    bf16 tensors come back as numpy arrays of the bfloat16 type MindSpore registers with numpy
+    when it is imported (numpy has none of its own)."""
     from safetensors import SafetensorError, safe_open
     try:
-        with safe_open(file, framework="np") as f:
-            for key in f.keys():
-                # A lazy slice: each tensor-parallel rank reads only the part it holds.
-                yield key, f.get_slice(key)
+        handle = safe_open(file, framework="np")
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+    absent = sorted((indexed or set()) - set(handle.keys()))
+    if absent:
+        raise CheckpointError(f"{file} has no tensor {absent[0]}, which {INDEX} places in it")
+    return handle
 
 
 def _whole(cell, part, shape: tuple) -> Shard:

@@ -1,7 +1,10 @@
 """The C++ CPU kernels (kernels_aclnn/*/cpu.cc) against numpy written from the math, on random
-inputs with odd sizes; the loader's build cache; the in-place KV-cache write in graph mode."""
+inputs with odd sizes; the loader's build cache; the in-place KV-cache write in graph mode.
+Every kernel source must compile, and each test checks that the kernels it means are the ones
+that ran (kernel_uses), not MindSpore's fallback ops."""
 from __future__ import annotations
 
+import glob
 import os
 
 import numpy as np
@@ -12,6 +15,7 @@ from mindspore import Parameter, Tensor, nn  # noqa: E402
 
 from mindcpm.ops import cpu_kernels  # noqa: E402
 
+# A kernel source that fails to compile raises here (KernelSourceError): collection fails.
 pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="no g++ to build the CPU kernels")
 
 WEIGHT_DTYPES = {"float32": ms.float32, "bfloat16": ms.bfloat16, "float16": ms.float16}
@@ -27,6 +31,20 @@ def silu(x):
     return x / (1 + np.exp(-x))
 
 
+@pytest.fixture
+def ran():
+    """ran() -> the kernels ("op:Function") MindSpore launched or compiled into a graph since the
+    test began."""
+    before = cpu_kernels.kernel_uses()
+    return lambda: set(cpu_kernels.kernel_uses() - before)
+
+
+def takes_matmul(rows: int, dtype: str) -> bool:
+    """Prefill-sized rows with fp32 weights go to MindSpore's MatMul (ops/cpu.py KernelMatmul)."""
+    from mindcpm.ops.cpu import KernelMatmul
+    return rows >= KernelMatmul.GEMM_ROWS and dtype == "float32"
+
+
 # -- linear ----------------------------------------------------------------------------------------
 # (1, 40, 1001): a decode row over many guided claims, each with its remainder of units.
 SHAPES = [(1, 64, 24), (1, 33, 13), (1, 40, 1001), (3, 37, 19), (2, 100, 7), (17, 72, 130), (5, 8, 1)]
@@ -34,7 +52,7 @@ SHAPES = [(1, 64, 24), (1, 33, 13), (1, 40, 1001), (3, 37, 19), (2, 100, 7), (17
 
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_linear_epilogues_match_numpy(dtype, m, k, n):
+def test_linear_epilogues_match_numpy(dtype, m, k, n, ran):
     from mindcpm.ops.cpu import KernelMatmul
     rng = np.random.default_rng(m * 1000 + k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
@@ -46,6 +64,7 @@ def test_linear_epilogues_match_numpy(dtype, m, k, n):
     np.testing.assert_allclose(KernelMatmul("residual", 0.37)(Tensor(x), w_t, Tensor(r)).asnumpy(), r + 0.37 * y,
                                **tol)
     np.testing.assert_allclose(KernelMatmul("swiglu")(Tensor(x), w_t).asnumpy(), silu(y[:, :n]) * y[:, n:], **tol)
+    assert ran() == {"linear:Linear", "linear:LinearResidual", "linear:LinearSwiglu"}
 
 
 def rms_norm_ref(x, g, eps):
@@ -55,7 +74,7 @@ def rms_norm_ref(x, g, eps):
 
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
 @pytest.mark.parametrize("m,k,n", SHAPES + [(70, 40, 9)])  # 70 rows: fp32 takes the norm kernel + MatMul
-def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n):
+def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n, ran):
     from mindcpm.ops.cpu import KernelMatmul
     rng = np.random.default_rng(m + 7 * k + n)
     x = (3 * rng.standard_normal((m, k))).astype(np.float32)
@@ -67,11 +86,13 @@ def test_norm_fused_into_linear_matches_numpy(dtype, m, k, n):
     np.testing.assert_allclose(got, y, **tol)
     got = KernelMatmul("swiglu", norm_eps=1e-5)(Tensor(x), w_t, None, Tensor(g)).asnumpy()
     np.testing.assert_allclose(got, silu(y[:, :n]) * y[:, n:], **tol)
+    assert ran() == ({"rms_norm:RmsNorm"} if takes_matmul(m, dtype)
+                     else {"linear:RmsNormLinear", "linear:RmsNormLinearSwiglu"})
 
 
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
 @pytest.mark.parametrize("m,k,i", SHAPES + [(70, 40, 9)])  # 70 rows: fp32 takes the two projections apart
-def test_mlp_block_kernel_matches_numpy(dtype, m, k, i):
+def test_mlp_block_kernel_matches_numpy(dtype, m, k, i, ran):
     from mindcpm.ops.cpu import KernelMatmul, KernelSwigluMlp
     rng = np.random.default_rng(m + 11 * k + i)
     x = (3 * rng.standard_normal((m, k))).astype(np.float32)
@@ -84,10 +105,11 @@ def test_mlp_block_kernel_matches_numpy(dtype, m, k, i):
     block = KernelSwigluMlp(KernelMatmul("swiglu", norm_eps=1e-5), KernelMatmul("residual", 0.37))
     got = block(Tensor(x), Tensor(g), wgu_t, wd_t, Tensor(r)).asnumpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    assert ran() == ({"rms_norm:RmsNorm"} if takes_matmul(m, dtype) else {"linear:RmsNormSwigluMlp"})
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype):
+def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype, ran):
     """Weights of 2 MiB and more are remapped onto huge pages at the kernel's first call
     (MADV_COLLAPSE where the OS has it): the products must not change, then or after."""
     from mindcpm.ops.cpu import KernelMatmul
@@ -97,9 +119,10 @@ def test_linear_weight_moved_to_huge_pages_keeps_its_values(dtype):
     want = x.astype(np.float64) @ w.astype(np.float64).T
     for _ in range(2):
         np.testing.assert_allclose(KernelMatmul()(Tensor(x), w_t).asnumpy(), want, rtol=1e-5, atol=1e-4)
+    assert ran() == {"linear:Linear"}
 
 
-def test_linear_keeps_leading_dims():
+def test_linear_keeps_leading_dims(ran):
     from mindcpm.ops.cpu import KernelMatmul
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 16)).astype(np.float32)
@@ -107,27 +130,30 @@ def test_linear_keeps_leading_dims():
     y = KernelMatmul()(Tensor(x), Tensor(w)).asnumpy()
     assert y.shape == (2, 3, 9)
     np.testing.assert_allclose(y, x @ w.T, rtol=1e-5, atol=1e-5)
+    assert ran() == {"linear:Linear"}
 
 
 # -- norm and embedding --------------------------------------------------------------------------
 @pytest.mark.parametrize("rows,h", [(1, 64), (3, 37), (20, 100)])
-def test_rms_norm_matches_numpy(rows, h):
+def test_rms_norm_matches_numpy(rows, h, ran):
     from mindcpm.ops.cpu import KernelRMSNorm
     rng = np.random.default_rng(rows + h)
     x = rng.standard_normal((rows, h)).astype(np.float32) * 3
     w = rng.standard_normal(h).astype(np.float32)
     ref = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * w
     np.testing.assert_allclose(KernelRMSNorm(1e-5)(Tensor(x), Tensor(w)).asnumpy(), ref, rtol=1e-5, atol=1e-5)
+    assert ran() == {"rms_norm:RmsNorm"}
 
 
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
-def test_embedding_matches_numpy(dtype):
+def test_embedding_matches_numpy(dtype, ran):
     from mindcpm.ops.cpu import KernelEmbedding
     rng = np.random.default_rng(2)
     table_t, table = as_stored(rng.standard_normal((11, 13)).astype(np.float32), dtype)
     ids = np.array([[0, 10, 3], [3, 7, 1]], np.int32)
     out = KernelEmbedding(1.5)(Tensor(ids), table_t).asnumpy()
     np.testing.assert_allclose(out, table[ids] * 1.5, rtol=1e-6)
+    assert ran() == {"embedding:Embedding"}
 
 
 # -- RoPE + paged attention ----------------------------------------------------------------------
@@ -204,7 +230,7 @@ def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
                                                   (2, 3, 4, 2, 32, 4, 3, 16),  # MiniMax's partial RoPE
                                                   (2, 2, 4, 2, 12, 8, 6, None),  # D % 8 != 0, 8-key blocks
                                                   (1, 1, 8, 1, 136, 16, 3, None)])  # D > 64: two value blocks
-def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
+def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r, ran):
     from mindcpm.ops.cpu import KernelAttention
     rotary, (cos, sin) = _rotary(d, rotary_dim=r)
     num_blocks = b * nb + 1
@@ -220,6 +246,7 @@ def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
     np.testing.assert_allclose(out.reshape(b * l, -1)[real], ref.reshape(b * l, -1)[real], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(kc.asnumpy()[:-bs], k_ref[:-bs], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(vc.asnumpy()[:-bs], v_ref[:-bs])
+    assert ran() == {"paged_attention:RopePagedAttention"}
 
 
 # The attention block: norm, q|k|v, attention, o_proj and residual in one kernel; 70 rows in fp32
@@ -227,7 +254,7 @@ def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r):
 @pytest.mark.parametrize("dtype", list(WEIGHT_DTYPES))
 @pytest.mark.parametrize("b,l,hq,hkv,d,bs,nb,hidden", [(1, 1, 4, 2, 16, 4, 3, 24), (3, 2, 6, 3, 8, 4, 4, 37),
                                                        (1, 70, 4, 2, 16, 16, 5, 40)])
-def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, hidden):
+def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, hidden, ran):
     from mindcpm.ops.cpu import KernelAttention, KernelAttentionBlock, KernelMatmul
     rotary, (cos, sin) = _rotary(d, max_pos=nb * bs)
     num_blocks = b * nb + 1
@@ -252,6 +279,9 @@ def test_attention_block_kernel_matches_numpy(dtype, b, l, hq, hkv, d, bs, nb, h
     np.testing.assert_allclose(got.reshape(b * l, -1)[real], want.reshape(b * l, -1)[real], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(kc.asnumpy()[:-bs], k_ref[:-bs], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(vc.asnumpy()[:-bs], v_ref[:-bs], rtol=1e-4, atol=1e-5)
+    # Prefill rows with fp32 weights run the block's three cells: norm + MatMul, attention, MatMul.
+    assert ran() == ({"rms_norm:RmsNorm", "paged_attention:RopePagedAttention"} if takes_matmul(b * l, dtype)
+                     else {"paged_attention:RmsNormAttentionBlock"})
 
 
 class _CacheStep(nn.Cell):
@@ -268,7 +298,7 @@ class _CacheStep(nn.Cell):
         return self.attention(qkv, self.k_cache, self.v_cache, positions, slots, tables, 4)
 
 
-def test_cache_written_in_place_across_graph_steps():
+def test_cache_written_in_place_across_graph_steps(ran):
     """A 3-token prefill then two decode steps through one jit graph per shape: each step must
     see the keys the previous steps wrote into the Parameters."""
     from mindcpm.ops.cpu import KernelAttention
@@ -288,6 +318,7 @@ def test_cache_written_in_place_across_graph_steps():
         np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(step.k_cache.asnumpy(), k_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(step.v_cache.asnumpy(), v_ref)
+    assert ran() == {"paged_attention:RopePagedAttention"}  # compiled into the graph
 
 
 # -- the loader ----------------------------------------------------------------------------------
@@ -316,10 +347,46 @@ def test_aot_op_builds_any_op_folder_and_caches_by_source(tmp_path, monkeypatch)
         assert second != first and os.path.isfile(second)
         (folder / "cpu.cc").write_text("this is not C++")
         cpu_kernels.build.cache_clear()
-        with pytest.raises(cpu_kernels.KernelBuildError, match="cpu.cc"):
+        # A broken source is a bug, not a missing tool: no caller may take it for "no kernels here".
+        with pytest.raises(cpu_kernels.KernelSourceError, match="axpb/cpu.cc failed: .*error") as failure:
             cpu_kernels.build("axpb")
+        assert not isinstance(failure.value, cpu_kernels.KernelBuildError)
+        message = str(failure.value)
+        assert "\n" not in message
+        log = message.split("full log: ")[1].split(";")[0]
+        with open(log) as f:
+            assert "error" in f.read()
     finally:
         cpu_kernels.build.cache_clear()
+
+
+SOURCES = sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(cpu_kernels.KERNELS_DIR, "*",
+                                                                                           "cpu.cc")))
+
+
+@pytest.mark.parametrize("op_name", SOURCES)
+def test_every_kernel_source_compiles(op_name):
+    """Each kernels_aclnn/<op>/cpu.cc builds with this g++ (a compile error fails here, whether or
+    not a caller would have fallen back to MindSpore's ops)."""
+    assert os.path.isfile(cpu_kernels.build(op_name))
+
+
+def test_no_compiler_is_a_one_line_notice_and_the_native_ops(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("MINDCPM_CACHE", str(tmp_path / "cache"))  # no cached library to reuse
+    caches = (cpu_kernels._compiler_version, cpu_kernels.build, cpu_kernels.kernels_available)
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert not cpu_kernels.kernels_requested("auto")
+        with pytest.raises(RuntimeError, match="kernels='on' needs the CPU kernels"):
+            cpu_kernels.kernels_requested("on")
+        notice = capsys.readouterr().err.strip().splitlines()
+        assert notice == ["mindcpm: no working C++ compiler (g++) for the CPU kernels; MindSpore's own (slower) "
+                          "CPU ops run instead"]
+    finally:
+        for cached in caches:
+            cached.cache_clear()
 
 
 def test_kernel_switch(monkeypatch):

@@ -1,5 +1,6 @@
 """The loader's memory: a checkpoint is staged a parameter at a time, never as a second copy of
-the whole model (an 8B checkpoint kept in bf16 would not fit beside its own fp32 copy)."""
+the whole model (an 8B checkpoint kept in bf16 would not fit beside its own fp32 copy); also
+for a sharded bf16 checkpoint, whose q, k and v of a layer sit in different files."""
 from __future__ import annotations
 
 import tracemalloc
@@ -19,20 +20,31 @@ def deep_model_dir(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("deep")), DEEP, seed=3)
 
 
-def test_checkpoint_staged_one_parameter_at_a_time(deep_model_dir):
+@pytest.fixture(params=["float32", "bfloat16-sharded"])
+def checkpoint(request, deep_model_dir, tmp_path):
+    """(directory, the exact fp32 value of each stored tensor)."""
     from safetensors.numpy import load_file
+    from tests.test_16bit_checkpoints import write_checkpoint
+    if request.param == "float32":
+        return deep_model_dir, load_file(f"{deep_model_dir}/model.safetensors")
+    path = str(tmp_path / "bf16")
+    return path, write_checkpoint(deep_model_dir, path, "bfloat16", shards=3)
+
+
+def test_checkpoint_staged_one_parameter_at_a_time(checkpoint):
     from mindcpm.config import ModelConfig
     from mindcpm.loader import load_checkpoint, loadable_parameters, our_name
     from mindcpm.models.minicpm import MiniCPMForCausalLM
     from mindcpm.ops import Device
 
-    cfg = ModelConfig.from_dir(deep_model_dir)
+    path, tensors = checkpoint
+    cfg = ModelConfig.from_dir(path)
     model = MiniCPMForCausalLM(cfg, Device(block_size=4, cache_blocks=2))
     params = loadable_parameters(model)
     total = sum(int(np.prod(p.shape)) * 4 for p in params.values())
     largest = max(int(np.prod(p.shape)) * 4 for p in params.values())
     tracemalloc.start()
-    load_checkpoint(model, deep_model_dir, ms.float32, progress=False)
+    load_checkpoint(model, path, ms.float32, progress=False)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     # numpy's buffers are traced (MindSpore's own are not): the staging of a parameter or two,
@@ -41,7 +53,6 @@ def test_checkpoint_staged_one_parameter_at_a_time(deep_model_dir):
     assert largest < total / 16
     assert peak < total / 2, (peak, largest, total)
     # and every parameter got its checkpoint values
-    tensors = load_file(f"{deep_model_dir}/model.safetensors")
     for hf_name, value in tensors.items():
         name, part = our_name(hf_name)
         got = params[name].asnumpy()

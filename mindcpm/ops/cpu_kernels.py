@@ -4,8 +4,10 @@ Each op folder's cpu.cc is compiled with g++ at first use into a shared library 
 ~/.cache/mindcpm/kernels (MINDCPM_CACHE moves it), keyed by a hash of the source, the flags
 and the compiler, so an edited kernel or another machine's CPU never reuses a stale build.
 The build uses AVX2/FMA/F16C only when this CPU has them, else a portable -O3 build (the
-kernels keep scalar paths for that). With no working g++, kernels_available() is False and
-callers keep MindSpore's native ops.
+kernels keep scalar paths for that). With no working g++, kernels_available() is False (with a
+one-line notice) and callers keep MindSpore's native ops. A source that fails to compile under a
+working g++ is a bug in the package, not a missing tool: KernelSourceError, never a fallback.
+kernel_uses() tells which kernels MindSpore actually put to work (the tests read it).
 
     op = aot_op("linear", "Linear", lambda x, w: [x[0], w[0]], lambda x, w: x)
     y = op(x, w)                 # PyNative or inside a jit graph
@@ -16,11 +18,13 @@ Kernels follow MindSpore's AOT signature (inputs first, then outputs, in params)
 """
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 from mindspore import ops
@@ -32,7 +36,13 @@ SIMD_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 
 
 class KernelBuildError(RuntimeError):
-    """A kernel's source failed to compile; the message carries the compiler's first lines."""
+    """The CPU kernels cannot be built here (no working C++ compiler, no writable cache). Callers
+    may fall back."""
+
+
+class KernelSourceError(RuntimeError):
+    """A kernel's source failed to compile with a working compiler: a bug, never a reason to fall
+    back (so deliberately not a KernelBuildError). One line: the first compiler error and the log."""
 
 
 def _cpu_flags() -> set[str]:
@@ -104,21 +114,33 @@ def _compile(src: str, name: str, libs: list[str]) -> str:
             source += f.read()
     flags = compile_flags()
     key = hashlib.sha256(source + "\0".join(flags + tuple(libs)).encode() + version.encode()).hexdigest()[:16]
-    os.makedirs(cache_dir(), exist_ok=True)
     lib = os.path.join(cache_dir(), f"{name}-{key}.so")
     if os.path.isfile(lib):
         return lib
-    # Build to a private name and rename: concurrent processes never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    try:
+        os.makedirs(cache_dir(), exist_ok=True)
+        # Build to a private name and rename: concurrent processes never load a half-written library.
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    except OSError as e:  # like a missing compiler: nothing wrong with the kernels
+        raise KernelBuildError(f"cannot write the kernel cache {cache_dir()} ({e}); MINDCPM_CACHE moves it") \
+            from None
     os.close(fd)
     cmd = [shutil.which(os.environ.get("CXX", "g++")), *flags, src, *libs, "-o", tmp]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         os.unlink(tmp)
-        first = "\n".join(out.stderr.splitlines()[:20])
-        raise KernelBuildError(f"compiling {src} failed:\n{first}")
+        log = lib[:-len(".so")] + ".log"
+        with open(log, "w", encoding="utf-8") as f:
+            f.write(" ".join(cmd) + "\n" + out.stderr)
+        raise KernelSourceError(f"compiling {src} failed: {_first_error(out.stderr)} (full log: {log}; "
+                                "kernels='off' or MINDCPM_KERNELS=off runs MindSpore's own ops instead)")
     os.replace(tmp, lib)
     return lib
+
+
+def _first_error(stderr: str) -> str:
+    lines = stderr.splitlines()
+    return next((line.strip() for line in lines if "error" in line), lines[0].strip() if lines else "no output")
 
 
 def kernels_requested(setting: str = "auto") -> bool:
@@ -135,17 +157,35 @@ def kernels_requested(setting: str = "auto") -> bool:
 
 @functools.lru_cache(maxsize=None)
 def kernels_available() -> bool:
-    """True when the CPU kernels can be built (a working g++; the probe op compiles)."""
+    """True when the CPU kernels can be built (the probe op compiles); False, with a one-line
+    notice, when they cannot be built here (no working g++). A probe source that does not compile
+    raises."""
     try:
         build("linear")
-    except (KernelBuildError, FileNotFoundError, OSError):
+    except KernelBuildError as e:
+        print(f"mindcpm: {e}; MindSpore's own (slower) CPU ops run instead", file=sys.stderr, flush=True)
         return False
     return True
+
+
+# "op:Function" -> how often MindSpore inferred that kernel's output shape: at each launch in
+# PyNative, at the compilation of each graph holding it (not per run: the hot path pays nothing).
+_inferred: collections.Counter = collections.Counter()
+
+
+def kernel_uses() -> collections.Counter:
+    """A copy of the use counts: `kernel_uses() - before` names the kernels that ran since `before`
+    (rather than a MindSpore fallback)."""
+    return collections.Counter(_inferred)
 
 
 def aot_op(op_name: str, func_name: str, out_shape_fn, out_dtype_fn) -> ops.Custom:
     """A MindSpore custom op running function `func_name` of kernels_aclnn/<op_name>/cpu.cc.
     out_shape_fn / out_dtype_fn take the inputs' shapes / dtypes and return the output's
     (lists of them for several outputs)."""
-    return ops.Custom(f"{build(op_name)}:{func_name}", out_shape=out_shape_fn, out_dtype=out_dtype_fn,
-                      func_type="aot")
+    key = f"{op_name}:{func_name}"
+
+    def out_shape(*shapes):
+        _inferred[key] += 1
+        return out_shape_fn(*shapes)
+    return ops.Custom(f"{build(op_name)}:{func_name}", out_shape=out_shape, out_dtype=out_dtype_fn, func_type="aot")
