@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 
 from scripts import ascend_op_cases as C
@@ -23,6 +25,7 @@ STANDINS = dict(MOE_STANDINS, ReshapeAndCache=ReshapeAndCacheStandIn, PagedAtten
                 FlashAttentionScore=FlashAttentionScoreStandIn)
 CASES = C.all_cases()
 UNSUPPORTED_ON_CPU = r"Unsupported op \[\w+\] on CPU"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -165,3 +168,62 @@ def test_cases_cover_every_op_and_both_16bit_dtypes():
         assert dtypes == ({"float16"} if op == "MoeComputeExpertTokens" else {"float16", "bfloat16"}), (op, dtypes)
     documented = {c.op for c in CASES if c.source.startswith("docstring")}
     assert documented == {"MoeGatingTopKSoftmax", "MoeComputeExpertTokens", "GroupedMatmul", "MoeFinalizeRouting"}
+
+
+# -- scripts/validate_ascend.py -----------------------------------------------------------------
+
+SCRIPT = os.path.join(ROOT, "scripts", "validate_ascend.py")
+
+
+def _script(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=900, cwd=ROOT)
+
+
+def test_validate_ascend_without_an_npu_prints_one_line_and_exits_2():
+    from scripts.validate_ascend import npu_count
+    if npu_count():
+        pytest.skip("an NPU is present")
+    proc = _script()
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1 and "no Ascend NPU" in proc.stdout, proc.stdout
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_validate_ascend_dry_run_passes():
+    """The plan on CPU: one op's cases (every case runs in-process above) and the tiny model end
+    to end, ascend backend on the stand-ins in fp16 against the native backend in fp32."""
+    proc = _script("--dry-run", "--ops", "MoeComputeExpertTokens", "--dtypes", "float16")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split() for line in proc.stdout.splitlines()]
+    assert sum(r[:1] == ["op"] and "PASS" in r for r in rows) == 2, proc.stdout
+    assert any(r[:3] == ["model", "tiny", "Llama"] and "PASS" in r for r in rows), proc.stdout
+
+
+def test_validate_ascend_reports_a_wrong_kernel(monkeypatch, capsys):
+    """An op that gives per-expert counts instead of cumulative ends fails its row and the exit."""
+    from scripts import validate_ascend as V
+
+    class CountsNotEnds(STANDINS["MoeComputeExpertTokens"]):
+        def construct(self, sorted_experts, num_expert):
+            ends = super().construct(sorted_experts, num_expert)
+            return ends - ops.concat((ops.zeros(1, ends.dtype), ends[:-1]))
+
+    from mindspore import ops
+    monkeypatch.setattr(V, "op_kernels", lambda dry_run: dict(STANDINS, MoeComputeExpertTokens=CountsNotEnds))
+    assert V.main(["--dry-run", "--ops", "MoeComputeExpertTokens", "--dtypes", "float16", "--skip-model"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL") == 2 and "expert_tokens" in out, out
+
+
+def _generation(tokens, logprobs):
+    return {"tokens": tokens, "logprobs": [{str(t): lp for t, lp in step.items()} for step in logprobs]}
+
+
+def test_generations_compare_tokens_logprobs_and_near_ties():
+    from scripts.validate_ascend import compare_generations
+    ref = [_generation([5, 9], [{5: -0.1, 7: -2.5}, {9: -0.70, 4: -0.72}])]
+    assert compare_generations(ref, [_generation([5, 9], [{5: -0.11}, {9: -0.71}])], 0.03)[0]
+    assert not compare_generations(ref, [_generation([5, 9], [{5: -0.2}, {9: -0.70}])], 0.03)[0]  # drift
+    parted = compare_generations(ref, [_generation([5, 4], [{5: -0.1}, {4: -0.70}])], 0.03)
+    assert parted[0] and "near tie" in parted[1]  # 9 and 4 are 0.02 apart in the reference
+    assert not compare_generations(ref, [_generation([7, 9], [{7: -0.1}, {9: -0.7}])], 0.03)[0]  # 2.4 apart
