@@ -609,9 +609,10 @@ def _to_numpy(tensor) -> np.ndarray:
 
 
 def compare(expect: dict[str, Out], got: tuple) -> tuple[bool, str]:
-    worst, ok = "", True
+    """(all outputs within tolerance, a description of the worst one)."""
     if len(got) != len(expect):
         return False, f"{len(got)} outputs, expected {len(expect)}"
+    worst, worst_ratio = "", -1.0
     for (name, out), value in zip(expect.items(), got):
         value = np.asarray(value)
         if value.shape != out.value.shape:
@@ -622,14 +623,13 @@ def compare(expect: dict[str, Out], got: tuple) -> tuple[bool, str]:
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(err == 0, 0.0, np.where(allowed > 0, err / allowed, np.inf))
         ratio = float(np.where(np.isnan(ratio), np.inf, ratio).max()) if err.size else 0.0
-        if bad.any() or not worst:
-            limit = "exact" if out.rtol == out.atol == 0 else f"{ratio:.2f} of allowed"
-            worst = f"{name}: max error {np.nanmax(err) if err.size else 0:.3g} ({limit})"
         if bad.any():
-            ok = False
-            worst += f", {int(bad.sum())} of {bad.size} values outside"
-            break
-    return ok, worst
+            nan = f", {int(np.isnan(err).sum())} NaN" if np.isnan(err).any() else ""
+            return False, f"{name}: max error {np.nanmax(err):.3g}, {int(bad.sum())} of {bad.size} values outside{nan}"
+        if ratio > worst_ratio:
+            limit = "exact" if out.rtol == out.atol == 0 else f"{ratio:.2f} of allowed"
+            worst, worst_ratio = f"{name}: max error {err.max() if err.size else 0:.3g} ({limit})", ratio
+    return True, worst
 
 
 def run_case(case: Case, kernels) -> Result:

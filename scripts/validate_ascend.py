@@ -7,8 +7,8 @@
 1. ops: each Ascend op mindcpm uses runs the cases of scripts/ascend_op_cases.py (the worked
    examples of its MindSpore docstring and numpy goldens written from MindSpore's own Ascend
    tests) on the device, fp16 and bf16, and must match within two ulps of the dtype.
-2. end to end: a tiny Llama checkpoint (written to a temp dir; weights exact in fp16 and bf16)
-   generates greedily with logprobs on the NPU (ascend backend, 16-bit) and on the CPU (native
+2. end to end: a tiny Llama and a tiny MiniMax-M1 (lightning attention + MoE) checkpoint,
+   written to a temp dir with weights exact in fp16 and bf16, generate greedily with logprobs on the NPU (ascend backend, 16-bit) and on the CPU (native
    backend, fp32), each in its own process. Tokens must agree, and so must the logprobs within
    32 ulps of the 16-bit dtype; sequences may part only at a near tie of the CPU's logprobs.
 
@@ -46,7 +46,7 @@ LOGPROB_ULPS = 32  # the end-to-end tolerance, in ulps (at 1.0) of the 16-bit dt
 TINY_LLAMA = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=260, hidden_size=128,
                   intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                  bos_token_id=256, eos_token_id=257, torch_dtype="float32")  # head_dim 32: FA takes multiples of 16
+                  bos_token_id=256, eos_token_id=257, torch_dtype="float32")
 
 
 def npu_count() -> int:
@@ -117,13 +117,9 @@ def _one_line(error: Exception) -> str:
 
 # -- part 2: a tiny model end to end ------------------------------------------------------------
 
-def write_tiny_llama(path: str, seed: int = 0) -> str:
-    """config.json, a byte tokenizer and random weights that fp16 and bf16 hold exactly (so both
-    sides run the same model), larger than the usual init so that errors show."""
-    from safetensors.numpy import save_file
-    from tests.tiny import write_byte_tokenizer
+def tiny_llama(rng) -> tuple[dict, dict]:
+    """A Llama (GQA 4:2, head_dim 32: FlashAttentionScore takes multiples of 16)."""
     c = TINY_LLAMA
-    rng = np.random.default_rng(seed)
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
@@ -135,12 +131,32 @@ def write_tiny_llama(path: str, seed: int = 0) -> str:
                        p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
                        p + "mlp.down_proj.weight": (h, inter), p + "input_layernorm.weight": (h,),
                        p + "post_attention_layernorm.weight": (h,)})
-    weights = {name: cases.round_to(rng.normal(0, 0.08, s) if len(s) > 1 else rng.uniform(0.7, 1.3, s), "bfloat16")
-               for name, s in shapes.items()}
+    # Larger than the usual init so that errors show.
+    return c, {name: rng.normal(0, 0.08, s) if len(s) > 1 else rng.uniform(0.7, 1.3, s) for name, s in shapes.items()}
+
+
+def tiny_minimax(rng) -> tuple[dict, dict]:
+    """A MiniMax-M1 (softmax, lightning, softmax layers; 4 experts, top-2): the MoE ops end to end."""
+    from tests.tiny_minimax import minimax_config, random_weights
+    cfg = minimax_config(hidden=64, heads=2, head_dim=32, kv_heads=1, attn_types=(0, 1, 0), intermediate=32)
+    return cfg, random_weights(cfg, int(rng.integers(1 << 31)))
+
+
+# The end-to-end models: name -> (config, weights) from a random generator.
+MODELS = {"llama": tiny_llama, "minimax": tiny_minimax}
+
+
+def write_checkpoint(path: str, model: str, seed: int = 0) -> str:
+    """config.json, a byte tokenizer and weights rounded to bf16, which fp16 holds exactly too,
+    so the 16-bit and the fp32 side run the same model."""
+    from safetensors.numpy import save_file
+    from tests.tiny import write_byte_tokenizer
+    config, weights = MODELS[model](np.random.default_rng(seed))
     os.makedirs(path, exist_ok=True)
-    save_file(weights, os.path.join(path, "model.safetensors"))
+    save_file({name: cases.round_to(w, "bfloat16") for name, w in weights.items()},
+              os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(c, f)
+        json.dump(config, f)
     write_byte_tokenizer(path)
     return path
 
@@ -201,25 +217,32 @@ def compare_generations(ref: list[dict], got: list[dict], tol: float) -> tuple[b
     return True, f"max logprob difference {worst:.3g} (tolerance {tol:.3g}){note}"
 
 
-def check_end_to_end(dtypes: list[str], dry_run: bool) -> list[tuple]:
+def check_end_to_end(models: list[str], dtypes: list[str], dry_run: bool) -> list[tuple]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_tiny_llama(os.path.join(tmp, "tiny-llama"))
+        for model in models:
+            rows += _check_model(model, write_checkpoint(os.path.join(tmp, model), model), dtypes, dry_run)
+    return rows
+
+
+def _check_model(model: str, model_dir: str, dtypes: list[str], dry_run: bool) -> list[tuple]:
+    name = f"tiny {model}"
+    try:
+        ref = run_worker("native", model_dir, "float32", dry_run)
+    except RuntimeError as e:
+        return [("model", name, "native fp32 (CPU reference)", "FAIL", str(e))]
+    rows = []
+    for dtype in dtypes:
+        label = f"greedy {len(PROMPTS)} prompts x {MAX_TOKENS} tokens, {dtype} vs CPU fp32"
+        if dry_run and dtype == "bfloat16":
+            rows.append(("model", name, label, "SKIP", "MindSpore has no bf16 compute on CPU"))
+            continue
         try:
-            ref = run_worker("native", model_dir, "float32", dry_run)
+            got = run_worker("ascend", model_dir, dtype, dry_run)
+            ok, detail = compare_generations(ref, got, LOGPROB_ULPS * cases.ULP[dtype])
         except RuntimeError as e:
-            return [("model", "tiny Llama", "native fp32 (CPU reference)", "FAIL", str(e))]
-        for dtype in dtypes:
-            label = f"greedy {len(PROMPTS)} prompts x {MAX_TOKENS} tokens, {dtype} vs CPU fp32"
-            if dry_run and dtype == "bfloat16":
-                rows.append(("model", "tiny Llama", label, "SKIP", "no bf16 compute on CPU"))
-                continue
-            try:
-                got = run_worker("ascend", model_dir, dtype, dry_run)
-                ok, detail = compare_generations(ref, got, LOGPROB_ULPS * cases.ULP[dtype])
-            except RuntimeError as e:
-                ok, detail = False, str(e)
-            rows.append(("model", "tiny Llama", label, "PASS" if ok else "FAIL", detail))
+            ok, detail = False, str(e)
+        rows.append(("model", name, label, "PASS" if ok else "FAIL", detail))
     return rows
 
 
@@ -236,13 +259,16 @@ def parse_args(argv):
     ap.add_argument("--dry-run", action="store_true", help="run the plan on CPU with the tests' stand-ins")
     ap.add_argument("--ops", default=",".join(OPS), help="comma-separated ops to check (default: all)")
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated 16-bit dtypes (default: both)")
-    ap.add_argument("--skip-model", action="store_true", help="check the ops only")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated end-to-end models "
+                    "(default: all); empty: the ops only")
     ap.add_argument("--worker", choices=["ascend", "native"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.ops, args.dtypes = args.ops.split(","), args.dtypes.split(",")
-    unknown = [o for o in args.ops if o not in cases.BUILDERS] + [d for d in args.dtypes if d not in DTYPES]
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = ([o for o in args.ops if o not in cases.BUILDERS] + [d for d in args.dtypes if d not in DTYPES]
+               + [m for m in args.models if m not in MODELS])
     if unknown:
         ap.error(f"unknown op or dtype: {', '.join(unknown)}")
     return args
@@ -260,8 +286,7 @@ def main(argv=None) -> int:
         return 2
     setup_device(args.dry_run)
     rows = check_ops(args.ops, args.dtypes, args.dry_run)
-    if not args.skip_model:
-        rows += check_end_to_end(args.dtypes, args.dry_run)
+    rows += check_end_to_end(args.models, args.dtypes, args.dry_run)
     print_table([("part", "op / model", "case", "result", "detail")] + rows)
     failed = sum(r[3] == "FAIL" for r in rows)
     where = "CPU stand-ins (dry run)" if args.dry_run else "Ascend NPU"
