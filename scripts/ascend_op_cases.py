@@ -624,8 +624,10 @@ def compare(expect: dict[str, Out], got: tuple) -> tuple[bool, str]:
             ratio = np.where(err == 0, 0.0, np.where(allowed > 0, err / allowed, np.inf))
         ratio = float(np.where(np.isnan(ratio), np.inf, ratio).max()) if err.size else 0.0
         if bad.any():
-            nan = f", {int(np.isnan(err).sum())} NaN" if np.isnan(err).any() else ""
-            return False, f"{name}: max error {np.nanmax(err):.3g}, {int(bad.sum())} of {bad.size} values outside{nan}"
+            finite = err[~np.isnan(err)]
+            nan = f", {err.size - finite.size} NaN" if finite.size < err.size else ""
+            largest = f"{finite.max():.3g}" if finite.size else "NaN"
+            return False, f"{name}: max error {largest}, {int(bad.sum())} of {bad.size} values outside{nan}"
         if ratio > worst_ratio:
             limit = "exact" if out.rtol == out.atol == 0 else f"{ratio:.2f} of allowed"
             worst, worst_ratio = f"{name}: max error {err.max() if err.size else 0:.3g} ({limit})", ratio

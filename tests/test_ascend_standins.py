@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from scripts import ascend_op_cases as C
@@ -147,6 +148,20 @@ def test_standin_refuses_what_the_op_refuses(what, make, message, vendor_refuses
         with pytest.raises((TypeError, ValueError, RuntimeError)) as info:
             C.run_case(case, C.real_kernels())
         assert "Unsupported op" not in str(info.value), f"MindSpore's inference accepted {what}"
+
+
+def _call_paged_q_seq_lens(op, t, c):
+    return op(t[0], t[1], t[2], t[3], t[4], None, None, None, t[5])
+
+
+@pytest.mark.parametrize("q_len, ok", [(1, True), (2, False)], ids=["one query each", "two queries"])
+def test_paged_attention_takes_q_seq_lens_of_one_query_per_sequence(q_len, ok):
+    """vllm-mindspore and mindformers pass q_seq_lens (a graph input of that name) to
+    PagedAttention; the stand-in implements one query per sequence and poisons anything else."""
+    case = _first("PagedAttention")
+    lens = C.Arg(np.full(len(case.args[4].value), q_len, np.int32), "int32")
+    result = C.run_case(dataclasses.replace(case, args=case.args + [lens], call=_call_paged_q_seq_lens), STANDINS)
+    assert result.ok == ok, result.detail
 
 
 def test_a_wrong_kernel_fails_the_goldens():
