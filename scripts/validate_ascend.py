@@ -58,20 +58,29 @@ def npu_count() -> int:
         return 0
 
 
-def setup_device(dry_run: bool) -> None:
-    """As MindSpore's own Ascend tests of these ops run them: graph kernels by kernel (O0) with
-    infer_boost on, which ReshapeAndCache and PagedAttention need (they have only internal
-    kernels). Unverified here (no NPU)."""
+def setup_device(dry_run: bool, cpu: bool = False) -> None:
+    """The NPU as MindSpore's own Ascend tests of these ops run it: graph kernels by kernel (O0)
+    with infer_boost on, which ReshapeAndCache and PagedAttention need (they have only internal
+    kernels). Unverified here (no NPU). `cpu`: the CPU reference process on an NPU host."""
     import mindspore as ms
     if dry_run:
         return  # the CPU is MindSpore's default device
+    if cpu:
+        ms.set_device("CPU")
+        return
     ms.set_device("Ascend")
     ms.set_context(jit_config={"jit_level": "O0", "infer_boost": "on"})
 
 
-def ascend_llm_kwargs() -> dict:
-    """How mindcpm.LLM is told to use the Ascend backend (the one place to adapt if that changes)."""
-    return dict(attention="ascend")
+# How mindcpm.LLM is told which backend and device to use: the one place to adapt if that changes.
+# The CPU reference relies on setup_device(cpu=True) having fixed the device before LLM() runs
+# (today mindcpm's own device selection then keeps the CPU).
+def ascend_llm_kwargs(dtype: str) -> dict:
+    return dict(attention="ascend", dtype=dtype)
+
+
+def cpu_llm_kwargs() -> dict:
+    return dict(attention="native", dtype="float32")
 
 
 class _Patch:
@@ -166,17 +175,13 @@ def generate(model_dir: str, side: str, dtype: str, dry_run: bool) -> list[dict]
     "native": the CPU, fp32)."""
     from mindcpm import LLM, SamplingParams
     calls = None
-    if side == "ascend":
-        if dry_run:
-            from tests.ascend_moe_standins import install_moe_standins
-            from tests.ascend_standins import install_standins
-            calls = install_standins(_Patch())
-            install_moe_standins(_Patch())
-        llm = LLM(model=model_dir, dtype=dtype, block_size=16, max_model_len=128, max_num_seqs=4,
-                  progress=False, **ascend_llm_kwargs())
-    else:
-        llm = LLM(model=model_dir, dtype="float32", attention="native", block_size=16, max_model_len=128,
-                  max_num_seqs=4, progress=False)
+    if side == "ascend" and dry_run:
+        from tests.ascend_moe_standins import install_moe_standins
+        from tests.ascend_standins import install_standins
+        calls = install_standins(_Patch())
+        install_moe_standins(_Patch())
+    kwargs = ascend_llm_kwargs(dtype) if side == "ascend" else cpu_llm_kwargs()
+    llm = LLM(model=model_dir, block_size=16, max_model_len=128, max_num_seqs=4, progress=False, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS)
     outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     if calls is not None and not all(calls[op] for op in ("ReshapeAndCache", "PagedAttention", "FlashAttentionScore")):
@@ -277,7 +282,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
-        setup_device(args.dry_run or args.worker == "native")
+        setup_device(args.dry_run, cpu=args.worker == "native")
         print(json.dumps(generate(args.model_dir, args.worker, args.dtype, args.dry_run)))
         return 0
     if not args.dry_run and npu_count() == 0:
