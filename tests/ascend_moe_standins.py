@@ -21,10 +21,11 @@ takes weight [E, K, N]); MoeFinalizeRouting without its (E, H) bias; index input
 int32 (group_list: int64, as the docstring and the 910B tests pass it).
 
 Dtypes: MoeGatingTopKSoftmax takes fp16/bf16/fp32 (its docstring and test). GroupedMatmul's and
-MoeFinalizeRouting's docstrings list fp16/fp32; their inference also accepts bf16, which CANN
-documents for the Atlas A2 (910B) aclnn kernels, so the stand-ins accept bf16 too (unverified on
-hardware; scripts/validate_ascend.py checks it on a device). Inputs are widened to fp32, the
-result is rounded to the input dtype once, as assumed of the device.
+MoeFinalizeRouting's docstrings list fp16/fp32; their inference also accepts bf16, and CANN's op
+documentation (ops-transformer gmm/grouped_matmul/README.md, moe/moe_finalize_routing/README.md)
+lists bf16 for the Atlas A2 (910B), GroupedMatmul with an fp32 bias then, so the stand-ins take
+bf16 that way (unverified on hardware; scripts/validate_ascend.py checks it on a device). Inputs
+are widened to fp32 and the result is rounded to the input dtype once, as assumed of the device.
 """
 from __future__ import annotations
 
@@ -154,8 +155,9 @@ def _check_gmm(split_item, group_type, transpose_a, transpose_b, n_x, x_shape, x
     _require(w_dtype == x_dtype, op, f"x {x_dtype} and weight {w_dtype} differ")
     _require(x_shape[1] == w_shape[1], op, f"x {x_shape} does not multiply weight {w_shape} ([E, K, N])")
     if bias_shape is not None:
-        _require(tuple(bias_shape) == (w_shape[0], w_shape[2]) and bias_dtype == x_dtype, op,
-                 f"bias must be a list of one ({w_shape[0]}, {w_shape[2]}) {x_dtype} tensor, got {bias_shape} {bias_dtype}")
+        want = ms.float32 if x_dtype == ms.bfloat16 else x_dtype  # CANN: no bf16 bias, fp32 with bf16 x
+        _require(tuple(bias_shape) == (w_shape[0], w_shape[2]) and bias_dtype == want, op,
+                 f"bias must be a list of one ({w_shape[0]}, {w_shape[2]}) {want} tensor, got {bias_shape} {bias_dtype}")
     _require(quant_none, op, "the stand-in implements no quantisation inputs")
     _require(gl_shape is not None and len(gl_shape) == 1 and gl_shape[0] == w_shape[0], op,
              f"group_list must be 1D with weight.shape[0]={w_shape[0]} entries, got {gl_shape}")

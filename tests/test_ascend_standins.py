@@ -47,7 +47,7 @@ def test_standin_reproduces_example_and_golden(case):
     assert result.ok, f"{case.label} ({case.source}): {result.detail}"
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.dtype == "float16"], ids=lambda c: c.label)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
 def test_mindspore_inference_accepts_the_case(case):
     """The cases are calls the real primitive takes (so validate_ascend.py's calls are too)."""
     if not _on_cpu():
@@ -129,6 +129,9 @@ REFUSALS = [
      False),
     ("FlashAttentionScore additive fp16 mask", _additive_mask, "attn_mask must be bool or uint8", False),
     ("GroupedMatmul transpose_b", _transposed_weight, "transpose_a and transpose_b must both be False", True),
+    ("GroupedMatmul bf16 bias (CANN: fp32 with bf16 x)",
+     lambda: _with_args(next(c for c in CASES if c.op == "GroupedMatmul" and c.dtype == "bfloat16" and "bias" in c.name),
+                        args={2: _dtype("bfloat16")}), "bias must be a list of one", False),
     ("GroupedMatmul int32 group_list", lambda: _with_args(_first("GroupedMatmul"), args={2: _dtype("int32")}),
      "group_list must be int64", False),
     ("MoeFinalizeRouting without bias", _finalize_without_bias, "bias is a required", True),
