@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import constexpr
