@@ -1,17 +1,25 @@
 """CPU stand-ins for the Ascend kernels ReshapeAndCache, PagedAttention and FlashAttentionScore.
 
-Written from the ops' documented semantics (docstrings of mindspore 2.10.0, collected in
-/work/shared/spec/ascend_ops_reference.md, and mindspore_cpu_facts §3), not from our backend:
-each is a composite nn.Cell of CPU ops with the op's constructor and call signature, and it
-asserts the documented contract on the shapes, dtypes and attributes it receives.
+Written from the ops' MindSpore 2.10 docstrings and MindSpore's own Ascend tests, not from our
+backend: each is a composite nn.Cell of CPU ops with the op's constructor and call signature,
+and it asserts the op's contract on the shapes, dtypes and attributes it receives.
+tests/test_ascend_standins.py first checks each against the worked examples and numpy goldens of
+scripts/ascend_op_cases.py (the cases scripts/validate_ascend.py runs on an NPU).
 
 The checks run in Python when the call is traced (a graph compile, or every PyNative call) and
-count the call in CALLS. They cannot see tensor values; where the documentation leaves the result
-for a value undefined (a query with no visible key, a context longer than its block table) the
-stand-in returns NaN so that a test notices any reliance on it.
+count the call in CALLS. They cannot see tensor values; where the result for a value is
+undefined (a query with no visible key, a context longer than its block table) the stand-in
+returns NaN so that a test notices any reliance on it.
 
-Deviation from the real kernels, on purpose: they take fp16/bf16 only, which does not compute
-well on CPU, so the stand-ins also accept fp32 (all of one call's floating inputs in one dtype).
+Refused as the real ops refuse them: fp32 (the three kernels take fp16/bf16; MindSpore's own
+inference rejects fp32 for ReshapeAndCache and PagedAttention), index and length inputs other
+than int32, FlashAttentionScore masks other than bool/uint8 (1 = discard), and PagedAttention
+block sizes outside {16, 32, 64, 128} or head_dim * block_size > 16384 (what the internal
+kernel takes; MindSpore's paged_attention_base.py tests only those block sizes).
+
+Numerics, as assumed of the device: inputs are widened to fp32, everything is computed in fp32
+and the result is rounded to the input dtype once. On CPU, MindSpore 2.10 has no bf16 kernel
+that writes a Parameter, so ReshapeAndCache checks but cannot compute a bf16 call here.
 
     install_standins(monkeypatch)   # from a test or fixture: patches mindcpm.ops.ascend
 """
@@ -20,7 +28,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import constexpr
@@ -29,8 +36,9 @@ from mindspore.ops import constexpr
 CALLS: Counter = Counter()
 
 REAL_DTYPES = (ms.float16, ms.bfloat16)
-FLOAT_DTYPES = REAL_DTYPES + (ms.float32,)  # fp32: stand-in only (see above)
 INT32 = ms.int32
+PAGED_BLOCK_SIZES = (16, 32, 64, 128)
+PAGED_MAX_BLOCK_ELEMENTS = 16384  # head_dim * block_size
 MASK_DTYPES = (ms.bool_, ms.uint8)
 NEG_INF = float("-inf")
 NAN = float("nan")
@@ -75,7 +83,7 @@ def _check_reshape_and_cache(key_shape, key_dtype, value_shape, value_dtype, kc_
     CALLS[op] += 1
     _require(kc_shape is not None and slot_shape is not None, op, "key_cache and slot_mapping are required")
     _require(len(kc_shape) == 4, op, f"key_cache must be (num_blocks, block_size, num_head, head_dim), got {kc_shape}")
-    _dtype_ok(op, "key", key_dtype, FLOAT_DTYPES)
+    _dtype_ok(op, "key", key_dtype, REAL_DTYPES)
     _require(kc_dtype == key_dtype, op, f"key_cache dtype {kc_dtype} differs from key dtype {key_dtype}")
     _require(slot_dtype == INT32, op, f"slot_mapping must be int32, got {slot_dtype}")
     _require(len(slot_shape) == 1, op, f"slot_mapping must be (num_tokens,), got {slot_shape}")
@@ -124,29 +132,34 @@ class ReshapeAndCacheStandIn(nn.Cell):
 #    antiquant_offset=None, attn_mask=None, q_seq_lens=None, alibi_mask=None)
 #   query (num_tokens, num_head, head_dim) (the installed infer also takes (num_tokens, num_head*head_dim));
 #   caches (num_blocks, block_size, kv_head_num, head_dim); block_tables int32 (num_tokens, max_blocks);
-#   context_lens int32 (num_tokens,). Token t attends to positions 0..context_lens[t]-1 of its
-#   table, position p at [block_tables[t, p // block_size], p % block_size]; query head n uses
-#   KV head n // (head_num / kv_head_num). Output: the query's shape and dtype.
-#   Only the default path (no quantisation, no masks, no q_seq_lens) is implemented here.
+#   context_lens int32 (num_tokens,) (MindSpore's tests and vllm-mindspore name this graph input
+#   batch_valid_length). Token t attends to positions 0..context_lens[t]-1 of its table, position
+#   p at [block_tables[t, p // block_size], p % block_size]; query head n uses KV head
+#   n // (head_num / kv_head_num). Output: the query's shape and dtype.
+#   Implemented: the default path, optionally with q_seq_lens int32 (num_tokens,) of ones (one
+#   query per sequence, as in decode); no quantisation, masks or alibi.
 # --------------------------------------------------------------------------------------------
 @constexpr
 def _check_paged_attention(head_num, kv_head_num, q_shape, q_dtype, kc_shape, kc_dtype, vc_shape, vc_dtype,
-                           bt_shape, bt_dtype, cl_shape, cl_dtype, extras_none):
+                           bt_shape, bt_dtype, cl_shape, cl_dtype, qs_shape, qs_dtype, extras_none):
     op = "PagedAttention"
     CALLS[op] += 1
-    _require(extras_none, op, "the stand-in implements no antiquant / attn_mask / q_seq_lens / alibi_mask")
+    _require(extras_none, op, "the stand-in implements no antiquant / attn_mask / alibi_mask")
     _require(len(kc_shape) == 4, op, f"key_cache must be (num_blocks, block_size, kv_head_num, head_dim), got {kc_shape}")
     _require(tuple(vc_shape) == tuple(kc_shape), op, f"value_cache {vc_shape} and key_cache {kc_shape} differ")
     _require(kc_shape[2] == kv_head_num, op, f"cache has {kc_shape[2]} heads, kv_head_num is {kv_head_num}")
     _require(head_num % kv_head_num == 0, op, f"head_num {head_num} is not a multiple of kv_head_num {kv_head_num}")
-    head_dim = kc_shape[3]
+    block_size, head_dim = kc_shape[1], kc_shape[3]
+    _require(block_size in PAGED_BLOCK_SIZES, op, f"block_size {block_size} is not one of {PAGED_BLOCK_SIZES}")
+    _require(head_dim * block_size <= PAGED_MAX_BLOCK_ELEMENTS, op,
+             f"head_dim {head_dim} x block_size {block_size} exceeds {PAGED_MAX_BLOCK_ELEMENTS}")
     if len(q_shape) == 3:
         _require(q_shape[1] == head_num and q_shape[2] == head_dim, op,
                  f"query must be (num_tokens, {head_num}, {head_dim}), got {q_shape}")
     else:
         _require(len(q_shape) == 2 and q_shape[1] == head_num * head_dim, op,
                  f"query must be (num_tokens, {head_num}, {head_dim}) or (num_tokens, {head_num * head_dim}), got {q_shape}")
-    _dtype_ok(op, "query", q_dtype, FLOAT_DTYPES)
+    _dtype_ok(op, "query", q_dtype, REAL_DTYPES)
     _require(kc_dtype == q_dtype and vc_dtype == q_dtype, op, f"query {q_dtype} and caches {kc_dtype}/{vc_dtype} differ")
     num_tokens = q_shape[0]
     _require(bt_dtype == INT32, op, f"block_tables must be int32, got {bt_dtype}")
@@ -154,6 +167,10 @@ def _check_paged_attention(head_num, kv_head_num, q_shape, q_dtype, kc_shape, kc
              f"block_tables must be ({num_tokens}, max_num_blocks_per_batch), got {bt_shape}")
     _require(cl_dtype == INT32, op, f"context_lens must be int32, got {cl_dtype}")
     _require(tuple(cl_shape) == (num_tokens,), op, f"context_lens must be ({num_tokens},), got {cl_shape}")
+    if qs_shape is not None:
+        _require(qs_dtype == INT32, op, f"q_seq_lens must be int32, got {qs_dtype}")
+        _require(tuple(qs_shape) == (num_tokens,), op,
+                 f"q_seq_lens must be ({num_tokens},): the stand-in implements one query per sequence")
     return True
 
 
@@ -173,19 +190,22 @@ class PagedAttentionStandIn(nn.Cell):
     def construct(self, query, key_cache, value_cache=None, block_tables=None, context_lens=None,
                   antiquant_scale=None, antiquant_offset=None, attn_mask=None, q_seq_lens=None, alibi_mask=None):
         extras_none = (antiquant_scale is None and antiquant_offset is None and attn_mask is None
-                       and q_seq_lens is None and alibi_mask is None)
+                       and alibi_mask is None)
+        qs_shape, qs_dtype = (None, None) if q_seq_lens is None else (q_seq_lens.shape, q_seq_lens.dtype)
         _check_paged_attention(self.head_num, self.kv_head_num, query.shape, query.dtype, key_cache.shape,
                                key_cache.dtype, value_cache.shape, value_cache.dtype, block_tables.shape,
-                               block_tables.dtype, context_lens.shape, context_lens.dtype, extras_none)
+                               block_tables.dtype, context_lens.shape, context_lens.dtype, qs_shape, qs_dtype,
+                               extras_none)
         num_blocks, block_size, nkv, d = key_cache.shape
         t, max_blocks = block_tables.shape
         n = self.head_num
         group = n // nkv
         s = max_blocks * block_size
         table = ops.clip(block_tables, 0, num_blocks - 1)
-        keys = ops.gather(key_cache, table, 0).reshape(t, s, nkv, d).transpose(0, 2, 1, 3).astype(ms.float32)
-        values = ops.gather(value_cache, table, 0).reshape(t, s, nkv, d).transpose(0, 2, 1, 3).astype(ms.float32)
-        q = query.reshape(t, nkv, group, d).astype(ms.float32)  # head h*group+g uses KV head h
+        # Widened before the gather: MindSpore's CPU Gather has no bf16 kernel.
+        keys = ops.gather(key_cache.astype(ms.float32), table, 0).reshape(t, s, nkv, d).transpose(0, 2, 1, 3)
+        values = ops.gather(value_cache.astype(ms.float32), table, 0).reshape(t, s, nkv, d).transpose(0, 2, 1, 3)
+        q = query.astype(ms.float32).reshape(t, nkv, group, d)  # head h*group+g uses KV head h
         scores = self.scores(q, keys) * self.scale_value  # [T, Nkv, G, S]
         key_pos = ops.arange(s, dtype=ms.int32).reshape(1, s)
         visible = key_pos < context_lens.reshape(t, 1)  # [T, S]
@@ -197,6 +217,8 @@ class PagedAttentionStandIn(nn.Cell):
                 < context_lens.reshape(t, 1))
         bad_entry = ops.logical_and(used, ops.logical_or(block_tables < 0, block_tables >= num_blocks))
         bad = ops.logical_or(ops.logical_or(context_lens < 1, context_lens > s), bad_entry.any(1))
+        if q_seq_lens is not None:
+            bad = ops.logical_or(bad, q_seq_lens != 1)
         out = ops.masked_fill(out, bad.reshape(t, 1, 1, 1), NAN)
         return out.reshape(query.shape).astype(query.dtype)
 
@@ -237,7 +259,7 @@ def _check_flash_attention(head_num, layout, sparse_mode, q_shape, q_dtype, k_sh
     CALLS[op] += 1
     _require(extras_none, op, "the stand-in implements no real_shift / drop_mask / padding_mask / prefix / "
                               "actual_seq_qlen / actual_seq_kvlen")
-    _dtype_ok(op, "query", q_dtype, FLOAT_DTYPES)
+    _dtype_ok(op, "query", q_dtype, REAL_DTYPES)
     _require(k_dtype == q_dtype and v_dtype == q_dtype, op, f"query/key/value dtypes differ: {q_dtype} {k_dtype} {v_dtype}")
     _require(tuple(k_shape) == tuple(v_shape), op, f"key {k_shape} and value {v_shape} differ")
     rank = 4 if layout in ("BNSD", "BSND") else 3
@@ -318,9 +340,9 @@ class FlashAttentionScoreStandIn(nn.Cell):
                                           attn_mask.dtype, extras_none)
         b, n1, s1, d, n2, s2 = dims
         group = n1 // n2
-        q = self._to_bnsd(query, n1, d).astype(ms.float32).reshape(b, n2, group * s1, d)
-        k = self._to_bnsd(key, n2, d).astype(ms.float32)
-        v = self._to_bnsd(value, n2, d).astype(ms.float32)
+        q = self._to_bnsd(query.astype(ms.float32), n1, d).reshape(b, n2, group * s1, d)
+        k = self._to_bnsd(key.astype(ms.float32), n2, d)
+        v = self._to_bnsd(value.astype(ms.float32), n2, d)
         scores = (self.scores(q, k) * self.scale_value).reshape(b, n2, group, s1, s2)
         dead = None
         if attn_mask is not None:
@@ -345,4 +367,4 @@ class FlashAttentionScoreStandIn(nn.Cell):
         softmax_max = ops.broadcast_to(row_max.reshape(b, n1, s1, 1), (b, n1, s1, 8))
         softmax_sum = ops.broadcast_to(exp_sum.reshape(b, n1, s1, 1), (b, n1, s1, 8))
         softmax_out = ops.zeros((), query.dtype)
-        return softmax_max, softmax_sum, softmax_out, self._from_bnsd(out.astype(query.dtype))
+        return softmax_max, softmax_sum, softmax_out, self._from_bnsd(out).astype(query.dtype)
