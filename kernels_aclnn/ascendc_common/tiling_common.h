@@ -1,0 +1,41 @@
+// Pieces every op's tiling shares: splitting units of work over the vector cores, and the UB
+// plan (the buffers a kernel allocates, by name and size) that the tiling checks against the
+// 910B's UB and that the CPU emulation compares with what the kernel really allocated.
+// Plain C++ with no CANN types: op_host calls it, the tests compile it with g++.
+#pragma once
+#include <cstdint>
+#include "hw_910b.h"
+
+namespace ascendc_tiling {
+
+// Units [begin, end) of core `core` when `total` units are spread over `cores` cores: the first
+// total % cores cores take one unit more, so every unit belongs to exactly one core.
+struct Range {
+  int64_t begin, end;
+};
+inline Range CoreUnits(int64_t total, int64_t cores, int64_t core) {
+  const int64_t base = total / cores, extra = total % cores;
+  const int64_t begin = core * base + (core < extra ? core : extra);
+  return {begin, begin + base + (core < extra ? 1 : 0)};
+}
+
+// The buffers of one kernel. Every entry is rounded up to the 32-byte block, as TPipe places them.
+struct UbPlan {
+  static constexpr int kMax = 24;
+  const char *names[kMax];
+  int64_t bytes[kMax];
+  int count = 0;
+  void Add(const char *name, int64_t buffers, int64_t bytesEach) {
+    names[count] = name;
+    bytes[count++] = buffers * ascendc_hw::AlignUp(bytesEach, ascendc_hw::kBlockBytes);
+  }
+  int64_t Total() const {
+    int64_t t = 0;
+    for (int i = 0; i < count; ++i) t += bytes[i];
+    return t;
+  }
+};
+
+inline bool Aligned(int64_t bytes) { return bytes % ascendc_hw::kBlockBytes == 0; }
+
+}  // namespace ascendc_tiling

@@ -1,0 +1,100 @@
+// The tiling grid check (C entry for the tests): every op's tiling over the shapes mindcpm
+// serves (head dim 64/128, GQA groups 1-16, contexts up to 128K, batches up to 64, fp16/bf16 -
+// both 2 bytes, so one plan), checking what the device would otherwise find out the hard way:
+//   - every UB plan fits the 910B's UB;
+//   - every DataCopy the kernel issues moves whole 32-byte blocks (lengths and strides);
+//   - the work units and tiles cover every output element exactly once.
+// Returns the number of shapes checked, or -1 with the first failure in err.
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../lightning_attention/op_host/lightning_tiling.h"
+
+namespace {
+
+struct Failure {
+  std::string what;
+};
+
+void Require(bool ok, const std::string &what) {
+  if (!ok) throw Failure{what};
+}
+
+std::string Shape(const char *op, std::initializer_list<int64_t> dims) {
+  std::string s = op;
+  for (int64_t d : dims) s += " " + std::to_string(d);
+  return s;
+}
+
+void RequirePlan(const ascendc_tiling::UbPlan &plan, const std::string &shape) {
+  Require(plan.Total() <= ascendc_hw::kUbBytes, shape + ": UB plan " + std::to_string(plan.Total()) + " B too big");
+}
+
+// Each unit of `total` is owned by exactly one of `cores` cores.
+void RequireUnitCover(int64_t total, int64_t cores, const std::string &shape) {
+  std::vector<uint8_t> seen(total, 0);
+  for (int64_t c = 0; c < cores; ++c) {
+    const auto r = ascendc_tiling::CoreUnits(total, cores, c);
+    for (int64_t u = r.begin; u < r.end; ++u) Require(u < total && !seen[u]++, shape + ": unit covered twice");
+  }
+  for (int64_t u = 0; u < total; ++u) Require(seen[u] == 1, shape + ": unit not covered");
+}
+
+const int64_t kHeadDims[] = {64, 128};
+const int64_t kBatches[] = {1, 2, 3, 17, 64};
+const int64_t kCores[] = {1, 20, 40, 48};
+
+int64_t CheckLightning() {
+  using namespace lightning_tiling;
+  int64_t shapes = 0;
+  for (int64_t d : kHeadDims)
+    for (int64_t h : {1, 4, 8, 48, 64})
+      for (int64_t b : kBatches)
+        for (int64_t cores : kCores) {
+          DecodeTiling t;
+          const std::string s = Shape("lightning_decode", {b, h, d, cores});
+          Require(TileDecode(b, h, d, 2 * b, 2, cores, &t) == nullptr, s + ": refused");
+          RequirePlan(DecodePlan(t, 2), s);
+          Require(d % t.rowsPerTile == 0, s + ": state tiles do not cover the rows");
+          for (int64_t bytes : {d * 2, t.rowsPerTile * d * 4, d * 4})
+            Require(ascendc_tiling::Aligned(bytes), s + ": DataCopy not whole blocks");
+          RequireUnitCover(b * h, cores, s);
+          ++shapes;
+        }
+  for (int64_t d : kHeadDims)
+    for (int64_t h : {1, 8, 64})
+      for (int64_t l : {1, 15, 16, 255, 256, 257, 4096, 131072}) {
+        PrefillTiling t;
+        const std::string s = Shape("lightning_prefill", {l, h, d});
+        Require(TilePrefill(1, l, h, d, 2, 2, 48, &t) == nullptr, s + ": refused");
+        RequirePlan(PrefillPlan(t, 2), s);
+        for (int64_t bytes : {d * 2, (h - 1) * d * 2, d * 4, d * d * 4})
+          Require(ascendc_tiling::Aligned(bytes), s + ": DataCopy not whole blocks");
+        // Every valid length n of the row: blocks tile [0, n) in order, none longer than blockLen.
+        for (int64_t n : {l, l - 1, l / 2})
+          if (n > 0) {
+            int64_t next = 0;
+            ForEachBlock(n, t.blockLen, [&](int64_t start, int64_t m) {
+              Require(start == next && m > 0 && m <= t.blockLen, s + ": blocks do not tile the row");
+              next = start + m;
+            });
+            Require(next == n, s + ": blocks do not cover the row");
+          }
+        for (int64_t b : kBatches) RequireUnitCover(b * h, 48, s);
+        ++shapes;
+      }
+  return shapes;
+}
+
+}  // namespace
+
+extern "C" int64_t TilingGridCheck(char *err, int64_t errLen) {
+  try {
+    return CheckLightning();
+  } catch (const Failure &f) {
+    std::strncpy(err, f.what.c_str(), errLen - 1);
+    err[errLen - 1] = 0;
+    return -1;
+  }
+}

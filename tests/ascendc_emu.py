@@ -1,0 +1,97 @@
+"""The AscendC kernels' CPU emulation (kernels_aclnn/ascendc_common/emu_entry.cc) built with g++ and
+called through ctypes: the shipped algorithm headers instantiated with the emulated primitive
+layer, which enforces the 910B's UB size, 32-byte DataCopy blocks, queue use and pipe flags.
+
+    lib = emu_library()                          # cached per source hash and macros
+    lib = emu_library("MUTATE_DECAY_EXPONENT")   # a build with a bug injected, for mutation tests
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels_aclnn")
+SOURCES = ("ascendc_common/emu_entry.cc", "ascendc_common/tiling_grid.cc")
+FP16, BF16 = 0, 1
+
+
+class EmuError(RuntimeError):
+    """The tiling refused the shape (code 1) or the emulation caught a rule violation (code 2)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"{'tiling refused' if code == 1 else 'AscendC rule violated'}: {message}")
+        self.code = code
+
+
+def _headers() -> list[str]:
+    return sorted(glob.glob(os.path.join(ROOT, "*", "op_*", "*.h")) + glob.glob(os.path.join(ROOT, "ascendc_common", "*")))
+
+
+@functools.lru_cache(maxsize=None)
+def emu_library(*macros: str) -> ctypes.CDLL | None:
+    """The emulation built with -D<macro> for each macro; None without g++."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None
+    from mindcpm.ops.cpu_kernels import cache_dir
+    digest = hashlib.sha256("\0".join(macros).encode())
+    for path in _headers():
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    lib = os.path.join(cache_dir(), f"ascendc-emu-{digest.hexdigest()[:16]}.so")
+    if not os.path.isfile(lib):
+        os.makedirs(cache_dir(), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+        os.close(fd)
+        cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", *(f"-D{m}" for m in macros),
+               *(os.path.join(ROOT, s) for s in SOURCES), "-o", tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            os.unlink(tmp)
+            raise RuntimeError("building the AscendC emulation failed:\n" + "\n".join(out.stderr.splitlines()[:30]))
+        os.replace(tmp, lib)
+    return ctypes.CDLL(lib)
+
+
+def _ptr(a: np.ndarray):
+    assert a.flags.c_contiguous
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+def call(lib, name: str, *args) -> int:
+    """Calls an emulation entry (its last three arguments ubUsed, err, errLen are added);
+    returns the largest UB a core placed; raises EmuError on a refusal or violation."""
+    used = ctypes.c_int64(0)
+    err = ctypes.create_string_buffer(512)
+    conv = [_ptr(a) if isinstance(a, np.ndarray) else ctypes.c_int64(a) for a in args]
+    fn = getattr(lib, name)
+    fn.restype = ctypes.c_int
+    code = fn(*conv, ctypes.byref(used), err, ctypes.c_int64(len(err)))
+    if code:
+        raise EmuError(code, err.value.decode())
+    return used.value
+
+
+# -- 16-bit activations, rounded in numpy independently of the emulation -------------------------
+def to_bits(x: np.ndarray, dtype: int) -> np.ndarray:
+    """x rounded to fp16 / bf16 (nearest even), as uint16 bit patterns."""
+    x = np.ascontiguousarray(x, np.float32)
+    if dtype == FP16:
+        return x.astype(np.float16).view(np.uint16)
+    u = x.view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bits(bits: np.ndarray, dtype: int) -> np.ndarray:
+    """The float64 values of fp16 / bf16 bit patterns."""
+    if dtype == FP16:
+        return bits.view(np.float16).astype(np.float64)
+    return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
