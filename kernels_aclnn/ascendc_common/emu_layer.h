@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#define ASC_DEVICE inline
 #include "hw_910b.h"
 
 namespace ascendc_emu {
@@ -232,10 +233,12 @@ struct EmuLayer {
   static void InitQueue(Pipe &pipe, Queue<T> &q, int64_t num, int64_t count, const char *name) {
     q.Init(pipe, num, count, name);
   }
-  template <class T>
-  static Local<T> Calc(Pipe &pipe, int64_t count, const char *name) {
-    return pipe.Reserve<T>(count, name);
-  }
+  struct Arena {  // calculation buffers (TBuf on the device)
+    template <class T>
+    Local<T> Get(Pipe &pipe, int64_t count, const char *name) {
+      return pipe.Reserve<T>(count, name);
+    }
+  };
 
   // GM -> UB, `count` contiguous elements.
   template <class T>
@@ -327,8 +330,14 @@ struct EmuLayer {
   // dst[0] = sum / max of src[0..n); `work` is the instruction's scratch (>= one fp32 per repeat).
   static void ReduceSum(const Local<float> &dst, const Local<float> &src, const Local<float> &work, int64_t n) {
     Reduce(dst, src, work, n);
-    float acc = 0.f;
-    for (int64_t i = 0; i < n; ++i) acc += src.p[i];
+    // Atlas A2, count mode: a binary tree inside each 256-byte repeat, repeats added in order.
+    float acc = 0.f, lane[64];
+    for (int64_t r = 0; r < n; r += 64) {
+      for (int64_t i = 0; i < 64; ++i) lane[i] = r + i < n ? src.p[r + i] : 0.f;
+      for (int64_t w = 32; w > 0; w /= 2)
+        for (int64_t i = 0; i < w; ++i) lane[i] = lane[2 * i] + lane[2 * i + 1];
+      acc += lane[0];
+    }
     dst.p[0] = acc;
   }
   static void ReduceMax(const Local<float> &dst, const Local<float> &src, const Local<float> &work, int64_t n) {

@@ -13,7 +13,7 @@ namespace ascendc_tiling {
 struct Range {
   int64_t begin, end;
 };
-inline Range CoreUnits(int64_t total, int64_t cores, int64_t core) {
+ASC_DEVICE Range CoreUnits(int64_t total, int64_t cores, int64_t core) {
   const int64_t base = total / cores, extra = total % cores;
   const int64_t begin = core * base + (core < extra ? core : extra);
   return {begin, begin + base + (core < extra ? 1 : 0)};

@@ -75,10 +75,11 @@ int64_t CheckLightning() {
         for (int64_t n : {l, l - 1, l / 2})
           if (n > 0) {
             int64_t next = 0;
-            ForEachBlock(n, t.blockLen, [&](int64_t start, int64_t m) {
-              Require(start == next && m > 0 && m <= t.blockLen, s + ": blocks do not tile the row");
-              next = start + m;
-            });
+            for (int64_t i = 0; i < BlockCount(n, t.blockLen); ++i) {
+              const int64_t m = BlockLen(n, t.blockLen, i);
+              Require(m > 0 && m <= t.blockLen, s + ": blocks do not tile the row");
+              next += m;
+            }
             Require(next == n, s + ": blocks do not cover the row");
           }
         for (int64_t b : kBatches) RequireUnitCover(b * h, 48, s);

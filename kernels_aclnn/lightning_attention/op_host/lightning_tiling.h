@@ -25,7 +25,7 @@ struct PrefillTiling {
 };
 
 // Decay powers lambda^0..lambda^len are kept as one fp32 table.
-inline int64_t PowerTableElems(int64_t len) { return AlignUp(len + 1, 8); }
+ASC_DEVICE int64_t PowerTableElems(int64_t len) { return AlignUp(len + 1, 8); }
 
 inline UbPlan DecodePlan(const DecodeTiling &t, int64_t dtypeBytes) {
   const int64_t d = t.headDim;
@@ -83,10 +83,10 @@ inline const char *TilePrefill(int64_t batch, int64_t seqLen, int64_t heads, int
   return nullptr;
 }
 
-// The blocks [start, start + len) a row of n tokens is taken in (the kernel's own loop).
-template <class F>
-inline void ForEachBlock(int64_t n, int64_t blockLen, F f) {
-  for (int64_t start = 0; start < n; start += blockLen) f(start, n - start < blockLen ? n - start : blockLen);
+// Block i of a row of n tokens: [i * blockLen, + BlockLen(...)); the kernel's own loop.
+ASC_DEVICE int64_t BlockCount(int64_t n, int64_t blockLen) { return ascendc_hw::CeilDiv(n, blockLen); }
+ASC_DEVICE int64_t BlockLen(int64_t n, int64_t blockLen, int64_t i) {
+  return n - i * blockLen < blockLen ? n - i * blockLen : blockLen;
 }
 
 }  // namespace lightning_tiling

@@ -35,28 +35,28 @@ class LightningDecode {
   using Local = typename L::template Local<E>;
 
  public:
-  void Init(typename L::Pipe &pipe, const lightning_tiling::DecodeTiling &t, const Tensors<L, T> &g) {
+  ASC_DEVICE void Init(typename L::Pipe &pipe, const lightning_tiling::DecodeTiling &t, const Tensors<L, T> &g) {
     t_ = t, g_ = g;
     const int64_t d = t.headDim;
-    in_ = L::template Calc<T>(pipe, 3 * d, "qkv_in");
-    f32_ = L::template Calc<float>(pipe, 3 * d, "qkv_f32");
-    decay_ = L::template Calc<float>(pipe, 8, "decay");
+    in_ = arena_.template Get<T>(pipe, 3 * d, "qkv_in");
+    f32_ = arena_.template Get<float>(pipe, 3 * d, "qkv_f32");
+    decay_ = arena_.template Get<float>(pipe, 8, "decay");
     L::InitQueue(pipe, state_, t.stateBuffers, t.rowsPerTile * d, "state");
     L::InitQueue(pipe, out_, 1, d, "out");
   }
 
-  void Process(int64_t core) {
+  ASC_DEVICE void Process(int64_t core) {
     const auto units = ascendc_tiling::CoreUnits(t_.batch * t_.heads, t_.coreNum, core);
     for (int64_t u = units.begin; u < units.end; ++u) Unit(u / t_.heads, u % t_.heads);
   }
 
   template <class F>
-  void ForEachQueue(F f) {
+  void ForEachQueue(F f) {  // the emulation checks every queue is idle at the end
     f(state_), f(out_);
   }
 
  private:
-  void Unit(int64_t b, int64_t h) {
+  ASC_DEVICE void Unit(int64_t b, int64_t h) {
     const int64_t d = t_.headDim;
     const int32_t slot = g_.slots.GetValue(b), pos = g_.positions.GetValue(b);
     Local<float> o = out_.AllocTensor();
@@ -68,7 +68,7 @@ class LightningDecode {
     out_.FreeTensor(o);
   }
 
-  void Update(int64_t b, int64_t h, int64_t slot, bool fresh, const Local<float> &o) {
+  ASC_DEVICE void Update(int64_t b, int64_t h, int64_t slot, bool fresh, const Local<float> &o) {
     const int64_t d = t_.headDim, rows = t_.rowsPerTile, off = (b * t_.heads + h) * d;
     L::VectorToCopyIn(in_);
     L::CopyIn(in_, g_.q[off], d);
@@ -114,6 +114,7 @@ class LightningDecode {
     }
   }
 
+  typename L::Arena arena_;
   lightning_tiling::DecodeTiling t_;
   Tensors<L, T> g_;
   Local<T> in_;
@@ -132,33 +133,33 @@ class LightningPrefill {
   using Local = typename L::template Local<E>;
 
  public:
-  void Init(typename L::Pipe &pipe, const lightning_tiling::PrefillTiling &t, const Tensors<L, T> &g) {
+  ASC_DEVICE void Init(typename L::Pipe &pipe, const lightning_tiling::PrefillTiling &t, const Tensors<L, T> &g) {
     t_ = t, g_ = g;
     const int64_t d = t.headDim, m = t.blockLen;
-    state_ = L::template Calc<float>(pipe, d * d, "state");
+    state_ = arena_.template Get<float>(pipe, d * d, "state");
     L::InitQueue(pipe, in_, 2, m * d, "in");
-    kf_ = L::template Calc<float>(pipe, m * d, "k_f32");
-    vf_ = L::template Calc<float>(pipe, m * d, "v_f32");
-    qf_ = L::template Calc<float>(pipe, d, "q_f32");
-    prod_ = L::template Calc<float>(pipe, d, "prod");
-    powers_ = L::template Calc<float>(pipe, lightning_tiling::PowerTableElems(m), "powers");
-    dot_ = L::template Calc<float>(pipe, 8, "dot");
-    work_ = L::template Calc<float>(pipe, ascendc_hw::ReduceWorkElems(d), "work");
+    kf_ = arena_.template Get<float>(pipe, m * d, "k_f32");
+    vf_ = arena_.template Get<float>(pipe, m * d, "v_f32");
+    qf_ = arena_.template Get<float>(pipe, d, "q_f32");
+    prod_ = arena_.template Get<float>(pipe, d, "prod");
+    powers_ = arena_.template Get<float>(pipe, lightning_tiling::PowerTableElems(m), "powers");
+    dot_ = arena_.template Get<float>(pipe, 8, "dot");
+    work_ = arena_.template Get<float>(pipe, ascendc_hw::ReduceWorkElems(d), "work");
     L::InitQueue(pipe, out_, 2, d, "out");
   }
 
-  void Process(int64_t core) {
+  ASC_DEVICE void Process(int64_t core) {
     const auto units = ascendc_tiling::CoreUnits(t_.batch * t_.heads, t_.coreNum, core);
     for (int64_t u = units.begin; u < units.end; ++u) Unit(u / t_.heads, u % t_.heads);
   }
 
   template <class F>
-  void ForEachQueue(F f) {
+  void ForEachQueue(F f) {  // the emulation checks every queue is idle at the end
     f(in_), f(out_);
   }
 
  private:
-  void Unit(int64_t b, int64_t h) {
+  ASC_DEVICE void Unit(int64_t b, int64_t h) {
     const int64_t d = t_.headDim, len = t_.seqLen;
     const int32_t slot = g_.slots.GetValue(b);
     int64_t n = 0;  // the row's tokens: padding only after them
@@ -174,7 +175,8 @@ class LightningPrefill {
         L::CopyIn(state_, g_.statePool[at], d * d);
         L::WaitCopyIn(state_);
       }
-      lightning_tiling::ForEachBlock(n, t_.blockLen, [&](int64_t start, int64_t m) { Block(b, h, start, m); });
+      for (int64_t i = 0; i < lightning_tiling::BlockCount(n, t_.blockLen); ++i)
+        Block(b, h, i * t_.blockLen, lightning_tiling::BlockLen(n, t_.blockLen, i));
       L::VectorToCopyOut(state_);
       L::CopyOut(g_.statePool[at], state_, d * d);
     }
@@ -186,7 +188,7 @@ class LightningPrefill {
   }
 
   // powers_[t] = lambda^t = exp(-s t) for t = 0..blockLen.
-  void Powers(int64_t h) {
+  ASC_DEVICE void Powers(int64_t h) {
     const int64_t n = lightning_tiling::PowerTableElems(t_.blockLen);
     L::VectorToScalar(powers_);
     for (int64_t t = 0; t < n; ++t) powers_.SetValue(t, float(t));
@@ -196,7 +198,7 @@ class LightningPrefill {
     L::VectorToScalar(powers_);
   }
 
-  void Load(const Local<float> &dst, const typename L::template Global<T> &src, int64_t rows) {
+  ASC_DEVICE void Load(const Local<float> &dst, const typename L::template Global<T> &src, int64_t rows) {
     Local<T> raw = in_.AllocTensor();
     L::CopyInRows(raw, src, rows, t_.headDim, t_.heads * t_.headDim);
     in_.EnQue(raw);
@@ -205,7 +207,7 @@ class LightningPrefill {
     in_.FreeTensor(raw);
   }
 
-  void Block(int64_t b, int64_t h, int64_t start, int64_t m) {
+  ASC_DEVICE void Block(int64_t b, int64_t h, int64_t start, int64_t m) {
     const int64_t d = t_.headDim, first = ((b * t_.seqLen + start) * t_.heads + h) * d;
     Load(kf_, g_.k[first], m);
     Load(vf_, g_.v[first], m);
@@ -219,7 +221,7 @@ class LightningPrefill {
     }
   }
 
-  void Row(int64_t b, int64_t h, int64_t start, int64_t i) {
+  ASC_DEVICE void Row(int64_t b, int64_t h, int64_t start, int64_t i) {
     const int64_t d = t_.headDim;
     Load(qf_, g_.q[((b * t_.seqLen + start + i) * t_.heads + h) * d], 1);
     L::VectorToScalar(qf_);
@@ -240,13 +242,14 @@ class LightningPrefill {
     Emit(o, b, start + i, h);
   }
 
-  void Emit(Local<float> o, int64_t b, int64_t t, int64_t h) {
+  ASC_DEVICE void Emit(Local<float> o, int64_t b, int64_t t, int64_t h) {
     out_.EnQue(o);
     o = out_.DeQue();
     L::CopyOut(g_.out[((b * t_.seqLen + t) * t_.heads + h) * t_.headDim], o, t_.headDim);
     out_.FreeTensor(o);
   }
 
+  typename L::Arena arena_;
   lightning_tiling::PrefillTiling t_;
   Tensors<L, T> g_;
   typename L::template QueIn<T> in_;
