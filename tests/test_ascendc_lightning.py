@@ -170,7 +170,7 @@ def test_chunked_prefill_with_padding_then_decode_continue_the_state(lib, dtype)
 
 # -- mutations: a bug injected at build time must fail the comparison ------------------------------------
 def test_decay_exponent_off_by_one_is_caught(lib):
-    mutated = emu.emu_library("MUTATE_DECAY_EXPONENT")
+    mutated = emu.emu_library("MUTATE_DECAY_EXPONENT", part="lightning")
     with pytest.raises(AssertionError):
         test_decode_matches_recurrence(mutated, emu.BF16, 64)
     with pytest.raises(AssertionError):
@@ -178,6 +178,6 @@ def test_decay_exponent_off_by_one_is_caught(lib):
 
 
 def test_missing_pipe_flag_is_caught(lib):
-    mutated = emu.emu_library("MUTATE_MISSING_SYNC")
+    mutated = emu.emu_library("MUTATE_MISSING_SYNC", part="lightning")
     with pytest.raises(emu.EmuError, match="before its copy-in was waited for"):
         test_decode_matches_recurrence(mutated, emu.FP16, 64)

@@ -101,6 +101,14 @@ struct AscendLayer {
     AscendC::DataCopy(dst, src, static_cast<uint32_t>(count));
   }
 
+  // DataCopyPad UB -> GM (byte-exact length; listed in the AscendC API reference,
+  //   https://gitcode.com/cann/asc-devkit/tree/master/docs/zh/api ("DataCopyPad(UB -> GM非对齐数据搬运)")).
+  template <class T>
+  ASC_DEVICE static void CopyOutPad(const Global<T> &dst, const Local<T> &src, int64_t count) {
+    AscendC::DataCopyExtParams p{1, static_cast<uint32_t>(count * sizeof(T)), 0, 0, 0};
+    AscendC::DataCopyPad(dst, src, p);
+  }
+
   // Flags between pipes (see Flag above): the event pairs the emulation checks.
   template <class T>
   ASC_DEVICE static void WaitCopyIn(const Local<T> &) { Flag<AscendC::HardEvent::MTE2_V>(); }
@@ -112,6 +120,8 @@ struct AscendLayer {
   ASC_DEVICE static void VectorToCopyIn(const Local<T> &) { Flag<AscendC::HardEvent::V_MTE2>(); }
   template <class T>
   ASC_DEVICE static void ScalarToVector(const Local<T> &) { Flag<AscendC::HardEvent::S_V>(); }
+  template <class T>
+  ASC_DEVICE static void ScalarToCopyOut(const Local<T> &) { Flag<AscendC::HardEvent::S_MTE3>(); }
   template <class T>
   ASC_DEVICE static void CopyOutDone(const Local<T> &) {
     Flag<AscendC::HardEvent::MTE3_MTE2>();

@@ -272,6 +272,18 @@ struct EmuLayer {
     src.st->mte3Pending = true;
   }
 
+  // UB -> GM of any byte length (DataCopyPad): for rows whose length is not whole 32-byte blocks.
+  template <class T>
+  static void CopyOutPad(const Global<T> &dst, const Local<T> &src, int64_t count) {
+    if (count <= 0 || count > src.n) Fail("CopyOutPad: length outside " + src.st->name);
+    if (src.ubOffset % ascendc_hw::kBlockBytes) Fail("CopyOutPad: UB address of " + src.st->name + " not 32-byte aligned");
+    if (count > dst.n) Fail("GM write past the end of " + dst.name);
+    if (src.st->vecDirty || src.st->scalarDirty || src.st->mte2Pending)
+      Fail("copy-out of " + src.st->name + " before the writes to it were handed over");
+    std::memcpy(dst.p, src.p, count * sizeof(T));
+    src.st->mte3Pending = true;
+  }
+
   // Flags between pipes (SetFlag + WaitFlag on the device).
   template <class T>
   static void WaitCopyIn(const Local<T> &t) { t.st->mte2Pending = false; }  // MTE2 -> V/S
@@ -285,6 +297,8 @@ struct EmuLayer {
   static void CopyOutDone(const Local<T> &t) { t.st->mte3Pending = false; }  // MTE3 -> MTE2 / V
   template <class T>
   static void ScalarToVector(const Local<T> &t) { t.st->scalarDirty = false; }  // S -> V
+  template <class T>
+  static void ScalarToCopyOut(const Local<T> &t) { t.st->scalarDirty = false; }  // S -> MTE3
 
   // Vector unit: elementwise over `n` elements, fp32 arithmetic.
   template <class T>

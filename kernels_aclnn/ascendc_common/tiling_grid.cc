@@ -52,7 +52,7 @@ int64_t CheckLightning() {
     for (int64_t h : {1, 4, 8, 48, 64})
       for (int64_t b : kBatches)
         for (int64_t cores : kCores) {
-          DecodeTiling t;
+          DecodeTiling t{};
           const std::string s = Shape("lightning_decode", {b, h, d, cores});
           Require(TileDecode(b, h, d, 2 * b, 2, cores, &t) == nullptr, s + ": refused");
           RequirePlan(DecodePlan(t, 2), s);
@@ -65,7 +65,7 @@ int64_t CheckLightning() {
   for (int64_t d : kHeadDims)
     for (int64_t h : {1, 8, 64})
       for (int64_t l : {1, 15, 16, 255, 256, 257, 4096, 131072}) {
-        PrefillTiling t;
+        PrefillTiling t{};
         const std::string s = Shape("lightning_prefill", {l, h, d});
         Require(TilePrefill(1, l, h, d, 2, 2, 48, &t) == nullptr, s + ": refused");
         RequirePlan(PrefillPlan(t, 2), s);

@@ -1,0 +1,52 @@
+// Tiling of the InfLLM-v2 block-sparse attention kernel (minicpm4 spec §3.6; the CPU twin is
+// ../cpu.cc), plain C++ with no CANN types: op_host's TilingFunc calls it, the tests compile it.
+//
+// Work unit = one (row, KV head, query): its G query heads share every selected 64-token block,
+// whose keys and values are read once from the paged cache (runs of consecutive slots inside a
+// page, one strided DataCopy each) and folded into a running softmax per head.
+#pragma once
+#include <cstdint>
+
+#include "../../ascendc_common/tiling_common.h"
+
+namespace infllm_tiling {
+
+constexpr int64_t kSelectBlock = 64;  // tokens per selectable block
+
+struct AttentionTiling {
+  int64_t batch, queries, qHeads, kvHeads, headDim, tablePages, pageSize, blocks, coreNum;
+  float scale;
+};
+
+inline ascendc_tiling::UbPlan AttentionPlan(const AttentionTiling &t, int64_t dtypeBytes) {
+  const int64_t d = t.headDim, g = t.qHeads / t.kvHeads, n = kSelectBlock;
+  ascendc_tiling::UbPlan p;
+  p.Add("q_in", 1, g * d * dtypeBytes);
+  p.Add("q_f32", 1, g * d * 4);
+  p.Add("kv_in", 2, n * d * dtypeBytes);
+  p.Add("k_f32", 1, n * d * 4);
+  p.Add("v_f32", 1, n * d * 4);
+  p.Add("acc", 1, g * d * 4);
+  p.Add("prod", 1, d * 4);
+  p.Add("dot", 1, 8 * 4);
+  p.Add("tiny", 1, 8 * 4);
+  p.Add("work", 1, ascendc_hw::ReduceWorkElems(d) * 4);
+  p.Add("probs", 1, n * 4);
+  p.Add("stats", 1, ascendc_hw::AlignUp(2 * g, 8) * 4);
+  p.Add("out", 1, g * d * dtypeBytes);
+  return p;
+}
+
+inline const char *TileAttention(int64_t batch, int64_t queries, int64_t qHeads, int64_t kvHeads, int64_t headDim,
+                                 int64_t tablePages, int64_t pageSize, int64_t blocks, int64_t dtypeBytes,
+                                 int64_t coreNum, float scale, AttentionTiling *t) {
+  if (kvHeads <= 0 || qHeads % kvHeads || qHeads / kvHeads > 16) return "query heads per KV head must be 1..16";
+  if (dtypeBytes != 2) return "activations must be fp16 or bf16";
+  if (headDim * dtypeBytes % ascendc_hw::kBlockBytes) return "head_dim must be a multiple of 16";
+  if (pageSize <= 0 || (kvHeads * headDim * dtypeBytes) % ascendc_hw::kBlockBytes) return "bad KV page layout";
+  *t = {batch, queries, qHeads, kvHeads, headDim, tablePages, pageSize, blocks, coreNum, scale};
+  if (AttentionPlan(*t, dtypeBytes).Total() > ascendc_hw::kUbBytes) return "head_dim too large for the UB";
+  return nullptr;
+}
+
+}  // namespace infllm_tiling
