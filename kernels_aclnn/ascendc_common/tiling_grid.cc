@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "../infllm_attention/op_host/sparse_attention_tiling.h"
+#include "../infllm_score/op_host/infllm_select_tiling.h"
 #include "../lightning_attention/op_host/lightning_tiling.h"
 
 namespace {
@@ -29,6 +31,13 @@ std::string Shape(const char *op, std::initializer_list<int64_t> dims) {
 
 void RequirePlan(const ascendc_tiling::UbPlan &plan, const std::string &shape) {
   Require(plan.Total() <= ascendc_hw::kUbBytes, shape + ": UB plan " + std::to_string(plan.Total()) + " B too big");
+}
+
+// A strided DataCopy (DataCopyParams): rows and gap in whole 32-byte blocks, every field in range.
+void RequireRows(int64_t rows, int64_t rowBytes, int64_t gapBytes, const std::string &shape) {
+  Require(ascendc_tiling::Aligned(rowBytes) && ascendc_tiling::Aligned(gapBytes), shape + ": strided copy not whole blocks");
+  Require(rows >= 1 && rows <= 4095 && rowBytes / 32 <= 65535 && gapBytes / 32 <= 65535,
+          shape + ": DataCopyParams field out of range");
 }
 
 // Each unit of `total` is owned by exactly one of `cores` cores.
@@ -69,8 +78,9 @@ int64_t CheckLightning() {
         const std::string s = Shape("lightning_prefill", {l, h, d});
         Require(TilePrefill(1, l, h, d, 2, 2, 48, &t) == nullptr, s + ": refused");
         RequirePlan(PrefillPlan(t, 2), s);
-        for (int64_t bytes : {d * 2, (h - 1) * d * 2, d * 4, d * d * 4})
+        for (int64_t bytes : {d * 2, d * 4, d * d * 4})
           Require(ascendc_tiling::Aligned(bytes), s + ": DataCopy not whole blocks");
+        RequireRows(t.blockLen, d * 2, (h - 1) * d * 2, s);
         // Every valid length n of the row: blocks tile [0, n) in order, none longer than blockLen.
         for (int64_t n : {l, l - 1, l / 2})
           if (n > 0) {
@@ -88,11 +98,45 @@ int64_t CheckLightning() {
   return shapes;
 }
 
+// InfLLM-v2 at the served shapes: contexts up to 128K in 16-token pages (NB 64-token blocks,
+// N1 = 4 NB - 1 C1 entries, one C2 entry per 64 tokens), top-k 96 (64 + the 32-block window).
+int64_t CheckInfllm() {
+  using namespace infllm_tiling;
+  int64_t shapes = 0;
+  for (int64_t d : kHeadDims)
+    for (int64_t group : {1, 2, 4, 8, 16})
+      for (int64_t hkv : {1, 2, 8})
+        for (int64_t context : {1024, 8192, 32768, 131072})
+          for (int64_t b : kBatches)
+            for (int64_t l : {1, 64, 2048}) {
+              if (l > 1 && b > 3) continue;  // long prefill chunks come one row at a time
+              const int64_t nb = context / 64, n1 = 4 * nb - 1, n2 = nb - 1;
+              const std::string s = Shape("infllm", {d, group, hkv, context, b, l});
+              SelectTiling sel{};
+              sel.topk = 96, sel.initBlocks = 1, sel.windowBlocks = 32, sel.denseLen = 8192, sel.current = 1;
+              Require(TileSelect(b, l, group * hkv, hkv, d, n1, n2, 2, 48, &sel) == nullptr, s + ": select refused");
+              RequirePlan(SelectPlan(sel, 2), s + " select");
+              Require(sel.chunk > 0 && ascendc_tiling::Aligned(sel.chunk * 4), s + ": score chunks misaligned");
+              for (int64_t bytes : {group * d * 2, d * 2}) Require(ascendc_tiling::Aligned(bytes), s + ": select copy");
+              AttentionTiling att{};
+              for (int64_t page : {16, 64, 128}) {
+                Require(TileAttention(b, l, group * hkv, hkv, d, context / page, page, nb, 2, 48, 0.1f, &att) == nullptr,
+                        s + ": attention refused");
+                RequirePlan(AttentionPlan(att, 2), s + " attention");
+                RequireRows(page < kSelectBlock ? page : kSelectBlock, d * 2, (hkv - 1) * d * 2, s + " kv page");
+              }
+              Require(ascendc_tiling::Aligned(group * d * 2), s + ": attention q/out copy");
+              RequireUnitCover(b * hkv * l, 48, s);  // one selection row / output row per unit
+              ++shapes;
+            }
+  return shapes;
+}
+
 }  // namespace
 
 extern "C" int64_t TilingGridCheck(char *err, int64_t errLen) {
   try {
-    return CheckLightning();
+    return CheckLightning() + CheckInfllm();
   } catch (const Failure &f) {
     std::strncpy(err, f.what.c_str(), errLen - 1);
     err[errLen - 1] = 0;
