@@ -1,7 +1,7 @@
 // Emulation entries of the InfLLM-v2 kernels (see emu_run.h).
 #include "emu_run.h"
-#include "../infllm_attention/op_kernel/sparse_attention_kernel.h"
-#include "../infllm_score/op_kernel/infllm_select_kernel.h"
+#include "sparse_attention_kernel.h"
+#include "infllm_select_kernel.h"
 
 using ascendc_emu::EmuLayer;
 using emu_run::Gm;

@@ -1,6 +1,6 @@
 // Emulation entries of the lightning-attention kernels (see emu_run.h).
 #include "emu_run.h"
-#include "../lightning_attention/op_kernel/lightning_kernels.h"
+#include "lightning_kernels.h"
 
 using ascendc_emu::EmuLayer;
 using emu_run::Gm;

@@ -2,7 +2,8 @@
 // ctypes): each entry runs one AscendC op's shipped algorithm header, instantiated with EmuLayer,
 // core by core (a fresh 196,608-byte UB per core), after the op's own tiling. Every entry returns
 // 0, or 1 when the tiling refuses the shape, or 2 when the emulation caught a rule violation; the
-// message goes to err. Build: g++ -std=c++17 -shared -fPIC emu_*.cc tiling_grid.cc [-DMUTATE_...].
+// message goes to err. Built by tests/ascendc_emu.py (g++, -I ascendc_common and every op_host
+// and op_kernel folder, the flat layout of a CANN op project; -DMUTATE_... for mutation builds).
 #pragma once
 #include <algorithm>
 #include <cstring>

@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "../infllm_attention/op_host/sparse_attention_tiling.h"
-#include "../infllm_score/op_host/infllm_select_tiling.h"
-#include "../lightning_attention/op_host/lightning_tiling.h"
+#include "sparse_attention_tiling.h"
+#include "infllm_select_tiling.h"
+#include "lightning_tiling.h"
 
 namespace {
 

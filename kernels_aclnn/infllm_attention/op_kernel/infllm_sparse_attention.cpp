@@ -1,6 +1,6 @@
 // InfllmSparseAttention on the NPU: sparse_attention_kernel.h's SparseAttention with the AscendC
 // layer, one instance per vector core. DTYPE_Q is the activation type CANN's op build defines.
-#include "../../ascendc_common/ascendc_layer.h"
+#include "ascendc_layer.h"
 #include "sparse_attention_kernel.h"
 
 extern "C" __global__ __aicore__ void infllm_sparse_attention(GM_ADDR q, GM_ADDR kCache, GM_ADDR vCache,

@@ -10,8 +10,8 @@
 //   selected      [B, Hkv, L, NB] int32 (1 = the query's group attends to the block)
 //   out           [B, L, Hq * D] T    (the fp32 result rounded to nearest even once)
 #pragma once
-#include "../../ascendc_common/kernel_helpers.h"
-#include "../op_host/sparse_attention_tiling.h"
+#include "kernel_helpers.h"
+#include "sparse_attention_tiling.h"
 
 namespace infllm_kernel {
 

@@ -10,8 +10,8 @@
 // A row shorter than dense_len (dense_len >= 0) selects every past block (dense attention).
 // Scores and softmax statistics are fp32; the normaliser is accumulated online over chunks.
 #pragma once
-#include "../../ascendc_common/kernel_helpers.h"
-#include "../op_host/infllm_select_tiling.h"
+#include "kernel_helpers.h"
+#include "infllm_select_tiling.h"
 
 namespace infllm_kernel {
 

@@ -9,7 +9,7 @@
 #pragma once
 #include <cstdint>
 
-#include "../../ascendc_common/tiling_common.h"
+#include "tiling_common.h"
 
 namespace lightning_tiling {
 

@@ -17,7 +17,7 @@
 // grid test checks for coverage. The vector unit only: a state row update is Muls + Axpy, a
 // read q.S is D Axpy of S's rows.
 #pragma once
-#include "../op_host/lightning_tiling.h"
+#include "lightning_tiling.h"
 
 namespace lightning_kernel {
 

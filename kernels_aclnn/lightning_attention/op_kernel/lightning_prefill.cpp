@@ -1,6 +1,6 @@
 // LightningPrefill on the NPU: lightning_kernels.h's LightningPrefill with the AscendC layer, one
 // instance per vector core. DTYPE_Q is the activation type CANN's op build defines per dtype.
-#include "../../ascendc_common/ascendc_layer.h"
+#include "ascendc_layer.h"
 #include "lightning_kernels.h"
 
 extern "C" __global__ __aicore__ void lightning_prefill(GM_ADDR q, GM_ADDR k, GM_ADDR v, GM_ADDR slopes,

@@ -1,6 +1,6 @@
 // InfllmBlockSelect on the NPU: infllm_select_kernel.h's BlockSelect with the AscendC layer, one
 // instance per vector core. DTYPE_Q is the activation type CANN's op build defines per dtype.
-#include "../../ascendc_common/ascendc_layer.h"
+#include "ascendc_layer.h"
 #include "infllm_select_kernel.h"
 
 extern "C" __global__ __aicore__ void infllm_block_select(GM_ADDR q, GM_ADDR c1, GM_ADDR c2, GM_ADDR positions,
