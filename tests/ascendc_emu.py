@@ -70,6 +70,15 @@ def emu_library(*macros: str, part: str = "all") -> ctypes.CDLL | None:
     return ctypes.CDLL(lib)
 
 
+def library_or_skip() -> ctypes.CDLL:
+    """The full emulation, or the calling test skipped when there is no g++."""
+    import pytest
+    built = emu_library()
+    if built is None:
+        pytest.skip("no g++ for the AscendC emulation")
+    return built
+
+
 def _ptr(a: np.ndarray):
     assert a.flags.c_contiguous
     return a.ctypes.data_as(ctypes.c_void_p)

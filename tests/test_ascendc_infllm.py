@@ -27,10 +27,7 @@ RTOL = {emu.FP16: 2.0 ** -11, emu.BF16: 2.0 ** -8}
 
 @pytest.fixture(scope="module")
 def lib():
-    built = emu.emu_library()
-    if built is None:
-        pytest.skip("no g++ for the AscendC emulation")
-    return built
+    return emu.library_or_skip()
 
 
 def sparse_cfg(variant="current", dense_len=-1, topk=3):

@@ -21,10 +21,7 @@ CORES = 3  # an odd core count, so units split unevenly
 
 @pytest.fixture(scope="module")
 def lib():
-    built = emu.emu_library()
-    if built is None:
-        pytest.skip("no g++ for the AscendC emulation")
-    return built
+    return emu.library_or_skip()
 
 
 def _slopes():

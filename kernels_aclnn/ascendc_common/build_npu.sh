@@ -18,7 +18,7 @@ for op in lightning_attention infllm_score infllm_attention; do
   cp "$here/$op"/op_host/*.{h,cpp} "$stage/op_host/"
   cp "$here/$op"/op_kernel/*.{h,cpp} "$here/$op"/op_host/*_tiling.h "$stage/op_kernel/"
 done
-for f in "${common[@]}"; do cp "$here/ascendc_common/$f" "$stage/op_host/"; done
+for f in "${common[@]}" op_host_common.h; do cp "$here/ascendc_common/$f" "$stage/op_host/"; done
 for f in "${common[@]}" kernel_helpers.h ascendc_layer.h; do cp "$here/ascendc_common/$f" "$stage/op_kernel/"; done
 compiler=$(python -c "import mindspore, os; print(os.path.join(os.path.dirname(mindspore.__file__), 'lib/plugin/ascend/custom_compiler'))")
 cd "$compiler"  # setup.py runs start.sh from its own folder

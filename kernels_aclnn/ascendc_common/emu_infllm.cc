@@ -3,10 +3,7 @@
 #include "sparse_attention_kernel.h"
 #include "infllm_select_kernel.h"
 
-using ascendc_emu::EmuLayer;
-using emu_run::Gm;
-using emu_run::Report;
-using emu_run::RunCores;
+using namespace emu_run;
 
 namespace {
 

@@ -2,10 +2,7 @@
 #include "emu_run.h"
 #include "lightning_kernels.h"
 
-using ascendc_emu::EmuLayer;
-using emu_run::Gm;
-using emu_run::Report;
-using emu_run::RunCores;
+using namespace emu_run;
 
 namespace {
 

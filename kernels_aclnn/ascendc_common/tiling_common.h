@@ -38,4 +38,14 @@ struct UbPlan {
 
 inline bool Aligned(int64_t bytes) { return bytes % ascendc_hw::kBlockBytes == 0; }
 
+// What every op needs of its heads: 16-bit activations and rows of whole 32-byte blocks, and
+// (group > 0) a whole GQA group of at most 16 query heads. nullptr, or why not.
+inline const char *CheckHeads(int64_t qHeads, int64_t kvHeads, int64_t headDim, int64_t dtypeBytes) {
+  if (kvHeads <= 0 || headDim <= 0) return "empty shape";
+  if (qHeads % kvHeads || qHeads / kvHeads > 16) return "query heads per KV head must be 1..16";
+  if (dtypeBytes != 2) return "activations must be fp16 or bf16";
+  if (headDim * dtypeBytes % ascendc_hw::kBlockBytes) return "head_dim must be a multiple of 16";
+  return nullptr;
+}
+
 }  // namespace ascendc_tiling

@@ -4,10 +4,9 @@
 //   InfllmSparseAttention(q [B, L, Hq, D] fp16|bf16, k_cache, v_cache [S, Hkv, D], positions [B, L] int32,
 //                         block_tables [B, P] int32, selected [B, Hkv, L, NB] int32;
 //                         attrs scale, page_size) -> out [B, L, Hq*D] (q's dtype)
-#include "register/op_def_registry.h"
+#include "op_host_common.h"
 #include "register/tilingdata_base.h"
 #include "sparse_attention_tiling.h"
-#include "tiling/platform/platform_ascendc.h"
 
 namespace optiling {
 
@@ -28,21 +27,17 @@ REGISTER_TILING_DATA_CLASS(InfllmSparseAttention, InfllmAttentionTilingData)
 static ge::graphStatus AttentionTiling(gert::TilingContext *ctx) {
   const gert::Shape &q = ctx->GetInputShape(0)->GetStorageShape();
   const auto *attrs = ctx->GetAttrs();
-  const int64_t cores = platform_ascendc::PlatformAscendC(ctx->GetPlatformInfo()).GetCoreNumAiv();
+  using ascendc_host::InputDim;
   infllm_tiling::AttentionTiling t;
-  if (infllm_tiling::TileAttention(q.GetDim(0), q.GetDim(1), q.GetDim(2), ctx->GetInputShape(1)->GetStorageShape().GetDim(1),
-                                   q.GetDim(3), ctx->GetInputShape(4)->GetStorageShape().GetDim(1),
-                                   *attrs->GetAttrPointer<int64_t>(1), ctx->GetInputShape(5)->GetStorageShape().GetDim(3),
-                                   2, cores, *attrs->GetAttrPointer<float>(0), &t) != nullptr)
+  if (infllm_tiling::TileAttention(q.GetDim(0), q.GetDim(1), q.GetDim(2), InputDim(ctx, 1, 1), q.GetDim(3),
+                                   InputDim(ctx, 4, 1), *attrs->GetAttrPointer<int64_t>(1), InputDim(ctx, 5, 3), 2,
+                                   ascendc_host::VectorCores(ctx), *attrs->GetAttrPointer<float>(0), &t) != nullptr)
     return ge::GRAPH_FAILED;
   InfllmAttentionTilingData d;
   d.set_batch(t.batch), d.set_queries(t.queries), d.set_qHeads(t.qHeads), d.set_kvHeads(t.kvHeads);
   d.set_headDim(t.headDim), d.set_tablePages(t.tablePages), d.set_pageSize(t.pageSize), d.set_blocks(t.blocks);
   d.set_coreNum(t.coreNum), d.set_scale(t.scale);
-  d.SaveToBuffer(ctx->GetRawTilingData()->GetData(), ctx->GetRawTilingData()->GetCapacity());
-  ctx->GetRawTilingData()->SetDataSize(d.GetDataSize());
-  ctx->SetBlockDim(t.coreNum);
-  return ge::GRAPH_SUCCESS;
+  return ascendc_host::Save(ctx, d, t.coreNum);
 }
 
 }  // namespace optiling
@@ -69,10 +64,8 @@ namespace ops {
 class InfllmSparseAttention : public OpDef {
  public:
   explicit InfllmSparseAttention(const char *name) : OpDef(name) {
-    for (const char *n : {"q", "k_cache", "v_cache"})
-      Input(n).ParamType(REQUIRED).DataType({ge::DT_FLOAT16, ge::DT_BF16}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
-    for (const char *n : {"positions", "block_tables", "selected"})
-      Input(n).ParamType(REQUIRED).DataType({ge::DT_INT32, ge::DT_INT32}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
+    ascendc_host::ActivationInputs(*this, {"q", "k_cache", "v_cache"});
+    ascendc_host::FixedInputs(*this, {"positions", "block_tables", "selected"}, ge::DT_INT32);
     Output("out").ParamType(REQUIRED).DataType({ge::DT_FLOAT16, ge::DT_BF16}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
     Attr("scale").Float();
     Attr("page_size").Int();

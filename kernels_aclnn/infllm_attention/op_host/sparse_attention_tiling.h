@@ -40,9 +40,7 @@ inline ascendc_tiling::UbPlan AttentionPlan(const AttentionTiling &t, int64_t dt
 inline const char *TileAttention(int64_t batch, int64_t queries, int64_t qHeads, int64_t kvHeads, int64_t headDim,
                                  int64_t tablePages, int64_t pageSize, int64_t blocks, int64_t dtypeBytes,
                                  int64_t coreNum, float scale, AttentionTiling *t) {
-  if (kvHeads <= 0 || qHeads % kvHeads || qHeads / kvHeads > 16) return "query heads per KV head must be 1..16";
-  if (dtypeBytes != 2) return "activations must be fp16 or bf16";
-  if (headDim * dtypeBytes % ascendc_hw::kBlockBytes) return "head_dim must be a multiple of 16";
+  if (const char *why = ascendc_tiling::CheckHeads(qHeads, kvHeads, headDim, dtypeBytes)) return why;
   if (pageSize <= 0 || (kvHeads * headDim * dtypeBytes) % ascendc_hw::kBlockBytes) return "bad KV page layout";
   *t = {batch, queries, qHeads, kvHeads, headDim, tablePages, pageSize, blocks, coreNum, scale};
   if (AttentionPlan(*t, dtypeBytes).Total() > ascendc_hw::kUbBytes) return "head_dim too large for the UB";

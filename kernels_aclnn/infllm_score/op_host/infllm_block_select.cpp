@@ -6,9 +6,8 @@
 //                     attrs scale, init_blocks, window_blocks, topk, dense_len, current, repeat)
 //                     -> selected [B, Hkv, L, (N1 + 1) / 4] int32
 #include "infllm_select_tiling.h"
-#include "register/op_def_registry.h"
+#include "op_host_common.h"
 #include "register/tilingdata_base.h"
-#include "tiling/platform/platform_ascendc.h"
 
 namespace optiling {
 
@@ -41,20 +40,16 @@ static ge::graphStatus SelectTiling(gert::TilingContext *ctx) {
   t.windowBlocks = *attrs->GetAttrPointer<int64_t>(2), t.topk = *attrs->GetAttrPointer<int64_t>(3);
   t.denseLen = *attrs->GetAttrPointer<int64_t>(4), t.current = *attrs->GetAttrPointer<int64_t>(5);
   t.repeat = *attrs->GetAttrPointer<float>(6);
-  const int64_t cores = platform_ascendc::PlatformAscendC(ctx->GetPlatformInfo()).GetCoreNumAiv();
-  if (infllm_tiling::TileSelect(q.GetDim(0), q.GetDim(1), q.GetDim(2), ctx->GetInputShape(1)->GetStorageShape().GetDim(1),
-                                q.GetDim(3), ctx->GetInputShape(4)->GetStorageShape().GetDim(1),
-                                ctx->GetInputShape(5)->GetStorageShape().GetDim(1), 2, cores, &t) != nullptr)
+  using ascendc_host::InputDim;
+  if (infllm_tiling::TileSelect(q.GetDim(0), q.GetDim(1), q.GetDim(2), InputDim(ctx, 1, 1), q.GetDim(3),
+                                InputDim(ctx, 4, 1), InputDim(ctx, 5, 1), 2, ascendc_host::VectorCores(ctx), &t) != nullptr)
     return ge::GRAPH_FAILED;
   InfllmSelectTilingData d;
   d.set_batch(t.batch), d.set_queries(t.queries), d.set_qHeads(t.qHeads), d.set_kvHeads(t.kvHeads);
   d.set_headDim(t.headDim), d.set_n1(t.n1), d.set_n2(t.n2), d.set_blocks(t.blocks), d.set_coreNum(t.coreNum);
   d.set_chunk(t.chunk), d.set_topk(t.topk), d.set_initBlocks(t.initBlocks), d.set_windowBlocks(t.windowBlocks);
   d.set_denseLen(t.denseLen), d.set_current(t.current), d.set_scale(t.scale), d.set_repeat(t.repeat);
-  d.SaveToBuffer(ctx->GetRawTilingData()->GetData(), ctx->GetRawTilingData()->GetCapacity());
-  ctx->GetRawTilingData()->SetDataSize(d.GetDataSize());
-  ctx->SetBlockDim(t.coreNum);
-  return ge::GRAPH_SUCCESS;
+  return ascendc_host::Save(ctx, d, t.coreNum);
 }
 
 }  // namespace optiling
@@ -82,10 +77,8 @@ namespace ops {
 class InfllmBlockSelect : public OpDef {
  public:
   explicit InfllmBlockSelect(const char *name) : OpDef(name) {
-    for (const char *n : {"q", "c1_cache", "c2_cache"})
-      Input(n).ParamType(REQUIRED).DataType({ge::DT_FLOAT16, ge::DT_BF16}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
-    for (const char *n : {"positions", "c1_table", "c2_table"})
-      Input(n).ParamType(REQUIRED).DataType({ge::DT_INT32, ge::DT_INT32}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
+    ascendc_host::ActivationInputs(*this, {"q", "c1_cache", "c2_cache"});
+    ascendc_host::FixedInputs(*this, {"positions", "c1_table", "c2_table"}, ge::DT_INT32);
     Output("selected").ParamType(REQUIRED).DataType({ge::DT_INT32, ge::DT_INT32}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
     Attr("scale").Float();
     Attr("init_blocks").Int();

@@ -46,9 +46,7 @@ inline ascendc_tiling::UbPlan SelectPlan(const SelectTiling &t, int64_t dtypeByt
 // depends on topk. Returns nullptr, or why the shape cannot run.
 inline const char *TileSelect(int64_t batch, int64_t queries, int64_t qHeads, int64_t kvHeads, int64_t headDim,
                               int64_t n1, int64_t n2, int64_t dtypeBytes, int64_t coreNum, SelectTiling *t) {
-  if (kvHeads <= 0 || qHeads % kvHeads || qHeads / kvHeads > 16) return "query heads per KV head must be 1..16";
-  if (dtypeBytes != 2) return "activations must be fp16 or bf16";
-  if (headDim * dtypeBytes % ascendc_hw::kBlockBytes) return "head_dim must be a multiple of 16";
+  if (const char *why = ascendc_tiling::CheckHeads(qHeads, kvHeads, headDim, dtypeBytes)) return why;
   if ((n1 + 1) % 4) return "the C1 table must hold 4 NB - 1 entries";
   t->batch = batch, t->queries = queries, t->qHeads = qHeads, t->kvHeads = kvHeads, t->headDim = headDim;
   t->n1 = n1, t->n2 = n2, t->blocks = (n1 + 1) / 4, t->coreNum = coreNum, t->chunk = 64;

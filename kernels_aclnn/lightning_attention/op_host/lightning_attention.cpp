@@ -9,45 +9,33 @@
 // state_pool is updated in place (the slots of the rows; -1 = padding row).
 #include "lightning_tiling.h"
 #include "lightning_tiling_data.h"
-#include "register/op_def_registry.h"
-#include "tiling/platform/platform_ascendc.h"
+#include "op_host_common.h"
 
 namespace optiling {
 
-static int64_t Dim(gert::TilingContext *ctx, int input, int axis) {
-  return ctx->GetInputShape(input)->GetStorageShape().GetDim(axis);
-}
-
-static int64_t VectorCores(gert::TilingContext *ctx) {
-  return platform_ascendc::PlatformAscendC(ctx->GetPlatformInfo()).GetCoreNumAiv();
-}
+using ascendc_host::InputDim;
+using ascendc_host::VectorCores;
 
 static ge::graphStatus DecodeTiling(gert::TilingContext *ctx) {
   lightning_tiling::DecodeTiling t;
-  if (lightning_tiling::TileDecode(Dim(ctx, 0, 0), Dim(ctx, 0, 1), Dim(ctx, 0, 2), Dim(ctx, 4, 0), 2,
+  if (lightning_tiling::TileDecode(InputDim(ctx, 0, 0), InputDim(ctx, 0, 1), InputDim(ctx, 0, 2), InputDim(ctx, 4, 0), 2,
                                    VectorCores(ctx), &t) != nullptr)
     return ge::GRAPH_FAILED;
   LightningDecodeTilingData data;
   data.set_batch(t.batch), data.set_heads(t.heads), data.set_headDim(t.headDim), data.set_slots(t.slots);
   data.set_coreNum(t.coreNum), data.set_rowsPerTile(t.rowsPerTile), data.set_stateBuffers(t.stateBuffers);
-  data.SaveToBuffer(ctx->GetRawTilingData()->GetData(), ctx->GetRawTilingData()->GetCapacity());
-  ctx->GetRawTilingData()->SetDataSize(data.GetDataSize());
-  ctx->SetBlockDim(t.coreNum);
-  return ge::GRAPH_SUCCESS;
+  return ascendc_host::Save(ctx, data, t.coreNum);
 }
 
 static ge::graphStatus PrefillTiling(gert::TilingContext *ctx) {
   lightning_tiling::PrefillTiling t;
-  if (lightning_tiling::TilePrefill(Dim(ctx, 0, 0), Dim(ctx, 0, 1), Dim(ctx, 0, 2), Dim(ctx, 0, 3), Dim(ctx, 4, 0),
+  if (lightning_tiling::TilePrefill(InputDim(ctx, 0, 0), InputDim(ctx, 0, 1), InputDim(ctx, 0, 2), InputDim(ctx, 0, 3), InputDim(ctx, 4, 0),
                                     2, VectorCores(ctx), &t) != nullptr)
     return ge::GRAPH_FAILED;
   LightningPrefillTilingData data;
   data.set_batch(t.batch), data.set_seqLen(t.seqLen), data.set_heads(t.heads), data.set_headDim(t.headDim);
   data.set_slots(t.slots), data.set_coreNum(t.coreNum), data.set_blockLen(t.blockLen);
-  data.SaveToBuffer(ctx->GetRawTilingData()->GetData(), ctx->GetRawTilingData()->GetCapacity());
-  ctx->GetRawTilingData()->SetDataSize(data.GetDataSize());
-  ctx->SetBlockDim(t.coreNum);
-  return ge::GRAPH_SUCCESS;
+  return ascendc_host::Save(ctx, data, t.coreNum);
 }
 
 }  // namespace optiling
@@ -76,12 +64,9 @@ namespace ops {
 
 // Both ops take the same inputs; only the ranks and the tiling differ.
 static void DefineLightning(OpDef &op, gert::OpImplRegisterV2::TilingKernelFunc tiling) {
-  for (const char *name : {"q", "k", "v"})
-    op.Input(name).ParamType(REQUIRED).DataType({ge::DT_FLOAT16, ge::DT_BF16}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
-  op.Input("slopes").ParamType(REQUIRED).DataType({ge::DT_FLOAT, ge::DT_FLOAT}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
-  op.Input("state_pool").ParamType(REQUIRED).DataType({ge::DT_FLOAT, ge::DT_FLOAT}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
-  for (const char *name : {"state_slots", "positions"})
-    op.Input(name).ParamType(REQUIRED).DataType({ge::DT_INT32, ge::DT_INT32}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
+  ascendc_host::ActivationInputs(op, {"q", "k", "v"});
+  ascendc_host::FixedInputs(op, {"slopes", "state_pool"}, ge::DT_FLOAT);
+  ascendc_host::FixedInputs(op, {"state_slots", "positions"}, ge::DT_INT32);
   op.Output("o").ParamType(REQUIRED).DataType({ge::DT_FLOAT, ge::DT_FLOAT}).Format({ge::FORMAT_ND, ge::FORMAT_ND});
   op.SetInferShape(ge::InferShape).SetInferDataType(ge::InferDataType);
   op.AICore().SetTiling(tiling).AddConfig("ascend910b");

@@ -54,12 +54,10 @@ inline UbPlan PrefillPlan(const PrefillTiling &t, int64_t dtypeBytes) {
   return p;
 }
 
-// Shape checks shared by both: every DataCopy moves whole 32-byte blocks.
+// Shape checks shared by both: one head per "group", every DataCopy whole 32-byte blocks.
 inline const char *CheckShape(int64_t heads, int64_t headDim, int64_t dtypeBytes, int64_t coreNum) {
-  if (heads <= 0 || headDim <= 0 || coreNum <= 0) return "empty shape or no cores";
-  if (dtypeBytes != 2) return "activations must be fp16 or bf16";
-  if (headDim * dtypeBytes % ascendc_hw::kBlockBytes) return "head_dim must be a multiple of 16";
-  return nullptr;
+  if (heads <= 0 || coreNum <= 0) return "empty shape or no cores";
+  return ascendc_tiling::CheckHeads(1, 1, headDim, dtypeBytes);
 }
 
 // Fills t; returns nullptr, or why the shape cannot run.
