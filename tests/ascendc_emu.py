@@ -32,7 +32,7 @@ class EmuError(RuntimeError):
         self.code = code
 
 
-def _include_dirs() -> list[str]:
+def include_dirs() -> list[str]:
     """The flat include layout CANN's op project uses: ascendc_common and every op_host/op_kernel."""
     return [os.path.join(ROOT, "ascendc_common"), *sorted(glob.glob(os.path.join(ROOT, "*", "op_host"))),
             *sorted(glob.glob(os.path.join(ROOT, "*", "op_kernel")))]
@@ -60,7 +60,7 @@ def emu_library(*macros: str, part: str = "all") -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
         os.close(fd)
         cmd = [cxx, "-O1", "-std=c++17", "-shared", "-fPIC", *(f"-D{m}" for m in macros),
-               *(f"-I{d}" for d in _include_dirs()),
+               *(f"-I{d}" for d in include_dirs()),
                *(os.path.join(ROOT, "ascendc_common", s) for s in PARTS[part]), "-o", tmp]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:

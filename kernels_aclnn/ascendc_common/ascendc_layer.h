@@ -21,7 +21,10 @@ struct TypedQueue {
   ASC_DEVICE AscendC::LocalTensor<T> AllocTensor() { return q.template AllocTensor<T>(); }
   ASC_DEVICE void EnQue(const AscendC::LocalTensor<T> &t) { q.EnQue(t); }
   ASC_DEVICE AscendC::LocalTensor<T> DeQue() { return q.template DeQue<T>(); }
-  ASC_DEVICE void FreeTensor(const AscendC::LocalTensor<T> &t) { q.FreeTensor(t); }
+  ASC_DEVICE void FreeTensor(const AscendC::LocalTensor<T> &t) {
+    AscendC::LocalTensor<T> held = t;  // FreeTensor takes a non-const reference
+    q.FreeTensor(held);
+  }
 };
 
 template <AscendC::HardEvent E>
