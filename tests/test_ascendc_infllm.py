@@ -128,22 +128,22 @@ def test_selection_matches_reference(lib, variant, dtype, monkeypatch):
         assert not got[0, :, lq:].any() and not got[1].any()  # padding selects nothing
 
 
-def attend(lib, p: Paged, q, pos, selected):
+def attend(lib, p: Paged, q, pos, selected, n_cores=CORES):
     b, l = pos.shape
     out = np.zeros((b, l, HQ * p.d), np.uint16)
     emu.call(lib, "InfllmAttentionEmu", p.dtype, b, l, HQ, HKV, p.d, p.k_cache.shape[0], p.table.shape[1], PAGE,
-             selected.shape[-1], CORES, q, p.k_cache, p.v_cache, pos, p.table, selected,
+             selected.shape[-1], n_cores, q, p.k_cache, p.v_cache, pos, p.table, selected,
              np.array([1 / np.sqrt(p.d)], np.float32), out)
     return emu.from_bits(out, p.dtype).reshape(b, l, HQ, p.d)
 
 
-def check_attention(lib, variant, dtype, cases, monkeypatch, d=16):
+def check_attention(lib, variant, dtype, cases, monkeypatch, d=16, n_cores=CORES):
     """Selection then attention through the emulation, against the reference's output."""
     for n, (total, lq, dense_len, topk) in enumerate(cases):
         cfg = sparse_cfg(variant, dense_len, topk)
         p = Paged(total, dtype, d=d, seed=n)
         q, pos = p.chunk(lq, max(1, 1 << (lq - 1).bit_length()))
-        got = attend(lib, p, q, pos, select(lib, p, q, pos, cfg))
+        got = attend(lib, p, q, pos, select(lib, p, q, pos, cfg), n_cores)
         monkeypatch.setattr(ref, "compress", p.stored)
         want, _ = ref.attention(p.q[total - lq:], p.k, p.v, cfg)
         monkeypatch.undo()
@@ -161,6 +161,11 @@ def test_attention_matches_reference(lib, variant, dtype, monkeypatch):
 
 def test_attention_head_dim_128(lib, monkeypatch):
     check_attention(lib, "current", emu.BF16, [(447, 1, -1, 3), (260, 70, -1, 1)], monkeypatch, d=128)
+
+
+def test_attention_splits_a_group_over_idle_cores(lib, monkeypatch):
+    # 48 cores for 4 (row, KV head, query) triples: each query head gets its own unit.
+    check_attention(lib, "current", emu.FP16, [(447, 1, -1, 3), (385, 1, -1, 3)], monkeypatch, n_cores=48)
 
 
 # -- mutations: a bug injected at build time must fail the comparison ------------------------------------

@@ -50,6 +50,22 @@ void RequireUnitCover(int64_t total, int64_t cores, const std::string &shape) {
   for (int64_t u = 0; u < total; ++u) Require(seen[u] == 1, shape + ": unit not covered");
 }
 
+// The attention units write every (row, query, query head) output exactly once.
+void RequireHeadCover(const infllm_tiling::AttentionTiling &t, const std::string &shape) {
+  const int64_t total = infllm_tiling::UnitCount(t);
+  RequireUnitCover(total, t.coreNum, shape);
+  std::vector<uint8_t> seen(t.batch * t.queries * t.qHeads, 0);
+  for (int64_t u = 0; u < total; ++u) {
+    const auto unit = infllm_tiling::UnitOf(t, u);
+    Require(unit.row == (unit.b * t.kvHeads + unit.h) * t.queries + unit.i, shape + ": wrong selection row");
+    for (int64_t g = unit.firstHead; g < unit.firstHead + t.headsPerUnit; ++g) {
+      Require(g / (t.qHeads / t.kvHeads) == unit.h, shape + ": a unit's heads leave its KV group");
+      Require(!seen[(unit.b * t.queries + unit.i) * t.qHeads + g]++, shape + ": output head written twice");
+    }
+  }
+  for (uint8_t v : seen) Require(v == 1, shape + ": output head not written");
+}
+
 const int64_t kHeadDims[] = {64, 128};
 const int64_t kBatches[] = {1, 2, 3, 17, 64};
 const int64_t kCores[] = {1, 20, 40, 48};
@@ -125,8 +141,9 @@ int64_t CheckInfllm() {
                 RequirePlan(AttentionPlan(att, 2), s + " attention");
                 RequireRows(page < kSelectBlock ? page : kSelectBlock, d * 2, (hkv - 1) * d * 2, s + " kv page");
               }
-              Require(ascendc_tiling::Aligned(group * d * 2), s + ": attention q/out copy");
-              RequireUnitCover(b * hkv * l, 48, s);  // one selection row / output row per unit
+              Require(ascendc_tiling::Aligned(att.headsPerUnit * d * 2), s + ": attention q/out copy");
+              RequireUnitCover(b * hkv * l, 48, s);  // one selection row per unit
+              RequireHeadCover(att, s);
               ++shapes;
             }
   return shapes;

@@ -22,7 +22,8 @@ struct bfloat16_t {
 // with every field any of the four ops defines.
 struct StubTilingData {
   int64_t batch, heads, headDim, slots, coreNum, rowsPerTile, stateBuffers, seqLen, blockLen, queries, qHeads,
-      kvHeads, n1, n2, blocks, chunk, topk, initBlocks, windowBlocks, denseLen, current, tablePages, pageSize;
+      kvHeads, n1, n2, blocks, chunk, topk, initBlocks, windowBlocks, denseLen, current, tablePages, pageSize,
+      headsPerUnit;
   float scale, repeat;
 };
 StubTilingData StubReadTiling(GM_ADDR);

@@ -20,6 +20,7 @@ TILING_DATA_FIELD_DEF(int64_t, tablePages);
 TILING_DATA_FIELD_DEF(int64_t, pageSize);
 TILING_DATA_FIELD_DEF(int64_t, blocks);
 TILING_DATA_FIELD_DEF(int64_t, coreNum);
+TILING_DATA_FIELD_DEF(int64_t, headsPerUnit);
 TILING_DATA_FIELD_DEF(float, scale);
 END_TILING_DATA_DEF;
 REGISTER_TILING_DATA_CLASS(InfllmSparseAttention, InfllmAttentionTilingData)
@@ -36,7 +37,7 @@ static ge::graphStatus AttentionTiling(gert::TilingContext *ctx) {
   InfllmAttentionTilingData d;
   d.set_batch(t.batch), d.set_queries(t.queries), d.set_qHeads(t.qHeads), d.set_kvHeads(t.kvHeads);
   d.set_headDim(t.headDim), d.set_tablePages(t.tablePages), d.set_pageSize(t.pageSize), d.set_blocks(t.blocks);
-  d.set_coreNum(t.coreNum), d.set_scale(t.scale);
+  d.set_coreNum(t.coreNum), d.set_headsPerUnit(t.headsPerUnit), d.set_scale(t.scale);
   return ascendc_host::Save(ctx, d, t.coreNum);
 }
 

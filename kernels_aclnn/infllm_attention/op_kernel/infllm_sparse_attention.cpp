@@ -7,8 +7,8 @@ extern "C" __global__ __aicore__ void infllm_sparse_attention(GM_ADDR q, GM_ADDR
                                                               GM_ADDR positions, GM_ADDR blockTables, GM_ADDR selected,
                                                               GM_ADDR out, GM_ADDR workspace, GM_ADDR tiling) {
   GET_TILING_DATA(d, tiling);
-  const infllm_tiling::AttentionTiling t{d.batch,      d.queries,  d.qHeads, d.kvHeads,  d.headDim,
-                                         d.tablePages, d.pageSize, d.blocks, d.coreNum, d.scale};
+  const infllm_tiling::AttentionTiling t{d.batch,    d.queries, d.qHeads,  d.kvHeads,      d.headDim, d.tablePages,
+                                         d.pageSize, d.blocks,  d.coreNum, d.headsPerUnit, d.scale};
   const int64_t elems = t.batch * t.queries * t.qHeads * t.headDim;
   constexpr uint64_t kUnbounded = 1ull << 40;  // the caches are addressed through the block tables
   infllm_kernel::AttentionTensors<ascendc_npu::AscendLayer, DTYPE_Q> g;

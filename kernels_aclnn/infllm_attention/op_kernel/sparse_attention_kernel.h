@@ -30,7 +30,7 @@ class SparseAttention {
  public:
   ASC_DEVICE void Init(typename L::Pipe &pipe, const infllm_tiling::AttentionTiling &t,
                        const AttentionTensors<L, T> &g) {
-    t_ = t, g_ = g, group_ = t.qHeads / t.kvHeads;
+    t_ = t, g_ = g, group_ = t.headsPerUnit;
     const int64_t d = t.headDim, n = infllm_tiling::kSelectBlock;
     qIn_ = arena_.template Get<T>(pipe, group_ * d, "q_in");
     qf_ = arena_.template Get<float>(pipe, group_ * d, "q_f32");
@@ -48,9 +48,8 @@ class SparseAttention {
   }
 
   ASC_DEVICE void Process(int64_t core) {
-    const auto units = ascendc_tiling::CoreUnits(t_.batch * t_.kvHeads * t_.queries, t_.coreNum, core);
-    for (int64_t u = units.begin; u < units.end; ++u)
-      Unit(u / (t_.kvHeads * t_.queries), u / t_.queries % t_.kvHeads, u % t_.queries, u);
+    const auto units = ascendc_tiling::CoreUnits(infllm_tiling::UnitCount(t_), t_.coreNum, core);
+    for (int64_t u = units.begin; u < units.end; ++u) Unit(infllm_tiling::UnitOf(t_, u));
   }
 
   template <class F>
@@ -59,22 +58,23 @@ class SparseAttention {
   }
 
  private:
-  ASC_DEVICE void Unit(int64_t b, int64_t h, int64_t i, int64_t unit) {
-    const int64_t d = t_.headDim, pos = g_.positions.GetValue(b * t_.queries + i);
+  ASC_DEVICE void Unit(const infllm_tiling::AttentionUnit &u) {
+    const int64_t d = t_.headDim, pos = g_.positions.GetValue(u.b * t_.queries + u.i);
+    const int64_t at = ((u.b * t_.queries + u.i) * t_.qHeads + u.firstHead) * d;  // q and out
     L::Duplicate(acc_, 0.f, group_ * d);
-    if (pos >= 0) Attend(b, h, i, pos, unit);
+    if (pos >= 0) Attend(u, pos, at);
     Local<T> o = out_.AllocTensor();
     L::Cast(o, acc_, group_ * d);
     out_.EnQue(o);
     o = out_.DeQue();
-    L::CopyOut(g_.out[((b * t_.queries + i) * t_.qHeads + h * group_) * d], o, group_ * d);
+    L::CopyOut(g_.out[at], o, group_ * d);
     out_.FreeTensor(o);
   }
 
-  ASC_DEVICE void Attend(int64_t b, int64_t h, int64_t i, int64_t pos, int64_t unit) {
+  ASC_DEVICE void Attend(const infllm_tiling::AttentionUnit &u, int64_t pos, int64_t at) {
     const int64_t d = t_.headDim, n0 = infllm_tiling::kSelectBlock;
     L::VectorToCopyIn(qIn_);
-    L::CopyIn(qIn_, g_.q[((b * t_.queries + i) * t_.qHeads + h * group_) * d], group_ * d);
+    L::CopyIn(qIn_, g_.q[at], group_ * d);
     L::WaitCopyIn(qIn_);
     L::Cast(qf_, qIn_, group_ * d);
     L::VectorToScalar(stats_);
@@ -82,9 +82,9 @@ class SparseAttention {
     const int64_t keys = t_.tablePages * t_.pageSize;  // what the row's table can address
     for (int64_t blk = 0; blk <= pos / n0 && blk < t_.blocks; ++blk) {
       const int64_t first = blk * n0, n = ascendc_helpers::Min(ascendc_helpers::Min(n0, pos + 1 - first), keys - first);
-      if (n <= 0 || !g_.selected.GetValue(unit * t_.blocks + blk)) continue;
-      Load(kf_, g_.kCache, b, h, first, n);
-      Load(vf_, g_.vCache, b, h, first, n);
+      if (n <= 0 || !g_.selected.GetValue(u.row * t_.blocks + blk)) continue;
+      Load(kf_, g_.kCache, u.b, u.h, first, n);
+      Load(vf_, g_.vCache, u.b, u.h, first, n);
       for (int64_t g = 0; g < group_; ++g) Fold(g, n);
     }
     for (int64_t g = 0; g < group_; ++g) {
