@@ -170,6 +170,12 @@ struct AscendLayer {
         sizeof(D) < sizeof(S) ? AscendC::RoundMode::CAST_RINT : AscendC::RoundMode::CAST_NONE;
     AscendC::Cast(dst, src, mode, static_cast<uint32_t>(n));
   }
+  // Gather, element-wise by byte offsets into src (count mode; the A2 is listed as supported):
+  //   https://gitcode.com/cann/asc-devkit/blob/9.0.0-beta.2/docs/api/context/c_api/vector_compute/asc_gather.md
+  template <class T>
+  ASC_DEVICE static void Gather(const Local<T> &dst, const Local<T> &src, const Local<uint32_t> &offsets, int64_t n) {
+    AscendC::Gather(dst, src, offsets, 0u, static_cast<uint32_t>(n));
+  }
   // ReduceSum / ReduceMax, count mode, value only:
   //   https://www.hiascend.com/document/detail/zh/canncommercial/80RC1/apiref/opdevgapi/atlasascendc_api_07_0086.html
   //   https://hiascend.com/document/detail/zh/canncommercial/80RC22/apiref/opdevgapi/atlasascendc_api_07_0085.html

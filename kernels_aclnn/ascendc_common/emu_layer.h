@@ -233,9 +233,11 @@ struct EmuLayer {
   static void InitQueue(Pipe &pipe, Queue<T> &q, int64_t num, int64_t count, const char *name) {
     q.Init(pipe, num, count, name);
   }
-  struct Arena {  // calculation buffers (TBuf on the device)
+  struct Arena {  // calculation buffers (TBuf on the device; ascendc_layer.h holds 16)
+    int used = 0;
     template <class T>
     Local<T> Get(Pipe &pipe, int64_t count, const char *name) {
+      if (++used > 16) Fail(std::string("more than 16 calculation buffers: ") + name);
       return pipe.Reserve<T>(count, name);
     }
   };
@@ -340,6 +342,16 @@ struct EmuLayer {
   static void Cast(const Local<D> &dst, const Local<S> &src, int64_t n) {
     Out(dst, n), In(src, n);
     for (int64_t i = 0; i < n; ++i) dst.p[i] = Narrow<D>(Widen(src.p[i]));
+  }
+  // dst[i] = the element of src at byte offset offsets[i] (in-UB element gather, count mode).
+  template <class T>
+  static void Gather(const Local<T> &dst, const Local<T> &src, const Local<uint32_t> &offsets, int64_t n) {
+    Out(dst, n), In(offsets, n), In(src, 1);
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t at = offsets.p[i];
+      if (at % sizeof(T) || at / sizeof(T) >= uint64_t(src.n)) Fail("Gather offset outside " + src.st->name);
+      dst.p[i] = src.p[at / sizeof(T)];
+    }
   }
   // dst[0] = sum / max of src[0..n); `work` is the instruction's scratch (>= one fp32 per repeat).
   static void ReduceSum(const Local<float> &dst, const Local<float> &src, const Local<float> &work, int64_t n) {

@@ -42,8 +42,9 @@ inline ascendc_tiling::UbPlan AttentionPlan(const AttentionTiling &t, int64_t dt
   p.Add("kv_in", 2, n * d * dtypeBytes);
   p.Add("k_f32", 1, n * d * 4);
   p.Add("v_f32", 1, n * d * 4);
+  p.Add("k_cols", 1, n * d * 4);
+  p.Add("transpose_offsets", 1, n * d * 4);
   p.Add("acc", 1, g * d * 4);
-  p.Add("prod", 1, d * 4);
   p.Add("dot", 1, 8 * 4);
   p.Add("tiny", 1, 8 * 4);
   p.Add("work", 1, ascendc_hw::ReduceWorkElems(d) * 4);

@@ -37,14 +37,16 @@ class SparseAttention {
     L::InitQueue(pipe, kvIn_, 2, n * d, "kv_in");
     kf_ = arena_.template Get<float>(pipe, n * d, "k_f32");
     vf_ = arena_.template Get<float>(pipe, n * d, "v_f32");
+    keyCols_ = arena_.template Get<float>(pipe, n * d, "k_cols");
+    offsets_ = arena_.template Get<uint32_t>(pipe, n * d, "transpose_offsets");
     acc_ = arena_.template Get<float>(pipe, group_ * d, "acc");
-    prod_ = arena_.template Get<float>(pipe, d, "prod");
     dot_ = arena_.template Get<float>(pipe, 8, "dot");
     tiny_ = arena_.template Get<float>(pipe, 8, "tiny");
     work_ = arena_.template Get<float>(pipe, ascendc_hw::ReduceWorkElems(d), "work");
     probs_ = arena_.template Get<float>(pipe, n, "probs");
     stats_ = arena_.template Get<float>(pipe, ascendc_hw::AlignUp(2 * group_, 8), "stats");
     L::InitQueue(pipe, out_, 1, group_ * d, "out");
+    ascendc_helpers::TransposeOffsets<L>(offsets_, n, d);
   }
 
   ASC_DEVICE void Process(int64_t core) {
@@ -77,6 +79,7 @@ class SparseAttention {
     L::CopyIn(qIn_, g_.q[at], group_ * d);
     L::WaitCopyIn(qIn_);
     L::Cast(qf_, qIn_, group_ * d);
+    L::VectorToScalar(qf_);
     L::VectorToScalar(stats_);
     for (int64_t g = 0; g < group_; ++g) stats_.SetValue(2 * g, kNoMax), stats_.SetValue(2 * g + 1, 0.f);
     const int64_t keys = t_.tablePages * t_.pageSize;  // what the row's table can address
@@ -84,6 +87,7 @@ class SparseAttention {
       const int64_t first = blk * n0, n = ascendc_helpers::Min(ascendc_helpers::Min(n0, pos + 1 - first), keys - first);
       if (n <= 0 || !g_.selected.GetValue(u.row * t_.blocks + blk)) continue;
       Load(kf_, g_.kCache, u.b, u.h, first, n);
+      L::Gather(keyCols_, kf_, offsets_, n0 * d);  // rows past n are stale and never used
       Load(vf_, g_.vCache, u.b, u.h, first, n);
       for (int64_t g = 0; g < group_; ++g) Fold(g, n);
     }
@@ -121,7 +125,7 @@ class SparseAttention {
   ASC_DEVICE void Fold(int64_t g, int64_t n) {
     const int64_t d = t_.headDim;
     const Local<float> acc = acc_[g * d];
-    ascendc_helpers::ScaledDots<L>(probs_, qf_[g * d], kf_, prod_, dot_, work_, d, n, t_.scale);
+    ascendc_helpers::ScaledScores<L>(probs_, qf_[g * d], keyCols_, d, infllm_tiling::kSelectBlock, t_.scale);
     L::ReduceMax(dot_, probs_, work_, n);
     L::VectorToScalar(dot_);
     const float old = stats_.GetValue(2 * g), top = ascendc_helpers::Max(old, dot_.GetValue(0));
@@ -148,7 +152,8 @@ class SparseAttention {
   typename L::template QueIn<T> kvIn_;
   typename L::template QueOut<T> out_;
   Local<T> qIn_;
-  Local<float> qf_, kf_, vf_, acc_, prod_, dot_, tiny_, work_, probs_, stats_;
+  Local<float> qf_, kf_, vf_, keyCols_, acc_, dot_, tiny_, work_, probs_, stats_;
+  Local<uint32_t> offsets_;
 };
 
 }  // namespace infllm_kernel

@@ -28,7 +28,8 @@ inline ascendc_tiling::UbPlan SelectPlan(const SelectTiling &t, int64_t dtypeByt
   p.Add("q_f32", 1, g * d * 4);
   p.Add("keys_in", 2, j * d * dtypeBytes);
   p.Add("keys_f32", 1, j * d * 4);
-  p.Add("prod", 1, d * 4);
+  p.Add("k_cols", 1, j * d * 4);
+  p.Add("transpose_offsets", 1, j * d * 4);
   p.Add("dot", 1, 8 * 4);
   p.Add("tiny", 1, 8 * 4);
   p.Add("work", 1, ascendc_hw::ReduceWorkElems(d) * 4);

@@ -40,7 +40,8 @@ class BlockSelect {
     qf_ = arena_.template Get<float>(pipe, group_ * d, "q_f32");
     L::InitQueue(pipe, keysIn_, 2, j * d, "keys_in");
     kf_ = arena_.template Get<float>(pipe, j * d, "keys_f32");
-    prod_ = arena_.template Get<float>(pipe, d, "prod");
+    keyCols_ = arena_.template Get<float>(pipe, j * d, "k_cols");
+    offsets_ = arena_.template Get<uint32_t>(pipe, j * d, "transpose_offsets");
     dot_ = arena_.template Get<float>(pipe, 8, "dot");
     tiny_ = arena_.template Get<float>(pipe, 8, "tiny");
     work_ = arena_.template Get<float>(pipe, ascendc_hw::ReduceWorkElems(d), "work");
@@ -51,6 +52,7 @@ class BlockSelect {
     topValues_ = arena_.template Get<float>(pipe, ascendc_hw::AlignUp(t.topk, 8), "top_values");
     topBlocks_ = arena_.template Get<int32_t>(pipe, ascendc_hw::AlignUp(t.topk, 8), "top_blocks");
     selected_ = arena_.template Get<int32_t>(pipe, ascendc_hw::AlignUp(t.blocks, 8), "selected");
+    ascendc_helpers::TransposeOffsets<L>(offsets_, j, d);
   }
 
   ASC_DEVICE void Process(int64_t core) {
@@ -118,7 +120,7 @@ class BlockSelect {
       LoadKeys(g_.c1, g_.c1Table[b * t_.n1 + j0], m, h);
       L::Duplicate(sum_, 0.f, m);
       for (int64_t g = 0; g < group_; ++g) {
-        Dots(g, m);
+        Dots(g);
         L::Adds(chunk_, chunk_, -norm_.GetValue(2 * g), m);
         L::Exp(chunk_, chunk_, m);
         L::Axpy(sum_, chunk_, norm_.GetValue(2 * g + 1), m);
@@ -139,7 +141,7 @@ class BlockSelect {
       const int64_t m = Min(t_.chunk, n - j0);
       LoadKeys(cache, table[j0], m, h);
       for (int64_t g = 0; g < group_; ++g) {
-        Dots(g, m);
+        Dots(g);
         L::ReduceMax(dot_, chunk_, work_, m);
         L::VectorToScalar(dot_);
         const float old = norm_.GetValue(2 * g), top = Max(old, dot_.GetValue(0));
@@ -164,10 +166,11 @@ class BlockSelect {
     raw = keysIn_.DeQue();
     L::Cast(kf_, raw, m * d);
     keysIn_.FreeTensor(raw);
+    L::Gather(keyCols_, kf_, offsets_, t_.chunk * d);  // rows past m are stale and never used
   }
 
-  ASC_DEVICE void Dots(int64_t g, int64_t m) {  // chunk_[j] = scale * q_g . k_j
-    ascendc_helpers::ScaledDots<L>(chunk_, qf_[g * t_.headDim], kf_, prod_, dot_, work_, t_.headDim, m, t_.scale);
+  ASC_DEVICE void Dots(int64_t g) {  // chunk_[j] = scale * q_g . k_j
+    ascendc_helpers::ScaledScores<L>(chunk_, qf_[g * t_.headDim], keyCols_, t_.headDim, t_.chunk, t_.scale);
   }
 
   // Max-pool (kernels 4b-1 .. 4b+3), the forced blocks, then top-k (ties to the lower block).
@@ -208,7 +211,8 @@ class BlockSelect {
   int64_t group_ = 1;
   typename L::template QueIn<T> keysIn_;
   Local<T> qIn_;
-  Local<float> qf_, kf_, prod_, dot_, tiny_, work_, chunk_, sum_, norm_, scores_, topValues_;
+  Local<float> qf_, kf_, keyCols_, dot_, tiny_, work_, chunk_, sum_, norm_, scores_, topValues_;
+  Local<uint32_t> offsets_;
   Local<int32_t> topBlocks_, selected_;
 };
 
