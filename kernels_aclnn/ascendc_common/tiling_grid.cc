@@ -142,8 +142,10 @@ int64_t CheckInfllm() {
                 RequireRows(page < kSelectBlock ? page : kSelectBlock, d * 2, (hkv - 1) * d * 2, s + " kv page");
               }
               Require(ascendc_tiling::Aligned(att.headsPerUnit * d * 2), s + ": attention q/out copy");
-              RequireUnitCover(b * hkv * l, 48, s);  // one selection row per unit
-              RequireHeadCover(att, s);
+              if (d == kHeadDims[0] && context == 1024) {  // the unit maps depend on neither
+                RequireUnitCover(b * hkv * l, 48, s);       // one selection row per unit
+                RequireHeadCover(att, s);
+              }
               ++shapes;
             }
   return shapes;
