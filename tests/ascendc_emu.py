@@ -1,9 +1,15 @@
-"""The AscendC kernels' CPU emulation (kernels_aclnn/ascendc_common/emu_entry.cc) built with g++ and
+"""The AscendC kernels' CPU emulation (kernels_aclnn/ascendc_common/emu_*.cc) built with g++ and
 called through ctypes: the shipped algorithm headers instantiated with the emulated primitive
 layer, which enforces the 910B's UB size, 32-byte DataCopy blocks, queue use and pipe flags.
 
     lib = emu_library()                          # every op, cached per source hash and macros
     lib = emu_library("MUTATE_DECAY_EXPONENT", part="lightning")  # one op's build with a bug injected
+    o = lightning_decode(lib, BF16, q, k, v, slopes, pool, slots, positions)   # the ops, on numpy
+
+The op functions take and return numpy arrays laid out as the ops' inputs (kernels_aclnn/*/op_host
+and the README); 16-bit activations travel as uint16 bit patterns with dtype FP16 or BF16, and
+state_pool is updated in place, as on the device. `cores` is the vector-core count to split over.
+Outputs start as NaN / -1, so an element the kernel fails to write shows in any comparison.
 """
 from __future__ import annotations
 
@@ -113,3 +119,49 @@ def from_bits(bits: np.ndarray, dtype: int) -> np.ndarray:
     if dtype == FP16:
         return bits.view(np.float16).astype(np.float64)
     return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+# -- the four ops ------------------------------------------------------------------------------------
+def _i32(a) -> np.ndarray:
+    return np.ascontiguousarray(a, np.int32)
+
+
+def lightning_decode(lib, dtype, q, k, v, slopes, state_pool, state_slots, positions, cores=48) -> np.ndarray:
+    """q/k/v bits [B, H, D]; slopes [H] fp32; state_pool [S, H, D, D] fp32 -> o [B, H*D] fp32."""
+    b, h, d = q.shape
+    out = np.full((b, h * d), np.nan, np.float32)
+    call(lib, "LightningDecodeEmu", dtype, b, h, d, state_pool.shape[0], cores, q, k, v, slopes, state_pool,
+         _i32(state_slots), _i32(positions), out)
+    return out
+
+
+def lightning_prefill(lib, dtype, q, k, v, slopes, state_pool, state_slots, positions, cores=48) -> np.ndarray:
+    """q/k/v bits [B, L, H, D]; positions [B, L] (padding trailing) -> o [B, L, H*D] fp32."""
+    b, l, h, d = q.shape
+    out = np.full((b, l, h * d), np.nan, np.float32)
+    call(lib, "LightningPrefillEmu", dtype, b, l, h, d, state_pool.shape[0], cores, q, k, v, slopes, state_pool,
+         _i32(state_slots), _i32(positions), out)
+    return out
+
+
+def infllm_block_select(lib, dtype, q, c1_cache, c2_cache, positions, c1_table, c2_table, meta,
+                        cores=48) -> np.ndarray:
+    """q bits [B, L, Hq, D]; c1/c2 caches bits [E, Hkv, D]; meta fp32 [7] = scale, init_blocks,
+    window_blocks, topk, dense_len, current, repeat -> selected [B, Hkv, L, (N1 + 1) / 4] int32."""
+    b, l, hq, d = q.shape
+    hkv, n1, n2 = c1_cache.shape[1], c1_table.shape[1], c2_table.shape[1]
+    out = np.full((b, hkv, l, (n1 + 1) // 4), -1, np.int32)
+    call(lib, "InfllmSelectEmu", dtype, b, l, hq, hkv, d, c1_cache.shape[0], n1, n2, cores, q, c1_cache, c2_cache,
+         _i32(positions), _i32(c1_table), _i32(c2_table), np.asarray(meta, np.float32), out)
+    return out
+
+
+def infllm_sparse_attention(lib, dtype, q, k_cache, v_cache, positions, block_tables, selected, scale, page_size,
+                            cores=48) -> np.ndarray:
+    """q bits [B, L, Hq, D]; k/v caches bits [S, Hkv, D] -> out bits [B, L, Hq*D] (q's dtype)."""
+    b, l, hq, d = q.shape
+    out = np.full((b, l, hq * d), 0xFFFF, np.uint16)  # NaN in fp16 and bf16
+    call(lib, "InfllmAttentionEmu", dtype, b, l, hq, k_cache.shape[1], d, k_cache.shape[0], block_tables.shape[1],
+         page_size, selected.shape[-1], cores, q, k_cache, v_cache, _i32(positions), _i32(block_tables),
+         _i32(selected), np.array([scale], np.float32), out)
+    return out

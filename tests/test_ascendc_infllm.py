@@ -86,12 +86,7 @@ def select(lib, p: Paged, q, pos, cfg, n_cores=CORES):
     window = cfg.window_size // cfg.block_size
     meta = np.array([1 / np.sqrt(p.d), cfg.init_blocks, window, cfg.topk + window if current else cfg.topk,
                      cfg.dense_len, float(current), 16 // (HQ // HKV)], np.float32)
-    b, l = pos.shape
-    nb = (p.c1_table.shape[1] + 1) // 4
-    out = np.full((b, HKV, l, nb), 7, np.int32)
-    emu.call(lib, "InfllmSelectEmu", p.dtype, b, l, HQ, HKV, p.d, p.c1.shape[0], p.c1_table.shape[1],
-             p.c2_table.shape[1], n_cores, q, p.c1, p.c2, pos, p.c1_table, p.c2_table, meta, out)
-    return out
+    return emu.infllm_block_select(lib, p.dtype, q, p.c1, p.c2, pos, p.c1_table, p.c2_table, meta, n_cores)
 
 
 def expected_selection(p: Paged, lq, cfg, nb, monkeypatch):
@@ -129,12 +124,9 @@ def test_selection_matches_reference(lib, variant, dtype, monkeypatch):
 
 
 def attend(lib, p: Paged, q, pos, selected, n_cores=CORES):
-    b, l = pos.shape
-    out = np.zeros((b, l, HQ * p.d), np.uint16)
-    emu.call(lib, "InfllmAttentionEmu", p.dtype, b, l, HQ, HKV, p.d, p.k_cache.shape[0], p.table.shape[1], PAGE,
-             selected.shape[-1], n_cores, q, p.k_cache, p.v_cache, pos, p.table, selected,
-             np.array([1 / np.sqrt(p.d)], np.float32), out)
-    return emu.from_bits(out, p.dtype).reshape(b, l, HQ, p.d)
+    out = emu.infllm_sparse_attention(lib, p.dtype, q, p.k_cache, p.v_cache, pos, p.table, selected,
+                                      1 / np.sqrt(p.d), PAGE, n_cores)
+    return emu.from_bits(out, p.dtype).reshape(q.shape)
 
 
 def check_attention(lib, variant, dtype, cases, monkeypatch, d=16, n_cores=CORES):

@@ -43,20 +43,12 @@ def _close(got, want):
 
 def decode(lib, dtype, q, k, v, slopes, pool, slots, positions):
     """One decode step of rows [B] (q/k/v bits [B, H, D]); updates pool in place; returns o [B, H, D]."""
-    b, h, d = q.shape
-    out = np.zeros((b, h * d), np.float32)
-    emu.call(lib, "LightningDecodeEmu", dtype, b, h, d, pool.shape[0], CORES, q, k, v, slopes, pool,
-             np.asarray(slots, np.int32), np.asarray(positions, np.int32), out)
-    return out.reshape(b, h, d)
+    return emu.lightning_decode(lib, dtype, q, k, v, slopes, pool, slots, positions, CORES).reshape(q.shape)
 
 
 def prefill(lib, dtype, q, k, v, slopes, pool, slots, positions):
     """A prefill chunk of rows [B, L] (q/k/v bits [B, L, H, D]); returns o [B, L, H, D]."""
-    b, l, h, d = q.shape
-    out = np.zeros((b, l, h * d), np.float32)
-    emu.call(lib, "LightningPrefillEmu", dtype, b, l, h, d, pool.shape[0], CORES, q, k, v, slopes, pool,
-             np.asarray(slots, np.int32), np.ascontiguousarray(positions, np.int32), out)
-    return out.reshape(b, l, h, d)
+    return emu.lightning_prefill(lib, dtype, q, k, v, slopes, pool, slots, positions, CORES).reshape(q.shape)
 
 
 # -- tiling and emulation -----------------------------------------------------------------------
