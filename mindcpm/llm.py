@@ -35,6 +35,7 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list | None = None
     cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id; None for EOS or length
 
 
 @dataclass
@@ -220,7 +221,8 @@ class LLM:
         text = state.text if state.finished else state.visible_text
         lps = seq.logprobs if seq.params.logprobs is not None else None
         cumulative = sum(e[t] for e, t in zip(lps, seq.completion_token_ids)) if lps else None
-        completion = CompletionOutput(0, text, list(seq.completion_token_ids), seq.finish_reason, lps, cumulative)
+        completion = CompletionOutput(0, text, list(seq.completion_token_ids), seq.finish_reason, lps, cumulative,
+                                      state.stop_reason)
         return RequestOutput(seq.seq_id, state.prompt, list(seq.prompt_token_ids), [completion], state.finished,
                              seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, delta,
                              metrics)
