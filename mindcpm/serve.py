@@ -11,7 +11,6 @@ aborted; invalid requests get an OpenAI-shaped 400; when --max-num-seqs requests
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
 import socket
@@ -84,6 +83,43 @@ def main_(argv) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def spawn(argv: list[str], timeout: float = 300.0, **popen_kw):
+    """Runs `python -m mindcpm.serve ARGV --port 0` in a subprocess (tests, benchmarks); returns
+    (process, base URL) once it serves. Its stderr keeps being drained so it never blocks."""
+    import subprocess
+    import threading
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(popen_kw.pop("env", os.environ), PYTHONPATH=root)
+    proc = subprocess.Popen([sys.executable, "-m", "mindcpm.serve", *argv, "--port", "0"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen_kw)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def drain():
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("serving "):
+                started.set()
+        started.set()  # the process ended
+
+    threading.Thread(target=drain, daemon=True).start()
+    if not started.wait(timeout) or proc.poll() is not None:
+        stop(proc)
+        raise RuntimeError("the server did not start:\n" + "".join(lines[-20:]))
+    return proc, next(line for line in lines if line.startswith("serving ")).split()[3]
+
+
+def stop(proc) -> None:
+    """Ends a spawned server: SIGTERM (uvicorn shuts down gracefully), then SIGKILL after 30 s."""
+    import subprocess
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 def main(argv=None) -> int:

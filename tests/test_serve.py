@@ -3,10 +3,6 @@ offline LLM.generate on the same tiny model (greedy, so both must give the same 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +14,6 @@ from tests.tiny import make_tiny_model
 
 openai = pytest.importorskip("openai")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_NUM_SEQS, MAX_WAITING, MAX_MODEL_LEN = 8, 8, 512
 START_TIMEOUT = 300
 
@@ -30,31 +25,14 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    """The server in a subprocess on a port the kernel picks (--port 0; it prints the URL)."""
-    cmd = [sys.executable, "-m", "mindcpm.serve", "--model", tiny_dir, "--port", "0", "--block-size", "8",
-           "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-           "--max-waiting", str(MAX_WAITING)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
-    lines: list[str] = []
-    url = threading.Event()
-    def read():
-        for line in proc.stderr:
-            lines.append(line)
-            if line.startswith("serving "):
-                url.set()
-    threading.Thread(target=read, daemon=True).start()
+    """The server in a subprocess on a port the kernel picks."""
+    from mindcpm.serve import spawn, stop
+    proc, url = spawn(["--model", tiny_dir, "--block-size", "8", "--max-model-len", str(MAX_MODEL_LEN),
+                       "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting", str(MAX_WAITING)], START_TIMEOUT)
     try:
-        assert url.wait(START_TIMEOUT), "server did not start:\n" + "".join(lines[-20:])
-        base = next(line for line in lines if line.startswith("serving ")).split()[3]
-        yield base
+        yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

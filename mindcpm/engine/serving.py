@@ -61,6 +61,8 @@ class Metrics:
         self.waiting = Gauge("mindcpm:num_requests_waiting", "Requests waiting to be scheduled", registry=r)
         self.blocks_used = Gauge("mindcpm:kv_cache_blocks_used", "KV-cache blocks in use", registry=r)
         self.blocks_total = Gauge("mindcpm:kv_cache_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.compile_seconds = Gauge("mindcpm:graph_compile_seconds", "Seconds spent compiling step graphs",
+                                     registry=r)
         self.prompt_tokens = Counter("mindcpm:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("mindcpm:generation_tokens", "Generated tokens", registry=r)
         self.finished = Counter("mindcpm:request_success", "Finished requests by reason", ["finished_reason"],
@@ -77,6 +79,7 @@ class Metrics:
         self.waiting.set(scheduler.num_waiting)
         self.blocks_total.set(blocks.num_blocks)
         self.blocks_used.set(blocks.num_blocks - blocks.num_free_blocks)
+        self.compile_seconds.set(engine.runner.compile_seconds)
 
 
 class EngineLoop:
