@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -30,6 +31,9 @@ from .parallel import ParallelError
 from .sampling import SamplingParams
 
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "mindcpm", "ms_compile_cache")
+
+# Under --tp, rank 0 writes its results to the file this names; the launcher prints it on stdout.
+RANK0_STDOUT_ENV = "MINDCPM_RANK0_STDOUT"
 
 # Exit statuses.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -120,16 +124,44 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    """With --tp N > 1 outside msrun, replaces this process with msrun running the same command
-    on N ranks (rank 0's output on the console); without msrun, says the command to run."""
+    """With --tp N > 1 outside msrun, runs this command on N ranks under msrun and exits with its
+    status. msrun's own lines and every rank's log go to stderr; what rank 0 writes to
+    result_output() (the answers, the --json document) is printed on stdout once it ends, so
+    stdout holds that and nothing else."""
     from .parallel import launched_by_msrun, msrun_command
     if args.tp == 1 or launched_by_msrun():
         return
     command = msrun_command(args.tp, [os.path.abspath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
-    if shutil.which("msrun") is None:
-        raise ParallelError(f"--tp {args.tp} needs msrun (MindSpore's launcher) on PATH: {shlex.join(command)}")
+    command[0] = find_msrun(command)
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    with tempfile.TemporaryDirectory(prefix="mindcpm-tp-") as tmp:
+        results = os.path.join(tmp, "rank0_stdout")
+        # msrun starts each rank with `python` from PATH: make that this interpreter.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        env = dict(os.environ, PATH=path, **{RANK0_STDOUT_ENV: results})
+        status = subprocess.run(command, stdout=sys.stderr.fileno(), env=env).returncode
+        if os.path.exists(results):
+            with open(results, encoding="utf-8") as f:
+                sys.stdout.write(f.read())
+            sys.stdout.flush()
+    raise SystemExit(status)
+
+
+def find_msrun(command: list[str]) -> str:
+    """msrun on PATH, else beside the running Python (a virtualenv's bin/ that is not on PATH)."""
+    found = shutil.which("msrun") or shutil.which("msrun", path=os.path.dirname(sys.executable))
+    if found is None:
+        raise ParallelError(f"--tp needs msrun (MindSpore's launcher), found neither on PATH nor beside "
+                            f"{sys.executable}: {shlex.join(command)}")
+    return found
+
+
+def result_output():
+    """Where a script writes its results: stdout, or under --tp the file rank 0's launcher prints."""
+    path = os.environ.get(RANK0_STDOUT_ENV)
+    if not path:
+        return sys.stdout
+    return open(path, "w", encoding="utf-8")
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +278,8 @@ def write_json_atomic(path: str, document) -> None:
 
 
 def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
-    """The engine's prefill/decode counters (compile time is already excluded there)."""
+    """The engine's prefill/decode counters, measured on the steps (a bucket's first call timed
+    on a second run), and the graph compilation time apart."""
     s = llm.engine.stats
     return {
         "prompt_tokens": prompt_tokens,
@@ -257,7 +290,7 @@ def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
         "decode_tokens": s.decode_tokens,
         "decode_seconds": round(s.decode_seconds, 6),
         "decode_tokens_per_second": round(s.decode_tps, 3),
-        "compile_seconds": round(float(getattr(llm.engine.runner, "compile_seconds", 0.0)), 3),
+        "compile_seconds": round(s.compile_seconds, 3),
         "dtype": llm.dtype if llm.weight_dtype is None else f"{llm.weight_dtype} weights",
         "kernels": llm.kernels,
     }
@@ -267,7 +300,8 @@ def speed_line(stats: dict) -> str:
     return (f"speed: {stats['prompt_tokens']} prompt tokens, "
             f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s, "
             f"decode {stats['decode_tokens_per_second']:.1f} tok/s "
-            f"({stats['generated_tokens']} tokens generated, {stats['dtype']}, compile time excluded)")
+            f"({stats['generated_tokens']} tokens generated, {stats['dtype']}; "
+            f"{stats['compile_seconds']:.1f} s of graph compilation, compile time excluded)")
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------
