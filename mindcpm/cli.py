@@ -106,7 +106,9 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
     g.add_argument("--block-size", type=int, default=16, metavar="B", help="KV-cache block size in tokens (16)")
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+                   help="longest prompt + completion in tokens; sizes the KV cache and the RoPE tables "
+                        "(default: the model's max_position_embeddings if one sequence that long fits the "
+                        "KV-cache budget, else the longest that does, with a notice)")
     g.add_argument("--sparse-attention", nargs="?", const="current", default=None,
                    choices=("current", "june2025", "off"),
                    help="InfLLM-v2 sparse attention for long contexts (MiniCPM4/4.1-8B): on with the "
