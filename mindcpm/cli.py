@@ -133,20 +133,38 @@ def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     from .parallel import launched_by_msrun, msrun_command
     if args.tp == 1 or launched_by_msrun():
         return
-    command = msrun_command(args.tp, [os.path.abspath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
+    main_module = getattr(sys.modules["__main__"], "__spec__", None)
+    # `python -m mindcpm.serve` runs as a module on every rank (msrun runs `python ARGS...` as is).
+    program = ["python", "-m", main_module.name] if main_module else [os.path.abspath(sys.argv[0])]
+    command = msrun_command(args.tp, [*program, *(sys.argv[1:] if argv is None else argv)])
     command[0] = find_msrun(command)
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="mindcpm-tp-") as tmp:
         results = os.path.join(tmp, "rank0_stdout")
-        # msrun starts each rank with `python` from PATH: make that this interpreter.
+        # msrun starts each rank with `python` from PATH: make that this interpreter; and the
+        # ranks import this mindcpm whatever their working directory.
         path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-        env = dict(os.environ, PATH=path, **{RANK0_STDOUT_ENV: results})
-        status = subprocess.run(command, stdout=sys.stderr.fileno(), env=env).returncode
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PATH=path, PYTHONPATH=python_path, **{RANK0_STDOUT_ENV: results})
+        status = _run_msrun(command, env)
         if os.path.exists(results):
             with open(results, encoding="utf-8") as f:
                 sys.stdout.write(f.read())
             sys.stdout.flush()
     raise SystemExit(status)
+
+
+def _run_msrun(command: list[str], env: dict) -> int:
+    """Runs msrun with stdout to stderr; SIGTERM to this launcher reaches it as the SIGINT on which
+    msrun ends every rank (it ignores SIGTERM, and the ranks run in sessions of their own)."""
+    unblock = lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # noqa: E731
+    proc = subprocess.Popen(command, stdout=sys.stderr.fileno(), env=env, preexec_fn=unblock)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def find_msrun(command: list[str]) -> str:

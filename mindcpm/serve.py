@@ -6,7 +6,8 @@ Endpoints: /v1/models, /v1/completions, /v1/chat/completions (streaming as serve
 ending with [DONE]), /health, /metrics (Prometheus). The graphs of a lone request and of a full
 batch are compiled before the port accepts traffic. A client that disconnects has its request
 aborted; invalid requests get an OpenAI-shaped 400; when --max-num-seqs requests run and
---max-waiting more wait, further ones get 503.
+--max-waiting more wait, further ones get 503. With --tp N, msrun starts N ranks; rank 0 serves
+HTTP and the others run the steps it sends.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ offline LLM.generate on the same tiny model (greedy, so both must give the same 
 from __future__ import annotations
 
 import json
+import os
 import time
 import urllib.error
 import urllib.request
@@ -196,3 +197,40 @@ def test_full_queue_gets_503(server, client, tiny_dir):
         for s in streams:
             s.close()
     wait_all_blocks_free(server)
+
+
+def test_tensor_parallel_server(tiny_dir, offline):
+    """--tp 2: rank 0 serves HTTP, both ranks run every step; SIGTERM ends every process."""
+    from mindcpm.serve import spawn, stop
+    ref = offline.generate("hello world", greedy(max_tokens=8))[0].outputs[0].text
+    proc, url = spawn(["--model", tiny_dir, "--tp", "2", "--block-size", "8", "--max-model-len", "128",
+                       "--max-num-seqs", "2"], START_TIMEOUT)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.completions.create(model=tiny_dir, prompt="hello world", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == ref
+        ranks = serving_processes(tiny_dir)
+        assert len(ranks) >= 3  # the launcher and two ranks (msrun adds a scheduler process)
+    finally:
+        stop(proc)
+    deadline = time.monotonic() + 60
+    while serving_processes(tiny_dir) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not serving_processes(tiny_dir), "a rank outlived the server"
+
+
+def serving_processes(model_dir: str) -> list[int]:
+    """Pids of live processes running `mindcpm.serve --model model_dir`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except OSError:
+            continue
+        if b"mindcpm.serve" in argv and model_dir.encode() in argv and b"msrun" not in argv[1] and not zombie:
+            found.append(int(pid))
+    return found
