@@ -152,6 +152,17 @@ def test_closed_stream_frees_every_block(server, client, tiny_dir):
     assert m['mindcpm:request_success_total{finished_reason="abort"}'] == aborted + 1
 
 
+def test_client_leaving_a_plain_request_frees_its_blocks(server, tiny_dir):
+    """A non-streaming client that gives up (its timeout) has its request aborted too."""
+    aborted = metrics(server).get('mindcpm:request_success_total{finished_reason="abort"}', 0)
+    impatient = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=0.3)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.completions.create(model=tiny_dir, prompt="a long answer", max_tokens=480, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    m = wait_all_blocks_free(server)
+    assert m['mindcpm:request_success_total{finished_reason="abort"}'] == aborted + 1
+
+
 def _post_raw(server, path: str, data: bytes):
     req = urllib.request.Request(server + path, data=data, headers={"Content-Type": "application/json"})
     try:
