@@ -2,16 +2,16 @@
 """Generate completions for one or more prompts and report prefill/decode speed.
 
     python generate.py                                   # the default model answers a default question
-    python generate.py "The capital of France is"         # plain completion
-    python generate.py --chat "Name three rivers."        # through the model's chat template
+    python generate.py "Name three rivers."               # a chat message, when the model has a template
+    python generate.py --raw "The capital of France is"   # plain completion
     python generate.py --model /path/to/MiniCPM4-0.5B --json "Hello" "Bonjour"
 
-With no prompt, the default prompt "What is the capital of France?" goes through the chat
-template (when the model has one), so an instruction-tuned model answers it. Prompts given on
-the command line or in --prompts-file are plain completions unless --chat (or --system) is given.
-Decoding is greedy unless sampling options are given or the checkpoint's generation_config.json
-sets do_sample: true. Prints each completion, then one speed line from the engine's counters;
-graph compilation time is excluded from those counters.
+Each prompt (default: "What is the capital of France?") is sent as a user message through the
+model's chat template when it has one, so an instruction-tuned model answers it; --raw (or
+--no-chat) completes the text as it is. Decoding is greedy unless sampling options are given or
+the checkpoint's generation_config.json sets do_sample: true. Prints each completion, then one
+speed line from the engine's counters, measured on the steps themselves (a shape's first call,
+which also compiles its graph, is timed on a second run), with graph compilation reported apart.
 """
 from __future__ import annotations
 
@@ -40,8 +40,9 @@ def parse_args(argv):
     p.add_argument("--prompts-file", metavar="F",
                    help="more prompts, one per line (blank lines skipped); - reads standard input")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="send each prompt as a user message through the chat template (default: only "
-                        "the default prompt, or when --system, --think or --no-think is given)")
+                   help="send each prompt as a user message through the chat template (default: when "
+                        "the model has one); --no-chat completes the prompt text as it is")
+    p.add_argument("--raw", dest="chat", action="store_false", help="the same as --no-chat")
     cli.add_chat_args(p)
     cli.add_sampling_args(p, max_tokens=256)
     cli.add_model_args(p, max_num_seqs_help=f"most requests batched together (default: the number of "
@@ -81,20 +82,17 @@ def main_(argv) -> int:
     args = parse_args(argv)
     cli.check_engine_args(args)
     cli.check_output_path(args.output)
-    prompts = read_prompts(args)
-    use_default = not prompts
-    if use_default:
-        prompts = [DEFAULT_PROMPT]
+    prompts = read_prompts(args) or [DEFAULT_PROMPT]
     cli.sampling_params(args)  # bad values fail now, not after the model has loaded
     cli.launch_ranks(args, argv)
     cli.prepare_environment()
 
     llm = cli.llm_from_args(args, max_num_seqs=min(len(prompts), MAX_BATCH))
     params = cli.sampling_params(args, cli.generation_defaults(llm.model_path))
-    chat = args.chat
-    if chat is None:
-        chat = args.system is not None or args.enable_thinking is not None or \
-            (use_default and has_chat_template(llm))
+    chat = has_chat_template(llm) if args.chat is None else args.chat
+    if not chat and (args.system is not None or args.enable_thinking is not None):
+        raise ValueError("--system, --think and --no-think need a chat template (the model has none, "
+                         "or --raw / --no-chat was given)")
     if chat:
         inputs = [{"prompt_token_ids": llm.chat_prompt(cli.messages_for(p, args.system), args.enable_thinking)}
                   for p in prompts]
@@ -118,18 +116,27 @@ def main_(argv) -> int:
     }
     if args.output:
         cli.write_json_atomic(args.output, document)
-    if args.json:
-        import json
-        print(json.dumps(document, ensure_ascii=False, indent=2))
-        return 0
-    for r in results:
-        print("\n".join("> " + line for line in r["prompt"].splitlines() or [""]))
-        print(r["text"])
-        if r["finish_reason"] == "length":
-            print("[stopped: --max-tokens or --max-model-len reached]")
-        print()
-    print(cli.speed_line(stats), flush=True)
+    out = cli.result_output()
+    try:
+        write_results(out, document, args.json)
+    finally:
+        if out is not sys.stdout:
+            out.close()
     return 0
+
+
+def write_results(out, document: dict, as_json: bool) -> None:
+    if as_json:
+        import json
+        print(json.dumps(document, ensure_ascii=False, indent=2), file=out, flush=True)
+        return
+    for r in document["results"]:
+        print("\n".join("> " + line for line in r["prompt"].splitlines() or [""]), file=out)
+        print(r["text"], file=out)
+        if r["finish_reason"] == "length":
+            print("[stopped: --max-tokens or --max-model-len reached]", file=out)
+        print(file=out)
+    print(cli.speed_line(document["stats"]), file=out, flush=True)
 
 
 def main(argv=None) -> int:

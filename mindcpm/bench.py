@@ -360,6 +360,7 @@ class RunTimes:
     prefill_seconds: float
     decode_tokens: int
     decode_seconds: float
+    compile_seconds: float  # graphs compiled during the run (none once warmed up)
 
 
 def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:

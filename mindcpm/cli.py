@@ -20,6 +20,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -30,6 +31,9 @@ from .parallel import ParallelError
 from .sampling import SamplingParams
 
 DEFAULT_COMPILE_CACHE = os.path.join("~", ".cache", "mindcpm", "ms_compile_cache")
+
+# Under --tp, rank 0 writes its results to the file this names; the launcher prints it on stdout.
+RANK0_STDOUT_ENV = "MINDCPM_RANK0_STDOUT"
 
 # Exit statuses.
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -102,7 +106,9 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
     g.add_argument("--block-size", type=int, default=16, metavar="B", help="KV-cache block size in tokens (16)")
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
-                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+                   help="longest prompt + completion in tokens; sizes the KV cache and the RoPE tables "
+                        "(default: the model's max_position_embeddings if one sequence that long fits the "
+                        "KV-cache budget, else the longest that does, with a notice)")
     g.add_argument("--sparse-attention", nargs="?", const="current", default=None,
                    choices=("current", "june2025", "off"),
                    help="InfLLM-v2 sparse attention for long contexts (MiniCPM4/4.1-8B): on with the "
@@ -120,16 +126,62 @@ def add_parallel_args(parser: argparse.ArgumentParser) -> None:
 
 
 def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
-    """With --tp N > 1 outside msrun, replaces this process with msrun running the same command
-    on N ranks (rank 0's output on the console); without msrun, says the command to run."""
+    """With --tp N > 1 outside msrun, runs this command on N ranks under msrun and exits with its
+    status. msrun's own lines and every rank's log go to stderr; what rank 0 writes to
+    result_output() (the answers, the --json document) is printed on stdout once it ends, so
+    stdout holds that and nothing else."""
     from .parallel import launched_by_msrun, msrun_command
     if args.tp == 1 or launched_by_msrun():
         return
-    command = msrun_command(args.tp, [os.path.abspath(sys.argv[0]), *(sys.argv[1:] if argv is None else argv)])
-    if shutil.which("msrun") is None:
-        raise ParallelError(f"--tp {args.tp} needs msrun (MindSpore's launcher) on PATH: {shlex.join(command)}")
+    main_module = getattr(sys.modules["__main__"], "__spec__", None)
+    # `python -m mindcpm.serve` runs as a module on every rank (msrun runs `python ARGS...` as is).
+    program = ["python", "-m", main_module.name] if main_module else [os.path.abspath(sys.argv[0])]
+    command = msrun_command(args.tp, [*program, *(sys.argv[1:] if argv is None else argv)])
+    command[0] = find_msrun(command)
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    with tempfile.TemporaryDirectory(prefix="mindcpm-tp-") as tmp:
+        results = os.path.join(tmp, "rank0_stdout")
+        # msrun starts each rank with `python` from PATH: make that this interpreter; and the
+        # ranks import this mindcpm whatever their working directory.
+        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        python_path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, PATH=path, PYTHONPATH=python_path, **{RANK0_STDOUT_ENV: results})
+        status = _run_msrun(command, env)
+        if os.path.exists(results):
+            with open(results, encoding="utf-8") as f:
+                sys.stdout.write(f.read())
+            sys.stdout.flush()
+    raise SystemExit(status)
+
+
+def _run_msrun(command: list[str], env: dict) -> int:
+    """Runs msrun with stdout to stderr; SIGTERM to this launcher reaches it as the SIGINT on which
+    msrun ends every rank (it ignores SIGTERM, and the ranks run in sessions of their own)."""
+    unblock = lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # noqa: E731
+    proc = subprocess.Popen(command, stdout=sys.stderr.fileno(), env=env, preexec_fn=unblock)
+    previous = signal.signal(signal.SIGTERM, lambda *_: proc.send_signal(signal.SIGINT))
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def find_msrun(command: list[str]) -> str:
+    """msrun on PATH, else beside the running Python (a virtualenv's bin/ that is not on PATH)."""
+    found = shutil.which("msrun") or shutil.which("msrun", path=os.path.dirname(sys.executable))
+    if found is None:
+        raise ParallelError(f"--tp needs msrun (MindSpore's launcher), found neither on PATH nor beside "
+                            f"{sys.executable}: {shlex.join(command)}")
+    return found
+
+
+def result_output():
+    """Where a script writes its results: stdout, or under --tp the file rank 0's launcher prints."""
+    path = os.environ.get(RANK0_STDOUT_ENV)
+    if not path:
+        return sys.stdout
+    return open(path, "w", encoding="utf-8")
 
 
 def add_chat_args(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +298,8 @@ def write_json_atomic(path: str, document) -> None:
 
 
 def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
-    """The engine's prefill/decode counters (compile time is already excluded there)."""
+    """The engine's prefill/decode counters, measured on the steps (a bucket's first call timed
+    on a second run), and the graph compilation time apart."""
     s = llm.engine.stats
     return {
         "prompt_tokens": prompt_tokens,
@@ -257,7 +310,7 @@ def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
         "decode_tokens": s.decode_tokens,
         "decode_seconds": round(s.decode_seconds, 6),
         "decode_tokens_per_second": round(s.decode_tps, 3),
-        "compile_seconds": round(float(getattr(llm.engine.runner, "compile_seconds", 0.0)), 3),
+        "compile_seconds": round(s.compile_seconds, 3),
         "dtype": llm.dtype if llm.weight_dtype is None else f"{llm.weight_dtype} weights",
         "kernels": llm.kernels,
     }
@@ -267,7 +320,8 @@ def speed_line(stats: dict) -> str:
     return (f"speed: {stats['prompt_tokens']} prompt tokens, "
             f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s, "
             f"decode {stats['decode_tokens_per_second']:.1f} tok/s "
-            f"({stats['generated_tokens']} tokens generated, {stats['dtype']}, compile time excluded)")
+            f"({stats['generated_tokens']} tokens generated, {stats['dtype']}; "
+            f"{stats['compile_seconds']:.1f} s of graph compilation, compile time excluded)")
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------

@@ -30,10 +30,17 @@ class RopeConfig:
     long_factor: tuple[float, ...] | None = None
     original_max_position: int | None = None
     rotary_dim: int | None = None  # partial RoPE: rotate only the first rotary_dim dims (MiniMax)
+    # Positions the cos/sin tables hold: the context served (max_model_len), not the model's
+    # window, which can be 10M positions (MiniMax-M1). LongRoPE still scales by the model's window.
+    table_len: int | None = None
 
     @property
     def width(self) -> int:
         return self.rotary_dim or self.head_dim
+
+    @property
+    def num_table_positions(self) -> int:
+        return self.table_len or self.max_position
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,15 @@ class ModelConfig:
         raw = self.sparse_config if self.sparse_config is not None else DEFAULT_SPARSE_CONFIG
         chosen = None if variant is True else variant
         return replace(self, sparse=_sparse_config(raw, self, "sparse attention option", chosen))
+
+    def with_max_model_len(self, max_model_len: int) -> "ModelConfig":
+        """The config whose per-position buffers (the RoPE tables) hold max_model_len positions."""
+        return replace(self, rope=replace(self.rope, table_len=max_model_len))
+
+    def kv_bytes_per_token(self, dtype_bytes: int, kv_heads: int | None = None) -> int:
+        """K and V of one token in every layer (an upper bound for hybrid models, whose
+        linear-attention layers keep a fixed-size state instead)."""
+        return 2 * self.num_layers * (kv_heads or self.num_kv_heads) * self.head_dim * dtype_bytes
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":

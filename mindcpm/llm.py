@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,8 @@ from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
+logger = logging.getLogger("mindcpm")
+
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # "auto": the checkpoint's weights; "dummy": random weights of the config's shapes (benchmarks:
@@ -34,6 +37,7 @@ class CompletionOutput:
     finish_reason: str | None
     logprobs: list | None = None
     cumulative_logprob: float | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id; None for EOS or length
 
 
 @dataclass
@@ -114,8 +118,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
-            max_model_len = min(max_model_len or self.config.max_position_embeddings,
-                                self.config.max_position_embeddings)
+            max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
+            self.config = self.config.with_max_model_len(max_model_len)
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
@@ -136,10 +140,24 @@ class LLM:
         self.engine = LLMEngine(runner, scheduler, self.tokenizer)
         self.max_model_len = max_model_len
 
+    def _max_model_len(self, asked: int | None, block_size: int, gib: float) -> int:
+        """`asked` (at most the model's context); by default the model's context when one sequence
+        of it fits the KV-cache budget, else the longest that does, with a one-line notice."""
+        context = self.config.max_position_embeddings
+        if asked is not None:
+            return min(asked, context)
+        per_token = self.config.kv_bytes_per_token(BYTES[self.dtype], kv_heads_per_rank(self.config.num_kv_heads))
+        fits = max(int(gib * 2**30) // (per_token * block_size), 1) * block_size
+        if context <= fits:
+            return context
+        logger.warning("max_model_len is %d, not the model's context of %d tokens: one sequence that long "
+                       "needs %.1f GiB of KV cache, more than kv_cache_gib=%g (set max_model_len / "
+                       "--max-model-len to choose)", fits, context, context * per_token / 2**30, gib)
+        return fits
+
     def _num_blocks(self, block_size: int, max_num_seqs: int, max_model_len: int, gib: float) -> int:
         c = self.config
-        kv_heads = kv_heads_per_rank(c.num_kv_heads)
-        per_block = 2 * c.num_layers * block_size * kv_heads * c.head_dim * BYTES[self.dtype]
+        per_block = block_size * c.kv_bytes_per_token(BYTES[self.dtype], kv_heads_per_rank(c.num_kv_heads))
         wanted = max_num_seqs * -(-max_model_len // block_size)
         budget = max(int(gib * 2**30) // per_block, -(-max_model_len // block_size))
         return min(wanted, budget)
@@ -224,7 +242,8 @@ class LLM:
         text = state.text if state.finished else state.visible_text
         lps = seq.logprobs if seq.params.logprobs is not None else None
         cumulative = sum(e[t] for e, t in zip(lps, seq.completion_token_ids)) if lps else None
-        completion = CompletionOutput(0, text, list(seq.completion_token_ids), seq.finish_reason, lps, cumulative)
+        completion = CompletionOutput(0, text, list(seq.completion_token_ids), seq.finish_reason, lps, cumulative,
+                                      state.stop_reason)
         return RequestOutput(seq.seq_id, state.prompt, list(seq.prompt_token_ids), [completion], state.finished,
                              seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None, delta,
                              metrics)

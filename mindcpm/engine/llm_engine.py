@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import mindspore as ms
 import numpy as np
 
 from ..sampling import SamplingParams
@@ -21,24 +22,30 @@ class RequestState:
     detokenizer: IncrementalDetokenizer
     text: str = ""
     emitted: int = 0  # characters of `text` already handed to a stream
-    stop_len: int = 0  # longest stop string: that much text is held back until it cannot start one
+    # A stream holds back this many characters: the start of a stop string not yet complete,
+    # which must not reach the client if it completes (vLLM: longest stop string - 1).
+    hold_back: int = 0
+    # Stop strings must end past this offset: text of the first min_tokens tokens is not searched.
+    stop_check_offset: int = 0
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it (vLLM)
     finished: bool = False
     new_token_ids: list[int] = field(default_factory=list)
 
     @property
     def visible_text(self) -> str:
-        if self.finished or not self.stop_len:
+        if self.finished:
             return self.text
-        return self.text[: max(len(self.text) - self.stop_len + 1, 0)]
+        return self.text[: max(len(self.text) - self.hold_back, 0)]
 
 
 @dataclass
 class StepStats:
-    """Token counts and seconds of prefill and decode steps, compile time excluded."""
+    """Token counts and seconds of prefill and decode steps, and graph compilation apart."""
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
 
     def record(self, is_prefill: bool, tokens: int, seconds: float) -> None:
         if is_prefill:
@@ -69,8 +76,9 @@ class LLMEngine:
         seq = Sequence(token_ids, params, self.scheduler.block_manager.block_size)
         seq.rng = np.random.default_rng(params.seed)
         self.scheduler.add(seq)
+        hold_back = 0 if params.include_stop_str_in_output else max((len(s) - 1 for s in params.stop), default=0)
         state = RequestState(seq, prompt, IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens),
-                             stop_len=max((len(s) for s in params.stop), default=0))
+                             hold_back=hold_back)
         self.requests[seq.seq_id] = state
         return state
 
@@ -88,10 +96,16 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        start = time.perf_counter()
         compile_before = self.runner.compile_seconds
+        start = time.perf_counter()
         sampled = self.runner.run(batch.seqs, batch.num_new_tokens)
-        seconds = time.perf_counter() - start - (self.runner.compile_seconds - compile_before)
+        seconds = time.perf_counter() - start
+        first_call = self.runner.compile_seconds - compile_before
+        if first_call:
+            # The step compiled its graph and ran it; its run alone is timed on a second call.
+            run_seconds = self._time_compiled_step(batch)
+            self.stats.compile_seconds += max(first_call - run_seconds, 0.0)
+            seconds += run_seconds - first_call
         self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), seconds)
         self.scheduler.postprocess(batch, sampled)
         touched = []
@@ -108,24 +122,47 @@ class LLMEngine:
                 self.requests.pop(state.seq.seq_id, None)
         return touched
 
+    def _time_compiled_step(self, batch) -> float:
+        """Seconds of one run of the graph `batch` just compiled, on the same inputs (before
+        postprocess, so prepare() rebuilds them): the K/V it writes again are the same values, and
+        a linear-attention state slot is pointed at the padding slot so no sequence's state moves."""
+        runner = self.runner
+        for all_rows in (False, True):  # the graph with every row's logits (prompt logprobs) or not
+            inputs, _, _ = runner.prepare(batch.seqs, batch.num_new_tokens, all_rows)
+            if tuple(t.shape for t in inputs) in runner.compiled_shapes:
+                break
+        names = runner.model.STEP_INPUTS
+        if "state_slots" in names:
+            i = names.index("state_slots")
+            inputs[i] = ms.from_numpy(np.full(inputs[i].shape, runner.pad_state_slot, np.int32))
+        start = time.perf_counter()
+        runner.forward(inputs).asnumpy()
+        return time.perf_counter() - start
+
     def _append_text(self, state: RequestState, token: int) -> None:
-        seq = state.seq
-        if seq.finish_reason == "stop" and not seq.params.include_stop_str_in_output and \
-                token in self._stop_ids(seq.params):
+        seq, params = state.seq, state.seq.params
+        stopped_by_token = seq.finish_reason == "stop" and token in self._stop_ids(params)
+        if stopped_by_token and token in params.stop_token_ids:
+            state.stop_reason = token
+        if stopped_by_token and not params.include_stop_str_in_output:
             return  # vLLM leaves the stopping EOS / stop token out of the text
-        piece = state.detokenizer.add(token)
-        if not piece:
+        state.text += state.detokenizer.add(token)
+        if seq.num_completion_tokens <= params.min_tokens:
+            state.stop_check_offset = len(state.text)  # no stop string before min_tokens (vLLM)
             return
-        state.text += piece
-        if not seq.params.stop or seq.is_finished:
+        if not params.stop or stopped_by_token:
             return
-        # A stop string can straddle the previous text and this piece.
-        window_start = max(len(state.text) - len(piece) - state.stop_len + 1, 0)
-        hits = [(state.text.find(s, window_start), s) for s in seq.params.stop]
-        hits = [(i, s) for i, s in hits if i >= 0]
-        if hits:
-            at, stop = min(hits)
-            state.text = state.text[: at + len(stop)] if seq.params.include_stop_str_in_output else state.text[:at]
+        found = find_stop(state.text, state.stop_check_offset, params.stop, params.include_stop_str_in_output)
+        state.stop_check_offset = len(state.text)
+        if found is None:
+            return
+        state.stop_reason, end = found
+        state.text = state.text[:end]
+        if seq.is_finished:
+            # The token that completed the stop string also reached max_tokens / max_model_len:
+            # the stop string wins, as in vLLM.
+            seq.finish_reason = "stop"
+        else:
             self.scheduler.finish(seq, "stop")
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -133,3 +170,18 @@ class LLMEngine:
         if not params.ignore_eos:
             ids |= set(self.scheduler.eos_token_ids)
         return ids
+
+
+def find_stop(text: str, offset: int, stops: list[str], include: bool) -> tuple[str, int] | None:
+    """(the stop string, where the text ends) for the earliest stop string in `text` that ends past
+    `offset` (it may start before: it can straddle tokens), or None. The text ends before the stop
+    string, or after it when `include`."""
+    hits = []
+    for stop in stops:
+        at = text.find(stop, max(offset - len(stop) + 1, 0))
+        if at >= 0:
+            hits.append((at, stop))
+    if not hits:
+        return None
+    at, stop = min(hits)
+    return stop, at + len(stop) if include else at

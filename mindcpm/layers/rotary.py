@@ -12,11 +12,12 @@ from ..config import RopeConfig
 
 
 def rope_tables(rope: RopeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables [max_position, rotary width] in fp32, computed in the order and precision
-    of the reference implementations (fp32 throughout) so that angles match them bit for bit."""
+    """cos and sin tables [positions served, rotary width] in fp32, computed in the order and
+    precision of the reference implementations (fp32 throughout) so that angles match them bit for
+    bit. Row p is the same whatever the table's length: only the model's window picks the factors."""
     d = rope.width
     inv_freq = (1.0 / (np.float32(rope.theta) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
-    t = np.arange(rope.max_position, dtype=np.float32)
+    t = np.arange(rope.num_table_positions, dtype=np.float32)
     mscale = 1.0
     if rope.short_factor is None:
         freqs = np.outer(t, inv_freq)
