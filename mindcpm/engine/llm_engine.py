@@ -131,7 +131,7 @@ class LLMEngine:
             inputs, _, _ = runner.prepare(batch.seqs, batch.num_new_tokens, all_rows)
             if tuple(t.shape for t in inputs) in runner.compiled_shapes:
                 break
-        names = runner.model.STEP_INPUTS
+        names = runner.step_inputs
         if "state_slots" in names:
             i = names.index("state_slots")
             inputs[i] = ms.from_numpy(np.full(inputs[i].shape, runner.pad_state_slot, np.int32))
