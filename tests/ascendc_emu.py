@@ -26,7 +26,8 @@ import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels_aclnn")
 PARTS = {"all": ("emu_lightning.cc", "emu_infllm.cc", "emu_cast.cc", "tiling_grid.cc"),
-         "lightning": ("emu_lightning.cc",), "infllm": ("emu_infllm.cc",)}
+         "lightning": ("emu_lightning.cc",), "infllm": ("emu_infllm.cc",),
+         "aot": ("emu_lightning.cc", "emu_infllm.cc", "emu_aot.cc")}  # MindSpore custom ops: ascendc_standins.py
 FP16, BF16 = 0, 1
 
 
@@ -50,7 +51,13 @@ def _headers() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def emu_library(*macros: str, part: str = "all") -> ctypes.CDLL | None:
-    """The emulation of PARTS[part] built with -D<macro> for each macro; None without g++.
+    """The emulation of PARTS[part] built with -D<macro> for each macro; None without g++."""
+    path = emu_library_path(*macros, part=part)
+    return None if path is None else ctypes.CDLL(path)
+
+
+def emu_library_path(*macros: str, part: str = "all") -> str | None:
+    """The shared library of emu_library, built if needed; None without g++.
     -O1: the emulated kernels run in well under a second, the build dominates."""
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
@@ -73,7 +80,7 @@ def emu_library(*macros: str, part: str = "all") -> ctypes.CDLL | None:
             os.unlink(tmp)
             raise RuntimeError("building the AscendC emulation failed:\n" + "\n".join(out.stderr.splitlines()[:30]))
         os.replace(tmp, lib)
-    return ctypes.CDLL(lib)
+    return lib
 
 
 def library_or_skip() -> ctypes.CDLL:

@@ -41,7 +41,8 @@ def check_sparse_block_size(block_size: int) -> None:
 
 class InfLLMv2Attention(nn.Cell):
     def __init__(self, sparse: SparseConfig, num_heads: int, num_kv_heads: int, head_dim: int,
-                 num_entries: int, dtype=ms.float32, use_kernel: bool = True):
+                 num_entries: int, dtype=ms.float32, use_kernel: bool = True, ascendc: bool = False):
+        """ascendc: selection and attention as the AscendC custom ops (ops/ascendc.py)."""
         super().__init__()
         # Selection and stage 2 as C++ kernels where they build (CPU, fp32); composites otherwise.
         use_kernel = use_kernel and dtype == ms.float32
@@ -57,6 +58,12 @@ class InfLLMv2Attention(nn.Cell):
         self.repeat = float(16 // group) if group < 16 else 1.0
         self.select_meta = Tensor(np.array([1.0 / np.sqrt(head_dim), sparse.init_blocks, self.window, self.topk,
                                             sparse.dense_len, float(self.current), self.repeat], np.float32))
+        self.ascendc_select = self.ascendc_attend = None
+        if ascendc:
+            from ..ops import ascendc as custom
+            self.ascendc_select = custom.block_select(1.0 / np.sqrt(head_dim), sparse.init_blocks, self.window,
+                                                      self.topk, sparse.dense_len, self.current, self.repeat)
+            self.ascendc_attend = custom.sparse_attention(1.0 / np.sqrt(head_dim), STRIDE)
         shape = (num_entries, num_kv_heads, head_dim)
         self.c1_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c1_cache", requires_grad=False)
         self.c2_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c2_cache", requires_grad=False)
@@ -71,6 +78,9 @@ class InfLLMv2Attention(nn.Cell):
         ops.scatter_update(k_cache, slot_mapping, k.reshape(b * l, hkv, d))
         ops.scatter_update(v_cache, slot_mapping, v.reshape(b * l, hkv, d))
         self.update_compressed(k_cache, c1_src, c1_dst, c2_src, c2_dst)
+        if self.ascendc_select is not None:
+            selected = self.ascendc_select(q, self.c1_cache, self.c2_cache, positions, c1_table, c2_table)
+            return self.ascendc_attend(q, k_cache, v_cache, positions, block_tables, selected)
         if self.select_kernel is not None:
             selected = self.select_kernel(q, self.c1_cache, self.c2_cache, positions, c1_table, c2_table,
                                           self.select_meta)

@@ -168,7 +168,7 @@ class Device:
             check_sparse_block_size(self.block_size)
             # Its own composite (or CPU kernels) over the slot-major cache, on every device.
             core = InfLLMv2Attention(self.sparse, num_heads, num_kv_heads, head_dim, self.cache_blocks, self.dtype,
-                                     self.kernels)
+                                     self.kernels, ascendc=self.ascendc_ops())
         elif self.ascend_kernels:
             check_ascend_head_dim(head_dim, self.block_size)
             from .ascend import AscendAttention
@@ -192,9 +192,22 @@ class Device:
         return NativeMoE()
 
     def lightning(self):
-        """Lightning attention: the composite on every device (no fused kernel exists)."""
+        """Lightning attention: the AscendC kernels where installed (ops/ascendc.py), else the
+        composite, which runs on every device."""
+        if self.ascendc_ops():
+            from .ascendc import AscendCLightning
+            return AscendCLightning(self.dtype)
         from .lightning import NativeLightning
         return NativeLightning()
+
+    def ascendc_ops(self) -> bool:
+        """Whether lightning attention and InfLLM-v2 run as the AscendC custom ops: with the
+        Ascend kernels in 16 bits, once built and installed (without them: a one-line notice
+        naming the build command, and the composites)."""
+        if not self.ascend_kernels or self.dtype not in (ms.float16, ms.bfloat16):
+            return False
+        from . import ascendc
+        return ascendc.available()
 
     # -- cache and step inputs ----------------------------------------------------------------
     def cache_shape(self, kv_heads: int, head_dim: int) -> tuple:
