@@ -7,14 +7,20 @@
 1. ops: each Ascend op mindcpm uses runs the cases of scripts/ascend_op_cases.py (the worked
    examples of its MindSpore docstring and numpy goldens written from MindSpore's own Ascend
    tests) on the device, fp16 and bf16, and must match within two ulps of the dtype.
-2. end to end: a tiny Llama and a tiny MiniMax-M1 (lightning attention + MoE) checkpoint,
+   mindcpm's own AscendC ops (LightningDecode, LightningPrefill, InfllmBlockSelect,
+   InfllmSparseAttention; built by kernels_aclnn/ascendc_common/build_npu.sh) run against the
+   MindSpore composites they replace, on the same inputs (scripts/ascendc_op_checks.py).
+2. end to end: a tiny Llama, a tiny sparse MiniCPM4 (InfLLM-v2 past dense_len) and a tiny
+   MiniMax-M1 (lightning attention + MoE) checkpoint,
    written to a temp dir with weights exact in fp16 and bf16, generate greedily with logprobs on the NPU (ascend backend, 16-bit) and on the CPU (native
    backend, fp32), each in its own process. Tokens must agree, and so must the logprobs within
    32 ulps of the 16-bit dtype; sequences may part only at a near tie of the CPU's logprobs.
 
 Prints a table; exits 0 when everything matches, 1 on any mismatch, 2 without an NPU (one line).
 --dry-run runs the plan on CPU: the ops through tests/ascend_standins.py and
-tests/ascend_moe_standins.py, the end-to-end run with the ascend backend on those stand-ins (fp16).
+tests/ascend_moe_standins.py, the AscendC ops through their CPU emulation (tests/ascendc_standins.py:
+the shipped kernel sources compiled with g++), the end-to-end run with the ascend backend on
+those stand-ins (fp16).
 Needs the repository checkout (scripts/ and tests/), not only the installed package.
 """
 from __future__ import annotations
@@ -25,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 os.environ.setdefault("GLOG_v", "3")  # before mindspore is imported: no INFO/WARNING log noise
 os.environ.setdefault("MS_COMPILER_CACHE_ENABLE", "0")  # the cache keys graphs by compile order
@@ -34,12 +41,17 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 
 from scripts import ascend_op_cases as cases  # noqa: E402
+from scripts import ascendc_op_checks as custom_checks  # noqa: E402
 
 # The Ascend ops mindcpm calls, in the order they are checked (a name of ascend_op_cases.BUILDERS).
 OPS = ["ReshapeAndCache", "PagedAttention", "FlashAttentionScore", "MoeGatingTopKSoftmax", "MoeInitRouting",
-       "MoeComputeExpertTokens", "GroupedMatmul", "MoeFinalizeRouting", "WeightQuantBatchMatmul"]
+       "MoeComputeExpertTokens", "GroupedMatmul", "MoeFinalizeRouting", "WeightQuantBatchMatmul",
+       *custom_checks.CHECKS]
 DTYPES = ["float16", "bfloat16"]
 PROMPTS = [[256, 72, 101, 108, 108, 111], [256] + list(range(40, 61)), [256, 7]]
+# Sparse attention needs prompts past dense_len (SPARSE_CONFIG) and several 64-token blocks.
+LONG_PROMPTS = [[256] + [(7 * i + 3 * j) % 250 for i in range(n)] for j, n in enumerate([300, 200])]
+SPARSE_CONFIG = dict(window_size=128, topk=2, dense_len=200)
 MAX_TOKENS = 8
 TOP_LOGPROBS = 5
 LOGPROB_ULPS = 32  # the end-to-end tolerance, in ulps (at 1.0) of the 16-bit dtype
@@ -93,6 +105,12 @@ class _Patch:
         os.environ[name] = value
 
 
+def install_emulation() -> Counter:
+    """The AscendC ops' CPU emulation in place of the built ops (dry run)."""
+    from tests.ascendc_standins import install_emulation as install
+    return install(_Patch())
+
+
 def op_kernels(dry_run: bool) -> dict:
     if not dry_run:
         return cases.real_kernels()
@@ -104,9 +122,31 @@ def op_kernels(dry_run: bool) -> dict:
 
 # -- part 1: the ops ----------------------------------------------------------------------------
 
+def check_custom_ops(names: list[str], dtypes: list[str], dry_run: bool) -> list[tuple]:
+    """mindcpm's AscendC ops (built, or emulated under --dry-run) against the composites."""
+    from mindcpm.ops import ascendc
+    if not names:
+        return []
+    if dry_run:
+        install_emulation()
+    elif ascendc.built_ops_path() is None:
+        return [("custom op", name, "-", "FAIL", f"not installed; build with `{ascendc.BUILD_COMMAND}`")
+                for name in names]
+    rows = []
+    for name in names:
+        for dtype in dtypes:
+            try:
+                ok, detail = custom_checks.CHECKS[name](dtype)
+            except Exception as e:  # a refused call is a finding, reported like a mismatch
+                ok, detail = False, _one_line(e)
+            rows.append(("custom op", name, dtype, "PASS" if ok else "FAIL", detail))
+    return rows
+
+
 def check_ops(ops: list[str], dtypes: list[str], dry_run: bool) -> list[tuple]:
     kernels = op_kernels(dry_run)
-    rows = []
+    rows = check_custom_ops([o for o in ops if o in custom_checks.CHECKS], dtypes, dry_run)
+    ops = [o for o in ops if o not in custom_checks.CHECKS]
     for case in cases.all_cases(ops, dtypes):
         if dry_run and not case.cpu:
             rows.append(("op", case.op, case.name, "SKIP", case.why))
@@ -126,9 +166,8 @@ def _one_line(error: Exception) -> str:
 
 # -- part 2: a tiny model end to end ------------------------------------------------------------
 
-def tiny_llama(rng) -> tuple[dict, dict]:
+def tiny_llama(rng, c: dict = TINY_LLAMA) -> tuple[dict, dict]:
     """A Llama (GQA 4:2, head_dim 32: FlashAttentionScore takes multiples of 16)."""
-    c = TINY_LLAMA
     head_dim = c["hidden_size"] // c["num_attention_heads"]
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * head_dim
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], h), "model.norm.weight": (h,),
@@ -144,6 +183,14 @@ def tiny_llama(rng) -> tuple[dict, dict]:
     return c, {name: rng.normal(0, 0.08, s) if len(s) > 1 else rng.uniform(0.7, 1.3, s) for name, s in shapes.items()}
 
 
+def tiny_sparse_minicpm4(rng) -> tuple[dict, dict]:
+    """The Llama's shapes as a MiniCPM4 with InfLLM-v2 sparse attention (scaled-down window and
+    top-k, dense_len 200): the AscendC InfLLM ops end to end."""
+    config = dict(TINY_LLAMA, architectures=["MiniCPMForCausalLM"], model_type="minicpm", scale_emb=2.0,
+                  scale_depth=1.4, dim_model_base=64, max_position_embeddings=512, sparse_config=SPARSE_CONFIG)
+    return tiny_llama(rng, config)
+
+
 def tiny_minimax(rng) -> tuple[dict, dict]:
     """A MiniMax-M1 (softmax, lightning, softmax layers; 4 experts, top-2): the MoE ops end to end."""
     from tests.tiny_minimax import minimax_config, random_weights
@@ -152,7 +199,11 @@ def tiny_minimax(rng) -> tuple[dict, dict]:
 
 
 # The end-to-end models: name -> (config, weights) from a random generator.
-MODELS = {"llama": tiny_llama, "minimax": tiny_minimax}
+MODELS = {"llama": tiny_llama, "sparse-minicpm4": tiny_sparse_minicpm4, "minimax": tiny_minimax}
+
+
+def prompts_for(config: dict) -> list[list[int]]:
+    return LONG_PROMPTS if "sparse_config" in config else PROMPTS
 
 
 def write_checkpoint(path: str, model: str, seed: int = 0) -> str:
@@ -170,22 +221,36 @@ def write_checkpoint(path: str, model: str, seed: int = 0) -> str:
     return path
 
 
+def expected_calls(config: dict) -> tuple:
+    """The kernels (stand-ins, emulated AscendC ops) a model's ascend run must have called."""
+    if "sparse_config" in config:
+        return ("InfllmBlockSelect", "InfllmSparseAttention")  # every layer: InfLLM-v2
+    attention = ("ReshapeAndCache", "PagedAttention", "FlashAttentionScore")
+    if any("MiniMax" in a for a in config["architectures"]):
+        return attention + ("LightningPrefill", "LightningDecode")
+    return attention
+
+
 def generate(model_dir: str, side: str, dtype: str, dry_run: bool) -> list[dict]:
     """Greedy tokens and top logprobs per prompt, on `side` ("ascend": the device, 16-bit;
     "native": the CPU, fp32)."""
     from mindcpm import LLM, SamplingParams
+    config = _config(model_dir)
     calls = None
     if side == "ascend" and dry_run:
         from tests.ascend_moe_standins import install_moe_standins
         from tests.ascend_standins import install_standins
         calls = install_standins(_Patch())
         install_moe_standins(_Patch())
+        custom = install_emulation()
     kwargs = ascend_llm_kwargs(dtype) if side == "ascend" else cpu_llm_kwargs()
-    llm = LLM(model=model_dir, block_size=16, max_model_len=128, max_num_seqs=4, progress=False, **kwargs)
+    prompts = prompts_for(config)
+    llm = LLM(model=model_dir, block_size=16, max_model_len=128 if prompts is PROMPTS else 512, max_num_seqs=4,
+              progress=False, **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=TOP_LOGPROBS)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
-    if calls is not None and not all(calls[op] for op in ("ReshapeAndCache", "PagedAttention", "FlashAttentionScore")):
-        raise RuntimeError(f"the ascend backend did not run the attention stand-ins (calls: {dict(calls)})")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    if calls is not None and not all(calls[op] or custom[op] for op in expected_calls(config)):
+        raise RuntimeError(f"the ascend run did not call every expected stand-in (calls: {dict(calls + custom)})")
     return [{"tokens": o.outputs[0].token_ids,
              "logprobs": [{str(t): float(v) for t, v in step.items()} for step in o.outputs[0].logprobs]}
             for o in outputs]
@@ -230,6 +295,11 @@ def check_end_to_end(models: list[str], dtypes: list[str], dry_run: bool) -> lis
     return rows
 
 
+def _config(model_dir: str) -> dict:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f)
+
+
 def _check_model(model: str, model_dir: str, dtypes: list[str], dry_run: bool) -> list[tuple]:
     name = f"tiny {model}"
     try:
@@ -238,7 +308,7 @@ def _check_model(model: str, model_dir: str, dtypes: list[str], dry_run: bool) -
         return [("model", name, "native fp32 (CPU reference)", "FAIL", str(e))]
     rows = []
     for dtype in dtypes:
-        label = f"greedy {len(PROMPTS)} prompts x {MAX_TOKENS} tokens, {dtype} vs CPU fp32"
+        label = f"greedy {len(prompts_for(_config(model_dir)))} prompts x {MAX_TOKENS} tokens, {dtype} vs CPU fp32"
         if dry_run and dtype == "bfloat16":
             rows.append(("model", name, label, "SKIP", "MindSpore has no bf16 compute on CPU"))
             continue
@@ -272,7 +342,7 @@ def parse_args(argv):
     args = ap.parse_args(argv)
     args.ops, args.dtypes = args.ops.split(","), args.dtypes.split(",")
     args.models = [m for m in args.models.split(",") if m]
-    unknown = ([o for o in args.ops if o not in cases.BUILDERS] + [d for d in args.dtypes if d not in DTYPES]
+    unknown = ([o for o in args.ops if o not in OPS] + [d for d in args.dtypes if d not in DTYPES]
                + [m for m in args.models if m not in MODELS])
     if unknown:
         ap.error(f"unknown op or dtype: {', '.join(unknown)}")
