@@ -34,11 +34,12 @@ CONTRACTS = {
 }
 
 
-def install_emulation(monkeypatch) -> Counter:
-    """Makes mindcpm.ops.ascendc hand out the emulated ops; returns the (cleared) call counter."""
+def install_emulation(monkeypatch, *macros: str) -> Counter:
+    """Makes mindcpm.ops.ascendc hand out the emulated ops (built with -D<macro> for each macro:
+    the mutations of tests/ascendc_emu.py); returns the (cleared) call counter."""
     import pytest
     import mindcpm.ops.ascendc as ascendc
-    path = ascendc_emu.emu_library_path(part="aot")
+    path = ascendc_emu.emu_library_path(*macros, part="aot")
     if path is None:
         pytest.skip("no g++ for the AscendC emulation")
     monkeypatch.setattr(ascendc, "built_ops_path", lambda: path)

@@ -100,3 +100,22 @@ def test_without_built_ops_the_composites_run_with_one_line(monkeypatch, capsys)
     assert isinstance(device.lightning(), NativeLightning) and isinstance(device.lightning(), NativeLightning)
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and ascendc.BUILD_COMMAND in lines[0], lines
+
+
+# -- scripts/validate_ascend.py's op checks (scripts/ascendc_op_checks.py) on the emulation ------------
+@pytest.mark.parametrize("op", ["LightningDecode", "LightningPrefill", "InfllmBlockSelect", "InfllmSparseAttention"])
+def test_validate_op_checks_pass_on_the_emulation(monkeypatch, op):
+    from scripts.ascendc_op_checks import CHECKS
+    install_emulation(monkeypatch)
+    ok, detail = CHECKS[op]("float16")
+    assert ok, detail
+
+
+@pytest.mark.parametrize("op, mutation", [("LightningPrefill", "MUTATE_DECAY_EXPONENT"),
+                                          ("InfllmSparseAttention", "MUTATE_PAGE_INDEX"),
+                                          ("InfllmSparseAttention", "MUTATE_MISSING_RESCALE")])
+def test_validate_op_checks_catch_a_mutated_kernel(monkeypatch, op, mutation):
+    from scripts.ascendc_op_checks import CHECKS
+    install_emulation(monkeypatch, mutation)
+    ok, detail = CHECKS[op]("float16")
+    assert not ok, detail
