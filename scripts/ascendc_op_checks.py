@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from scripts.ascend_op_cases import ULP, round_to
+
 HQ, HKV, D, PAGE = 4, 2, 64, 16
-ULP = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7}
 FP32_TOL = 1e-4
 
 
@@ -27,14 +28,8 @@ def _ms_dtype(dtype: str):
     return {"float16": ms.float16, "bfloat16": ms.bfloat16}[dtype]
 
 
-def _round(x: np.ndarray, dtype: str) -> np.ndarray:
-    """x as fp32 values exactly representable in `dtype`."""
-    import mindspore as ms
-    return ms.Tensor(np.asarray(x, np.float32), _ms_dtype(dtype)).astype(ms.float32).asnumpy()
-
-
 def _rounded(rng, shape, dtype: str, scale=1.0) -> np.ndarray:
-    return _round(rng.standard_normal(shape) * scale, dtype)
+    return round_to(rng.standard_normal(shape) * scale, dtype)
 
 
 def _relative(got, want) -> float:
@@ -43,7 +38,7 @@ def _relative(got, want) -> float:
 
 def _lightning_inputs(rng, dtype, b, l, h=4, slots=4):
     """q, k, v as the layer feeds them (SiLU outputs), slopes of M1's rule, a stale state pool."""
-    q, k, v = (_round(x / (1 + np.exp(-x)), dtype) for x in rng.standard_normal((3, b, l, h, D)))
+    q, k, v = (round_to(x / (1 + np.exp(-x)), dtype) for x in rng.standard_normal((3, b, l, h, D)))
     slopes = (2.0 ** (-8.0 * np.arange(1, h + 1) / h)).astype(np.float32)
     pool = rng.standard_normal((slots, h, D, D)).astype(np.float32)
     return q, k, v, slopes, pool

@@ -35,7 +35,14 @@ int ActivationType(const char *dtype) {
   return -1;
 }
 
-int Done(const char *op, int code, const char *err) {
+// Checks the call, then runs entry(dtype, ubUsed, err, errLen) and reports its failure.
+template <class Entry>
+int Run(const char *op, int nparam, const char *dtype, Entry entry) {
+  const int t = ActivationType(dtype);
+  if (nparam != 8 || t < 0) return 1;
+  int64_t used = 0;
+  char err[512] = {0};
+  const int code = entry(t, &used, err, int64_t(sizeof(err)));
   if (code) std::fprintf(stderr, "%s (AscendC emulation): %s\n", op, err);
   return code;
 }
@@ -46,58 +53,44 @@ extern "C" {
 
 // q, k, v [B, H, D]; slopes; state_pool [S, H, D, D]; state_slots [B]; positions [B] -> o [B, H*D].
 int LightningDecodeAot(int nparam, void **p, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  const int t = ActivationType(dtypes[0]);
-  if (nparam != 8 || t < 0) return 1;
-  int64_t used = 0;
-  char err[512] = {0};
-  const int code = LightningDecodeEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[4][0], kCores, p[0], p[1],
-                                      p[2], static_cast<float *>(p[3]), static_cast<float *>(p[4]),
-                                      static_cast<int32_t *>(p[5]), static_cast<int32_t *>(p[6]),
-                                      static_cast<float *>(p[7]), &used, err, sizeof(err));
-  return Done("LightningDecode", code, err);
+  return Run("LightningDecode", nparam, dtypes[0], [&](int t, int64_t *used, char *err, int64_t len) {
+    return LightningDecodeEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[4][0], kCores, p[0], p[1], p[2],
+                              static_cast<float *>(p[3]), static_cast<float *>(p[4]), static_cast<int32_t *>(p[5]),
+                              static_cast<int32_t *>(p[6]), static_cast<float *>(p[7]), used, err, len);
+  });
 }
 
 // q, k, v [B, L, H, D]; slopes; state_pool; state_slots [B]; positions [B, L] -> o [B, L, H*D].
 int LightningPrefillAot(int nparam, void **p, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  const int t = ActivationType(dtypes[0]);
-  if (nparam != 8 || t < 0) return 1;
-  int64_t used = 0;
-  char err[512] = {0};
-  const int code = LightningPrefillEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3], shapes[4][0], kCores,
-                                       p[0], p[1], p[2], static_cast<float *>(p[3]), static_cast<float *>(p[4]),
-                                       static_cast<int32_t *>(p[5]), static_cast<int32_t *>(p[6]),
-                                       static_cast<float *>(p[7]), &used, err, sizeof(err));
-  return Done("LightningPrefill", code, err);
+  return Run("LightningPrefill", nparam, dtypes[0], [&](int t, int64_t *used, char *err, int64_t len) {
+    return LightningPrefillEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[0][3], shapes[4][0], kCores, p[0],
+                               p[1], p[2], static_cast<float *>(p[3]), static_cast<float *>(p[4]),
+                               static_cast<int32_t *>(p[5]), static_cast<int32_t *>(p[6]), static_cast<float *>(p[7]),
+                               used, err, len);
+  });
 }
 
 // q [B, L, Hq, D]; c1, c2 [E, Hkv, D]; positions [B, L]; c1_table [B, N1]; c2_table [B, N2];
 // attrs [7] (scale, init_blocks, window_blocks, topk, dense_len, current, repeat) -> selected.
 int InfllmBlockSelectAot(int nparam, void **p, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  const int t = ActivationType(dtypes[0]);
-  if (nparam != 8 || t < 0) return 1;
-  int64_t used = 0;
-  char err[512] = {0};
-  const int code = InfllmSelectEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[1][1], shapes[0][3],
-                                   shapes[1][0], shapes[4][1], shapes[5][1], kCores, p[0], p[1], p[2],
-                                   static_cast<int32_t *>(p[3]), static_cast<int32_t *>(p[4]),
-                                   static_cast<int32_t *>(p[5]), static_cast<float *>(p[6]),
-                                   static_cast<int32_t *>(p[7]), &used, err, sizeof(err));
-  return Done("InfllmBlockSelect", code, err);
+  return Run("InfllmBlockSelect", nparam, dtypes[0], [&](int t, int64_t *used, char *err, int64_t len) {
+    return InfllmSelectEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[1][1], shapes[0][3], shapes[1][0],
+                           shapes[4][1], shapes[5][1], kCores, p[0], p[1], p[2], static_cast<int32_t *>(p[3]),
+                           static_cast<int32_t *>(p[4]), static_cast<int32_t *>(p[5]), static_cast<float *>(p[6]),
+                           static_cast<int32_t *>(p[7]), used, err, len);
+  });
 }
 
 // q [B, L, Hq, D]; k/v caches [S, Hkv, D]; positions [B, L]; block_tables [B, P]; selected
 // [B, Hkv, L, NB]; attrs [2] (scale, page_size) -> out [B, L, Hq*D] in q's dtype.
 int InfllmSparseAttentionAot(int nparam, void **p, int *, int64_t **shapes, const char **dtypes, void *, void *) {
-  const int t = ActivationType(dtypes[0]);
-  if (nparam != 8 || t < 0) return 1;
-  const float *attrs = static_cast<float *>(p[6]);
-  int64_t used = 0;
-  char err[512] = {0};
-  const int code = InfllmAttentionEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[1][1], shapes[0][3],
-                                      shapes[1][0], shapes[4][1], int64_t(attrs[1]), shapes[5][3], kCores, p[0], p[1],
-                                      p[2], static_cast<int32_t *>(p[3]), static_cast<int32_t *>(p[4]),
-                                      static_cast<int32_t *>(p[5]), attrs, p[7], &used, err, sizeof(err));
-  return Done("InfllmSparseAttention", code, err);
+  return Run("InfllmSparseAttention", nparam, dtypes[0], [&](int t, int64_t *used, char *err, int64_t len) {
+    const float *attrs = static_cast<float *>(p[6]);
+    return InfllmAttentionEmu(t, shapes[0][0], shapes[0][1], shapes[0][2], shapes[1][1], shapes[0][3], shapes[1][0],
+                              shapes[4][1], int64_t(attrs[1]), shapes[5][3], kCores, p[0], p[1], p[2],
+                              static_cast<int32_t *>(p[3]), static_cast<int32_t *>(p[4]), static_cast<int32_t *>(p[5]),
+                              attrs, p[7], used, err, len);
+  });
 }
 
 }  // extern "C"

@@ -61,9 +61,10 @@ class InfLLMv2Attention(nn.Cell):
         self.ascendc_select = self.ascendc_attend = None
         if ascendc:
             from ..ops import ascendc as custom
-            self.ascendc_select = custom.block_select(1.0 / np.sqrt(head_dim), sparse.init_blocks, self.window,
-                                                      self.topk, sparse.dense_len, self.current, self.repeat)
-            self.ascendc_attend = custom.sparse_attention(1.0 / np.sqrt(head_dim), STRIDE)
+            scale = 1.0 / np.sqrt(head_dim)
+            self.ascendc_select = custom.block_select(scale, sparse.init_blocks, self.window, self.topk,
+                                                      sparse.dense_len, self.current, self.repeat)
+            self.ascendc_attend = custom.sparse_attention(scale, STRIDE)
         shape = (num_entries, num_kv_heads, head_dim)
         self.c1_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c1_cache", requires_grad=False)
         self.c2_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c2_cache", requires_grad=False)
