@@ -227,7 +227,7 @@ def test_validate_ascend_reports_a_wrong_kernel(monkeypatch, capsys):
             return ends - ops.concat((ops.zeros(1, ends.dtype), ends[:-1]))
 
     from mindspore import ops
-    monkeypatch.setattr(V, "op_kernels", lambda dry_run: dict(STANDINS, MoeComputeExpertTokens=CountsNotEnds))
+    monkeypatch.setattr(V, "op_kernels", lambda dry_run, ops: dict(STANDINS, MoeComputeExpertTokens=CountsNotEnds))
     assert V.main(["--dry-run", "--ops", "MoeComputeExpertTokens", "--dtypes", "float16", "--models", ""]) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 2 and "expert_tokens" in out, out
