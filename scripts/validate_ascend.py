@@ -99,9 +99,8 @@ def op_kernels(dry_run: bool, ops: list[str]) -> dict:
     if not dry_run:
         return cases.real_kernels(ops)
     from tests.ascend_moe_standins import STANDINS
-    from tests.ascend_standins import FlashAttentionScoreStandIn, PagedAttentionStandIn, ReshapeAndCacheStandIn
-    return dict(STANDINS, ReshapeAndCache=ReshapeAndCacheStandIn, PagedAttention=PagedAttentionStandIn,
-                FlashAttentionScore=FlashAttentionScoreStandIn)
+    from tests.ascend_standins import ATTENTION_STANDINS
+    return dict(STANDINS, **ATTENTION_STANDINS)
 
 
 # -- part 1: the ops ----------------------------------------------------------------------------
