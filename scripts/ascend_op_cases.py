@@ -578,7 +578,7 @@ BUILDERS = {
 def all_cases(ops=None, dtypes=("float16", "bfloat16")) -> list[Case]:
     """Every case of the ops listed (all of BUILDERS by default) in each activation dtype."""
     cases = []
-    for op in ops or BUILDERS:
+    for op in BUILDERS if ops is None else ops:
         for dtype in dtypes:
             for case in BUILDERS[op](dtype):
                 case.dtype = dtype
