@@ -86,7 +86,7 @@ def test_without_msrun_anywhere_tp_is_one_error_line(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     with pytest.raises(ParallelError, match="found neither on PATH nor beside"):
-        cli.find_msrun(["msrun", "--worker_num=2", "generate.py"])
+        cli.find_msrun(["msrun", "--worker_num=2", "generate.py"], 2)
 
 
 @pytest.mark.parametrize("argv,needle", [(["--model", "/nonexistent/model"], "error: model not found"),
