@@ -145,7 +145,8 @@ def test_generate_cli_tp_starts_the_ranks(tmp_path):
 
 def test_generate_cli_tp_without_msrun_prints_the_command(tmp_path):
     import sys
-    cmd = [sys.executable, os.path.join(ROOT, "generate.py"), "--model", str(tmp_path), "--tp", "2", "hi"]
+    os.symlink(sys.executable, tmp_path / "python")  # an interpreter with no msrun beside it
+    cmd = [str(tmp_path / "python"), os.path.join(ROOT, "generate.py"), "--model", str(tmp_path), "--tp", "2", "hi"]
     proc = subprocess.run(cmd, env=dict(os.environ, PATH="/nonexistent"), timeout=120, capture_output=True, text=True)
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: --tp 2 needs msrun") and "msrun --worker_num=2" in proc.stderr
