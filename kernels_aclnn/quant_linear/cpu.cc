@@ -38,101 +38,88 @@ inline unsigned code(const uint8_t *row, int64_t k) {
   return (row[(k >> 5) * 8 + (k & 7)] >> (2 * ((k >> 3) & 3))) & 3;
 }
 
-// One quantized weight: row r's codes, group g's scale and the bias b with w = s * c + b.
-template <class S>
+// One quantized weight: row r's codes, and its scales and offsets (w = s c + offset, or
+// w = s (c - center) when offsets is null), of type stype, one per group of G inputs.
 struct QWeight {
   const uint8_t *packed;
-  const typename S::T *scales, *offsets;  // offsets null: symmetric around `center`
+  const void *scales, *offsets;
+  WType stype;
   int64_t K, G, groups, row_bytes;
   float center;
   const uint8_t *codes(int64_t r) const { return packed + r * row_bytes; }
-  float scale(int64_t r, int64_t g) const { return S::get(scales + r * groups + g); }
-  float bias(int64_t r, int64_t g, float s) const { return offsets ? S::get(offsets + r * groups + g) : -center * s; }
+};
+
+// Where the dot products of a tile go: y = acc (plain), y = r + scale acc (residual), or
+// y = silu(gate) up (SwiGLU: a unit is 2 weight rows, gate row u and up row units + u).
+struct Epilogue {
+  enum Kind { kPlain, kResidual, kSwiglu } kind;
+  float *y;
+  int64_t ldy;
+  const float *r;
+  float scale;
+  int rows_per_unit() const { return kind == kSwiglu ? 2 : 1; }
+  // acc[i * 4 + j]: x row m + i against weight row j of units ids[0..n) (all gate rows first).
+  void store(int64_t m, int MR, const int64_t *ids, int n, const float *acc) const {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < n; ++j) {
+        const int64_t o = (m + i) * ldy + ids[j];
+        const float a = acc[i * 4 + j];
+        y[o] = kind == kPlain ? a : kind == kResidual ? r[o] + scale * a : gemv::silu(a) * acc[i * 4 + n + j];
+      }
+  }
 };
 
 // The arguments of an entry point, checked: which one is wrong is the error code.
 struct Problem {
   const float *x;
-  const void *packed, *scales, *offsets;
-  const char *scale_dtype;
-  int64_t M, K, N, bits, G;
-  bool symmetric;
+  QWeight w;
+  int64_t M, N;
 };
 
 enum Error { kOk = 0, kBadX = 10, kBadPacked = 11, kBadScales = 12, kBadOffsets = 13, kBadOther = 14 };
 
 int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, Problem *p) {
   if (std::strcmp(dtypes[0], "float32") != 0 || ndims[0] < 1) return kBadX;
-  p->K = shapes[0][ndims[0] - 1];
-  p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(p->K, 1);
-  if (std::strcmp(dtypes[1], "uint8") != 0 || ndims[1] != 2 || p->K <= 0) return kBadPacked;
+  const int64_t K = shapes[0][ndims[0] - 1];
+  p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(K, 1);
+  if (std::strcmp(dtypes[1], "uint8") != 0 || ndims[1] != 2 || K <= 0) return kBadPacked;
   p->N = shapes[1][0];
-  const int64_t width = shapes[1][1];
-  p->bits = width * 8 % p->K == 0 ? width * 8 / p->K : 0;
-  if (p->bits != 8 && p->bits != 4 && p->bits != 2) return kBadPacked;
-  if (p->bits < 8 && p->K % 32 != 0) return kBadPacked;
-  p->scale_dtype = dtypes[2];
-  if (weight_type(dtypes[2]) == WType::kOther || ndims[2] != 2 || shapes[2][0] != p->N || shapes[2][1] <= 0 ||
-      p->K % shapes[2][1] != 0)
+  const int64_t width = shapes[1][1], bits = width * 8 % K == 0 ? width * 8 / K : 0;
+  if ((bits != 8 && bits != 4 && bits != 2) || (bits < 8 && K % 32 != 0)) return kBadPacked;
+  const int64_t groups = ndims[2] == 2 ? shapes[2][1] : 0;
+  const WType stype = weight_type(dtypes[2]);
+  if (stype == WType::kOther || groups <= 0 || shapes[2][0] != p->N || K % groups != 0 ||
+      (bits < 8 && K / groups % 32 != 0))
     return kBadScales;
-  p->G = p->K / shapes[2][1];
-  if (p->bits < 8 && p->G % 32 != 0) return kBadScales;
-  p->symmetric = ndims[3] == 1 && shapes[3][0] == 1;  // offsets [1]: none
-  if (!p->symmetric && (std::strcmp(dtypes[3], dtypes[2]) != 0 || ndims[3] != 2 || shapes[3][0] != p->N ||
-                        shapes[3][1] != shapes[2][1]))
+  const bool symmetric = ndims[3] == 1 && shapes[3][0] == 1;  // offsets [1]: none
+  if (!symmetric && (std::strcmp(dtypes[3], dtypes[2]) != 0 || ndims[3] != 2 || shapes[3][0] != p->N ||
+                     shapes[3][1] != groups))
     return kBadOffsets;
   p->x = static_cast<const float *>(params[0]);
-  p->packed = params[1], p->scales = params[2], p->offsets = p->symmetric ? nullptr : params[3];
+  p->w = {static_cast<const uint8_t *>(params[1]), params[2], symmetric ? nullptr : params[3], stype, K,
+          K / groups, groups, width, float(1 << (bits - 1))};
   return kOk;
 }
 
-template <class S>
-QWeight<S> weight_of(const Problem &p) {
-  return {static_cast<const uint8_t *>(p.packed), static_cast<const typename S::T *>(p.scales),
-          static_cast<const typename S::T *>(p.offsets), p.K, p.G, p.K / p.G, p.K * p.bits / 8,
-          float(1 << (p.bits - 1))};
-}
-
-// Per row of x, the sum of its inputs over each group (the bias term's factor).
+// Per row of x, the sum of its inputs over each group (the offsets' factor).
 const float *group_sums(const Problem &p) {
   thread_local std::vector<float> sums;
-  const int64_t groups = p.K / p.G;
-  sums.resize(p.M * groups);
+  const QWeight &w = p.w;
+  sums.resize(p.M * w.groups);
   for (int64_t m = 0; m < p.M; ++m)
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int64_t g = 0; g < w.groups; ++g) {
       float s = 0.f;
-      for (int64_t k = g * p.G; k < (g + 1) * p.G; ++k) s += p.x[m * p.K + k];
-      sums[m * groups + g] = s;
+      for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) s += p.x[m * w.K + k];
+      sums[m * w.groups + g] = s;
     }
   return sums.data();
 }
 
-template <class T>
-struct Type { using type = T; };
-
-// run(bits, scale type, x, xsum, weight, M, units, epilogue) for the problem's format.
-template <class E, class Run>
-int dispatch_formats(const Problem &p, const E &epi, Run run) {
-  const float *xsum = group_sums(p);
-  const int64_t units = p.N / E::kRowsPerUnit;
-  mindcpm_prefer_huge_pages(p.packed, p.N * p.K * p.bits / 8);
-  auto with_scales = [&](auto bits) -> int {
-    switch (weight_type(p.scale_dtype)) {
-      case WType::kF32: run(bits, Type<F32>(), p.x, xsum, weight_of<F32>(p), p.M, units, epi); return kOk;
-      case WType::kBF16: run(bits, Type<BF16>(), p.x, xsum, weight_of<BF16>(p), p.M, units, epi); return kOk;
-      case WType::kF16: run(bits, Type<F16>(), p.x, xsum, weight_of<F16>(p), p.M, units, epi); return kOk;
-      default: return kBadScales;
-    }
-  };
-  switch (p.bits) {
-    case 8: return with_scales(std::integral_constant<int, 8>());
-    case 4: return with_scales(std::integral_constant<int, 4>());
-    case 2: return with_scales(std::integral_constant<int, 2>());
-    default: return kBadPacked;
-  }
-}
-
 }  // namespace
+
+// Rows of x from which the weight rows are dequantized to fp32 once and multiplied by gemv's
+// fp32 tiles (prefill); below, each row of x takes the fused tile (decode).
+constexpr int64_t kGemmRows = 4;
 
 // -- the paths, one per instruction set, from the same source ---------------------------------------
 namespace scalar_isa {
@@ -142,9 +129,16 @@ struct V {
   static F zero() { return 0.f; }
   static F set1(float v) { return v; }
   static F load(const float *p) { return *p; }
+  static void store(float *p, F v) { *p = v; }
   static F fmadd(F a, F b, F c) { return a * b + c; }
   static float hsum(F v) { return v; }
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = S::get(p + i);
+  }
   template <int Bits> static F codes(const uint8_t *row, int64_t k) { return (float)code<Bits>(row, k); }
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[32]) {
+    for (int i = 0; i < 32; ++i) c[i] = (float)code<Bits>(row, k + i);
+  }
 };
 #include "../common/quant_gemv.inc"
 }  // namespace scalar_isa
@@ -158,28 +152,44 @@ struct V {
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float *p) { return _mm256_loadu_ps(p); }
+  static void store(float *p, F v) { _mm256_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
-  // k is a multiple of 8: 8-bit reads 8 bytes; 4-bit the low or high nibbles of 8 bytes of the
-  // block; 2-bit one of the 4 bit pairs of the block's 8 bytes.
-  template <int Bits> static F codes(const uint8_t *row, int64_t k) {
-    __m128i v;
-    if (Bits == 8) {
-      v = load8(row + k);
-    } else if (Bits == 4) {
-      v = load8(row + (k >> 5) * 16 + (k & 15));
-      if (k & 16) v = _mm_srli_epi16(v, 4);
-      v = _mm_and_si128(v, _mm_set1_epi8(15));
-    } else {
-      v = _mm_srl_epi64(load8(row + (k >> 5) * 8), _mm_cvtsi32_si128(int(2 * ((k >> 3) & 3))));
-      v = _mm_and_si128(v, _mm_set1_epi8(3));
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p + i));
+      if constexpr (std::is_same<S, F32>::value) {
+        _mm256_storeu_ps(out + i, _mm256_loadu_ps(reinterpret_cast<const float *>(p + i)));
+      } else if constexpr (std::is_same<S, F16>::value) {
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+      } else {
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
     }
-    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+    for (; i < n; ++i) out[i] = S::get(p + i);
+  }
+  static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
+  static F widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
+  template <int Bits> static F codes(const uint8_t *row, int64_t k) { return widen8(load8(row + k)); }
+  // 8-bit: 4 x 8 bytes; 4-bit: the block's 16 bytes, low nibbles then high; 2-bit: the block's
+  // 8 bytes, bit pair 0, 1, 2, 3.
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[4]) {
+    if (Bits == 8) {
+      for (int v = 0; v < 4; ++v) c[v] = widen8(load8(row + k + 8 * v));
+    } else if (Bits == 4) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16));
+      const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
+      c[0] = widen8(lo), c[1] = widen8(_mm_srli_si128(lo, 8)), c[2] = widen8(hi), c[3] = widen8(_mm_srli_si128(hi, 8));
+    } else {
+      const __m128i b = load8(row + (k >> 5) * 8), three = _mm_set1_epi8(3);
+      c[0] = widen8(_mm_and_si128(b, three)), c[1] = widen8(_mm_and_si128(_mm_srli_epi64(b, 2), three));
+      c[2] = widen8(_mm_and_si128(_mm_srli_epi64(b, 4), three)), c[3] = widen8(_mm_and_si128(_mm_srli_epi64(b, 6), three));
+    }
   }
 };
 #include "../common/quant_gemv.inc"
@@ -195,26 +205,30 @@ struct V {
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float *p) { return _mm512_loadu_ps(p); }
+  static void store(float *p, F v) { _mm512_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
-  static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
-  // k is a multiple of 16: 8-bit reads 16 bytes; 4-bit the low or high nibbles of the block's
-  // 16 bytes; 2-bit two neighbouring bit pairs of the block's 8 bytes.
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    avx2_isa::V::widen<S>(p, n, out);  // scales are widened once a row: not worth 16 lanes
+  }
+  static F widen16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
   template <int Bits> static F codes(const uint8_t *row, int64_t k) {
-    __m128i v;
+    return widen16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + k)));
+  }
+  // As AVX2's, 16 codes a vector: 2-bit pairs neighbouring bit pairs into one vector.
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[2]) {
     if (Bits == 8) {
-      v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + k));
+      c[0] = codes<8>(row, k), c[1] = codes<8>(row, k + 16);
     } else if (Bits == 4) {
-      v = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16));
-      if (k & 16) v = _mm_srli_epi16(v, 4);
-      v = _mm_and_si128(v, _mm_set1_epi8(15));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16));
+      c[0] = widen16(_mm_and_si128(b, _mm_set1_epi8(15)));
+      c[1] = widen16(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)));
     } else {
-      const __m128i b = load8(row + (k >> 5) * 8);
-      const int shift = int(2 * ((k >> 3) & 3));
-      v = _mm_unpacklo_epi64(_mm_srl_epi64(b, _mm_cvtsi32_si128(shift)), _mm_srl_epi64(b, _mm_cvtsi32_si128(shift + 2)));
-      v = _mm_and_si128(v, _mm_set1_epi8(3));
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(row + (k >> 5) * 8));
+      const __m128i three = _mm_set1_epi8(3);
+      c[0] = widen16(_mm_and_si128(_mm_unpacklo_epi64(b, _mm_srli_epi64(b, 2)), three));
+      c[1] = widen16(_mm_and_si128(_mm_unpacklo_epi64(_mm_srli_epi64(b, 4), _mm_srli_epi64(b, 6)), three));
     }
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
   }
 };
 #include "../common/quant_gemv.inc"
@@ -251,16 +265,18 @@ std::atomic<int> &chosen_isa() {
   return isa;
 }
 
-template <class E>
-int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int out, E epi_of) {
+int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int out, Epilogue epi) {
   Problem p;
   if (int err = parse(params, ndims, shapes, dtypes, &p)) return err;
-  const auto epi = epi_of(static_cast<float *>(params[out]), p);
-  if (numel(ndims[out], shapes[out]) != p.M * (p.N / decltype(epi)::kRowsPerUnit)) return kBadOther;
+  epi.y = static_cast<float *>(params[out]);
+  epi.ldy = p.N / epi.rows_per_unit();
+  if (numel(ndims[out], shapes[out]) != p.M * epi.ldy || p.N % epi.rows_per_unit() != 0) return kBadOther;
+  const float *xsum = group_sums(p);
+  mindcpm_prefer_huge_pages(p.w.packed, p.N * p.w.row_bytes);
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::dispatch(p, epi);
-    case Isa::kAvx2: return avx2_isa::dispatch(p, epi);
-    default: return scalar_isa::dispatch(p, epi);
+    case Isa::kAvx512: return avx512_isa::run(p.x, xsum, p.w, p.M, epi);
+    case Isa::kAvx2: return avx2_isa::run(p.x, xsum, p.w, p.M, epi);
+    default: return scalar_isa::run(p.x, xsum, p.w, p.M, epi);
   }
 }
 
@@ -280,24 +296,22 @@ extern "C" int QuantLinearSetIsa(const char *name) {
 
 extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
-  if (nparam != 5) return 1;
-  return run_problem(params, ndims, shapes, dtypes, 4, [](float *y, const Problem &p) { return gemv::Plain{y, p.N}; });
+  if (nparam != 5) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 4, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
 }
 
 extern "C" int QuantLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *, void *) {
-  if (nparam != 5) return 1;
-  return run_problem(params, ndims, shapes, dtypes, 4,
-                     [](float *y, const Problem &p) { return gemv::Swiglu{y, p.N / 2}; });
+  if (nparam != 5) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 4, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
 }
 
 extern "C" int QuantLinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                    void *, void *) {
-  if (nparam != 7 || std::strcmp(dtypes[4], "float32") != 0 || std::strcmp(dtypes[5], "float32") != 0)
+  if (nparam != 7 || std::strcmp(dtypes[4], "float32") != 0 || std::strcmp(dtypes[5], "float32") != 0 ||
+      numel(ndims[4], shapes[4]) != numel(ndims[6], shapes[6]))
     return kBadOther;
-  if (numel(ndims[4], shapes[4]) != numel(ndims[6], shapes[6])) return kBadOther;
-  const auto *r = static_cast<const float *>(params[4]);
-  const float scale = *static_cast<const float *>(params[5]);
   return run_problem(params, ndims, shapes, dtypes, 6,
-                     [&](float *y, const Problem &p) { return gemv::Residual{y, p.N, r, scale}; });
+                     {Epilogue::kResidual, nullptr, 0, static_cast<const float *>(params[4]),
+                      *static_cast<const float *>(params[5])});
 }
