@@ -131,6 +131,7 @@ struct V {
   static F load(const float *p) { return *p; }
   static void store(float *p, F v) { *p = v; }
   static F fmadd(F a, F b, F c) { return a * b + c; }
+  static F add(F a, F b) { return a + b; }
   static float hsum(F v) { return v; }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     for (int64_t i = 0; i < n; ++i) out[i] = S::get(p + i);
@@ -154,6 +155,7 @@ struct V {
   static F load(const float *p) { return _mm256_loadu_ps(p); }
   static void store(float *p, F v) { _mm256_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -174,21 +176,26 @@ struct V {
     for (; i < n; ++i) out[i] = S::get(p + i);
   }
   static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
-  static F widen8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)); }
-  template <int Bits> static F codes(const uint8_t *row, int64_t k) { return widen8(load8(row + k)); }
-  // 8-bit: 4 x 8 bytes; 4-bit: the block's 16 bytes, low nibbles then high; 2-bit: the block's
-  // 8 bytes, bit pair 0, 1, 2, 3.
+  static __m256i bytes8(const uint8_t *p) { return _mm256_cvtepu8_epi32(load8(p)); }
+  template <int Bits> static F codes(const uint8_t *row, int64_t k) { return _mm256_cvtepi32_ps(bytes8(row + k)); }
+  // Bytes are widened to 32-bit lanes straight from memory, then split into nibbles / bit pairs
+  // there: fewer shuffles than splitting bytes first (one widening per 8 bytes, not per 8 codes).
+  // 8-bit: 4 x 8 bytes. 4-bit: bytes 0-7 and 8-15 of the block, low nibbles (codes 0-15) then
+  // high (16-31). 2-bit: the block's 8 bytes, bit pair 0, 1, 2, 3 (codes 0-7, ..., 24-31).
   template <int Bits> static void block(const uint8_t *row, int64_t k, F c[4]) {
     if (Bits == 8) {
-      for (int v = 0; v < 4; ++v) c[v] = widen8(load8(row + k + 8 * v));
+      for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepi32_ps(bytes8(row + k + 8 * v));
     } else if (Bits == 4) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16));
-      const __m128i lo = _mm_and_si128(b, _mm_set1_epi8(15)), hi = _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15));
-      c[0] = widen8(lo), c[1] = widen8(_mm_srli_si128(lo, 8)), c[2] = widen8(hi), c[3] = widen8(_mm_srli_si128(hi, 8));
+      const uint8_t *p = row + (k >> 5) * 16;
+      const __m256i b0 = bytes8(p), b1 = bytes8(p + 8), m = _mm256_set1_epi32(15);
+      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
+      c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
     } else {
-      const __m128i b = load8(row + (k >> 5) * 8), three = _mm_set1_epi8(3);
-      c[0] = widen8(_mm_and_si128(b, three)), c[1] = widen8(_mm_and_si128(_mm_srli_epi64(b, 2), three));
-      c[2] = widen8(_mm_and_si128(_mm_srli_epi64(b, 4), three)), c[3] = widen8(_mm_and_si128(_mm_srli_epi64(b, 6), three));
+      const __m256i b = bytes8(row + (k >> 5) * 8), m = _mm256_set1_epi32(3);
+      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+      c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), m));
+      c[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
+      c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6));
     }
   }
 };
@@ -207,27 +214,29 @@ struct V {
   static F load(const float *p) { return _mm512_loadu_ps(p); }
   static void store(float *p, F v) { _mm512_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     avx2_isa::V::widen<S>(p, n, out);  // scales are widened once a row: not worth 16 lanes
   }
-  static F widen16(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); }
   template <int Bits> static F codes(const uint8_t *row, int64_t k) {
-    return widen16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + k)));
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + k))));
   }
-  // As AVX2's, 16 codes a vector: 2-bit pairs neighbouring bit pairs into one vector.
+  // As AVX2's, 16 codes a vector. 2-bit: the block's 8 bytes in both halves, shifted by bit
+  // pairs 0 | 1 (codes 0-15) and 2 | 3 (codes 16-31).
   template <int Bits> static void block(const uint8_t *row, int64_t k, F c[2]) {
     if (Bits == 8) {
       c[0] = codes<8>(row, k), c[1] = codes<8>(row, k + 16);
     } else if (Bits == 4) {
-      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16));
-      c[0] = widen16(_mm_and_si128(b, _mm_set1_epi8(15)));
-      c[1] = widen16(_mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(15)));
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16)));
+      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+      c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     } else {
-      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(row + (k >> 5) * 8));
-      const __m128i three = _mm_set1_epi8(3);
-      c[0] = widen16(_mm_and_si128(_mm_unpacklo_epi64(b, _mm_srli_epi64(b, 2)), three));
-      c[1] = widen16(_mm_and_si128(_mm_unpacklo_epi64(_mm_srli_epi64(b, 4), _mm_srli_epi64(b, 6)), three));
+      const __m256i half = avx2_isa::V::bytes8(row + (k >> 5) * 8);
+      const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1), m = _mm512_set1_epi32(3);
+      const __m512i s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, s01), m));
+      c[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, _mm512_add_epi32(s01, _mm512_set1_epi32(4))), m));
     }
   }
 };
