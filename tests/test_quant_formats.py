@@ -79,6 +79,27 @@ def test_gguf_weight_runs_in_the_kernel():
         np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_gguf_qk_unpermutation_moves_whole_rows():
+    from mindcpm.gguf import unpermute_qk
+    rng = np.random.default_rng(4)
+    n, k, heads = 16, 64, 2
+    raw = gguf_bytes(rng.standard_normal((n, k)).astype(np.float32), "Q4_1")
+    qw = gguf_blocks.from_gguf(raw, "Q4_1", (n, k))
+    rows = unpermute_qk(np.arange(n)[:, None], heads)[:, 0]
+    np.testing.assert_array_equal(qw.take_rows(rows).dequantize(), unpermute_qk(qw.dequantize(), heads))
+
+
+def test_fused_rows_and_shards():
+    from mindcpm.quant import concat_rows
+    rng = np.random.default_rng(6)
+    q, k = (rtn.quantize(rng.standard_normal((n, 64)), 4, 32, False, "float16") for n in (6, 3))
+    fused = concat_rows([q, k], "qkv")
+    np.testing.assert_array_equal(fused.dequantize(), np.concatenate([q.dequantize(), k.dequantize()]))
+    np.testing.assert_array_equal(fused.take_rows(slice(6, 9)).dequantize(), k.dequantize())
+    with pytest.raises(QuantError, match="qkv: the parts to fuse are quantized differently"):
+        concat_rows([q, rtn.quantize(rng.standard_normal((2, 64)), 8)], "qkv")
+
+
 # -- round to nearest --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -103,6 +124,12 @@ def test_rtn_matches_a_quantizer_written_here(bits, group, symmetric, scale_dtyp
         want = s * q + lo
     np.testing.assert_array_equal(qw.dequantize(), want.reshape(n, k))
     assert qw.packed.nbytes == n * k * bits // 8
+
+
+def test_quantization_names():
+    assert rtn.method_settings("int8") == (8, None) and rtn.method_settings("int4", 64) == (4, 64)
+    with pytest.raises(QuantError, match="unknown quantization 'int3'; choose int8 or int4"):
+        rtn.method_settings("int3")
 
 
 def test_rtn_group_that_does_not_divide_is_refused():

@@ -110,6 +110,15 @@ class QuantWeight:
     def codes(self) -> np.ndarray:
         return unpack_codes(self.packed, self.bits)
 
+    def take_rows(self, index) -> "QuantWeight":
+        """The weight of rows `index` (a slice or indices: a tensor-parallel shard of the outputs,
+        or a row permutation such as GGUF's q/k un-permutation); rows are independent."""
+        offsets = None if self.offsets is None else self.offsets[index]
+        return QuantWeight(np.ascontiguousarray(self.packed[index]), np.ascontiguousarray(self.scales[index]),
+                           offsets if offsets is None else np.ascontiguousarray(offsets), self.bits, self.group_size,
+                           self.scale_dtype, self.input_perm)
+
+
     def dequantize(self) -> np.ndarray:
         """The fp32 weight [N, K] the codes stand for (in the kernel's input order)."""
         n, k = self.shape
@@ -121,3 +130,21 @@ class QuantWeight:
         else:
             w = s * codes + stored_values(self.offsets, self.scale_dtype)[:, :, None]
         return w.reshape(n, k)
+
+
+def concat_rows(parts: list[QuantWeight], name: str = "weight") -> QuantWeight:
+    """Weights stacked along their outputs (q|k|v, gate|up), which must share one format."""
+    first = parts[0]
+    for part in parts[1:]:
+        same = (part.bits, part.group_size, part.scale_dtype, part.offsets is None, part.shape[1]) == \
+            (first.bits, first.group_size, first.scale_dtype, first.offsets is None, first.shape[1])
+        perms = (part.input_perm is None and first.input_perm is None) or \
+            (part.input_perm is not None and first.input_perm is not None and
+             np.array_equal(part.input_perm, first.input_perm))
+        if not (same and perms):
+            raise QuantError(f"{name}: the parts to fuse are quantized differently ({first.bits}-bit group "
+                             f"{first.group_size} {first.scale_dtype} vs {part.bits}-bit group {part.group_size} "
+                             f"{part.scale_dtype}, or another input order)")
+    offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])
+    return QuantWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), offsets,
+                       first.bits, first.group_size, first.scale_dtype, first.input_perm)

@@ -3,7 +3,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats import QuantWeight, check_layout, pack_codes, stored_values, to_stored
+from .formats import QuantError, QuantWeight, check_layout, pack_codes, stored_values, to_stored
+
+# quantization name (vLLM's spelling of LLM(quantization=...)) -> (bits, default group size; None = per channel)
+METHODS = {"int8": (8, None), "int4": (4, 128)}
+
+
+def method_settings(name: str, group_size: int | None = None) -> tuple[int, int | None]:
+    """(bits, group size) of a quantize-on-load method; QuantError naming an unknown one."""
+    if name not in METHODS:
+        raise QuantError(f"unknown quantization {name!r}; choose {' or '.join(METHODS)}")
+    bits, default = METHODS[name]
+    return bits, default if group_size is None else group_size
 
 
 def quantize(weight: np.ndarray, bits: int, group_size: int | None = None, symmetric: bool = True,
