@@ -155,3 +155,29 @@ def test_environment_picks_the_instruction_set():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "scalar"
+
+
+class _QuantLayer(ms.nn.Cell):
+    """A layer whose quantized weight is three Parameters, run through one jit graph (as in a model)."""
+
+    def __init__(self, tensors, epilogue):
+        from mindcpm.quant.linear import KernelQuantMatmul
+        super().__init__()
+        self.op = KernelQuantMatmul(epilogue, 0.5)
+        self.packed, self.scales, self.offsets = (ms.Parameter(t, name=n, requires_grad=False)
+                                                  for t, n in zip(tensors, ("packed", "scales", "offsets")))
+
+    @ms.jit
+    def construct(self, x, r):
+        return self.op(x, self.packed, self.scales, self.offsets, r)
+
+
+def test_jit_graph_with_parameters():
+    rng = np.random.default_rng(8)
+    tensors, w, magnitude = make_weight(rng, 9, 96, 4, 32, True, "bfloat16")
+    layer = _QuantLayer(tensors, "residual")
+    for m in (1, 6):  # a decode and a prefill shape, one graph each
+        x = rng.standard_normal((1, m, 96)).astype(np.float32)
+        r = rng.standard_normal((1, m, 9)).astype(np.float32)
+        got = layer(Tensor(x), Tensor(r)).asnumpy()
+        assert_close((got - r) / 0.5, x, w, magnitude)
