@@ -79,6 +79,32 @@ def test_gguf_weight_runs_in_the_kernel():
         np.testing.assert_allclose(got.asnumpy(), want, rtol=1e-5, atol=1e-4)
 
 
+def test_default_model_tensors_kept_quantized():
+    """The default SmolLM2 Q4_1 file: its Q4_1 projections as read by gguf-py's reader, decoded like
+    gguf-py, and multiplied by the kernel like x times the fp32 weight (its Q8_0 embedding is left
+    out: 28M values to decode twice; Q8_0 is checked on random blocks above)."""
+    from mindcpm.gguf import default_model_path
+    try:
+        reader = gguf.GGUFReader(default_model_path())
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    tensors = {t.name: t for t in reader.tensors}
+    norm = gguf_blocks.from_reader_tensor(tensors["blk.0.attn_norm.weight"])
+    assert norm is None  # F32 vectors stay as they are
+    for name in ("blk.0.ffn_down.weight", "blk.0.attn_q.weight"):
+        t = tensors[name]
+        qw = gguf_blocks.from_reader_tensor(t)
+        want = gguf.quants.dequantize(t.data, t.tensor_type).reshape(qw.shape)
+        np.testing.assert_array_equal(qw.dequantize(), want)
+    ms = pytest.importorskip("mindspore")
+    from mindcpm.ops import cpu_kernels
+    if cpu_kernels.kernels_available():
+        from mindcpm.quant.linear import KernelQuantMatmul, kernel_tensors
+        x = np.random.default_rng(0).standard_normal((1, qw.shape[1])).astype(np.float32)
+        got = KernelQuantMatmul("plain")(ms.Tensor(x), *kernel_tensors(qw)).asnumpy()
+        np.testing.assert_allclose(got, x.astype(np.float64) @ want.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_qk_unpermutation_moves_whole_rows():
     from mindcpm.gguf import unpermute_qk
     rng = np.random.default_rng(4)

@@ -39,3 +39,13 @@ def from_gguf(data: np.ndarray, type_name: str, shape: tuple[int, int], name: st
         packed = body.reshape(n, k // 2)
     offsets = header[:, :, 1].copy() if fields == 2 else None
     return QuantWeight(np.ascontiguousarray(packed), header[:, :, 0].copy(), offsets, bits, BLOCK, "float16")
+
+
+def from_reader_tensor(tensor) -> QuantWeight | None:
+    """A gguf.GGUFReader tensor kept quantized, or None when its type has no kernel (or it is not
+    a matrix). GGUF lists dims fastest first: [K, N] there is the row-major [N, K] weight."""
+    type_name = tensor.tensor_type.name
+    if not kept_quantized(type_name) or len(tensor.shape) != 2:
+        return None
+    k, n = (int(d) for d in tensor.shape)
+    return from_gguf(tensor.data, type_name, (n, k), tensor.name)
