@@ -181,3 +181,34 @@ def test_jit_graph_with_parameters():
         r = rng.standard_normal((1, m, 9)).astype(np.float32)
         got = layer(Tensor(x), Tensor(r)).asnumpy()
         assert_close((got - r) / 0.5, x, w, magnitude)
+
+
+@pytest.mark.parametrize("bits,k,group", [(8, 100, 20), (4, 96, 32)])
+@pytest.mark.parametrize("m", [1, 7])
+def test_norm_fused_into_the_projection(isa, bits, k, group, m):
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits + k + m)
+    n = 5
+    tensors, w, magnitude = make_weight(rng, 2 * n, k, bits, group, False, "float32")
+    x = (3 * rng.standard_normal((m, k))).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    xn = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
+    assert_close(got, xn, w, magnitude)
+    perm = rng.permutation(k)  # act-order: x and the norm weight permuted alike
+    got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, perm=Tensor(perm.astype(np.int32)),
+                                                    norm_weight=Tensor(g)).asnumpy()
+    assert_close(got, xn[:, perm], w, magnitude)
+    small = KernelQuantMatmul("swiglu", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
+    y = xn @ w.T
+    np.testing.assert_allclose(small, y[:, :n] / (1 + np.exp(-y[:, :n])) * y[:, n:], rtol=1e-4,
+                               atol=1e-4 * np.abs(y).max() ** 2)
+
+
+def test_bad_norm_weight_is_named():
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(0)
+    tensors, _, _ = make_weight(rng, 4, 64, 4, 32, False, "float32")
+    with pytest.raises(ValueError, match="norm weight \\[63\\] is not \\[64\\]"):
+        KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(np.ones((1, 64), np.float32)), *tensors,
+                                                  norm_weight=Tensor(np.ones(63, np.float32)))

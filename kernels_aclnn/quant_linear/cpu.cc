@@ -14,6 +14,9 @@
 //   QuantLinear(x, packed, scales, offsets, y)                   y = x W^T                 [M, N]
 //   QuantLinearSwiglu(x, packed, scales, offsets, y)             W = gate|up (2I rows)     [M, I]
 //   QuantLinearResidual(x, packed, scales, offsets, r, scale, y) y = r + scale[0] x W^T    [M, N]
+//   QuantRmsNormLinear(x, g, eps, packed, scales, offsets, y)    y = rmsnorm(x) W^T        [M, N]
+//   QuantRmsNormLinearSwiglu(x, g, eps, packed, scales, offsets, y)  SwiGLU of rmsnorm(x)  [M, I]
+//     rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g (the norm before q|k|v and gate|up, fused)
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
 // narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
@@ -76,27 +79,28 @@ struct Problem {
   int64_t M, N;
 };
 
-enum Error { kOk = 0, kBadX = 10, kBadPacked = 11, kBadScales = 12, kBadOffsets = 13, kBadOther = 14 };
+enum Error { kOk = 0, kBadX = 10, kBadPacked = 11, kBadScales = 12, kBadOffsets = 13, kBadNorm = 14, kBadOther = 15 };
 
-int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, Problem *p) {
+// x is input 0; the weight is inputs w (packed), w + 1 (scales), w + 2 (offsets).
+int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, Problem *p) {
   if (std::strcmp(dtypes[0], "float32") != 0 || ndims[0] < 1) return kBadX;
   const int64_t K = shapes[0][ndims[0] - 1];
   p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(K, 1);
-  if (std::strcmp(dtypes[1], "uint8") != 0 || ndims[1] != 2 || K <= 0) return kBadPacked;
-  p->N = shapes[1][0];
-  const int64_t width = shapes[1][1], bits = width * 8 % K == 0 ? width * 8 / K : 0;
+  if (std::strcmp(dtypes[w], "uint8") != 0 || ndims[w] != 2 || K <= 0) return kBadPacked;
+  p->N = shapes[w][0];
+  const int64_t width = shapes[w][1], bits = width * 8 % K == 0 ? width * 8 / K : 0;
   if ((bits != 8 && bits != 4 && bits != 2) || (bits < 8 && K % 32 != 0)) return kBadPacked;
-  const int64_t groups = ndims[2] == 2 ? shapes[2][1] : 0;
-  const WType stype = weight_type(dtypes[2]);
-  if (stype == WType::kOther || groups <= 0 || shapes[2][0] != p->N || K % groups != 0 ||
+  const int64_t groups = ndims[w + 1] == 2 ? shapes[w + 1][1] : 0;
+  const WType stype = weight_type(dtypes[w + 1]);
+  if (stype == WType::kOther || groups <= 0 || shapes[w + 1][0] != p->N || K % groups != 0 ||
       (bits < 8 && K / groups % 32 != 0))
     return kBadScales;
-  const bool symmetric = ndims[3] == 1 && shapes[3][0] == 1;  // offsets [1]: none
-  if (!symmetric && (std::strcmp(dtypes[3], dtypes[2]) != 0 || ndims[3] != 2 || shapes[3][0] != p->N ||
-                     shapes[3][1] != groups))
+  const bool symmetric = ndims[w + 2] == 1 && shapes[w + 2][0] == 1;  // offsets [1]: none
+  if (!symmetric && (std::strcmp(dtypes[w + 2], dtypes[w + 1]) != 0 || ndims[w + 2] != 2 ||
+                     shapes[w + 2][0] != p->N || shapes[w + 2][1] != groups))
     return kBadOffsets;
   p->x = static_cast<const float *>(params[0]);
-  p->w = {static_cast<const uint8_t *>(params[1]), params[2], symmetric ? nullptr : params[3], stype, K,
+  p->w = {static_cast<const uint8_t *>(params[w]), params[w + 1], symmetric ? nullptr : params[w + 2], stype, K,
           K / groups, groups, width, float(1 << (bits - 1))};
   return kOk;
 }
@@ -274,9 +278,19 @@ std::atomic<int> &chosen_isa() {
   return isa;
 }
 
-int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int out, Epilogue epi) {
+// The weight is inputs w, w + 1, w + 2; with `norm`, inputs 1 and 2 are the RMSNorm weight g [K]
+// and eps [1] applied to x first; the output is input `out`.
+int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, bool norm, int out,
+                Epilogue epi) {
   Problem p;
-  if (int err = parse(params, ndims, shapes, dtypes, &p)) return err;
+  if (int err = parse(params, ndims, shapes, dtypes, w, &p)) return err;
+  if (norm) {
+    if (std::strcmp(dtypes[1], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0 ||
+        numel(ndims[1], shapes[1]) != p.w.K)
+      return kBadNorm;
+    p.x = gemv::rms_normalised(p.x, static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                               p.M, p.w.K);
+  }
   epi.y = static_cast<float *>(params[out]);
   epi.ldy = p.N / epi.rows_per_unit();
   if (numel(ndims[out], shapes[out]) != p.M * epi.ldy || p.N % epi.rows_per_unit() != 0) return kBadOther;
@@ -306,13 +320,13 @@ extern "C" int QuantLinearSetIsa(const char *name) {
 extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                            void *) {
   if (nparam != 5) return kBadOther;
-  return run_problem(params, ndims, shapes, dtypes, 4, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 4, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
 }
 
 extern "C" int QuantLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *, void *) {
   if (nparam != 5) return kBadOther;
-  return run_problem(params, ndims, shapes, dtypes, 4, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 4, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
 }
 
 extern "C" int QuantLinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
@@ -320,7 +334,19 @@ extern "C" int QuantLinearResidual(int nparam, void **params, int *ndims, int64_
   if (nparam != 7 || std::strcmp(dtypes[4], "float32") != 0 || std::strcmp(dtypes[5], "float32") != 0 ||
       numel(ndims[4], shapes[4]) != numel(ndims[6], shapes[6]))
     return kBadOther;
-  return run_problem(params, ndims, shapes, dtypes, 6,
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 6,
                      {Epilogue::kResidual, nullptr, 0, static_cast<const float *>(params[4]),
                       *static_cast<const float *>(params[5])});
+}
+
+extern "C" int QuantRmsNormLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *, void *) {
+  if (nparam != 7) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 3, true, 6, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
+}
+
+extern "C" int QuantRmsNormLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *, void *) {
+  if (nparam != 7) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 3, true, 6, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
 }

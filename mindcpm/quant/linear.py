@@ -4,6 +4,8 @@
     packed, scales, offsets = kernel_tensors(qw)
     y = op(x, packed, scales, offsets)         # x [..., K] fp32 -> y [..., N] fp32
     y = KernelQuantMatmul("residual", 0.5)(x, packed, scales, offsets, r)   # r + 0.5 x W^T
+    y = KernelQuantMatmul("swiglu", norm_eps=1e-5)(x, packed, scales, offsets, norm_weight=g)
+                                               # the RMSNorm before the projection, in the same op
 
 The same epilogues as ops/cpu.py KernelMatmul; the weight is three tensors instead of one.
 A QuantWeight with input_perm (GPTQ act-order) also passes kernel_perm(qw) as `perm`.
@@ -22,6 +24,7 @@ from .formats import QuantWeight, bf16_values
 
 OP = "quant_linear"
 ENTRY = {"plain": "QuantLinear", "swiglu": "QuantLinearSwiglu", "residual": "QuantLinearResidual"}
+NORM_ENTRY = {"plain": "QuantRmsNormLinear", "swiglu": "QuantRmsNormLinearSwiglu"}
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 ISAS = ("scalar", "avx2", "avx512")
 
@@ -40,9 +43,16 @@ def kernel_perm(qw: QuantWeight) -> Tensor | None:
     return None if qw.input_perm is None else Tensor(qw.input_perm.astype(np.int32))
 
 
-def _check_shapes(epilogue: str, x, packed, scales, offsets, *rest) -> list:
-    """The output shape; ValueError naming the argument that does not fit."""
+def _check_shapes(epilogue: str, x, *inputs) -> list:
+    """The output shape; ValueError naming the argument that does not fit. Inputs after x:
+    packed, scales, offsets (+ residual, scale); "norm <epilogue>": g, eps first."""
     k = x[-1]
+    if epilogue.startswith("norm "):
+        g, _, *inputs = inputs
+        if list(g) != [k]:
+            raise ValueError(f"quant linear: norm weight {list(g)} is not [{k}]")
+        epilogue = epilogue[len("norm "):]
+    packed, scales, offsets, *rest = inputs
     if len(packed) != 2 or k <= 0 or (packed[1] * 8) % k or (packed[1] * 8 // k) not in (8, 4, 2):
         raise ValueError(f"quant linear: packed {list(packed)} is not [N, K * bits / 8] for K={k}, bits 8/4/2")
     bits = packed[1] * 8 // k
@@ -61,8 +71,11 @@ def _element(dtype):
     return dtype.element_type() if hasattr(dtype, "element_type") else dtype
 
 
-def _check_dtypes(*dtypes):
-    x, packed, scales = (_element(d) for d in dtypes[:3])
+def _check_dtypes(epilogue: str, x, *inputs):
+    """float32 (TypeError naming the argument that is not right); inputs as in _check_shapes."""
+    if epilogue.startswith("norm "):
+        inputs = inputs[2:]
+    x, packed, scales = (_element(d) for d in (x, *inputs[:2]))
     if x != ms.float32 or packed != ms.uint8:
         raise TypeError(f"quant linear: x must be float32 and packed uint8, not {x} and {packed}")
     if scales not in (ms.float32, ms.float16, ms.bfloat16):
@@ -73,17 +86,28 @@ def _check_dtypes(*dtypes):
 class KernelQuantMatmul(nn.Cell):
     """y = epilogue(x W^T) with W kept quantized (see mindcpm/quant/formats.py)."""
 
-    def __init__(self, epilogue: str = "plain", scale: float = 1.0):
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
         super().__init__()
         if epilogue not in ENTRY:
             raise ValueError(f"unknown linear epilogue {epilogue!r}; choose {', '.join(ENTRY)}")
         self.epilogue = epilogue
-        self.op = aot_op(OP, ENTRY[epilogue], functools.partial(_check_shapes, epilogue), _check_dtypes)
+        self.op = aot_op(OP, ENTRY[epilogue], functools.partial(_check_shapes, epilogue),
+                         functools.partial(_check_dtypes, epilogue))
         self.scale = Tensor(np.array([scale], np.float32))
+        self.eps = None if norm_eps is None else Tensor(np.array([norm_eps], np.float32))
+        if norm_eps is not None:
+            if epilogue not in NORM_ENTRY:
+                raise ValueError("a norm before a residual projection is not fused")
+            self.norm_op = aot_op(OP, NORM_ENTRY[epilogue], functools.partial(_check_shapes, "norm " + epilogue),
+                                  functools.partial(_check_dtypes, "norm " + epilogue))
 
-    def construct(self, x, packed, scales, offsets, residual=None, perm=None):
-        if perm is not None:
+    def construct(self, x, packed, scales, offsets, residual=None, perm=None, norm_weight=None):
+        if perm is not None:  # RMSNorm commutes with permuting x and its weight alike
             x = ops.gather(x, perm, x.ndim - 1)
+            if norm_weight is not None:
+                norm_weight = ops.gather(norm_weight, perm, 0)
+        if self.eps is not None:
+            return self.norm_op(x, norm_weight, self.eps, packed, scales, offsets)
         if self.epilogue == "residual":
             return self.op(x, packed, scales, offsets, residual, self.scale)
         return self.op(x, packed, scales, offsets)
