@@ -76,7 +76,8 @@ template <int NV, class Row>
 inline void weighted_block(const float *p, const Row &row, int64_t n, int64_t d, float corr, float *out) {
   __m256 a[NV];
   const __m256 c = _mm256_set1_ps(corr);
-  for (int i = 0; i < NV; ++i) a[i] = corr == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(c, _mm256_loadu_ps(out + 8 * i));
+  for (int i = 0; i < NV; ++i)
+    a[i] = corr == 0.f ? _mm256_setzero_ps() : _mm256_mul_ps(c, _mm256_loadu_ps(out + 8 * i));
   for (int64_t j = 0; j < n; ++j) {
     const __m256 w = _mm256_set1_ps(p[j]);
     const float *v = row(j) + d;

@@ -237,7 +237,7 @@ struct V {
       c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
     } else {
       const __m256i half = avx2_isa::V::bytes8(row + (k >> 5) * 8);
-      const __m512i b = _mm512_inserti64x4(_mm512_castsi256_si512(half), half, 1), m = _mm512_set1_epi32(3);
+      const __m512i b = _mm512_broadcast_i64x4(half), m = _mm512_set1_epi32(3);
       const __m512i s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
       c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, s01), m));
       c[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, _mm512_add_epi32(s01, _mm512_set1_epi32(4))), m));
@@ -279,7 +279,7 @@ std::atomic<int> &chosen_isa() {
 }
 
 // The weight is inputs w, w + 1, w + 2; with `norm`, inputs 1 and 2 are the RMSNorm weight g [K]
-// and eps [1] applied to x first; the output is input `out`.
+// and eps [1] applied to x first; params[out] is the output.
 int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, bool norm, int out,
                 Epilogue epi) {
   Problem p;

@@ -1,6 +1,8 @@
 """BitCPM ternary weights: a fake-quantized checkpoint stores each group's weights as exactly
 {-s, 0, +s} in an ordinary float tensor (s = that group's scale). Verified exactly ternary, they
-pack to 2-bit codes c = w / s + 2 (QuantWeight's symmetric 2-bit form) with s kept in the checkpoint's dtype, so nothing is lost."""
+pack to 2-bit codes c = w / s + 2 (QuantWeight's symmetric 2-bit form) with s kept in the
+checkpoint's dtype, so nothing is lost. Apply it to the linear weights only (embeddings and
+norms are not ternary)."""
 from __future__ import annotations
 
 import numpy as np
