@@ -212,3 +212,21 @@ def test_bad_norm_weight_is_named():
     with pytest.raises(ValueError, match="norm weight \\[63\\] is not \\[64\\]"):
         KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(np.ones((1, 64), np.float32)), *tensors,
                                                   norm_weight=Tensor(np.ones(63, np.float32)))
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_mlp_block_matches_numpy(isa, m):
+    from mindcpm.quant.linear import KernelQuantSwigluMlp
+    rng = np.random.default_rng(m)
+    k, i = 96, 64
+    gate_up, wgu, _ = make_weight(rng, 2 * i, k, 4, 32, True, "float16")  # each weight its own format
+    down, wd, _ = make_weight(rng, k, i, 8, 16, False, "bfloat16")
+    x = (3 * rng.standard_normal((1, m, k))).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    r = rng.standard_normal((1, m, k)).astype(np.float32)
+    xn = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    y = xn @ wgu.T
+    hidden = y[..., :i] / (1 + np.exp(-y[..., :i])) * y[..., i:]
+    want = r + 0.5 * hidden @ wd.T
+    got = KernelQuantSwigluMlp(1e-5, 0.5)(Tensor(x), Tensor(g), *gate_up, *down, Tensor(r)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

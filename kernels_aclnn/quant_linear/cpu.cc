@@ -17,6 +17,8 @@
 //   QuantRmsNormLinear(x, g, eps, packed, scales, offsets, y)    y = rmsnorm(x) W^T        [M, N]
 //   QuantRmsNormLinearSwiglu(x, g, eps, packed, scales, offsets, y)  SwiGLU of rmsnorm(x)  [M, I]
 //     rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g (the norm before q|k|v and gate|up, fused)
+//   QuantRmsNormSwigluMlp(x, g, eps, gate|up weight x 3, down weight x 3, r, scale, y)
+//                                       y = r + scale[0] swiglu(rmsnorm(x) Wgu^T) Wd^T   [M, K]
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
 // narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
@@ -81,39 +83,44 @@ struct Problem {
 
 enum Error { kOk = 0, kBadX = 10, kBadPacked = 11, kBadScales = 12, kBadOffsets = 13, kBadNorm = 14, kBadOther = 15 };
 
-// x is input 0; the weight is inputs w (packed), w + 1 (scales), w + 2 (offsets).
-int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, Problem *p) {
-  if (std::strcmp(dtypes[0], "float32") != 0 || ndims[0] < 1) return kBadX;
-  const int64_t K = shapes[0][ndims[0] - 1];
-  p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(K, 1);
+// The weight of K inputs in inputs w (packed), w + 1 (scales), w + 2 (offsets); N its rows.
+int parse_weight(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, int64_t K, QWeight *q,
+                 int64_t *N) {
   if (std::strcmp(dtypes[w], "uint8") != 0 || ndims[w] != 2 || K <= 0) return kBadPacked;
-  p->N = shapes[w][0];
+  *N = shapes[w][0];
   const int64_t width = shapes[w][1], bits = width * 8 % K == 0 ? width * 8 / K : 0;
   if ((bits != 8 && bits != 4 && bits != 2) || (bits < 8 && K % 32 != 0)) return kBadPacked;
   const int64_t groups = ndims[w + 1] == 2 ? shapes[w + 1][1] : 0;
   const WType stype = weight_type(dtypes[w + 1]);
-  if (stype == WType::kOther || groups <= 0 || shapes[w + 1][0] != p->N || K % groups != 0 ||
+  if (stype == WType::kOther || groups <= 0 || shapes[w + 1][0] != *N || K % groups != 0 ||
       (bits < 8 && K / groups % 32 != 0))
     return kBadScales;
   const bool symmetric = ndims[w + 2] == 1 && shapes[w + 2][0] == 1;  // offsets [1]: none
   if (!symmetric && (std::strcmp(dtypes[w + 2], dtypes[w + 1]) != 0 || ndims[w + 2] != 2 ||
-                     shapes[w + 2][0] != p->N || shapes[w + 2][1] != groups))
+                     shapes[w + 2][0] != *N || shapes[w + 2][1] != groups))
     return kBadOffsets;
-  p->x = static_cast<const float *>(params[0]);
-  p->w = {static_cast<const uint8_t *>(params[w]), params[w + 1], symmetric ? nullptr : params[w + 2], stype, K,
-          K / groups, groups, width, float(1 << (bits - 1))};
+  *q = {static_cast<const uint8_t *>(params[w]), params[w + 1], symmetric ? nullptr : params[w + 2], stype, K,
+        K / groups, groups, width, float(1 << (bits - 1))};
   return kOk;
 }
 
+// x is input 0 [..., K]; the weight is inputs w, w + 1, w + 2.
+int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, Problem *p) {
+  if (std::strcmp(dtypes[0], "float32") != 0 || ndims[0] < 1) return kBadX;
+  const int64_t K = shapes[0][ndims[0] - 1];
+  p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(K, 1);
+  p->x = static_cast<const float *>(params[0]);
+  return parse_weight(params, ndims, shapes, dtypes, w, K, &p->w, &p->N);
+}
+
 // Per row of x, the sum of its inputs over each group (the offsets' factor).
-const float *group_sums(const Problem &p) {
+const float *group_sums(const float *x, int64_t M, const QWeight &w) {
   thread_local std::vector<float> sums;
-  const QWeight &w = p.w;
-  sums.resize(p.M * w.groups);
-  for (int64_t m = 0; m < p.M; ++m)
+  sums.resize(M * w.groups);
+  for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < w.groups; ++g) {
       float s = 0.f;
-      for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) s += p.x[m * w.K + k];
+      for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) s += x[m * w.K + k];
       sums[m * w.groups + g] = s;
     }
   return sums.data();
@@ -278,29 +285,39 @@ std::atomic<int> &chosen_isa() {
   return isa;
 }
 
+// y = epi(x W^T) for M rows of x, on the chosen instruction set.
+int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
+  const float *xsum = group_sums(x, M, w);
+  mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
+  switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512: return avx512_isa::run(x, xsum, w, M, epi);
+    case Isa::kAvx2: return avx2_isa::run(x, xsum, w, M, epi);
+    default: return scalar_isa::run(x, xsum, w, M, epi);
+  }
+}
+
+// x normalised with the RMSNorm weight g (input 1) and eps (input 2), in a reused buffer.
+int normalise(void **params, int *ndims, int64_t **shapes, const char **dtypes, Problem *p) {
+  if (std::strcmp(dtypes[1], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0 ||
+      numel(ndims[1], shapes[1]) != p->w.K)
+    return kBadNorm;
+  p->x = gemv::rms_normalised(p->x, static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                              p->M, p->w.K);
+  return kOk;
+}
+
 // The weight is inputs w, w + 1, w + 2; with `norm`, inputs 1 and 2 are the RMSNorm weight g [K]
 // and eps [1] applied to x first; params[out] is the output.
 int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, bool norm, int out,
                 Epilogue epi) {
   Problem p;
   if (int err = parse(params, ndims, shapes, dtypes, w, &p)) return err;
-  if (norm) {
-    if (std::strcmp(dtypes[1], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0 ||
-        numel(ndims[1], shapes[1]) != p.w.K)
-      return kBadNorm;
-    p.x = gemv::rms_normalised(p.x, static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
-                               p.M, p.w.K);
-  }
+  if (norm)
+    if (int err = normalise(params, ndims, shapes, dtypes, &p)) return err;
   epi.y = static_cast<float *>(params[out]);
   epi.ldy = p.N / epi.rows_per_unit();
   if (numel(ndims[out], shapes[out]) != p.M * epi.ldy || p.N % epi.rows_per_unit() != 0) return kBadOther;
-  const float *xsum = group_sums(p);
-  mindcpm_prefer_huge_pages(p.w.packed, p.N * p.w.row_bytes);
-  switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::run(p.x, xsum, p.w, p.M, epi);
-    case Isa::kAvx2: return avx2_isa::run(p.x, xsum, p.w, p.M, epi);
-    default: return scalar_isa::run(p.x, xsum, p.w, p.M, epi);
-  }
+  return execute(p.x, p.M, p.w, epi);
 }
 
 }  // namespace
@@ -349,4 +366,28 @@ extern "C" int QuantRmsNormLinearSwiglu(int nparam, void **params, int *ndims, i
                                         const char **dtypes, void *, void *) {
   if (nparam != 7) return kBadOther;
   return run_problem(params, ndims, shapes, dtypes, 3, true, 6, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
+}
+
+// A whole MLP block: y = r + scale[0] * swiglu(rmsnorm(x) Wgu^T) Wd^T, the two projections back to back.
+//   QuantRmsNormSwigluMlp(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale, y)
+extern "C" int QuantRmsNormSwigluMlp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  if (nparam != 12) return kBadOther;
+  Problem p;
+  if (int err = parse(params, ndims, shapes, dtypes, 3, &p)) return err;
+  if (int err = normalise(params, ndims, shapes, dtypes, &p)) return err;
+  const int64_t I = p.N / 2, K = p.w.K;
+  QWeight down;
+  int64_t n_down = 0;
+  if (int err = parse_weight(params, ndims, shapes, dtypes, 6, I, &down, &n_down)) return err;
+  if (n_down != K || p.N % 2 != 0 || std::strcmp(dtypes[9], "float32") != 0 ||
+      std::strcmp(dtypes[10], "float32") != 0 || numel(ndims[9], shapes[9]) != p.M * K ||
+      numel(ndims[11], shapes[11]) != p.M * K)
+    return kBadOther;
+  thread_local std::vector<float> hidden;  // the [M, I] SwiGLU activations, reused across calls
+  hidden.resize(p.M * I);
+  if (int err = execute(p.x, p.M, p.w, {Epilogue::kSwiglu, hidden.data(), I, nullptr, 0.f})) return err;
+  return execute(hidden.data(), p.M, down,
+                 {Epilogue::kResidual, static_cast<float *>(params[11]), K, static_cast<const float *>(params[9]),
+                  *static_cast<const float *>(params[10])});
 }

@@ -9,6 +9,9 @@
 
 The same epilogues as ops/cpu.py KernelMatmul; the weight is three tensors instead of one.
 A QuantWeight with input_perm (GPTQ act-order) also passes kernel_perm(qw) as `perm`.
+
+    mlp = KernelQuantSwigluMlp(norm_eps=1e-5, scale=1.0)     # a decoder layer's whole MLP block
+    y = mlp(x, g, *kernel_tensors(gate_up), *kernel_tensors(down), r)   # r + down(swiglu(gate_up(rmsnorm x)))
 """
 from __future__ import annotations
 
@@ -111,6 +114,32 @@ class KernelQuantMatmul(nn.Cell):
         if self.epilogue == "residual":
             return self.op(x, packed, scales, offsets, residual, self.scale)
         return self.op(x, packed, scales, offsets)
+
+
+def _mlp_shape(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale):
+    hidden = _check_shapes("norm swiglu", x, g, eps, gu_packed, gu_scales, gu_offsets)
+    return _check_shapes("residual", hidden, d_packed, d_scales, d_offsets, r, scale)
+
+
+def _mlp_dtype(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale):
+    _check_dtypes("plain", x, d_packed, d_scales)
+    return _check_dtypes("norm swiglu", x, g, eps, gu_packed, gu_scales)
+
+
+class KernelQuantSwigluMlp(nn.Cell):
+    """r + scale * down(silu(gate) * up) of rmsnorm(x) in one kernel, the weights kept quantized
+    (each in its own format): a decoder layer's MLP block is one op, like ops/cpu.py's
+    KernelSwigluMlp. Weights with an input_perm (GPTQ act-order) need the separate ops."""
+
+    def __init__(self, norm_eps: float, scale: float = 1.0):
+        super().__init__()
+        self.eps = Tensor(np.array([norm_eps], np.float32))
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.op = aot_op(OP, "QuantRmsNormSwigluMlp", _mlp_shape, _mlp_dtype)
+
+    def construct(self, x, norm_weight, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, residual):
+        return self.op(x, norm_weight, self.eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets,
+                       residual, self.scale)
 
 
 @functools.lru_cache(maxsize=None)
