@@ -142,7 +142,6 @@ struct V {
   static F load(const float *p) { return *p; }
   static void store(float *p, F v) { *p = v; }
   static F fmadd(F a, F b, F c) { return a * b + c; }
-  static F add(F a, F b) { return a + b; }
   static float hsum(F v) { return v; }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     for (int64_t i = 0; i < n; ++i) out[i] = S::get(p + i);
@@ -166,7 +165,6 @@ struct V {
   static F load(const float *p) { return _mm256_loadu_ps(p); }
   static void store(float *p, F v) { _mm256_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static float hsum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -225,7 +223,6 @@ struct V {
   static F load(const float *p) { return _mm512_loadu_ps(p); }
   static void store(float *p, F v) { _mm512_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static float hsum(F v) { return _mm512_reduce_add_ps(v); }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     avx2_isa::V::widen<S>(p, n, out);  // scales are widened once a row: not worth 16 lanes
