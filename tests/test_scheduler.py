@@ -344,11 +344,12 @@ def test_postprocess_finish_reasons():
     max_tokens = Sequence([5], SamplingParams(max_tokens=2), 4)
     model_len = Sequence([5, 5, 5], SamplingParams(max_tokens=9), 4)
     eos_at_last = Sequence([5], SamplingParams(max_tokens=1), 4)
-    seqs = [min_tokens, ignore_eos, max_tokens, model_len, eos_at_last]
+    eos_at_min = Sequence([5], SamplingParams(max_tokens=9, min_tokens=2), 4)  # EOS at its min_tokens-th token
+    seqs = [min_tokens, ignore_eos, max_tokens, model_len, eos_at_last, eos_at_min]
     for seq in seqs:
         scheduler.add(seq)
     script = {min_tokens: [2, 9, 2], ignore_eos: [2, 2, 3], max_tokens: [9, 9],
-              model_len: [9, 9, 9], eos_at_last: [2]}
+              model_len: [9, 9, 9], eos_at_last: [2], eos_at_min: [2, 2]}
     finished_at = {}
     step = 0
     while scheduler.has_unfinished():
@@ -362,7 +363,8 @@ def test_postprocess_finish_reasons():
     assert (max_tokens.completion_token_ids, max_tokens.finish_reason) == ([9, 9], "length")
     assert (model_len.completion_token_ids, model_len.finish_reason) == ([9, 9, 9], "length")
     assert (eos_at_last.completion_token_ids, eos_at_last.finish_reason) == ([2], "stop")
-    assert finished_at == {eos_at_last: 0, max_tokens: 1, min_tokens: 2, ignore_eos: 2, model_len: 2}
+    assert (eos_at_min.completion_token_ids, eos_at_min.finish_reason) == ([2, 2], "stop")
+    assert finished_at == {eos_at_last: 0, max_tokens: 1, eos_at_min: 1, min_tokens: 2, ignore_eos: 2, model_len: 2}
     assert scheduler.block_manager.num_free_blocks == 20
 
 
