@@ -51,13 +51,35 @@ def _pool(h, d, slots=2):
 
 
 # -- 1. slopes ------------------------------------------------------------------------------------
+# ALiBi's head slopes as published (Press et al. 2022, "Train Short, Test Long", section 3 and
+# the authors' get_slopes in ofirpress/attention_with_linear_biases, which MiniMax's remote code
+# reuses): n = 2^k heads take 2^(-8/n), 2^(-16/n), ..., 2^-8; otherwise the slopes of the nearest
+# smaller power of two c, then every other slope of 2c heads. Written out as numbers here.
+PUBLISHED_SLOPES = {
+    1: [2 ** -8],
+    2: [2 ** -4, 2 ** -8],
+    4: [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8],
+    8: [2 ** -1, 2 ** -2, 2 ** -3, 2 ** -4, 2 ** -5, 2 ** -6, 2 ** -7, 2 ** -8],
+    6: [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3],
+    12: [2 ** -1, 2 ** -2, 2 ** -3, 2 ** -4, 2 ** -5, 2 ** -6, 2 ** -7, 2 ** -8,
+         2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5],
+    16: [2 ** -(e / 2) for e in range(1, 17)],
+    48: [2 ** -(e / 4) for e in range(1, 33)] + [2 ** -(e / 8) for e in range(1, 32, 2)],
+}
+
+
+@pytest.mark.parametrize("h", sorted(PUBLISHED_SLOPES))
+def test_base_slopes_are_the_published_alibi_slopes(h):
+    from mindcpm.layers.lightning import base_slopes
+    np.testing.assert_allclose(base_slopes(h), PUBLISHED_SLOPES[h], rtol=1e-6)
+    np.testing.assert_allclose(R.base_slopes(h), PUBLISHED_SLOPES[h], rtol=1e-12)  # the reference's too
+
+
 def test_slopes_power_of_two_non_power_of_two_and_layer_factor():
     from mindcpm.layers.lightning import base_slopes, lightning_slopes
-    np.testing.assert_allclose(base_slopes(64), 2.0 ** (-8.0 * np.arange(1, 65) / 64), rtol=1e-12)
-    for h in (48, 6, 4, 12):
-        np.testing.assert_allclose(base_slopes(h), R.base_slopes(h), rtol=1e-12)
-    np.testing.assert_allclose(base_slopes(48)[:4], [0.8409, 0.7071, 0.5946, 0.5], atol=1e-4)  # spec §2.2
-    # Remote-code layer factor (spec §2.2 examples, L = 80).
+    np.testing.assert_allclose(base_slopes(64)[[0, 63]], [0.917004, 0.00390625], rtol=1e-6)  # M1: 64 heads
+    np.testing.assert_allclose(base_slopes(48)[:4], [0.8409, 0.7071, 0.5946, 0.5], atol=1e-4)
+    # The remote code's layer factor 1 - l/(L-1) + 1e-5 (L = 80, as in M1).
     np.testing.assert_allclose(lightning_slopes(64, 0, 80) / base_slopes(64), 1.00001, rtol=1e-6)
     np.testing.assert_allclose(lightning_slopes(64, 78, 80) / base_slopes(64), 0.0126682, rtol=1e-5)
     np.testing.assert_allclose(lightning_slopes(64, 78, 80)[63], 4.95e-5, rtol=1e-2)
