@@ -1,5 +1,5 @@
-"""MiniMax building blocks against the float64 NumPy reference written from the spec
-(tests/reference/minimax_numpy.py); the numbered items are minimax_m1 spec §10."""
+"""MiniMax building blocks against the float64 NumPy reference written from the published maths
+(tests/reference/minimax_numpy.py, docs/minimax.md)."""
 from __future__ import annotations
 
 import json
@@ -87,7 +87,7 @@ def test_slopes_power_of_two_non_power_of_two_and_layer_factor():
 
 
 def _mixed_slopes():
-    """Four heads whose rates come from layers 0, 40 and 78 of M1 (spec §10.2), down to ~5e-5."""
+    """Four heads whose rates come from layers 0, 40 and 78 of M1 (docs/minimax.md#decay-slopes), down to ~5e-5."""
     return np.array([R.layer_slopes(64, 0, 80)[0], R.layer_slopes(64, 40, 80)[20],
                      R.layer_slopes(64, 78, 80)[8], R.layer_slopes(64, 78, 80)[63]])
 
@@ -169,7 +169,7 @@ def test_slopes_state_and_router_stay_fp32_in_a_bf16_layer():
 
 
 def test_half_precision_inputs_still_decay_with_tiny_slope():
-    """s = 5e-5: exp(-s) is 1.0 in bf16 and fp16 (spec §2.7). With fp16 q/k/v (bf16 does not
+    """s = 5e-5: exp(-s) is 1.0 in bf16 and fp16 (docs/minimax.md#precision-rules). With fp16 q/k/v (bf16 does not
     compute on CPU) the core must still decay the state in fp32."""
     import mindspore as ms
     from mindcpm.ops.lightning import NativeLightning
@@ -220,7 +220,7 @@ def test_lightning_layer_matches_reference(h):
     cell = _lightning_layer(w, hidden, h, d, layer, layers)
     out = cell(_t(x[None], ms.float32), _t(np.arange(t, dtype=np.int32)[None]), _t([0], ms.int32)).asnumpy()[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-    # The test can tell a [Q; K; V] split and a per-head norm from the spec's layout and norm.
+    # The test can tell a [Q; K; V] split and a per-head norm from the documented layout and norm (docs/minimax.md).
     swapped = dict(w)
     qkv = w["self_attn.qkv_proj.weight"].reshape(3, h, d, hidden)  # read as [Q; K; V] ...
     swapped["self_attn.qkv_proj.weight"] = qkv.transpose(1, 0, 2, 3).reshape(3 * h * d, hidden)  # ... as head-major
@@ -330,7 +330,7 @@ def test_postnorm_residual_flow(minimax_runner):
 
 
 def test_loader_names_and_clear_errors(tmp_path):
-    """HF names of spec §6 fill the stacked experts and fp32 router; bad expert tensors get the
+    """HF names (docs/minimax.md#weight-names) fill the stacked experts and fp32 router; bad expert tensors get the
     loader's one-line errors."""
     import mindspore as ms
     from safetensors.numpy import save_file
@@ -373,7 +373,7 @@ def test_loader_names_and_clear_errors(tmp_path):
 
 
 def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
-    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (spec §4.1)."""
+    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (docs/minimax.md#precision-rules)."""
     import mindspore as ms
     from mindcpm.config import ModelConfig
     from mindcpm.models.minimax import MiniMaxForCausalLM

@@ -1,4 +1,4 @@
-"""The MiniMax model and engine against the float64 NumPy reference written from the spec
+"""The MiniMax model and engine against the float64 NumPy reference written from the published maths
 (tests/reference/minimax_numpy.py): logits, greedy decoding, and the lightning state slots under
 continuous batching, chunked prefill, preemption and abort."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.tiny_minimax import make_tiny_minimax, minimax_config
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The spec's tiny config: hidden 256, 4 heads x 64, 8 layers (softmax at 3 and 7), 4 experts top-2."""
+    """The tiny config: hidden 256, 4 heads x 64, 8 layers (softmax at 3 and 7), 4 experts top-2."""
     path = make_tiny_minimax(str(tmp_path_factory.mktemp("minimax")))
     with open(os.path.join(path, "config.json")) as f:
         cfg = R.Config(json.load(f))

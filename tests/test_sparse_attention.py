@@ -1,5 +1,5 @@
 """InfLLM-v2 sparse attention (mindcpm/layers/sparse.py) against the numpy reference written from
-spec §3 (tests/reference/infllm_numpy.py): selected blocks and outputs, chunked prefill and
+docs/minicpm4.md#infllm-v2-overview (tests/reference/infllm_numpy.py): selected blocks and outputs, chunked prefill and
 decode, both variants, lengths around every boundary."""
 from __future__ import annotations
 
