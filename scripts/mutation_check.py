@@ -33,6 +33,10 @@ class Mutation:
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
 
 
+SPARSE_CELL = ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")  # the composite cell
+SPARSE_KERNEL = ("tests/test_sparse_attention.py", "-k", "cpu_kernel")  # the C++ kernels (built once)
+MINIMAX_VARIANTS = ("tests/test_minimax_model.py", "-k", "variants")
+
 MUTATIONS = [
     Mutation("stop string: search window one character short", "mindcpm/engine/llm_engine.py",
              "len(piece) - state.stop_len + 1, 0)", "len(piece) - state.stop_len + 2, 0)",
@@ -43,7 +47,7 @@ MUTATIONS = [
              ("tests/test_block_manager.py", "tests/test_scheduler.py")),
     Mutation("block table: C2 entry stored one block early", "mindcpm/layers/sparse.py",
              "lambda e: 4 * e + 7)", "lambda e: 4 * e + 6)",
-             ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")),
+             SPARSE_CELL),
     Mutation("muP: residual scale over sqrt(layers + 1)", "mindcpm/config.py",
              'float(hf.get("scale_depth", 1.0)) / math.sqrt(layers)',
              'float(hf.get("scale_depth", 1.0)) / math.sqrt(layers + 1)',
@@ -65,20 +69,20 @@ MUTATIONS = [
     Mutation("InfLLM-v2 pooling: kernel 4b+3 left out (composite)", "mindcpm/layers/sparse.py",
              "padded[..., 4: 4 * nb + 4].reshape(b, hkv, l, nb, 4)[..., 0])",
              "padded[..., 3: 4 * nb + 3].reshape(b, hkv, l, nb, 4)[..., 0])",
-             ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")),
+             SPARSE_CELL),
     Mutation("InfLLM-v2 pooling: kernel 4b+3 left out (CPU kernel)", "kernels_aclnn/infllm_score/cpu.cc",
              "j <= std::min(4 * blk + 3, N1 - 1)", "j <= std::min(4 * blk + 2, N1 - 1)",
-             ("tests/test_sparse_attention.py", "-k", "cpu_kernel")),
+             SPARSE_KERNEL),
     Mutation("InfLLM-v2: ties to the higher block (CPU kernel)", "kernels_aclnn/infllm_score/cpu.cc",
              "(pooled[a] == pooled[c] && a < c)", "(pooled[a] == pooled[c] && a > c)",
-             ("tests/test_sparse_attention.py", "-k", "cpu_kernel")),
+             SPARSE_KERNEL),
     Mutation("InfLLM-v2: dense up to and including dense_len", "mindcpm/layers/sparse.py",
              "dense = (lengths < self.cfg.dense_len)", "dense = (lengths <= self.cfg.dense_len)",
-             ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")),
+             SPARSE_CELL),
     Mutation("InfLLM-v2: no visible-C2 rule", "mindcpm/layers/sparse.py",
              "p = ops.where(ops.logical_and(vis1, any2), ops.exp(s1 - lse), 0.0)",
              "p = ops.where(vis1, ops.exp(s1 - lse), 0.0)",
-             ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")),
+             SPARSE_CELL),
     Mutation("lightning: query decay lambda^i instead of lambda^(i+1)", "mindcpm/ops/lightning.py",
              "inter = self.bmm(q * ops.exp(-cum).expand_dims(-1), state)",
              "inter = self.bmm(q * ops.exp(decay - cum).expand_dims(-1), state)",
@@ -88,10 +92,10 @@ MUTATIONS = [
              ("tests/test_minimax_math.py", "-k", "slopes")),
     Mutation("MiniMax: shared expert weights swapped", "mindcpm/models/minimax.py",
              "m = m * (1 - c) + self.shared_mlp(h2) * c", "m = m * c + self.shared_mlp(h2) * (1 - c)",
-             ("tests/test_minimax_model.py", "-k", "variants")),
+             MINIMAX_VARIANTS),
     Mutation("MiniMax: postnorm flow whatever the flag", "mindcpm/models/minimax.py",
              "x1 = (h if self.postnorm else x) * self.attn_alpha", "x1 = h * self.attn_alpha",
-             ("tests/test_minimax_model.py", "-k", "variants")),
+             MINIMAX_VARIANTS),
 ]
 
 
