@@ -1,4 +1,4 @@
-// InfLLM-v2 stage 2 (spec minicpm4.md §3.6): attention restricted to the selected 64-token
+// InfLLM-v2 stage 2 (docs/minicpm4.md#infllm-v2-block-sparse-attention): attention restricted to the selected 64-token
 // blocks, over the slot-major paged KV cache, fp32. The composite twin is
 // mindcpm/layers/sparse.py InfLLMv2Attention.attend.
 //   BlockSparseAttention(q, k_cache, v_cache, positions, block_tables, selected, meta, out)
