@@ -5,8 +5,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import random
-import socket
 import subprocess
 
 import numpy as np
@@ -56,23 +54,6 @@ def write_checkpoint(path: str, cfg: dict, seed: int = 0) -> str:
 
 
 
-def reserved_port() -> int:
-    """A free local port below the kernel's ephemeral range. Bind-close-reuse inside that range
-    races with every process's outgoing connections, which take ports from it at random; below
-    it only explicit binds compete, and run_ranks retries if one did."""
-    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-        ephemeral_low = int(f.read().split()[0])
-    rng = random.SystemRandom()
-    while True:
-        port = rng.randrange(10000, ephemeral_low)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-
-
 def port_taken(log_dir: str) -> bool:
     for path in glob.glob(os.path.join(log_dir, "*.log")):
         with open(path, errors="replace") as f:
@@ -91,8 +72,7 @@ def run_ranks(model_dir: str, tmp: str, rank1_dir: str | None = None, timeout: i
                MINDCPM_TEST_EP="1" if expert_parallel else "0")
     for attempt in range(attempts):
         log_dir = os.path.join(tmp, "log" if attempt == 0 else f"log{attempt}")
-        command = [arg if not arg.startswith("--master_port=") else f"--master_port={reserved_port()}"
-                   for arg in msrun_command(2, argv, log_dir)]
+        command = msrun_command(2, argv, log_dir)  # a fresh reserved port each attempt
         proc = subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, capture_output=True, text=True)
         if proc.returncode == 0 or not port_taken(log_dir):
             return proc, out, log_dir
