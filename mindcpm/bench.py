@@ -41,7 +41,7 @@ def _longrope_factors(first: float, last: float, n: int) -> list[float]:
 
 def _minicpm4(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, rms_norm_eps: float,
               factors: tuple[float, float], tie: bool, max_pos: int = 32768) -> dict:
-    """A MiniCPM4 config.json (spec minicpm4.md §1): μP scales, LongRoPE, the 73448-token vocabulary."""
+    """A MiniCPM4 config.json (docs/minicpm4.md#mup-scales): μP scales, LongRoPE, the 73448-token vocabulary."""
     head_dim = hidden // heads
     ramp = _longrope_factors(*factors, head_dim // 2)
     return dict(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_size=hidden,
@@ -66,7 +66,7 @@ def _llama(hidden: int, layers: int, heads: int, kv_heads: int, intermediate: in
 
 def _minimax(hidden: int, heads: int, head_dim: int, kv_heads: int, attn_types: tuple, experts: int, top_k: int,
              intermediate: int, vocab: int, max_pos: int) -> dict:
-    """A MiniMax-M1 config.json (remote-code spelling, spec minimax_m1.md §1.1): attn_types 0 =
+    """A MiniMax-M1 config.json (remote-code spelling, docs/minimax.md#configuration-spellings): attn_types 0 =
     lightning, 1 = softmax; DeepNorm alpha (2N)^(1/4) and postnorm, as in M1."""
     alpha = (2 * len(attn_types)) ** 0.25
     return dict(architectures=["MiniMaxM1ForCausalLM"], model_type="minimax_m1", hidden_size=hidden,

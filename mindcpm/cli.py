@@ -137,7 +137,7 @@ def launch_ranks(args: argparse.Namespace, argv: Sequence[str] | None) -> None:
     # `python -m mindcpm.serve` runs as a module on every rank (msrun runs `python ARGS...` as is).
     program = ["python", "-m", main_module.name] if main_module else [os.path.abspath(sys.argv[0])]
     command = msrun_command(args.tp, [*program, *(sys.argv[1:] if argv is None else argv)])
-    command[0] = find_msrun(command)
+    command[0] = find_msrun(command, args.tp)
     sys.stdout.flush()
     with tempfile.TemporaryDirectory(prefix="mindcpm-tp-") as tmp:
         results = os.path.join(tmp, "rank0_stdout")
@@ -167,11 +167,11 @@ def _run_msrun(command: list[str], env: dict) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
-def find_msrun(command: list[str]) -> str:
+def find_msrun(command: list[str], tp: int) -> str:
     """msrun on PATH, else beside the running Python (a virtualenv's bin/ that is not on PATH)."""
     found = shutil.which("msrun") or shutil.which("msrun", path=os.path.dirname(sys.executable))
     if found is None:
-        raise ParallelError(f"--tp needs msrun (MindSpore's launcher), found neither on PATH nor beside "
+        raise ParallelError(f"--tp {tp} needs msrun (MindSpore's launcher), found neither on PATH nor beside "
                             f"{sys.executable}: {shlex.join(command)}")
     return found
 

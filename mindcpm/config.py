@@ -45,7 +45,7 @@ class RopeConfig:
 
 @dataclass(frozen=True)
 class MiniMaxConfig:
-    """The MiniMax-M1 / Text-01 fields (minimax_m1 spec §1), one spelling for both the
+    """The MiniMax-M1 / Text-01 fields (docs/minimax.md#configuration-spellings), one spelling for both the
     remote-code names (attn_type_list, layernorm_*_alpha, rotary_dim, postnorm) and the
     transformers-native ones (layer_types, *_alpha_factor, partial_rotary_factor)."""
     lightning_layers: tuple[bool, ...]  # per layer: True = lightning (linear), False = softmax
@@ -54,22 +54,22 @@ class MiniMaxConfig:
     shared_intermediate_size: int
     shared_moe_mode: str
     postnorm: bool
-    # DeepNorm: x1 = alpha * residual + beta * sublayer(x), per sub-layer kind (spec §5).
+    # DeepNorm: x1 = alpha * residual + beta * sublayer(x), per sub-layer kind (docs/minimax.md#deepnorm-residual-flow).
     linear_alpha: float
     linear_beta: float
     full_alpha: float
     full_beta: float
     mlp_alpha: float
     mlp_beta: float
-    lightning_block: int = 256  # prefill block size; any value gives the same maths (spec §2.4)
-    lightning_eps: float = 1e-6  # the RMSNorm over H*D inside the lightning layer (spec §2.6)
+    lightning_block: int = 256  # prefill block size; any value gives the same maths (docs/minimax.md#lightning-block-form)
+    lightning_eps: float = 1e-6  # the RMSNorm over H*D inside the lightning layer (docs/minimax.md#lightning-output-norm-and-gate)
 
     @property
     def has_lightning(self) -> bool:
         return any(self.lightning_layers)
 
 
-# InfLLM-v2 sparse attention (spec §1d, §3). "current" is the MiniCPM4.1 HF code (LSE normaliser
+# InfLLM-v2 sparse attention (docs/minicpm4.md#sparse-config, docs/minicpm4.md#infllm-v2-overview). "current" is the MiniCPM4.1 HF code (LSE normaliser
 # from C2, local window inside the top-k); "june2025" the first MiniCPM4 code (exact softmax over
 # C1, window excluded from the top-k and added by the attention step).
 SPARSE_VARIANTS = ("current", "june2025")
@@ -244,7 +244,7 @@ def _sparse_config(raw, cfg: "ModelConfig", source: str, variant: str | None, na
         raise ConfigError(f"{source}: sparse_config must be an object, got {type(raw).__name__}")
     if cfg.minimax is not None:
         raise ConfigError(f"{source}: InfLLM-v2 sparse attention is MiniCPM4's; {cfg.architecture} has none")
-    # The official MiniCPM4-0.5B code raises "does not support sparse attention yet" (spec §1a).
+    # The official MiniCPM4-0.5B code raises "does not support sparse attention yet" (docs/minicpm4.md#checkpoint-quirks).
     if "0.5b" in name.lower() or (cfg.architecture == "MiniCPMForCausalLM" and
                                   (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads) == (1024, 24, 16, 2)):
         raise ConfigError(f"{source}: MiniCPM4-0.5B does not support sparse attention (the official code refuses it too)")
@@ -309,7 +309,7 @@ def _rope_config(hf: dict, head_dim: int, max_pos: int, source: str) -> RopeConf
 
 
 def _minimax_config(hf: dict, layers: int, source: str) -> MiniMaxConfig:
-    """Both spellings, tried in vLLM's order (spec §1.3): attn_type_list, decoder_attention_types,
+    """Both spellings, tried in vLLM's order (docs/minimax.md#configuration-spellings): attn_type_list, decoder_attention_types,
     layer_types; layernorm_*_alpha before *_alpha_factor."""
     kinds = hf.get("attn_type_list") or hf.get("decoder_attention_types")
     if kinds is not None:
@@ -343,7 +343,7 @@ def _minimax_config(hf: dict, layers: int, source: str) -> MiniMaxConfig:
         raise ConfigError(f"{source}: missing key {e.args[0]!r}") from None
     if not 0 < top_k <= experts:
         raise ConfigError(f"{source}: num_experts_per_tok {top_k} must be in 1..num_local_experts {experts}")
-    # The transformers-native class hard-codes the postnorm flow and has no such field (§1.3).
+    # The transformers-native class hard-codes the postnorm flow and has no such field (docs/minimax.md#configuration-spellings).
     postnorm = bool(hf.get("postnorm", hf.get("model_type") == "minimax"))
     return MiniMaxConfig(
         lightning_layers=tuple(lightning), num_experts=experts, top_k=top_k,

@@ -177,6 +177,16 @@ class LLM:
             return None, list(prompt)
         raise TypeError(f"a prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}")
 
+    def check_prompt(self, ids: list[int]) -> None:
+        """ValueError naming the problem when the prompt cannot run: an id outside the
+        vocabulary, or no room left in max_model_len for a generated token."""
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {self.max_model_len}")
+
     def _add(self, prompts, params) -> list[RequestState]:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -184,11 +194,8 @@ class LLM:
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
         encoded = [self._encode(p) for p in prompts]
-        vocab = self.config.vocab_size
         for _, ids in encoded:
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
+            self.check_prompt(ids)
         states = []
         try:
             for (text, ids), p in zip(encoded, params_list):

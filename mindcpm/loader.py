@@ -21,7 +21,7 @@ FUSED_PARTS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
-# MoE experts (MiniMax, spec §6): experts.{e}.{w} -> (our stacked parameter, part within an expert).
+# MoE experts (MiniMax, docs/minimax.md#weight-names): experts.{e}.{w} -> (our stacked parameter, part within an expert).
 EXPERT_PARTS = {
     "w1": ("w13", 0),  # gate
     "w3": ("w13", 1),  # up

@@ -8,6 +8,7 @@ other ranks, which run the same compiled step (StepChannel).
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import socket
 import sys
@@ -45,16 +46,32 @@ def msrun_command(size: int, argv: list[str] | None = None, log_dir: str | None 
     """The msrun command line that runs this program (or argv) on `size` local ranks; rank 0's
     output goes to the console, every rank's to log_dir. Multi-host: README."""
     argv = list(sys.argv if argv is None else argv)
-    log_dir = log_dir or os.path.join(os.path.expanduser("~"), ".cache", "mindcpm", "msrun_log")
+    if log_dir is None:
+        from .gguf import cache_root
+        log_dir = os.path.join(cache_root(), "msrun_log")
     return ["msrun", f"--worker_num={size}", f"--local_worker_num={size}", "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}", "--join=True", "--cluster_time_out=120", "--tail_worker_log=0",
+            f"--master_port={reserved_port()}", "--join=True", "--cluster_time_out=120", "--tail_worker_log=0",
             f"--log_dir={log_dir}", *argv]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def reserved_port() -> int:
+    """A free local port below the kernel's ephemeral range. Bind-close-reuse inside that range
+    races with every process's outgoing connections, which take ports from it at random; below
+    it only explicit binds compete."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    rng = random.SystemRandom()
+    while True:
+        port = rng.randrange(10000, ephemeral_low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def init_tensor_parallel(size: int, expert_parallel: bool = False) -> TPGroup:

@@ -39,13 +39,10 @@ class Routes:
             raise RequestError(f"model {model!r} is not served here; this server serves {self.model_name!r}")
 
     def check_prompt(self, ids: list[int]) -> None:
-        vocab = self.llm.config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"token id {bad[0]} is outside the vocabulary (size {vocab})")
-        if len(ids) >= self.llm.max_model_len:
-            raise RequestError(f"the prompt has {len(ids)} tokens but the context (max_model_len) is "
-                               f"{self.llm.max_model_len}, which leaves no room for an answer")
+        try:
+            self.llm.check_prompt(ids)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
 
     # -- endpoints ---------------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, http: Request):

@@ -578,7 +578,7 @@ BUILDERS = {
 def all_cases(ops=None, dtypes=("float16", "bfloat16")) -> list[Case]:
     """Every case of the ops listed (all of BUILDERS by default) in each activation dtype."""
     cases = []
-    for op in ops or BUILDERS:
+    for op in BUILDERS if ops is None else ops:
         for dtype in dtypes:
             for case in BUILDERS[op](dtype):
                 case.dtype = dtype
@@ -659,7 +659,14 @@ def run_case(case: Case, kernels) -> Result:
     return Result(case, *compare(case.expect, got))
 
 
-def real_kernels() -> dict:
-    """The MindSpore primitives the cases name."""
+# Ops that are not MindSpore primitives (custom kernels): op name -> a function returning the
+# class to call, in the primitive's calling convention.
+CUSTOM_KERNELS: dict[str, Callable] = {}
+
+
+def real_kernels(ops=None) -> dict:
+    """The device kernels of `ops` (all of BUILDERS by default): MindSpore's primitives, or the
+    custom kernels registered in CUSTOM_KERNELS."""
     from mindspore.ops import auto_generate
-    return {op: getattr(auto_generate, op) for op in BUILDERS}
+    return {op: CUSTOM_KERNELS[op]() if op in CUSTOM_KERNELS else getattr(auto_generate, op)
+            for op in ops or BUILDERS}

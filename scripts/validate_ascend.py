@@ -43,7 +43,9 @@ import numpy as np  # noqa: E402
 from scripts import ascend_op_cases as cases  # noqa: E402
 from scripts import ascendc_op_checks as custom_checks  # noqa: E402
 
-# The Ascend ops mindcpm calls, in the order they are checked (a name of ascend_op_cases.BUILDERS).
+# The Ascend ops mindcpm calls, in the order they are checked. A new op needs its cases in
+# ascend_op_cases.BUILDERS (and, if it is not a MindSpore primitive, its class in CUSTOM_KERNELS)
+# and, for --dry-run, a CPU stand-in in op_kernels; mindcpm's AscendC ops are ascendc_op_checks.CHECKS.
 OPS = ["ReshapeAndCache", "PagedAttention", "FlashAttentionScore", "MoeGatingTopKSoftmax", "MoeInitRouting",
        "MoeComputeExpertTokens", "GroupedMatmul", "MoeFinalizeRouting", "WeightQuantBatchMatmul",
        *custom_checks.CHECKS]
@@ -111,13 +113,12 @@ def install_emulation() -> Counter:
     return install(_Patch())
 
 
-def op_kernels(dry_run: bool) -> dict:
+def op_kernels(dry_run: bool, ops: list[str]) -> dict:
     if not dry_run:
-        return cases.real_kernels()
+        return cases.real_kernels(ops)
     from tests.ascend_moe_standins import STANDINS
-    from tests.ascend_standins import FlashAttentionScoreStandIn, PagedAttentionStandIn, ReshapeAndCacheStandIn
-    return dict(STANDINS, ReshapeAndCache=ReshapeAndCacheStandIn, PagedAttention=PagedAttentionStandIn,
-                FlashAttentionScore=FlashAttentionScoreStandIn)
+    from tests.ascend_standins import ATTENTION_STANDINS
+    return dict(STANDINS, **ATTENTION_STANDINS)
 
 
 # -- part 1: the ops ----------------------------------------------------------------------------
@@ -144,9 +145,9 @@ def check_custom_ops(names: list[str], dtypes: list[str], dry_run: bool) -> list
 
 
 def check_ops(ops: list[str], dtypes: list[str], dry_run: bool) -> list[tuple]:
-    kernels = op_kernels(dry_run)
     rows = check_custom_ops([o for o in ops if o in custom_checks.CHECKS], dtypes, dry_run)
     ops = [o for o in ops if o not in custom_checks.CHECKS]
+    kernels = op_kernels(dry_run, ops)
     for case in cases.all_cases(ops, dtypes):
         if dry_run and not case.cpu:
             rows.append(("op", case.op, case.name, "SKIP", case.why))

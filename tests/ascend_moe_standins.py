@@ -33,13 +33,15 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.ops import constexpr
 
-from tests.ascend_standins import CALLS, NAN, _require
+from tests.ascend_standins import CALLS, NAN, _require, verify
 
 FLOATS = (ms.float16, ms.bfloat16, ms.float32)
 
 
 def install_moe_standins(monkeypatch):
+    """As install_standins, for the MoE kernels in mindcpm.ops.ascend_moe."""
     import mindcpm.ops.ascend_moe as ascend_moe
+    verify(STANDINS)
     for name, standin in STANDINS.items():
         if hasattr(ascend_moe, name):
             monkeypatch.setattr(ascend_moe, name, standin)

@@ -45,16 +45,36 @@ NAN = float("nan")
 
 
 def install_standins(monkeypatch) -> Counter:
-    """Replaces the kernels in mindcpm.ops.ascend with the stand-ins and returns the call counter
-    (cleared). Also turns the compile cache off: a graph loaded from the cache is not traced, so
-    its calls would be neither checked nor counted."""
+    """Replaces the kernels in mindcpm.ops.ascend with the stand-ins, once they have shown that
+    they reproduce their ops' examples (verify), and returns the call counter (cleared). Also
+    turns the compile cache off: a graph loaded from the cache is not traced, so its calls would
+    be neither checked nor counted."""
     import mindcpm.ops.ascend as ascend
-    monkeypatch.setattr(ascend, "ReshapeAndCache", ReshapeAndCacheStandIn)
-    monkeypatch.setattr(ascend, "PagedAttention", PagedAttentionStandIn)
-    monkeypatch.setattr(ascend, "FlashAttentionScore", FlashAttentionScoreStandIn)
+    verify(ATTENTION_STANDINS)
+    for name, standin in ATTENTION_STANDINS.items():
+        monkeypatch.setattr(ascend, name, standin)
     monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "0")
     CALLS.clear()
     return CALLS
+
+
+_VERIFIED: set = set()  # (op name, stand-in class) pairs that reproduced their cases
+
+
+def verify(standins: dict) -> None:
+    """Once per process and op: the stand-in must reproduce its op's docstring examples and its
+    first numpy golden (scripts/ascend_op_cases.py; tests/test_ascend_standins.py runs them all)
+    before a model-level test may rely on it."""
+    from scripts.ascend_op_cases import all_cases, run_case
+    todo = [op for op, standin in standins.items() if (op, standin) not in _VERIFIED]
+    seen = set()
+    for case in all_cases(todo, ("float16",)):
+        if case.op in seen and not case.source.startswith("docstring"):
+            continue
+        seen.add(case.op)
+        result = run_case(case, standins)
+        _require(result.ok, case.op, f"the stand-in does not reproduce {case.label} ({case.source}): {result.detail}")
+    _VERIFIED.update((op, standins[op]) for op in todo)
 
 
 def _fail(op: str, message: str):
@@ -368,3 +388,7 @@ class FlashAttentionScoreStandIn(nn.Cell):
         softmax_sum = ops.broadcast_to(exp_sum.reshape(b, n1, s1, 1), (b, n1, s1, 8))
         softmax_out = ops.zeros((), query.dtype)
         return softmax_max, softmax_sum, softmax_out, self._from_bnsd(out).astype(query.dtype)
+
+
+ATTENTION_STANDINS = {"ReshapeAndCache": ReshapeAndCacheStandIn, "PagedAttention": PagedAttentionStandIn,
+                      "FlashAttentionScore": FlashAttentionScoreStandIn}

@@ -17,13 +17,13 @@ import sys
 
 import numpy as np
 import pytest
+from mindspore import ops
 
 from scripts import ascend_op_cases as C
 from tests.ascend_moe_standins import STANDINS as MOE_STANDINS
-from tests.ascend_standins import FlashAttentionScoreStandIn, PagedAttentionStandIn, ReshapeAndCacheStandIn
+from tests.ascend_standins import ATTENTION_STANDINS
 
-STANDINS = dict(MOE_STANDINS, ReshapeAndCache=ReshapeAndCacheStandIn, PagedAttention=PagedAttentionStandIn,
-                FlashAttentionScore=FlashAttentionScoreStandIn)
+STANDINS = dict(MOE_STANDINS, **ATTENTION_STANDINS)
 CASES = C.all_cases()
 UNSUPPORTED_ON_CPU = r"Unsupported op \[\w+\] on CPU"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -217,17 +217,24 @@ def test_validate_ascend_dry_run_passes():
     assert any(r[:3] == ["model", "tiny", "llama"] and "PASS" in r for r in rows), proc.stdout
 
 
+class CountsNotEnds(STANDINS["MoeComputeExpertTokens"]):
+    """A wrong MoeComputeExpertTokens: per-expert counts instead of cumulative ends."""
+
+    def construct(self, sorted_experts, num_expert):
+        ends = super().construct(sorted_experts, num_expert)
+        return ends - ops.concat((ops.zeros(1, ends.dtype), ends[:-1]))
+
+
+def test_a_standin_that_misses_its_examples_is_not_installed():
+    from tests.ascend_standins import verify
+    with pytest.raises(AssertionError, match="does not reproduce .*docstring example"):
+        verify({"MoeComputeExpertTokens": CountsNotEnds})
+
+
 def test_validate_ascend_reports_a_wrong_kernel(monkeypatch, capsys):
-    """An op that gives per-expert counts instead of cumulative ends fails its row and the exit."""
+    """A wrong kernel fails its rows and the exit status."""
     from scripts import validate_ascend as V
-
-    class CountsNotEnds(STANDINS["MoeComputeExpertTokens"]):
-        def construct(self, sorted_experts, num_expert):
-            ends = super().construct(sorted_experts, num_expert)
-            return ends - ops.concat((ops.zeros(1, ends.dtype), ends[:-1]))
-
-    from mindspore import ops
-    monkeypatch.setattr(V, "op_kernels", lambda dry_run: dict(STANDINS, MoeComputeExpertTokens=CountsNotEnds))
+    monkeypatch.setattr(V, "op_kernels", lambda dry_run, ops: dict(STANDINS, MoeComputeExpertTokens=CountsNotEnds))
     assert V.main(["--dry-run", "--ops", "MoeComputeExpertTokens", "--dtypes", "float16", "--models", ""]) == 1
     out = capsys.readouterr().out
     assert out.count("FAIL") == 2 and "expert_tokens" in out, out

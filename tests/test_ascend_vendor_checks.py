@@ -130,3 +130,23 @@ def test_compiled_ascend_step_names_its_inputs_and_boosts_inference(tmp_path):
     names = re.findall(r"^%para\d+_(\w+):", validated[0].read_text(), re.M)
     assert names[:8] == ["input_ids", "positions", "batch_valid_length", "q_seq_lens", "slot_mapping",
                          "block_tables", "logits_rows", "extra0"], names[:10]
+
+
+def test_device_detection_is_quiet_and_an_ascend_setup_failure_is_one_error(tmp_path):
+    """On this CPU host: the device count says "cpu" with no plugin-loading warnings (a plain
+    LLM() used to print four), and forcing Ascend is one RuntimeError line, not silence."""
+    script = textwrap.dedent("""
+        from mindcpm.ops.device import detect_device, setup_runtime
+        print(detect_device())
+        try:
+            setup_runtime("ascend")
+        except RuntimeError as e:
+            print("error:", e)
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
+    out = run.stdout.strip().splitlines()
+    if out and out[0] == "ascend":
+        pytest.skip("an Ascend device is present")
+    assert out[0] == "cpu" and "Load dynamic library" not in run.stderr, run.stderr[-2000:]
+    assert len(out) == 2 and out[1].startswith("error: cannot use the Ascend device: "), out

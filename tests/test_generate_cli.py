@@ -78,3 +78,25 @@ def test_tp_json_is_one_document_with_msrun_beside_python(tiny, tmp_path):
     document = json.loads(proc.stdout)  # the whole of stdout, nothing before or after
     assert document["results"][0]["prompt"] == "hello" and len(document["results"][0]["token_ids"]) == 3
     assert "Start worker process" in proc.stderr
+
+
+def test_without_msrun_anywhere_tp_is_one_error_line(monkeypatch, tmp_path):
+    from mindcpm import cli
+    from mindcpm.parallel import ParallelError
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(ParallelError, match="found neither on PATH nor beside"):
+        cli.find_msrun(["msrun", "--worker_num=2", "generate.py"], 2)
+
+
+@pytest.mark.parametrize("argv,needle", [(["--model", "/nonexistent/model"], "error: model not found"),
+                                         (["--port", "70000"], "error: --port must be in 0..65535")])
+def test_serve_bad_options_are_one_error_line(argv, needle, capsys):
+    from mindcpm import serve
+    try:
+        status = serve.main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        status = e.code
+    assert status in (1, 2)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(needle)

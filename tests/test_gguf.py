@@ -265,9 +265,9 @@ def tiny_minicpm(tmp_path_factory):
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MINDCPM_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(fresh_cache):
+    """These tests import into, reuse and inspect the cache: an empty one of their own."""
+    return fresh_cache
 
 
 def test_tiny_minicpm_config(tiny_minicpm, cache):

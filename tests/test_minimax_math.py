@@ -1,5 +1,5 @@
-"""MiniMax building blocks against the float64 NumPy reference written from the spec
-(tests/reference/minimax_numpy.py); the numbered items are minimax_m1 spec §10."""
+"""MiniMax building blocks against the float64 NumPy reference written from the published maths
+(tests/reference/minimax_numpy.py, docs/minimax.md)."""
 from __future__ import annotations
 
 import json
@@ -51,13 +51,35 @@ def _pool(h, d, slots=2):
 
 
 # -- 1. slopes ------------------------------------------------------------------------------------
+# ALiBi's head slopes as published (Press et al. 2022, "Train Short, Test Long", section 3 and
+# the authors' get_slopes in ofirpress/attention_with_linear_biases, which MiniMax's remote code
+# reuses): n = 2^k heads take 2^(-8/n), 2^(-16/n), ..., 2^-8; otherwise the slopes of the nearest
+# smaller power of two c, then every other slope of 2c heads. Written out as numbers here.
+PUBLISHED_SLOPES = {
+    1: [2 ** -8],
+    2: [2 ** -4, 2 ** -8],
+    4: [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8],
+    8: [2 ** -1, 2 ** -2, 2 ** -3, 2 ** -4, 2 ** -5, 2 ** -6, 2 ** -7, 2 ** -8],
+    6: [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8, 2 ** -1, 2 ** -3],
+    12: [2 ** -1, 2 ** -2, 2 ** -3, 2 ** -4, 2 ** -5, 2 ** -6, 2 ** -7, 2 ** -8,
+         2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5],
+    16: [2 ** -(e / 2) for e in range(1, 17)],
+    48: [2 ** -(e / 4) for e in range(1, 33)] + [2 ** -(e / 8) for e in range(1, 32, 2)],
+}
+
+
+@pytest.mark.parametrize("h", sorted(PUBLISHED_SLOPES))
+def test_base_slopes_are_the_published_alibi_slopes(h):
+    from mindcpm.layers.lightning import base_slopes
+    np.testing.assert_allclose(base_slopes(h), PUBLISHED_SLOPES[h], rtol=1e-6)
+    np.testing.assert_allclose(R.base_slopes(h), PUBLISHED_SLOPES[h], rtol=1e-12)  # the reference's too
+
+
 def test_slopes_power_of_two_non_power_of_two_and_layer_factor():
     from mindcpm.layers.lightning import base_slopes, lightning_slopes
-    np.testing.assert_allclose(base_slopes(64), 2.0 ** (-8.0 * np.arange(1, 65) / 64), rtol=1e-12)
-    for h in (48, 6, 4, 12):
-        np.testing.assert_allclose(base_slopes(h), R.base_slopes(h), rtol=1e-12)
-    np.testing.assert_allclose(base_slopes(48)[:4], [0.8409, 0.7071, 0.5946, 0.5], atol=1e-4)  # spec §2.2
-    # Remote-code layer factor (spec §2.2 examples, L = 80).
+    np.testing.assert_allclose(base_slopes(64)[[0, 63]], [0.917004, 0.00390625], rtol=1e-6)  # M1: 64 heads
+    np.testing.assert_allclose(base_slopes(48)[:4], [0.8409, 0.7071, 0.5946, 0.5], atol=1e-4)
+    # The remote code's layer factor 1 - l/(L-1) + 1e-5 (L = 80, as in M1).
     np.testing.assert_allclose(lightning_slopes(64, 0, 80) / base_slopes(64), 1.00001, rtol=1e-6)
     np.testing.assert_allclose(lightning_slopes(64, 78, 80) / base_slopes(64), 0.0126682, rtol=1e-5)
     np.testing.assert_allclose(lightning_slopes(64, 78, 80)[63], 4.95e-5, rtol=1e-2)
@@ -65,7 +87,7 @@ def test_slopes_power_of_two_non_power_of_two_and_layer_factor():
 
 
 def _mixed_slopes():
-    """Four heads whose rates come from layers 0, 40 and 78 of M1 (spec §10.2), down to ~5e-5."""
+    """Four heads whose rates come from layers 0, 40 and 78 of M1 (docs/minimax.md#decay-slopes), down to ~5e-5."""
     return np.array([R.layer_slopes(64, 0, 80)[0], R.layer_slopes(64, 40, 80)[20],
                      R.layer_slopes(64, 78, 80)[8], R.layer_slopes(64, 78, 80)[63]])
 
@@ -147,7 +169,7 @@ def test_slopes_state_and_router_stay_fp32_in_a_bf16_layer():
 
 
 def test_half_precision_inputs_still_decay_with_tiny_slope():
-    """s = 5e-5: exp(-s) is 1.0 in bf16 and fp16 (spec §2.7). With fp16 q/k/v (bf16 does not
+    """s = 5e-5: exp(-s) is 1.0 in bf16 and fp16 (docs/minimax.md#precision-rules). With fp16 q/k/v (bf16 does not
     compute on CPU) the core must still decay the state in fp32."""
     import mindspore as ms
     from mindcpm.ops.lightning import NativeLightning
@@ -198,7 +220,7 @@ def test_lightning_layer_matches_reference(h):
     cell = _lightning_layer(w, hidden, h, d, layer, layers)
     out = cell(_t(x[None], ms.float32), _t(np.arange(t, dtype=np.int32)[None]), _t([0], ms.int32)).asnumpy()[0]
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
-    # The test can tell a [Q; K; V] split and a per-head norm from the spec's layout and norm.
+    # The test can tell a [Q; K; V] split and a per-head norm from the documented layout and norm (docs/minimax.md).
     swapped = dict(w)
     qkv = w["self_attn.qkv_proj.weight"].reshape(3, h, d, hidden)  # read as [Q; K; V] ...
     swapped["self_attn.qkv_proj.weight"] = qkv.transpose(1, 0, 2, 3).reshape(3 * h * d, hidden)  # ... as head-major
@@ -308,7 +330,7 @@ def test_postnorm_residual_flow(minimax_runner):
 
 
 def test_loader_names_and_clear_errors(tmp_path):
-    """HF names of spec §6 fill the stacked experts and fp32 router; bad expert tensors get the
+    """HF names (docs/minimax.md#weight-names) fill the stacked experts and fp32 router; bad expert tensors get the
     loader's one-line errors."""
     import mindspore as ms
     from safetensors.numpy import save_file
@@ -351,7 +373,7 @@ def test_loader_names_and_clear_errors(tmp_path):
 
 
 def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
-    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (spec §4.1)."""
+    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (docs/minimax.md#precision-rules)."""
     import mindspore as ms
     from mindcpm.config import ModelConfig
     from mindcpm.models.minimax import MiniMaxForCausalLM

@@ -1,4 +1,4 @@
-"""The MiniMax model and engine against the float64 NumPy reference written from the spec
+"""The MiniMax model and engine against the float64 NumPy reference written from the published maths
 (tests/reference/minimax_numpy.py): logits, greedy decoding, and the lightning state slots under
 continuous batching, chunked prefill, preemption and abort."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tests.tiny_minimax import make_tiny_minimax, minimax_config
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """The spec's tiny config: hidden 256, 4 heads x 64, 8 layers (softmax at 3 and 7), 4 experts top-2."""
+    """The tiny config: hidden 256, 4 heads x 64, 8 layers (softmax at 3 and 7), 4 experts top-2."""
     path = make_tiny_minimax(str(tmp_path_factory.mktemp("minimax")))
     with open(os.path.join(path, "config.json")) as f:
         cfg = R.Config(json.load(f))
@@ -38,28 +38,42 @@ def _llm(path, **kw):
     return LLM(model=path, progress=False, **kw)
 
 
-
-
-
-
-def test_logits_match_reference(tiny):
+def all_position_logits(path, ids, max_tokens):
+    """The runner's logits at every position of one prompt (one prefill, the row padded to the
+    max_tokens bucket)."""
     from mindcpm.config import ModelConfig
     from mindcpm.engine.runner import ModelRunner, RunnerConfig
     from mindcpm.engine.sequence import Sequence
     from mindcpm.sampling import SamplingParams
+    runner = ModelRunner(ModelConfig.from_dir(path), RunnerConfig(8, 64, 2, max_tokens), path, progress=False)
+    seq = Sequence(ids, SamplingParams(), 8)
+    seq.block_table, seq.state_slot = list(range(-(-len(ids) // 8))), 1
+    inputs, _, _ = runner.prepare([seq], [len(ids)], all_rows=True)
+    return runner.forward(inputs).asnumpy()[:len(ids)]
+
+
+def test_logits_match_reference(tiny):
     path, cfg, weights = tiny
-    runner = ModelRunner(ModelConfig.from_dir(path), RunnerConfig(8, 64, 2, 512), path, progress=False)
-    rng = np.random.default_rng(0)
     # Every position's logits of one 300-token prompt: each prefix length, across two lightning
     # blocks of 256, with the row padded to the 512 bucket.
-    for n in (300,):
-        ids = rng.integers(0, 256, n).tolist()
-        seq = Sequence(ids, SamplingParams(), 8)
-        seq.block_table, seq.state_slot = list(range(-(-n // 8))), 1
-        inputs, _, _ = runner.prepare([seq], [n], all_rows=True)
-        got = runner.forward(inputs).asnumpy()[:n]
-        ref, _ = R.forward(cfg, weights, ids)
-        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    ids = np.random.default_rng(0).integers(0, 256, 300).tolist()
+    got = all_position_logits(path, ids, 512)
+    ref, _ = R.forward(cfg, weights, ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("shared, postnorm", [(24, True), (0, False)], ids=["shared-expert", "prenorm-residual"])
+def test_variants_match_reference(tmp_path, shared, postnorm):
+    """The paths M1 leaves unused: the sigmoid-gated shared expert mixed into the MoE output, and
+    postnorm=false (the residual carries the un-normalised sum)."""
+    mc = minimax_config(hidden=64, heads=4, head_dim=16, kv_heads=2, attn_types=(0, 1, 0), intermediate=32,
+                        shared_intermediate=shared, postnorm=postnorm)
+    path = make_tiny_minimax(str(tmp_path / "model"), mc, seed=3)
+    weights = R.load(os.path.join(path, "model.safetensors"))
+    ids = np.random.default_rng(1).integers(0, 256, 40).tolist()
+    got = all_position_logits(path, ids, 64)
+    ref, _ = R.forward(R.Config(mc), weights, ids)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
 def test_greedy_engine_equals_reference_decoding(tiny):

@@ -1,4 +1,4 @@
-"""LongRoPE against a numpy implementation written from spec §2.2 (MiniCPMLongRoPE)."""
+"""LongRoPE against a numpy implementation written from docs/minicpm4.md#longrope (MiniCPMLongRoPE)."""
 from __future__ import annotations
 
 import math

@@ -1,10 +1,17 @@
-"""The scheduler against a fake paged model.
+"""The scheduler against a fake paged model and an invariant checker.
 
 The fake model's next token is a function of the whole token history, and it keeps a fake KV
 cache keyed by (block, offset): every step writes the K/V of the tokens it is asked to compute
 and reads back the K/V of every earlier position, checking each slot holds exactly that
-position's prefix. So streams match generation alone only if the scheduler computes exactly
-the right positions into the right blocks.
+position's prefix. So the scheduler must compute exactly the right positions into the right
+blocks.
+
+The checker (Invariants) watches every step of the engine loop and asserts what must hold
+whatever the scheduling policy: every request's tokens are produced once each, in order, from
+its own history; blocks are conserved; status transitions are legal (a preempted sequence
+holds nothing and restarts from token 0); no request is starved (first admissions follow
+arrival order and every request finishes); a finished request stopped for a reason its
+parameters allow, at the first token that allowed it.
 """
 import random
 
@@ -16,24 +23,13 @@ from mindcpm.sampling import SamplingParams
 
 VOCAB_SIZE = 101
 EOS = 7
+WAITING, RUNNING, FINISHED = SequenceStatus.WAITING, SequenceStatus.RUNNING, SequenceStatus.FINISHED
+LEGAL = {(WAITING, WAITING), (WAITING, RUNNING), (RUNNING, RUNNING), (RUNNING, WAITING),
+         (WAITING, FINISHED), (RUNNING, FINISHED), (FINISHED, FINISHED)}
 
 
 def next_token(token_ids):
     return (sum(token_ids) * 31 + len(token_ids)) % VOCAB_SIZE
-
-
-def generate_alone(prompt, params, max_model_len):
-    """Reference: (completion, finish reason) of one request run by itself."""
-    token_ids, completion = list(prompt), []
-    while True:
-        token = next_token(token_ids)
-        token_ids.append(token)
-        completion.append(token)
-        if len(completion) >= params.min_tokens and (
-                (token == EOS and not params.ignore_eos) or token in params.stop_token_ids):
-            return completion, "stop"
-        if len(completion) >= params.max_tokens or len(token_ids) >= max_model_len:
-            return completion, "length"
 
 
 def prefix_keys(token_ids):
@@ -100,34 +96,123 @@ def check_block_accounting(scheduler):
     assert all(seq is scheduler.waiting[0] for seq in scheduler.waiting if seq.block_table)
 
 
-def run(scheduler, arrivals, abort_at=None, model=None, max_steps=20_000):
-    """Drive the engine loop; returns the model and the ids of the sequences preempted.
+class Invariants:
+    """Checks one engine loop step by step (see the module docstring)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.seqs: dict[int, Sequence] = {}
+        self.status: dict[int, SequenceStatus] = {}
+        self.samples: dict[int, list[tuple[int, int]]] = {}  # seq id -> (position, token) produced
+        self.admitted: list[int] = []  # seq ids in the order of their first computed token
+        self.preempted: set[int] = set()
+        self.aborted: set[int] = set()
+
+    def added(self, seq):
+        self.seqs[seq.seq_id] = seq
+        self.status[seq.seq_id] = seq.status
+        self.samples[seq.seq_id] = []
+
+    def scheduled(self, batch):
+        for seq in batch.seqs:
+            if seq.seq_id not in self.admitted:
+                self.admitted.append(seq.seq_id)
+
+    def sampled(self, batch, tokens):
+        for seq, token in zip(batch.seqs, tokens):
+            if token is not None and not seq.is_finished:
+                self.samples[seq.seq_id].append((seq.num_tokens, token))
+
+    def step_done(self):
+        for seq_id, seq in self.seqs.items():
+            before, now = self.status[seq_id], seq.status
+            assert (before, now) in LEGAL, f"seq {seq_id}: {before} -> {now}"
+            if before == RUNNING and now == WAITING:  # preemption by recompute
+                self.preempted.add(seq_id)
+                assert not seq.block_table and seq.num_cached_tokens == 0
+            if now == FINISHED:
+                assert not seq.block_table
+            self.status[seq_id] = now
+            # What was produced is exactly what was appended, in order.
+            assert seq.completion_token_ids == [t for _, t in self.samples[seq_id]]
+        check_block_accounting(self.scheduler)
+
+    def finished(self, max_model_len):
+        manager = self.scheduler.block_manager
+        assert manager.num_free_blocks == manager.num_blocks
+        arrival = list(self.seqs)
+        assert self.admitted == [i for i in arrival if i in self.admitted], "admitted out of arrival order"
+        for seq_id, seq in self.seqs.items():
+            assert seq.status == FINISHED, f"seq {seq_id} starved"
+            positions = [p for p, _ in self.samples[seq_id]]
+            assert positions == list(range(seq.num_prompt_tokens, seq.num_tokens)), f"seq {seq_id}"
+            if seq_id not in self.aborted:
+                check_finish_reason(seq, max_model_len)
+
+
+def step_checked(scheduler, model, checker, postprocess=True):
+    """One engine step by hand, under the checker; returns the batch."""
+    batch = scheduler.schedule()
+    checker.scheduled(batch)
+    if postprocess:
+        tokens = model.step(batch)
+        checker.sampled(batch, tokens)
+        scheduler.postprocess(batch, tokens)
+        checker.step_done()
+    return batch
+
+
+def stops_at(seq, i):
+    """Whether completion token i (0-based) may end the request with reason "stop"."""
+    params, token = seq.params, seq.completion_token_ids[i]
+    return i + 1 >= params.min_tokens and ((token == EOS and not params.ignore_eos)
+                                           or token in params.stop_token_ids)
+
+
+def check_finish_reason(seq, max_model_len):
+    completion = seq.completion_token_ids
+    assert completion, f"seq {seq.seq_id} produced nothing"
+    assert not any(stops_at(seq, i) for i in range(len(completion) - 1)), f"seq {seq.seq_id} ran past a stop"
+    limit = len(completion) == seq.params.max_tokens or seq.num_tokens == max_model_len
+    assert len(completion) <= seq.params.max_tokens and seq.num_tokens <= max_model_len
+    if stops_at(seq, len(completion) - 1):
+        assert seq.finish_reason == "stop"
+    else:
+        assert seq.finish_reason == "length" and limit, (seq.seq_id, seq.finish_reason, len(completion))
+
+
+def run(scheduler, arrivals, abort_at=None, model=None, max_steps=20_000, checker=None):
+    """Drive the engine loop under the invariant checker; returns the model and the checker.
 
     arrivals: (step, Sequence) pairs; abort_at: {step: seq_id}.
     """
     model = model or FakeModel(scheduler)
-    preempted = set()
+    checker = checker or Invariants(scheduler)
     pending = sorted(arrivals, key=lambda arrival: arrival[0])
     abort_at = abort_at or {}
     step = 0
     while pending or scheduler.has_unfinished():
         while pending and pending[0][0] <= step:
-            scheduler.add(pending.pop(0)[1])
+            seq = pending.pop(0)[1]
+            scheduler.add(seq)
+            checker.added(seq)
         if step in abort_at:
+            checker.aborted.add(abort_at[step])
             scheduler.abort(abort_at[step])
-        was_running = list(scheduler.running)
         batch = scheduler.schedule()
-        preempted.update(seq.seq_id for seq in was_running if seq.status == SequenceStatus.WAITING)
         if batch is None:
             assert not scheduler.has_unfinished()
         else:
-            for seq in scheduler.postprocess(batch, model.step(batch)):
+            checker.scheduled(batch)
+            tokens = model.step(batch)
+            checker.sampled(batch, tokens)
+            for seq in scheduler.postprocess(batch, tokens):
                 assert seq.is_finished and not seq.block_table
-        check_block_accounting(scheduler)
+        checker.step_done()
         step += 1
         assert step < max_steps, "no progress"
-    assert scheduler.block_manager.num_free_blocks == scheduler.block_manager.num_blocks
-    return model, preempted
+    checker.finished(scheduler.max_model_len)
+    return model, checker
 
 
 def random_requests(rng, count, block_size, max_prompt_len, shared_prefix=()):
@@ -145,15 +230,6 @@ def random_requests(rng, count, block_size, max_prompt_len, shared_prefix=()):
     return requests
 
 
-def assert_streams_match_alone(requests, max_model_len, skip=()):
-    for seq in requests:
-        if seq.seq_id in skip:
-            continue
-        expected = generate_alone(seq.prompt_token_ids, seq.params, max_model_len)
-        assert (seq.completion_token_ids, seq.finish_reason) == expected, f"seq {seq.seq_id}"
-        assert seq.status == SequenceStatus.FINISHED
-
-
 CONFIGS = {
     # name: (max_num_seqs, max_num_batched_tokens, num_blocks, block_size)
     "roomy": (8, 256, 1000, 4),
@@ -167,7 +243,7 @@ MAX_MODEL_LEN = 64
 
 @pytest.mark.parametrize("prefix_caching", [True, False])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_concurrent_streams_equal_streams_alone(config, prefix_caching):
+def test_concurrent_streams_keep_the_invariants(config, prefix_caching):
     max_num_seqs, max_num_batched_tokens, num_blocks, block_size = CONFIGS[config]
     rng = random.Random(config)
     scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, MAX_MODEL_LEN, num_blocks, block_size,
@@ -176,12 +252,11 @@ def test_concurrent_streams_equal_streams_alone(config, prefix_caching):
     requests = (random_requests(rng, 24, block_size, 50)
                 + random_requests(rng, 12, block_size, 20, shared_prefix))
     arrivals = [(rng.choice([0, 0, rng.randint(1, 60)]), seq) for seq in requests]
-    model, preempted = run(scheduler, arrivals)
+    model, checker = run(scheduler, arrivals)
 
-    assert_streams_match_alone(requests, MAX_MODEL_LEN)
     assert {"stop", "length"} <= {seq.finish_reason for seq in requests}
     if "tiny_pool" in config:
-        assert preempted, "the pool was meant to force preemption"
+        assert checker.preempted, "the pool was meant to force preemption"
     if "chunked" in config:
         assert model.partial_chunks
     hits = [tokens for tokens in model.first_prefill_hits.values() if tokens]
@@ -241,22 +316,25 @@ def test_preemption_recomputes_the_most_recent_sequences_first():
     scheduler = Scheduler(8, 64, 64, num_blocks=5, block_size=2, eos_token_ids=set())
     a, b, c, d = (Sequence([i, i + 1], SamplingParams(max_tokens=3), 2) for i in (1, 3, 5, 7))
     e = Sequence([9, 9, 9, 9], SamplingParams(max_tokens=2), 2)
+    model, checker = FakeModel(scheduler), Invariants(scheduler)
     for seq in (a, b, c, d, e):
         scheduler.add(seq)
-    model = FakeModel(scheduler)
-    batch = scheduler.schedule()
+        checker.added(seq)
+    batch = step_checked(scheduler, model, checker)
     assert batch.seqs == [a, b, c, d]  # e needs 2 blocks, 1 is free
-    scheduler.postprocess(batch, model.step(batch))
 
-    batch = scheduler.schedule()
+    batch = step_checked(scheduler, model, checker, postprocess=False)
     # a takes the free block; b gets d's; c finds none and, last left, preempts itself.
     assert batch.seqs == [a, b] and not batch.is_prefill
     assert list(scheduler.waiting) == [c, d, e]
     assert all(seq.block_table == [] and seq.num_cached_tokens == 0 and seq.status == SequenceStatus.WAITING
                for seq in (c, d))
-    scheduler.postprocess(batch, model.step(batch))
-    run(scheduler, [], model=model)
-    assert_streams_match_alone([a, b, c, d, e], 64)
+    tokens = model.step(batch)
+    checker.sampled(batch, tokens)
+    scheduler.postprocess(batch, tokens)
+    checker.step_done()
+    run(scheduler, [], model=model, checker=checker)
+    assert checker.preempted == {c.seq_id, d.seq_id}
 
 
 def test_postprocess_finish_reasons():
@@ -266,11 +344,12 @@ def test_postprocess_finish_reasons():
     max_tokens = Sequence([5], SamplingParams(max_tokens=2), 4)
     model_len = Sequence([5, 5, 5], SamplingParams(max_tokens=9), 4)
     eos_at_last = Sequence([5], SamplingParams(max_tokens=1), 4)
-    seqs = [min_tokens, ignore_eos, max_tokens, model_len, eos_at_last]
+    eos_at_min = Sequence([5], SamplingParams(max_tokens=9, min_tokens=2), 4)  # EOS at its min_tokens-th token
+    seqs = [min_tokens, ignore_eos, max_tokens, model_len, eos_at_last, eos_at_min]
     for seq in seqs:
         scheduler.add(seq)
     script = {min_tokens: [2, 9, 2], ignore_eos: [2, 2, 3], max_tokens: [9, 9],
-              model_len: [9, 9, 9], eos_at_last: [2]}
+              model_len: [9, 9, 9], eos_at_last: [2], eos_at_min: [2, 2]}
     finished_at = {}
     step = 0
     while scheduler.has_unfinished():
@@ -284,7 +363,8 @@ def test_postprocess_finish_reasons():
     assert (max_tokens.completion_token_ids, max_tokens.finish_reason) == ([9, 9], "length")
     assert (model_len.completion_token_ids, model_len.finish_reason) == ([9, 9, 9], "length")
     assert (eos_at_last.completion_token_ids, eos_at_last.finish_reason) == ([2], "stop")
-    assert finished_at == {eos_at_last: 0, max_tokens: 1, min_tokens: 2, ignore_eos: 2, model_len: 2}
+    assert (eos_at_min.completion_token_ids, eos_at_min.finish_reason) == ([2, 2], "stop")
+    assert finished_at == {eos_at_last: 0, max_tokens: 1, eos_at_min: 1, min_tokens: 2, ignore_eos: 2, model_len: 2}
     assert scheduler.block_manager.num_free_blocks == 20
 
 
@@ -306,7 +386,6 @@ def test_abort_frees_blocks_and_leaves_other_streams_alone():
     for seq in requests:
         if seq.seq_id in aborted:
             assert seq.finish_reason == "abort" and seq.is_finished and not seq.block_table
-    assert_streams_match_alone(requests, MAX_MODEL_LEN, skip=aborted)
 
 
 def test_abort_in_every_state():

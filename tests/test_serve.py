@@ -228,11 +228,24 @@ def test_tensor_parallel_server(tiny_dir, offline):
     deadline = time.monotonic() + 60
     while serving_processes(tiny_dir) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not serving_processes(tiny_dir), "a rank outlived the server"
+    left = serving_processes(tiny_dir)
+    assert not left, "outlived the server: " + "; ".join(describe(pid) for pid in left)
+
+
+def describe(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":\t", 1) for line in f.read().splitlines() if ":\t" in line)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return f"{pid} (gone)"
+    return f"{pid} state {fields.get('State')} parent {fields.get('PPid')}: {argv[:200]}"
 
 
 def serving_processes(model_dir: str) -> list[int]:
-    """Pids of live processes running `mindcpm.serve --model model_dir`."""
+    """Pids of live processes running `mindcpm.serve --model model_dir --tp ...` (the module's
+    single-process server runs meanwhile, without --tp)."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -242,6 +255,7 @@ def serving_processes(model_dir: str) -> list[int]:
                 zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
         except OSError:
             continue
-        if b"mindcpm.serve" in argv and model_dir.encode() in argv and b"msrun" not in argv[1] and not zombie:
+        if b"mindcpm.serve" in argv and model_dir.encode() in argv and b"--tp" in argv and \
+                b"msrun" not in argv[1] and not zombie:
             found.append(int(pid))
     return found

@@ -1,5 +1,5 @@
 """InfLLM-v2 sparse attention (mindcpm/layers/sparse.py) against the numpy reference written from
-spec §3 (tests/reference/infllm_numpy.py): selected blocks and outputs, chunked prefill and
+docs/minicpm4.md#infllm-v2-overview (tests/reference/infllm_numpy.py): selected blocks and outputs, chunked prefill and
 decode, both variants, lengths around every boundary."""
 from __future__ import annotations
 
@@ -142,6 +142,19 @@ def test_dense_below_dense_len_then_sparse():
     check_steps(cfg, [199, 1, 1, 60])  # 199 dense, 200 and on sparse
 
 
+def test_dense_len_boundary_is_sparse():
+    """A call of exactly dense_len tokens is sparse. The window and top-k are narrow enough that
+    sparse attention at 200 tokens drops a block (with a wider choice it equals dense there)."""
+    check_steps(sparse_cfg(dense_len=200, window_size=64, topk=2), [199, 1, 1])
+
+
+def test_query_without_a_visible_c2_entry_scores_nothing():
+    """Queries before token 127 see no coarse kernel: all their relevances are 0 ("current").
+    With no initial block and no window only the query's own block is forced in, so a rule that
+    scored such queries anyway would pick block 0 over it (ties go to the lower index)."""
+    check_steps(sparse_cfg(init_blocks=0, window_size=0, topk=1), [100, 1, 1, 40])
+
+
 def test_topk_covering_everything_is_dense():
     cfg = sparse_cfg(topk=64)
     h = Harness(cfg, seed=2)
@@ -171,4 +184,7 @@ def test_cpu_kernel_matches_reference(variant):
         pytest.skip("no C++ compiler for the CPU kernels")
     check_steps(sparse_cfg(variant=variant), [31, 1, 96, 1, 200, 1, 1, 60], kernel=True)
     check_steps(sparse_cfg(variant=variant, dense_len=300), [299, 1, 1], kernel=True)
+    check_steps(sparse_cfg(variant=variant, dense_len=200, window_size=64, topk=2), [199, 1, 1], kernel=True)
+    if variant == "current":  # the visible-C2 rule is the LSE normaliser's ("june2025" has a window >= 1 block)
+        check_steps(sparse_cfg(init_blocks=0, window_size=0, topk=1), [100, 1, 1, 40], kernel=True)
     check_steps(sparse_cfg(variant=variant), [200, 1, 150], kernel=True, head_dim=128)  # the AVX2 paths

@@ -24,22 +24,24 @@ CONFIG = dict(architectures=["MiniCPMForCausalLM"], vocab_size=VOCAB, hidden_siz
               bos_token_id=256, eos_token_id=257)
 
 
-def make_sparse_model(path: str, sparse_config: dict) -> str:
-    """A one-layer random MiniCPM (one layer keeps the sparse graphs quick to compile)."""
-    rng = np.random.default_rng(0)
+def make_sparse_model(path: str, sparse_config: dict, layers: int = 1, seed: int = 0) -> str:
+    """A random MiniCPM, one layer by default (it keeps the sparse graphs quick to compile)."""
+    rng = np.random.default_rng(seed)
     h, i, d, kv = 64, 128, 16, 2
-    shapes = {"model.embed_tokens.weight": (VOCAB, h), "lm_head.weight": (VOCAB, h), "model.norm.weight": (h,),
-              "model.layers.0.input_layernorm.weight": (h,), "model.layers.0.post_attention_layernorm.weight": (h,),
-              "model.layers.0.self_attn.q_proj.weight": (h, h), "model.layers.0.self_attn.k_proj.weight": (kv * d, h),
-              "model.layers.0.self_attn.v_proj.weight": (kv * d, h), "model.layers.0.self_attn.o_proj.weight": (h, h),
-              "model.layers.0.mlp.gate_proj.weight": (i, h), "model.layers.0.mlp.up_proj.weight": (i, h),
-              "model.layers.0.mlp.down_proj.weight": (h, i)}
+    shapes = {"model.embed_tokens.weight": (VOCAB, h), "lm_head.weight": (VOCAB, h), "model.norm.weight": (h,)}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv * d, h),
+                       p + "self_attn.v_proj.weight": (kv * d, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                       p + "mlp.down_proj.weight": (h, i)})
     tensors = {name: (rng.uniform(0.7, 1.3, shape) if len(shape) == 1 else rng.normal(0, 0.08, shape))
                for name, shape in shapes.items()}
     os.makedirs(path, exist_ok=True)
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(dict(CONFIG, sparse_config=sparse_config), f)
+        json.dump(dict(CONFIG, num_hidden_layers=layers, sparse_config=sparse_config), f)
     write_byte_tokenizer(path)
     return path
 
@@ -79,6 +81,57 @@ def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, 
     gen = tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(24)))[0]
     logits = prefill_logits(llm, [(prompt + gen)[:-1]])[0]  # decode crossed 304 and 320
     assert logits[len(prompt) - 1:].argmax(-1).tolist() == gen
+
+
+def reference_run(path, prompt, chunk, steps):
+    """The float64 reference through the engine's calls: the prompt in chunks of `chunk` tokens
+    (the scheduler's token budget), then `steps` greedy decode steps. Returns (logits of the
+    prompt's positions, greedy tokens)."""
+    from safetensors.numpy import load_file
+    from tests.reference.minicpm_sparse_numpy import Reference
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    weights = {k: v.astype(np.float64) for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    ref = Reference(hf, weights)
+    logits = np.concatenate([ref.extend(prompt[i:i + chunk]) for i in range(0, len(prompt), chunk)])
+    out = [int(logits[-1].argmax())]
+    for _ in range(steps - 1):
+        out.append(int(ref.extend(out[-1:])[-1].argmax()))
+    return logits, out
+
+
+# dense_len 200: a 150-token prompt starts dense and its decode turns sparse at 200; a 290-token
+# one is sparse from its first token, so its queries before 127 see no coarse kernel (the
+# visible-C2 edge) and those before 31 no fine one; chunks of 128 make the first chunk dense (a
+# call of 128 < 200 tokens) and the next ones sparse, so the chunking decides (as documented).
+REFERENCE_CASES = [("current", 150, 512, 60), ("june2025", 150, 512, 60), ("current", 290, 512, 8),
+                   ("current", 290, 128, 8), ("june2025", 290, 128, 8)]
+
+
+@pytest.fixture(scope="module")
+def reference_llms(tmp_path_factory):
+    """(variant, token budget) -> an LLM on a 2-layer model with dense_len 200, made once."""
+    made = {}
+
+    def get(variant, chunk):
+        if (variant, chunk) not in made:
+            path = str(tmp_path_factory.getbasetemp() / f"sparse2-{variant}")
+            if not os.path.isdir(path):
+                make_sparse_model(path, dict(window_size=64, topk=2, dense_len=200, variant=variant), layers=2, seed=4)
+            made[variant, chunk] = path, _llm(path, max_num_seqs=1, max_num_batched_tokens=chunk)
+        return made[variant, chunk]
+    return get
+
+
+@pytest.mark.parametrize("variant, prompt_len, chunk, steps", REFERENCE_CASES)
+def test_model_matches_float64_reference(reference_llms, variant, prompt_len, chunk, steps):
+    path, llm = reference_llms(variant, chunk)
+    prompt = [256] + [int(t) for t in np.random.default_rng(prompt_len).integers(0, 250, prompt_len - 1)]
+    ref_logits, ref_tokens = reference_run(path, prompt, chunk, steps)
+    assert tokens(llm.generate({"prompt_token_ids": prompt}, _greedy(steps)))[0] == ref_tokens
+    if chunk >= prompt_len:  # one call: the all-position probe computes it the same way
+        got = prefill_logits(llm, [prompt])[0]
+        np.testing.assert_allclose(got, ref_logits, atol=2e-4 * np.abs(ref_logits).max(), rtol=0)
 
 
 def test_topk_covering_all_blocks_equals_dense(model_dir, tmp_path):

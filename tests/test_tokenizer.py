@@ -19,7 +19,7 @@ from mindcpm.tokenizer import (
     TokenizerNotFoundError,
 )
 
-# MiniCPM4 (spec §2.4): plain ChatML, no default system prompt, no BOS in the template.
+# MiniCPM4 (docs/minicpm4.md#checkpoint-quirks): plain ChatML, no default system prompt, no BOS in the template.
 MINICPM4_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -165,7 +165,7 @@ def test_chat_template_from_jinja_file_and_template_helpers(tmp_path, spm_dir):
 def test_chat_prompt_has_exactly_one_bos(spm_tokenizer):
     bos = spm_tokenizer.bos_token_id
     ids = spm_tokenizer.encode_chat(spm_tokenizer.apply_chat_template(CONVERSATION))
-    assert ids[0] == bos and ids.count(bos) == 1  # MiniCPM4 needs <s> in chat (spec §2.4)
+    assert ids[0] == bos and ids.count(bos) == 1  # MiniCPM4 needs <s> in chat (docs/minicpm4.md#checkpoint-quirks)
     with_bos = Tokenizer(spm_tokenizer.backend, {"bos_token": "<s>"}, {}, "{{ bos_token }}" + MINICPM4_TEMPLATE)
     ids = with_bos.encode_chat(with_bos.apply_chat_template(CONVERSATION))
     assert ids[0] == bos and ids.count(bos) == 1

@@ -1,4 +1,4 @@
-"""Tiny random MiniMax-M1 checkpoints for tests and benchmarks: HF tensor names (spec §6) written
+"""Tiny random MiniMax-M1 checkpoints for tests and benchmarks: HF tensor names (docs/minimax.md#weight-names) written
 straight from numpy, in the remote-code config spelling (§1.1) or the HF-native one (§1.3).
 
     make_tiny_minimax(path)                                   # the tests' default shape

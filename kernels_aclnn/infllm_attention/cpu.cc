@@ -1,4 +1,4 @@
-// InfLLM-v2 stage 2 (spec minicpm4.md §3.6): attention restricted to the selected 64-token
+// InfLLM-v2 stage 2 (docs/minicpm4.md#infllm-v2-block-sparse-attention): attention restricted to the selected 64-token
 // blocks, over the slot-major paged KV cache, fp32. The composite twin is
 // mindcpm/layers/sparse.py InfLLMv2Attention.attend.
 //   BlockSparseAttention(q, k_cache, v_cache, positions, block_tables, selected, meta, out)
@@ -12,46 +12,13 @@
 // Only the selected blocks are read; keys after the query's position are masked (token-causal).
 // One (token, kv head) is a unit of work: its G query heads share the keys it loads, block by
 // block, with a running softmax (K^T of a block makes the scores contiguous FMAs).
-#include "../common/cpu_common.h"
+#include "../common/vec.h"
 
 using namespace mindcpm;
 
 namespace {
 
 constexpr int64_t kBlock = 64, kTileQ = 8;
-
-// x[j] = exp(x[j] - shift) for j < n; returns their sum. AVX2: a Cephes-style polynomial
-// (relative error ~2e-7), 8 at a time.
-inline float exp_shifted(float *x, int64_t n, float shift) {
-  int64_t j = 0;
-  float sum = 0.f;
-#ifdef __AVX2__
-  const __m256 sh = _mm256_set1_ps(shift), lo = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504f);
-  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f), half = _mm256_set1_ps(0.5f);
-  const __m256 p0 = _mm256_set1_ps(1.9875691500e-4f), p1 = _mm256_set1_ps(1.3981999507e-3f),
-               p2 = _mm256_set1_ps(8.3334519073e-3f), p3 = _mm256_set1_ps(4.1665795894e-2f),
-               p4 = _mm256_set1_ps(1.6666665459e-1f), p5 = _mm256_set1_ps(5.0000001201e-1f), one = _mm256_set1_ps(1.f);
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_sub_ps(_mm256_loadu_ps(x + j), sh);
-    const __m256 under = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
-    v = _mm256_max_ps(v, lo);
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(v, log2e, half));
-    v = _mm256_sub_ps(_mm256_sub_ps(v, _mm256_mul_ps(fx, c1)), _mm256_mul_ps(fx, c2));
-    __m256 y = _mm256_fmadd_ps(p0, v, p1);
-    y = _mm256_fmadd_ps(y, v, p2), y = _mm256_fmadd_ps(y, v, p3), y = _mm256_fmadd_ps(y, v, p4);
-    y = _mm256_fmadd_ps(y, v, p5);
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(v, v), _mm256_add_ps(v, one));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    y = _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));  // -inf and far below -> 0
-    _mm256_storeu_ps(x + j, y);
-    acc = _mm256_add_ps(acc, y);
-  }
-  sum = hsum(acc);
-#endif
-  for (; j < n; ++j) sum += (x[j] = std::exp(x[j] - shift));
-  return sum;
-}
 
 // One query token's G heads against one 64-token block, folded into a running (flash-style)
 // softmax: m = running max, l = running sum, o = unnormalised output, per head.
@@ -71,10 +38,10 @@ struct Unit {
       float mx = m[g];
       for (int64_t j = 0; j < n; ++j) mx = std::max(mx, sg[j] *= scale);
       const float corr = std::exp(m[g] - mx);
-      const float sum = exp_shifted(sg, n, mx);
+      const float sum = vec::exp_shifted(sg, n, mx);
       l[g] = l[g] * corr + sum;
       m[g] = mx;
-      accumulate(sg, values, n, corr, &o[g * D]);
+      vec::weighted_sum(sg, [&](int64_t j) { return values[j]; }, n, D, corr, &o[g * D]);
     }
   }
   // sg[0..63] = q . K^T, the 64 accumulators held in registers.
@@ -101,28 +68,6 @@ struct Unit {
     for (int64_t d = 0; d < D; ++d)
       for (int64_t j = 0; j < kBlock; ++j) sg[j] += qg[d] * kt[d * kBlock + j];
 #endif
-  }
-  // og = og * corr + sum_j p[j] v_j, 64 output dims at a time held in registers.
-  void accumulate(const float *p, const float *const *values, int64_t n, float corr, float *og) const {
-    int64_t d0 = 0;
-#ifdef __AVX2__
-    const __m256 c = _mm256_set1_ps(corr);
-    for (; d0 + 64 <= D; d0 += 64) {
-      __m256 a[8];
-      for (int r = 0; r < 8; ++r) a[r] = _mm256_mul_ps(c, _mm256_loadu_ps(og + d0 + 8 * r));
-      for (int64_t j = 0; j < n; ++j) {
-        const __m256 pj = _mm256_set1_ps(p[j]);
-        const float *v = values[j] + d0;
-        for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * r), a[r]);
-      }
-      for (int r = 0; r < 8; ++r) _mm256_storeu_ps(og + d0 + 8 * r, a[r]);
-    }
-#endif
-    for (int64_t d = d0; d < D; ++d) {
-      float acc = og[d] * corr;
-      for (int64_t j = 0; j < n; ++j) acc += p[j] * values[j][d];
-      og[d] = acc;
-    }
   }
   void write(float *out) const {
     for (int64_t g = 0; g < G; ++g)

@@ -1,4 +1,4 @@
-// InfLLM-v2 stage 1 + max-pool + top-k (spec minicpm4.md §3.3-3.5), fp32: which 64-token blocks
+// InfLLM-v2 stage 1 + max-pool + top-k (docs/minicpm4.md#infllm-v2-relevance-scores, #infllm-v2-pooling, #infllm-v2-top-k), fp32: which 64-token blocks
 // each (row, KV head, query) attends to. The composite twin is mindcpm/layers/sparse.py
 // InfLLMv2Attention.select; the conventions are the same (ties to the lower block index, a
 // row shorter than dense_len selects every past block).

@@ -14,6 +14,7 @@
 // Every token's K/V is written before any query attends, so a prefill chunk sees itself.
 // Query heads h*G .. h*G+G-1 share KV head h; a (token, kv head) pair is one unit of work.
 #include "../common/gemv.h"
+#include "../common/vec.h"
 
 using namespace mindcpm;
 
@@ -26,18 +27,6 @@ inline void rope(const float *x, const float *cos, const float *sin, int64_t R, 
     y[i] = x[i] * cos[i] - x[i + half] * sin[i];
     y[i + half] = x[i + half] * cos[i + half] + x[i] * sin[i + half];
   }
-}
-
-inline float dot(const float *a, const float *b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef __AVX2__
-  __m256 acc = _mm256_setzero_ps();
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  s = hsum(acc);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 
 // s[j] = scale * dot(q, keys[j]) for j < n (key j at kc + offsets[j]). Eight keys at a time share
@@ -63,87 +52,7 @@ void scores_of(const float *q, const float *kc, const int64_t *offsets, int64_t 
       for (int i = 0; i < 8; ++i) s[j + i] += scale * q[d] * kc[offsets[j + i] + d];
   }
 #endif
-  for (; j < n; ++j) s[j] = dot(q, kc + offsets[j], D) * scale;
-}
-
-#ifdef __AVX2__
-// exp(x) for x <= 0 (Cephes expf: x = k ln2 + r, a degree-5 polynomial in r; ~1 ulp). Inputs
-// below -87 give exp(-87) ~ 1.6e-38 rather than a denormal, harmless next to the row's max of 1.
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
-}
-#endif
-
-// s[0..n) -> softmax(s) in place.
-void softmax(float *s, int64_t n) {
-  float mx = s[0];
-  for (int64_t j = 1; j < n; ++j) mx = std::max(mx, s[j]);
-  float sum = 0.f;
-  int64_t j = 0;
-#ifdef __AVX2__
-  __m256 acc = _mm256_setzero_ps();
-  for (; j + 8 <= n; j += 8) {
-    __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
-    _mm256_storeu_ps(s + j, e);
-    acc = _mm256_add_ps(acc, e);
-  }
-  sum = hsum(acc);
-#endif
-  for (; j < n; ++j) sum += (s[j] = std::exp(s[j] - mx));
-  const float inv = 1.f / sum;
-  for (j = 0; j < n; ++j) s[j] *= inv;
-}
-
-#ifdef __AVX2__
-// out[0..8 NV) = sum_j p[j] * values[j][0..8 NV), the accumulators held in registers.
-template <int NV>
-void weighted_block(const float *p, const float *vc, const int64_t *offsets, int64_t n, float *out) {
-  __m256 a[NV];
-  for (int i = 0; i < NV; ++i) a[i] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
-    const __m256 w = _mm256_set1_ps(p[j]);
-    const float *v = vc + offsets[j];
-    for (int i = 0; i < NV; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * i), a[i]);
-  }
-  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, a[i]);
-}
-#endif
-
-// out[0..D) = sum_j p[j] * values[j] (value j at vc + offsets[j]).
-void weighted_sum(const float *p, const float *vc, const int64_t *offsets, int64_t n, int64_t D, float *out) {
-  int64_t d = 0;
-#ifdef __AVX2__
-  for (; d + 64 <= D; d += 64) weighted_block<8>(p, vc + d, offsets, n, out + d);
-  switch ((D - d) / 8) {
-    case 7: weighted_block<7>(p, vc + d, offsets, n, out + d); break;
-    case 6: weighted_block<6>(p, vc + d, offsets, n, out + d); break;
-    case 5: weighted_block<5>(p, vc + d, offsets, n, out + d); break;
-    case 4: weighted_block<4>(p, vc + d, offsets, n, out + d); break;
-    case 3: weighted_block<3>(p, vc + d, offsets, n, out + d); break;
-    case 2: weighted_block<2>(p, vc + d, offsets, n, out + d); break;
-    case 1: weighted_block<1>(p, vc + d, offsets, n, out + d); break;
-    default: break;
-  }
-  d += (D - d) / 8 * 8;
-#endif
-  for (; d < D; ++d) {
-    float acc = 0.f;
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * vc[offsets[j] + d];
-    out[d] = acc;
-  }
+  for (; j < n; ++j) s[j] = vec::dot(q, kc + offsets[j], D) * scale;
 }
 
 // The cache and position inputs of both entry points, in their order from `first` on:
@@ -221,8 +130,8 @@ void rope_paged_attention(const float *qkv, int64_t width, const CacheArgs &c, f
       for (int64_t g = g0; g < g1; ++g) {
         rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, q.data());
         scores_of(q.data(), kc, offsets.data(), n, D, scale, scores.data());
-        softmax(scores.data(), n);
-        weighted_sum(scores.data(), vc, offsets.data(), n, D, o + g * D);
+        vec::softmax(scores.data(), n);
+        vec::weighted_sum(scores.data(), [&](int64_t j) { return vc + offsets[j]; }, n, D, 0.f, o + g * D);
       }
     }
   });

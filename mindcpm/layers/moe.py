@@ -1,4 +1,4 @@
-"""MiniMax's MoE block (minimax_m1 spec §4): an fp32 router over stacked SwiGLU experts, computed
+"""MiniMax's MoE block (docs/minimax.md#moe-routing, docs/minimax.md#shared-expert): an fp32 router over stacked SwiGLU experts, computed
 by the device's MoE backend from ops/."""
 from __future__ import annotations
 

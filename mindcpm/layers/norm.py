@@ -9,10 +9,10 @@ from ..parallel import Shard, even_rows, tp_group
 
 
 class RMSNorm(nn.Cell):
-    """Variance in fp32; the weight multiplies after the cast back to the input dtype (spec §2.1).
+    """Variance in fp32; the weight multiplies after the cast back to the input dtype (docs/minicpm4.md#rmsnorm-precision).
 
     `sharded`: the normalised features are split across tensor-parallel ranks (MiniMax's norm over
-    all H*D lightning features, minimax_m1 spec §2.6): each rank holds its slice of the weight and
+    all H*D lightning features, docs/minimax.md#lightning-output-norm-and-gate): each rank holds its slice of the weight and
     the sum of squares is summed over the ranks before the mean."""
 
     def __init__(self, size: int, eps: float, dtype=ms.float32, sharded: bool = False, device: Device | None = None):

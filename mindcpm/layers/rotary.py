@@ -1,5 +1,5 @@
-"""Rotary position embedding, plain or LongRoPE (spec §2.2), applied in fp32; optionally on the
-first rotary_dim dims of each head only (MiniMax partial RoPE, minimax_m1 spec §3.1)."""
+"""Rotary position embedding, plain or LongRoPE (docs/minicpm4.md#longrope), applied in fp32; optionally on the
+first rotary_dim dims of each head only (MiniMax partial RoPE, docs/minimax.md#softmax-layers-and-partial-rope)."""
 from __future__ import annotations
 
 import math

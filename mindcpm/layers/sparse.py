@@ -1,4 +1,4 @@
-"""InfLLM-v2 sparse attention over the paged KV cache (spec minicpm4.md §3), as composite cells.
+"""InfLLM-v2 sparse attention over the paged KV cache (docs/minicpm4.md#infllm-v2-overview), as composite cells.
 
 Compressed keys live next to the paged KV cache, in the same blocks (the KV block size must be
 the kernel stride, 16):

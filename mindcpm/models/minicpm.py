@@ -1,4 +1,4 @@
-"""MiniCPM4 / MiniCPM4.1 (spec §2), and Llama through the same cells with neutral μP scales."""
+"""MiniCPM4 / MiniCPM4.1 (docs/minicpm4.md#mup-scales), and Llama through the same cells with neutral μP scales."""
 from __future__ import annotations
 
 from mindspore import nn, ops

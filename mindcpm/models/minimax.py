@@ -1,5 +1,5 @@
-"""MiniMax-M1 / MiniMax-Text-01 (minimax_m1 spec): lightning-attention layers with one softmax
-layer in every few, an MoE on every layer and the DeepNorm postnorm residual flow (§5)."""
+"""MiniMax-M1 / MiniMax-Text-01 (docs/minimax.md): lightning-attention layers with one softmax
+layer in every few, an MoE on every layer and the DeepNorm postnorm residual flow (docs/minimax.md#deepnorm-residual-flow)."""
 from __future__ import annotations
 
 import mindspore as ms
@@ -49,7 +49,7 @@ class DecoderLayer(nn.Cell):
             a = self.self_attn(h, positions, state_slots)
         else:
             a = self.self_attn(h, positions, slot_mapping, block_tables, block_size, *lengths)
-        # DeepNorm (§5): with postnorm the residual is the normalised input.
+        # DeepNorm (docs/minimax.md#deepnorm-residual-flow): with postnorm the residual is the normalised input.
         x1 = (h if self.postnorm else x) * self.attn_alpha + a * self.attn_beta
         h2 = self.post_attention_layernorm(x1)
         m = self.block_sparse_moe(h2)
@@ -67,7 +67,7 @@ class MiniMaxForCausalLM(nn.Cell):
     first position is 0 starts from a zero state, so slots are never cleared explicitly."""
 
     EXTRA_INPUTS = ("state_slots",)
-    PRENORM_LAYERS = False  # DeepNorm: the residual may be the normed input (§5)
+    PRENORM_LAYERS = False  # DeepNorm: the residual may be the normed input (docs/minimax.md#deepnorm-residual-flow)
 
     def __init__(self, cfg: ModelConfig, device, num_state_slots: int = 1):
         super().__init__()

@@ -2,7 +2,7 @@
 
   write K/V   ReshapeAndCache      key/value as (B*L, Hkv*D): the op counts tokens as
                                    prod(key.shape[:-1]), so the docstring's (T, N, D) key would be
-                                   taken for T*N tokens (mindspore_cpu_facts §3).
+                                   taken for T*N tokens (docs/mindspore_cpu.md#ascend-fused-ops-on-cpu).
   decode      PagedAttention       L == 1 (a compile-time constant): query (B, Hq, D), the row's
                                    block table and its kv length, the step input batch_valid_length.
   prefill     FlashAttentionScore  L > 1, any chunk of any rows: BSH query (B, L, Hq*D) against the

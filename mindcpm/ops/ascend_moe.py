@@ -1,9 +1,9 @@
-"""MoE with MindSpore's Ascend MoE kernels (minimax_m1 spec §4.1):
+"""MoE with MindSpore's Ascend MoE kernels (docs/minimax.md#moe-routing):
 
   route     MoeGatingTopKSoftmax   softmax over the fp32 router logits and top-k: weights [N, k],
                                    expert ids [N, k] and row_idx [N, k] (row_idx[i, j] = j*N + i,
                                    the k-major position of token i's j-th choice); the weights are
-                                   then renormalised to sum to 1 (MiniMax renormalises, §4.1).
+                                   then renormalised to sum to 1 (MiniMax renormalises, docs/minimax.md#moe-routing).
   permute   MoeInitRouting         token copies sorted by expert: expanded_x [N*k, H],
                                    expanded_row_idx [N*k] (k-major source -> sorted position) and
                                    the sorted expert ids [N*k].

@@ -1,18 +1,18 @@
 """Lightning attention (MiniMax linear attention) as a composite of ops that run on every device.
 
 Exact block form of the recurrence S_t = lambda S_{t-1} + k_t^T v_t, o_t = q_t S_t
-(minimax_m1 spec §2.3-2.5): one code path for prefill chunks of any length and for decode
+(docs/minimax.md#lightning-attention-recurrence, docs/minimax.md#lightning-block-form): one code path for prefill chunks of any length and for decode
 (a block of one token is the recurrence, update before read).
 
 The decay is carried per token, g[t] = s for a real token and 0 for a padding token (position
 -1), with k = v = 0 there: padding then leaves the state exactly as the last real token left it,
 wherever it sits in the row. Inside a block only relative exponents G_i - G_j >= 0 appear
-(G = cumulative decay), so every factor is <= 1 and nothing overflows (spec §2.4).
+(G = cumulative decay), so every factor is <= 1 and nothing overflows (docs/minimax.md#lightning-block-form).
 
 A row whose first position is 0 starts from a zero state whatever its slot holds: a new
 sequence, and a preempted one that recomputes from its first token, need no clearing step.
 
-Precision (spec §2.7): slopes, decays, q/k/v, the state and the output are fp32 here whatever
+Precision (docs/minimax.md#precision-rules): slopes, decays, q/k/v, the state and the output are fp32 here whatever
 the model dtype; the caller casts once after the output norm.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ class NativeLightning(nn.Cell):
         return out.transpose(0, 2, 1, 3).reshape(b, l, h * d)
 
     def _block(self, q, k, v, decay, state):
-        """One block of m tokens from the incoming state (spec §2.4 with per-token decay)."""
+        """One block of m tokens from the incoming state (docs/minimax.md#lightning-block-form, with per-token decay)."""
         m = q.shape[2]
         cum = ops.cumsum(decay, 2)  # G_i: decay from the block start through token i
         total = cum[:, :, m - 1:m]  # [B, H, 1]

@@ -1,4 +1,4 @@
-"""Routed-expert MoE with ops that run on every device (minimax_m1 spec §4.1):
+"""Routed-expert MoE with ops that run on every device (docs/minimax.md#moe-routing):
 softmax over the router logits in fp32 -> top-k -> renormalise -> SwiGLU experts.
 
 Two static forms, chosen by shape at compile time, neither with a loop over tokens:

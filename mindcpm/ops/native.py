@@ -2,7 +2,7 @@
 
 The cache of one layer is slot-major, (num_slots, kv_heads, head_dim): writing it with
 scatter_update on axis 0 is the form that stays correct under MindSpore's dynamic shapes
-(mindspore_cpu_facts §1b), and a block is block_size consecutive slots.
+(docs/mindspore_cpu.md#dynamic-shapes-and-cache-layout), and a block is block_size consecutive slots.
 """
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class NativeMatmul(nn.Cell):
 
 
 class NativeRMSNorm(nn.Cell):
-    """Variance in fp32; the weight multiplies after the cast back to the input dtype (spec §2.1)."""
+    """Variance in fp32; the weight multiplies after the cast back to the input dtype (docs/minicpm4.md#rmsnorm-precision)."""
 
     def __init__(self, eps: float):
         super().__init__()

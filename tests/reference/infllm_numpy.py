@@ -1,9 +1,9 @@
-"""InfLLM-v2 sparse attention for one sequence, in numpy, written from spec minicpm4.md §3.
+"""InfLLM-v2 sparse attention for one sequence, in numpy, written from docs/minicpm4.md#infllm-v2-overview.
 
 Independent of mindcpm: the whole K/V of the sequence in, the chunk's attention output out.
 Both variants: "current" (V-new: LSE normaliser over C2, window inside the top-k) and
 "june2025" (V-old: exact softmax over C1, window excluded from the top-k and added by stage 2).
-Conventions of §3.8: top-k ties go to the lower block index; dense or sparse is decided on the
+Conventions of docs/minicpm4.md#infllm-v2-conventions: top-k ties go to the lower block index; dense or sparse is decided on the
 sequence's total length.
 """
 from __future__ import annotations
@@ -12,13 +12,13 @@ import numpy as np
 
 
 def compress(k: np.ndarray, kernel: int, stride: int) -> np.ndarray:
-    """§3.2: mean of every complete window K[stride*j : stride*j + kernel]; k: [Lk, H, d]."""
+    """docs/minicpm4.md#infllm-v2-compressed-keys: mean of every complete window K[stride*j : stride*j + kernel]; k: [Lk, H, d]."""
     n = (len(k) - kernel) // stride + 1 if len(k) >= kernel else 0
     return np.stack([k[stride * j: stride * j + kernel].mean(0) for j in range(n)]) if n else k[:0]
 
 
 def block_scores(q, k, cfg) -> np.ndarray:
-    """§3.3 + §3.4 before forcing: S max-pooled to 64-token blocks, [Hkv, Lq, NB] (float64)."""
+    """docs/minicpm4.md#infllm-v2-relevance-scores and #infllm-v2-pooling, before forcing: S max-pooled to 64-token blocks, [Hkv, Lq, NB] (float64)."""
     lq, hq, d = q.shape
     lk, hkv, _ = k.shape
     group = hq // hkv
@@ -61,7 +61,7 @@ def block_scores(q, k, cfg) -> np.ndarray:
 
 
 def select_blocks(q, k, cfg) -> list[list[list[int]]]:
-    """§3.4-3.5: the top-k block indices of every (KV head, query), ascending, -1 dropped."""
+    """docs/minicpm4.md#infllm-v2-top-k: the top-k block indices of every (KV head, query), ascending, -1 dropped."""
     lq = len(q)
     lk, hkv, _ = k.shape
     pos = np.arange(lk - lq, lk)

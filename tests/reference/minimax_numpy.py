@@ -1,7 +1,7 @@
-"""MiniMax-M1 / Text-01 in float64 NumPy, written from /work/shared/spec/minimax_m1.md only.
+"""MiniMax-M1 / Text-01 in float64 NumPy, written from the published maths (docs/minimax.md and its sources).
 
 Independent of mindcpm: it reads the checkpoint's Hugging Face tensor names and the remote-code
-config spelling directly. Sections cited are the spec's.
+config spelling directly. Anchors cited are docs/minimax.md's.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 
-# -- §2.2 slopes ---------------------------------------------------------------------------
+# -- #decay-slopes ---------------------------------------------------------------------------
 def base_slopes(h: int) -> np.ndarray:
     def power_of_two(n):
         return np.array([2.0 ** (-8.0 * (i + 1) / n) for i in range(n)])
@@ -25,7 +25,7 @@ def layer_slopes(h: int, layer: int, num_layers: int) -> np.ndarray:
     return base_slopes(h) * factor
 
 
-# -- §2.3 / §2.4 lightning core; q, k, v [H, T, D], s [H], state [H, D, D] ----------------------
+# -- #lightning-attention-recurrence / #lightning-block-form; q, k, v [H, T, D], s [H], state [H, D, D] ----------------------
 def recurrence(q, k, v, s, state=None):
     h, t, d = q.shape
     S = np.zeros((h, d, d)) if state is None else state.copy()
@@ -75,7 +75,7 @@ def softmax(x, axis=-1):
 
 
 def partial_rope(x, positions, rotary_dim, theta):
-    """x [T, H, D]: NeoX rotate-half on dims [0, rotary_dim); the rest unchanged (§3.1)."""
+    """x [T, H, D]: NeoX rotate-half on dims [0, rotary_dim); the rest unchanged (#softmax-layers-and-partial-rope)."""
     half = rotary_dim // 2
     inv = theta ** (-np.arange(half) * 2.0 / rotary_dim)
     ang = positions[:, None] * inv[None]  # [T, half]
@@ -85,7 +85,7 @@ def partial_rope(x, positions, rotary_dim, theta):
 
 
 class Config:
-    """The remote-code spelling (§1.1)."""
+    """The remote-code spelling (#configuration-spellings)."""
 
     def __init__(self, hf: dict):
         self.hidden = hf["hidden_size"]
@@ -109,7 +109,7 @@ class Config:
             self.shared = self.shared[0]
 
 
-# -- §2.1, §2.6 one lightning layer ----------------------------------------------------------
+# -- #lightning-attention-recurrence, #lightning-output-norm-and-gate: one lightning layer ----------------------------------------------------------
 def lightning_layer(cfg, W, p, x, state, block=256, use_recurrence=False):
     """x [T, hidden] (normed input); returns (out [T, hidden], new state)."""
     h, d = cfg.heads, cfg.head_dim
@@ -123,7 +123,7 @@ def lightning_layer(cfg, W, p, x, state, block=256, use_recurrence=False):
     return y @ W[p + "self_attn.out_proj.weight"].T, state
 
 
-# -- §3 one softmax layer: keys/values of all earlier positions are passed in ------------------
+# -- #softmax-layers-and-partial-rope: one softmax layer: keys/values of all earlier positions are passed in ------------------
 def softmax_layer(cfg, W, p, x, positions, kv):
     h, hkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
     t = x.shape[0]
@@ -144,7 +144,7 @@ def softmax_layer(cfg, W, p, x, positions, kv):
     return out.reshape(t, h * d) @ W[p + "self_attn.o_proj.weight"].T, (keys, values)
 
 
-# -- §4 MoE as a dense loop over tokens ---------------------------------------------------------
+# -- #moe-routing, #shared-expert: MoE as a dense loop over tokens ---------------------------------------------------------
 def moe(cfg, W, p, x):
     out = np.zeros_like(x)
     probs = softmax(x @ W[p + "block_sparse_moe.gate.weight"].T)
@@ -163,7 +163,7 @@ def moe(cfg, W, p, x):
     return out
 
 
-# -- §5 decoder layer and model ------------------------------------------------------------------
+# -- #deepnorm-residual-flow: decoder layer and model ------------------------------------------------------------------
 def decoder_layer(cfg, W, i, x, positions, cache, use_recurrence=False, block=256):
     """cache: the layer's lightning state or (keys, values), None at the start. Returns (x, cache)."""
     p = f"model.layers.{i}."

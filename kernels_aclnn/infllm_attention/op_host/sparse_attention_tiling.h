@@ -1,4 +1,4 @@
-// Tiling of the InfLLM-v2 block-sparse attention kernel (minicpm4 spec §3.6; the CPU twin is
+// Tiling of the InfLLM-v2 block-sparse attention kernel (docs/minicpm4.md#infllm-v2-block-sparse-attention; the CPU twin is
 // ../cpu.cc), plain C++ with no CANN types: op_host's TilingFunc calls it, the tests compile it.
 //
 // Work unit = one (row, KV head, query) and headsPerUnit of its G query heads: they share every

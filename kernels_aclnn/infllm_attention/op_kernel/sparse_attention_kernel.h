@@ -1,4 +1,4 @@
-// InfLLM-v2 stage 2 (minicpm4 spec §3.6): attention restricted to the selected 64-token blocks,
+// InfLLM-v2 stage 2 (docs/minicpm4.md#infllm-v2-block-sparse-attention): attention restricted to the selected 64-token blocks,
 // read straight from the paged KV cache, for prefill chunks and decode alike (token-causal inside
 // a block), with an online softmax in fp32 - written once over a primitive layer L (AscendC on
 // the NPU, the emulation in the tests). Same contract as the CPU kernel ../cpu.cc:

@@ -1,4 +1,4 @@
-// Tiling of the InfLLM-v2 block-selection kernel (minicpm4 spec §3.3-3.5; the CPU twin is
+// Tiling of the InfLLM-v2 block-selection kernel (docs/minicpm4.md#infllm-v2-relevance-scores to #infllm-v2-top-k; the CPU twin is
 // ../cpu.cc), plain C++ with no CANN types: op_host's TilingFunc calls it, the tests compile it.
 //
 // Work unit = one (row, KV head, query): its G query heads are scored against the row's C1 (and

@@ -1,4 +1,4 @@
-// InfLLM-v2 block selection (minicpm4 spec §3.3-3.5: stage-1 scores, the group reduction with the
+// InfLLM-v2 block selection (docs/minicpm4.md#infllm-v2-relevance-scores, #infllm-v2-pooling, #infllm-v2-top-k: stage-1 scores, the group reduction with the
 // repeat-to-16 rule, max-pooling to 64-token blocks, init/local blocks forced, top-k with ties to
 // the lower block index; both variants), written once over a primitive layer L (AscendC on the
 // NPU, the emulation in the tests). Same contract as the CPU kernel ../cpu.cc:

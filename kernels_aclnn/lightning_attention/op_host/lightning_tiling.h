@@ -1,4 +1,4 @@
-// Tiling of the lightning-attention kernels (MiniMax linear attention, minimax_m1 spec §2.3-2.5),
+// Tiling of the lightning-attention kernels (MiniMax linear attention, docs/minimax.md#lightning-attention-recurrence, #lightning-block-form),
 // plain C++ with no CANN types: op_host's TilingFunc calls it, the tests compile it with g++.
 //
 // Work unit = one (sequence row, head): its fp32 [D, D] state slot is read and written by exactly

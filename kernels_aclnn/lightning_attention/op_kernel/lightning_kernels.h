@@ -1,7 +1,7 @@
-// Lightning attention (MiniMax linear attention, minimax_m1 spec §2.3-2.5), the per-unit
+// Lightning attention (MiniMax linear attention, docs/minimax.md#lightning-attention-recurrence, #lightning-block-form), the per-unit
 // algorithm written once over a primitive layer L: ascendc_common/ascendc_layer.h on the NPU,
 // ascendc_common/emu_layer.h in the tests. T is the activation type (L::Half or L::BFloat16);
-// q/k/v are widened to fp32 on load, and decays, the state and the output stay fp32 (spec §2.7).
+// q/k/v are widened to fp32 on load, and decays, the state and the output stay fp32 (docs/minimax.md#precision-rules).
 //
 // Inputs (row-major):
 //   q, k, v     decode [B, H, D]; prefill [B, L, H, D]        T (after the SiLU)
@@ -28,7 +28,7 @@ struct Tensors {
   typename L::template Global<int32_t> slots, positions;
 };
 
-// Decode: S <- lambda S + k^T v, then o = q S (the update comes before the read, spec §2.5).
+// Decode: S <- lambda S + k^T v, then o = q S (the update comes before the read, docs/minimax.md#lightning-attention-recurrence).
 template <class L, class T>
 class LightningDecode {
   template <class E>
@@ -123,7 +123,7 @@ class LightningDecode {
   typename L::template QueOut<float> out_;
 };
 
-// Prefill of a row's chunk from its cached state, exact block form (spec §2.4) per block of m tokens:
+// Prefill of a row's chunk from its cached state, exact block form (docs/minimax.md#lightning-block-form) per block of m tokens:
 //   o_i  = sum_{j<=i} lambda^(i-j) (q_i.k_j) v_j + lambda^(i+1) q_i S_in
 //   S_out = lambda^m S_in + sum_j lambda^(m-1-j) k_j^T v_j
 // Only relative exponents <= 0 appear, so nothing overflows.
@@ -235,7 +235,7 @@ class LightningPrefill {
     }
 #ifndef MUTATE_DECAY_EXPONENT
     const float a = powers_.GetValue(i + 1);  // inter-block: lambda^(i+1) q S_in
-#else  // mutation for the tests: vLLM's zero-based query decay (spec §2.8)
+#else  // mutation for the tests: vLLM's zero-based query decay (docs/minimax.md#known-discrepancies)
     const float a = powers_.GetValue(i);
 #endif
     for (int64_t r = 0; r < d; ++r) L::Axpy(o, state_[r * d], qf_.GetValue(r) * a, d);

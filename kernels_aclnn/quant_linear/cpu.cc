@@ -1,0 +1,390 @@
+// Linear layers over weights kept quantized (weight-only: W8A16 / W4A16 / ternary W2A16): the
+// codes are unpacked and dequantized in registers, inside the GEMV (decode) and GEMM (prefill).
+//   x: [M, K] fp32   y: fp32
+//   packed  [N, K * bits / 8] uint8   bits 8, 4 or 2, from the row width; codes c are unsigned
+//   scales  [N, K / G] fp32 | fp16 | bf16   one per group of G consecutive inputs (G = K: per channel)
+//   offsets [N, K / G] the scales' dtype: w = s * c + m (asymmetric, GGUF Q4_1),
+//           or [1] (any dtype): w = s * (c - 2^(bits-1)) (symmetric, GGUF Q8_0 / Q4_0, ternary)
+// Code layouts along a row (the 4-bit one is GGUF's Q4_0/Q4_1 block, so those keep their bytes):
+//   8-bit  byte k = c[k]
+//   4-bit  per 32 inputs, 16 bytes: byte j = c[j] | c[j + 16] << 4
+//   2-bit  per 32 inputs, 8 bytes:  byte j = c[j] | c[j + 8] << 2 | c[j + 16] << 4 | c[j + 24] << 6
+// 4- and 2-bit groups are multiples of 32 inputs; 8-bit groups any length.
+// Entry points (MindSpore AOT signature, inputs then output):
+//   QuantLinear(x, packed, scales, offsets, y)                   y = x W^T                 [M, N]
+//   QuantLinearSwiglu(x, packed, scales, offsets, y)             W = gate|up (2I rows)     [M, I]
+//   QuantLinearResidual(x, packed, scales, offsets, r, scale, y) y = r + scale[0] x W^T    [M, N]
+//   QuantRmsNormLinear(x, g, eps, packed, scales, offsets, y)    y = rmsnorm(x) W^T        [M, N]
+//   QuantRmsNormLinearSwiglu(x, g, eps, packed, scales, offsets, y)  SwiGLU of rmsnorm(x)  [M, I]
+//     rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g (the norm before q|k|v and gate|up, fused)
+//   QuantRmsNormSwigluMlp(x, g, eps, gate|up weight x 3, down weight x 3, r, scale, y)
+//                                       y = r + scale[0] swiglu(rmsnorm(x) Wgu^T) Wd^T   [M, K]
+// The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
+// environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
+// narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
+#include "../common/gemv.h"
+
+#include <immintrin.h>
+
+#include <type_traits>
+
+using namespace mindcpm;
+
+namespace {
+
+// Code of input k of a packed row (the layouts above).
+template <int Bits>
+inline unsigned code(const uint8_t *row, int64_t k) {
+  if (Bits == 8) return row[k];
+  if (Bits == 4) {
+    const uint8_t b = row[(k >> 5) * 16 + (k & 15)];
+    return (k & 16) ? b >> 4 : b & 15;
+  }
+  return (row[(k >> 5) * 8 + (k & 7)] >> (2 * ((k >> 3) & 3))) & 3;
+}
+
+// One quantized weight: row r's codes, and its scales and offsets (w = s c + offset, or
+// w = s (c - center) when offsets is null), of type stype, one per group of G inputs.
+struct QWeight {
+  const uint8_t *packed;
+  const void *scales, *offsets;
+  WType stype;
+  int64_t K, G, groups, row_bytes;
+  float center;
+  const uint8_t *codes(int64_t r) const { return packed + r * row_bytes; }
+};
+
+// Where the dot products of a tile go: y = acc (plain), y = r + scale acc (residual), or
+// y = silu(gate) up (SwiGLU: a unit is 2 weight rows, gate row u and up row units + u).
+struct Epilogue {
+  enum Kind { kPlain, kResidual, kSwiglu } kind;
+  float *y;
+  int64_t ldy;
+  const float *r;
+  float scale;
+  int rows_per_unit() const { return kind == kSwiglu ? 2 : 1; }
+  // acc[i * 4 + j]: x row m + i against weight row j of units ids[0..n) (all gate rows first).
+  void store(int64_t m, int MR, const int64_t *ids, int n, const float *acc) const {
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < n; ++j) {
+        const int64_t o = (m + i) * ldy + ids[j];
+        const float a = acc[i * 4 + j];
+        y[o] = kind == kPlain ? a : kind == kResidual ? r[o] + scale * a : gemv::silu(a) * acc[i * 4 + n + j];
+      }
+  }
+};
+
+// The arguments of an entry point, checked: which one is wrong is the error code.
+struct Problem {
+  const float *x;
+  QWeight w;
+  int64_t M, N;
+};
+
+enum Error { kOk = 0, kBadX = 10, kBadPacked = 11, kBadScales = 12, kBadOffsets = 13, kBadNorm = 14, kBadOther = 15 };
+
+// The weight of K inputs in inputs w (packed), w + 1 (scales), w + 2 (offsets); N its rows.
+int parse_weight(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, int64_t K, QWeight *q,
+                 int64_t *N) {
+  if (std::strcmp(dtypes[w], "uint8") != 0 || ndims[w] != 2 || K <= 0) return kBadPacked;
+  *N = shapes[w][0];
+  const int64_t width = shapes[w][1], bits = width * 8 % K == 0 ? width * 8 / K : 0;
+  if ((bits != 8 && bits != 4 && bits != 2) || (bits < 8 && K % 32 != 0)) return kBadPacked;
+  const int64_t groups = ndims[w + 1] == 2 ? shapes[w + 1][1] : 0;
+  const WType stype = weight_type(dtypes[w + 1]);
+  if (stype == WType::kOther || groups <= 0 || shapes[w + 1][0] != *N || K % groups != 0 ||
+      (bits < 8 && K / groups % 32 != 0))
+    return kBadScales;
+  const bool symmetric = ndims[w + 2] == 1 && shapes[w + 2][0] == 1;  // offsets [1]: none
+  if (!symmetric && (std::strcmp(dtypes[w + 2], dtypes[w + 1]) != 0 || ndims[w + 2] != 2 ||
+                     shapes[w + 2][0] != *N || shapes[w + 2][1] != groups))
+    return kBadOffsets;
+  *q = {static_cast<const uint8_t *>(params[w]), params[w + 1], symmetric ? nullptr : params[w + 2], stype, K,
+        K / groups, groups, width, float(1 << (bits - 1))};
+  return kOk;
+}
+
+// x is input 0 [..., K]; the weight is inputs w, w + 1, w + 2.
+int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, Problem *p) {
+  if (std::strcmp(dtypes[0], "float32") != 0 || ndims[0] < 1) return kBadX;
+  const int64_t K = shapes[0][ndims[0] - 1];
+  p->M = numel(ndims[0], shapes[0]) / std::max<int64_t>(K, 1);
+  p->x = static_cast<const float *>(params[0]);
+  return parse_weight(params, ndims, shapes, dtypes, w, K, &p->w, &p->N);
+}
+
+// Per row of x, the sum of its inputs over each group (the offsets' factor).
+const float *group_sums(const float *x, int64_t M, const QWeight &w) {
+  thread_local std::vector<float> sums;
+  sums.resize(M * w.groups);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < w.groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) s += x[m * w.K + k];
+      sums[m * w.groups + g] = s;
+    }
+  return sums.data();
+}
+
+}  // namespace
+
+// Rows of x from which the weight rows are dequantized to fp32 once and multiplied by gemv's
+// fp32 tiles (prefill); below, each row of x takes the fused tile (decode).
+constexpr int64_t kGemmRows = 4;
+
+// -- the paths, one per instruction set, from the same source ---------------------------------------
+namespace scalar_isa {
+struct V {
+  using F = float;
+  static constexpr int L = 1;
+  static F zero() { return 0.f; }
+  static F set1(float v) { return v; }
+  static F load(const float *p) { return *p; }
+  static void store(float *p, F v) { *p = v; }
+  static F fmadd(F a, F b, F c) { return a * b + c; }
+  static float hsum(F v) { return v; }
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = S::get(p + i);
+  }
+  template <int Bits> static F codes(const uint8_t *row, int64_t k) { return (float)code<Bits>(row, k); }
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[32]) {
+    for (int i = 0; i < 32; ++i) c[i] = (float)code<Bits>(row, k + i);
+  }
+};
+#include "../common/quant_gemv.inc"
+}  // namespace scalar_isa
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2_isa {
+struct V {
+  using F = __m256;
+  static constexpr int L = 8;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float *p) { return _mm256_loadu_ps(p); }
+  static void store(float *p, F v) { _mm256_storeu_ps(p, v); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p + i));
+      if constexpr (std::is_same<S, F32>::value) {
+        _mm256_storeu_ps(out + i, _mm256_loadu_ps(reinterpret_cast<const float *>(p + i)));
+      } else if constexpr (std::is_same<S, F16>::value) {
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+      } else {
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+      }
+    }
+    for (; i < n; ++i) out[i] = S::get(p + i);
+  }
+  static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
+  static __m256i bytes8(const uint8_t *p) { return _mm256_cvtepu8_epi32(load8(p)); }
+  template <int Bits> static F codes(const uint8_t *row, int64_t k) { return _mm256_cvtepi32_ps(bytes8(row + k)); }
+  // Bytes are widened to 32-bit lanes straight from memory, then split into nibbles / bit pairs
+  // there: fewer shuffles than splitting bytes first (one widening per 8 bytes, not per 8 codes).
+  // 8-bit: 4 x 8 bytes. 4-bit: bytes 0-7 and 8-15 of the block, low nibbles (codes 0-15) then
+  // high (16-31). 2-bit: the block's 8 bytes, bit pair 0, 1, 2, 3 (codes 0-7, ..., 24-31).
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[4]) {
+    if (Bits == 8) {
+      for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepi32_ps(bytes8(row + k + 8 * v));
+    } else if (Bits == 4) {
+      const uint8_t *p = row + (k >> 5) * 16;
+      const __m256i b0 = bytes8(p), b1 = bytes8(p + 8), m = _mm256_set1_epi32(15);
+      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
+      c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
+    } else {
+      const __m256i b = bytes8(row + (k >> 5) * 8), m = _mm256_set1_epi32(3);
+      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
+      c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), m));
+      c[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
+      c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6));
+    }
+  }
+};
+#include "../common/quant_gemv.inc"
+}  // namespace avx2_isa
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+namespace avx512_isa {
+struct V {
+  using F = __m512;
+  static constexpr int L = 16;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float *p) { return _mm512_loadu_ps(p); }
+  static void store(float *p, F v) { _mm512_storeu_ps(p, v); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
+    avx2_isa::V::widen<S>(p, n, out);  // scales are widened once a row: not worth 16 lanes
+  }
+  template <int Bits> static F codes(const uint8_t *row, int64_t k) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + k))));
+  }
+  // As AVX2's, 16 codes a vector. 2-bit: the block's 8 bytes in both halves, shifted by bit
+  // pairs 0 | 1 (codes 0-15) and 2 | 3 (codes 16-31).
+  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[2]) {
+    if (Bits == 8) {
+      c[0] = codes<8>(row, k), c[1] = codes<8>(row, k + 16);
+    } else if (Bits == 4) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16)));
+      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+      c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    } else {
+      const __m256i half = avx2_isa::V::bytes8(row + (k >> 5) * 8);
+      const __m512i b = _mm512_broadcast_i64x4(half), m = _mm512_set1_epi32(3);
+      const __m512i s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, s01), m));
+      c[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, _mm512_add_epi32(s01, _mm512_set1_epi32(4))), m));
+    }
+  }
+};
+#include "../common/quant_gemv.inc"
+}  // namespace avx512_isa
+#pragma GCC pop_options
+
+namespace {
+
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+const char *const kIsaNames[] = {"scalar", "avx2", "avx512"};
+
+Isa best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return Isa::kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::kAvx2;
+  return Isa::kScalar;
+}
+
+// The ISA named `name` if this CPU has it, else -1.
+int isa_named(const char *name) {
+  for (int i = 0; i < 3; ++i)
+    if (std::strcmp(name, kIsaNames[i]) == 0) return i <= (int)best_isa() ? i : -1;
+  return -1;
+}
+
+std::atomic<int> &chosen_isa() {
+  static std::atomic<int> isa([] {
+    const char *env = std::getenv("MINDCPM_QUANT_ISA");
+    const int named = env && *env && std::strcmp(env, "auto") != 0 ? isa_named(env) : -1;
+    return named >= 0 ? named : (int)best_isa();
+  }());
+  return isa;
+}
+
+// y = epi(x W^T) for M rows of x, on the chosen instruction set.
+int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
+  const float *xsum = group_sums(x, M, w);
+  mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
+  switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512: return avx512_isa::run(x, xsum, w, M, epi);
+    case Isa::kAvx2: return avx2_isa::run(x, xsum, w, M, epi);
+    default: return scalar_isa::run(x, xsum, w, M, epi);
+  }
+}
+
+// x normalised with the RMSNorm weight g (input 1) and eps (input 2), in a reused buffer.
+int normalise(void **params, int *ndims, int64_t **shapes, const char **dtypes, Problem *p) {
+  if (std::strcmp(dtypes[1], "float32") != 0 || std::strcmp(dtypes[2], "float32") != 0 ||
+      numel(ndims[1], shapes[1]) != p->w.K)
+    return kBadNorm;
+  p->x = gemv::rms_normalised(p->x, static_cast<const float *>(params[1]), *static_cast<const float *>(params[2]),
+                              p->M, p->w.K);
+  return kOk;
+}
+
+// The weight is inputs w, w + 1, w + 2; with `norm`, inputs 1 and 2 are the RMSNorm weight g [K]
+// and eps [1] applied to x first; params[out] is the output.
+int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes, int w, bool norm, int out,
+                Epilogue epi) {
+  Problem p;
+  if (int err = parse(params, ndims, shapes, dtypes, w, &p)) return err;
+  if (norm)
+    if (int err = normalise(params, ndims, shapes, dtypes, &p)) return err;
+  epi.y = static_cast<float *>(params[out]);
+  epi.ldy = p.N / epi.rows_per_unit();
+  if (numel(ndims[out], shapes[out]) != p.M * epi.ldy || p.N % epi.rows_per_unit() != 0) return kBadOther;
+  return execute(p.x, p.M, p.w, epi);
+}
+
+}  // namespace
+
+// The instruction set in use ("scalar" | "avx2" | "avx512").
+extern "C" const char *QuantLinearIsa() { return kIsaNames[chosen_isa().load()]; }
+
+// Uses instruction set `name` from now on ("auto": the best this CPU has); 0 on success,
+// 1 when the name is unknown or this CPU lacks it.
+extern "C" int QuantLinearSetIsa(const char *name) {
+  const int isa = std::strcmp(name, "auto") == 0 ? (int)best_isa() : isa_named(name);
+  if (isa < 0) return 1;
+  chosen_isa().store(isa);
+  return 0;
+}
+
+extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                           void *) {
+  if (nparam != 5) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 4, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
+}
+
+extern "C" int QuantLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                 void *, void *) {
+  if (nparam != 5) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 4, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
+}
+
+extern "C" int QuantLinearResidual(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                   void *, void *) {
+  if (nparam != 7 || std::strcmp(dtypes[4], "float32") != 0 || std::strcmp(dtypes[5], "float32") != 0 ||
+      numel(ndims[4], shapes[4]) != numel(ndims[6], shapes[6]))
+    return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 1, false, 6,
+                     {Epilogue::kResidual, nullptr, 0, static_cast<const float *>(params[4]),
+                      *static_cast<const float *>(params[5])});
+}
+
+extern "C" int QuantRmsNormLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                  void *, void *) {
+  if (nparam != 7) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 3, true, 6, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
+}
+
+extern "C" int QuantRmsNormLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes,
+                                        const char **dtypes, void *, void *) {
+  if (nparam != 7) return kBadOther;
+  return run_problem(params, ndims, shapes, dtypes, 3, true, 6, {Epilogue::kSwiglu, nullptr, 0, nullptr, 0.f});
+}
+
+// A whole MLP block: y = r + scale[0] * swiglu(rmsnorm(x) Wgu^T) Wd^T, the two projections back to back.
+//   QuantRmsNormSwigluMlp(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale, y)
+extern "C" int QuantRmsNormSwigluMlp(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                     void *, void *) {
+  if (nparam != 12) return kBadOther;
+  Problem p;
+  if (int err = parse(params, ndims, shapes, dtypes, 3, &p)) return err;
+  if (int err = normalise(params, ndims, shapes, dtypes, &p)) return err;
+  const int64_t I = p.N / 2, K = p.w.K;
+  QWeight down;
+  int64_t n_down = 0;
+  if (int err = parse_weight(params, ndims, shapes, dtypes, 6, I, &down, &n_down)) return err;
+  if (n_down != K || p.N % 2 != 0 || std::strcmp(dtypes[9], "float32") != 0 ||
+      std::strcmp(dtypes[10], "float32") != 0 || numel(ndims[9], shapes[9]) != p.M * K ||
+      numel(ndims[11], shapes[11]) != p.M * K)
+    return kBadOther;
+  thread_local std::vector<float> hidden;  // the [M, I] SwiGLU activations, reused across calls
+  hidden.resize(p.M * I);
+  if (int err = execute(p.x, p.M, p.w, {Epilogue::kSwiglu, hidden.data(), I, nullptr, 0.f})) return err;
+  return execute(hidden.data(), p.M, down,
+                 {Epilogue::kResidual, static_cast<float *>(params[11]), K, static_cast<const float *>(params[9]),
+                  *static_cast<const float *>(params[10])});
+}

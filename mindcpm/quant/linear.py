@@ -1,0 +1,163 @@
+"""The quantized linear kernel (kernels_aclnn/quant_linear/cpu.cc) as a MindSpore cell.
+
+    op = KernelQuantMatmul("plain")            # or "swiglu" (rows gate|up), "residual"
+    packed, scales, offsets = kernel_tensors(qw)
+    y = op(x, packed, scales, offsets)         # x [..., K] fp32 -> y [..., N] fp32
+    y = KernelQuantMatmul("residual", 0.5)(x, packed, scales, offsets, r)   # r + 0.5 x W^T
+    y = KernelQuantMatmul("swiglu", norm_eps=1e-5)(x, packed, scales, offsets, norm_weight=g)
+                                               # the RMSNorm before the projection, in the same op
+
+The same epilogues as ops/cpu.py KernelMatmul; the weight is three tensors instead of one.
+A QuantWeight with input_perm (GPTQ act-order) also passes kernel_perm(qw) as `perm`.
+
+    mlp = KernelQuantSwigluMlp(norm_eps=1e-5, scale=1.0)     # a decoder layer's whole MLP block
+    y = mlp(x, g, *kernel_tensors(gate_up), *kernel_tensors(down), r)   # r + down(swiglu(gate_up(rmsnorm x)))
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+from ..ops.cpu_kernels import aot_op, build
+from .formats import QuantWeight, bf16_values
+
+OP = "quant_linear"
+ENTRY = {"plain": "QuantLinear", "swiglu": "QuantLinearSwiglu", "residual": "QuantLinearResidual"}
+NORM_ENTRY = {"plain": "QuantRmsNormLinear", "swiglu": "QuantRmsNormLinearSwiglu"}
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+ISAS = ("scalar", "avx2", "avx512")
+
+
+def kernel_tensors(qw: QuantWeight) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed, scales, offsets) as the kernel takes them; offsets [1] when symmetric."""
+    def stored(values: np.ndarray) -> Tensor:
+        if qw.scale_dtype == "bfloat16":  # exact: the values are bfloat16 already
+            return Tensor(bf16_values(values), ms.bfloat16)
+        return Tensor(values, MS_DTYPES[qw.scale_dtype])
+    offsets = Tensor(np.zeros(1, np.float32)) if qw.offsets is None else stored(qw.offsets)
+    return Tensor(qw.packed, ms.uint8), stored(qw.scales), offsets
+
+
+def kernel_perm(qw: QuantWeight) -> Tensor | None:
+    return None if qw.input_perm is None else Tensor(qw.input_perm.astype(np.int32))
+
+
+def _check_shapes(epilogue: str, x, *inputs) -> list:
+    """The output shape; ValueError naming the argument that does not fit. Inputs after x:
+    packed, scales, offsets (+ residual, scale); "norm <epilogue>": g, eps first."""
+    k = x[-1]
+    if epilogue.startswith("norm "):
+        g, _, *inputs = inputs
+        if list(g) != [k]:
+            raise ValueError(f"quant linear: norm weight {list(g)} is not [{k}]")
+        epilogue = epilogue[len("norm "):]
+    packed, scales, offsets, *rest = inputs
+    if len(packed) != 2 or k <= 0 or (packed[1] * 8) % k or (packed[1] * 8 // k) not in (8, 4, 2):
+        raise ValueError(f"quant linear: packed {list(packed)} is not [N, K * bits / 8] for K={k}, bits 8/4/2")
+    bits = packed[1] * 8 // k
+    if len(scales) != 2 or scales[0] != packed[0] or k % scales[1] or (bits < 8 and (k // scales[1]) % 32):
+        raise ValueError(f"quant linear: scales {list(scales)} is not [N, K / group] for N={packed[0]}, K={k}")
+    if list(offsets) != [1] and list(offsets) != list(scales):
+        raise ValueError(f"quant linear: offsets {list(offsets)} is neither [1] nor the scales' {list(scales)}")
+    n = packed[0] // 2 if epilogue == "swiglu" else packed[0]
+    if epilogue == "residual" and list(rest[0]) != list(x[:-1]) + [n]:
+        raise ValueError(f"quant linear: residual {list(rest[0])} is not {list(x[:-1]) + [n]}")
+    return list(x[:-1]) + [n]
+
+
+def _element(dtype):
+    """The element type of a dtype MindSpore passes to out_dtype (Tensor[Float32] -> Float32)."""
+    return dtype.element_type() if hasattr(dtype, "element_type") else dtype
+
+
+def _check_dtypes(epilogue: str, x, *inputs):
+    """float32 (TypeError naming the argument that is not right); inputs as in _check_shapes."""
+    if epilogue.startswith("norm "):
+        inputs = inputs[2:]
+    x, packed, scales = (_element(d) for d in (x, *inputs[:2]))
+    if x != ms.float32 or packed != ms.uint8:
+        raise TypeError(f"quant linear: x must be float32 and packed uint8, not {x} and {packed}")
+    if scales not in (ms.float32, ms.float16, ms.bfloat16):
+        raise TypeError(f"quant linear: scales must be float32, float16 or bfloat16, not {scales}")
+    return ms.float32
+
+
+class KernelQuantMatmul(nn.Cell):
+    """y = epilogue(x W^T) with W kept quantized (see mindcpm/quant/formats.py)."""
+
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
+        super().__init__()
+        if epilogue not in ENTRY:
+            raise ValueError(f"unknown linear epilogue {epilogue!r}; choose {', '.join(ENTRY)}")
+        self.epilogue = epilogue
+        self.op = aot_op(OP, ENTRY[epilogue], functools.partial(_check_shapes, epilogue),
+                         functools.partial(_check_dtypes, epilogue))
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.eps = None if norm_eps is None else Tensor(np.array([norm_eps], np.float32))
+        if norm_eps is not None:
+            if epilogue not in NORM_ENTRY:
+                raise ValueError("a norm before a residual projection is not fused")
+            self.norm_op = aot_op(OP, NORM_ENTRY[epilogue], functools.partial(_check_shapes, "norm " + epilogue),
+                                  functools.partial(_check_dtypes, "norm " + epilogue))
+
+    def construct(self, x, packed, scales, offsets, residual=None, perm=None, norm_weight=None):
+        if perm is not None:  # RMSNorm commutes with permuting x and its weight alike
+            x = ops.gather(x, perm, x.ndim - 1)
+            if norm_weight is not None:
+                norm_weight = ops.gather(norm_weight, perm, 0)
+        if self.eps is not None:
+            return self.norm_op(x, norm_weight, self.eps, packed, scales, offsets)
+        if self.epilogue == "residual":
+            return self.op(x, packed, scales, offsets, residual, self.scale)
+        return self.op(x, packed, scales, offsets)
+
+
+def _mlp_shape(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale):
+    hidden = _check_shapes("norm swiglu", x, g, eps, gu_packed, gu_scales, gu_offsets)
+    return _check_shapes("residual", hidden, d_packed, d_scales, d_offsets, r, scale)
+
+
+def _mlp_dtype(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, r, scale):
+    _check_dtypes("plain", x, d_packed, d_scales)
+    return _check_dtypes("norm swiglu", x, g, eps, gu_packed, gu_scales)
+
+
+class KernelQuantSwigluMlp(nn.Cell):
+    """r + scale * down(silu(gate) * up) of rmsnorm(x) in one kernel, the weights kept quantized
+    (each in its own format): a decoder layer's MLP block is one op, like ops/cpu.py's
+    KernelSwigluMlp. Weights with an input_perm (GPTQ act-order) need the separate ops."""
+
+    def __init__(self, norm_eps: float, scale: float = 1.0):
+        super().__init__()
+        self.eps = Tensor(np.array([norm_eps], np.float32))
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.op = aot_op(OP, "QuantRmsNormSwigluMlp", _mlp_shape, _mlp_dtype)
+
+    def construct(self, x, norm_weight, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets, residual):
+        return self.op(x, norm_weight, self.eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, d_offsets,
+                       residual, self.scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    lib = ctypes.CDLL(build(OP))  # the same file MindSpore loads, so the same process-wide choice
+    lib.QuantLinearIsa.restype = ctypes.c_char_p
+    lib.QuantLinearSetIsa.argtypes = [ctypes.c_char_p]
+    return lib
+
+
+def kernel_isa() -> str:
+    """The instruction set the kernel runs ("scalar" | "avx2" | "avx512"); the environment variable
+    MINDCPM_QUANT_ISA picks a narrower one at start-up."""
+    return _library().QuantLinearIsa().decode()
+
+
+def set_kernel_isa(name: str) -> None:
+    """Runs the kernel with instruction set `name` ("auto": the best this CPU has) from now on."""
+    if _library().QuantLinearSetIsa(name.encode()) != 0:
+        raise ValueError(f"instruction set {name!r} is unknown or this CPU lacks it (choose from "
+                         f"auto, {', '.join(ISAS)})")

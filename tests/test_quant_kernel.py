@@ -1,0 +1,232 @@
+"""The quantized linear kernel (kernels_aclnn/quant_linear/cpu.cc) against numpy written from the
+format: random codes, scales and offsets made here, packed here byte by byte from the layout,
+y = x W^T in float64 with W dequantized here. Every instruction set this CPU runs (scalar, AVX2,
+AVX-512) on odd sizes: groups not a multiple of the vector width, N odd, 1 and many rows."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from mindspore import Tensor  # noqa: E402
+
+from mindcpm.ops import cpu_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="no g++ to build the CPU kernels")
+
+ISAS = ["scalar", "avx2", "avx512"]
+MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
+
+
+def runnable_isas():
+    from mindcpm.quant import linear
+    isas = []
+    for isa in ISAS:
+        try:
+            linear.set_kernel_isa(isa)
+            isas.append(isa)
+        except ValueError:
+            pass
+    linear.set_kernel_isa("auto")
+    return isas
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    from mindcpm.quant import linear
+    if request.param not in runnable_isas():
+        pytest.skip(f"this CPU has no {request.param}")
+    linear.set_kernel_isa(request.param)
+    yield request.param
+    linear.set_kernel_isa("auto")
+
+
+def pack_here(codes: np.ndarray, bits: int) -> np.ndarray:
+    """The byte layout of kernels_aclnn/quant_linear/cpu.cc, one byte position at a time."""
+    n, k = codes.shape
+    if bits == 8:
+        return codes.astype(np.uint8)
+    per = 8 // bits
+    step = 32 // per
+    out = np.zeros((n, k * bits // 8), np.uint8)
+    for b in range(k // 32):
+        for j in range(step):
+            byte = 0
+            for i in range(per):
+                byte = byte | (codes[:, 32 * b + j + i * step].astype(np.int64) << (i * bits))
+            out[:, b * step + j] = byte
+    return out
+
+
+def make_weight(rng, n, k, bits, group, asym, dtype):
+    """(kernel tensors, the exact fp32 weight they stand for, the magnitude of the terms the kernel
+    sums: |s c| + |offset|, the offset being m, or s 2^(bits-1) when symmetric)."""
+    groups = k // group
+    codes = rng.integers(0, 1 << bits, (n, k))
+    s_t = Tensor(rng.uniform(0.01, 0.2, (n, groups)).astype(np.float32), MS_DTYPES[dtype])
+    s = s_t.astype(ms.float32).asnumpy().astype(np.float64)
+    if asym:
+        m_t = Tensor(rng.uniform(-1, 1, (n, groups)).astype(np.float32), MS_DTYPES[dtype])
+        m = m_t.astype(ms.float32).asnumpy().astype(np.float64)
+    else:
+        m_t = Tensor(np.zeros(1, np.float32))
+        m = -s * (1 << (bits - 1))
+    s, m = np.repeat(s, group, 1), np.repeat(m, group, 1)
+    return (Tensor(pack_here(codes, bits), ms.uint8), s_t, m_t), s * codes + m, np.abs(s * codes) + np.abs(m)
+
+
+def assert_close(got, x, w, magnitude):
+    """got == x W^T up to float32 accumulation: a few ulps of sum |x| (|s c| + |offset|), the
+    terms the kernel adds (its order differs from numpy's, and the offset term cancels)."""
+    want = x.astype(np.float64) @ w.T
+    bound = np.abs(x.astype(np.float64)) @ magnitude.T
+    assert np.all(np.abs(got - want) <= 1e-5 * bound + 1e-6), np.max(np.abs(got - want) / (bound + 1e-6))
+    return want
+
+
+# (bits, K, group): 8-bit per channel over odd K and groups of 20 / 40 (not a multiple of 16),
+# 4-bit groups 32 / 64 / 128 with K not a multiple of 64, 2-bit groups of 32 and whole rows.
+FORMATS = [(8, 1001, 1001), (8, 100, 20), (8, 120, 40), (4, 96, 32), (4, 192, 64), (4, 384, 128), (2, 96, 32),
+           (2, 160, 160)]
+
+
+@pytest.mark.parametrize("bits,k,group", FORMATS)
+@pytest.mark.parametrize("m,n", [(1, 13), (1, 1001), (3, 7), (17, 9)])
+def test_plain_matches_numpy(isa, bits, k, group, m, n):
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits * 7 + k + 31 * m + n)
+    for asym, dtype in ((False, "float16"), (True, "bfloat16"), (bits == 8, "float32")):
+        tensors, w, magnitude = make_weight(rng, n, k, bits, group, asym, dtype)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        assert_close(KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy(), x, w, magnitude)
+
+
+@pytest.mark.parametrize("bits,k,group", [(8, 1001, 1001), (4, 96, 32), (2, 160, 32)])
+@pytest.mark.parametrize("m", [1, 5])
+def test_swiglu_and_residual_epilogues(isa, bits, k, group, m):
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits + k + m)
+    n = 11
+    tensors, w, magnitude = make_weight(rng, 2 * n, k, bits, group, False, "float16")
+    # Leading dims are rows; small inputs keep x W^T near 1, where SwiGLU is not flat.
+    x = (rng.standard_normal((1, m, k)) / (np.sqrt(k) * (1 << (bits - 1)) * 0.1)).astype(np.float32)
+    y = x.astype(np.float64) @ w.T
+    gate, up = y[..., :n], y[..., n:]
+    got = KernelQuantMatmul("swiglu")(Tensor(x), *tensors).asnumpy()
+    np.testing.assert_allclose(got, gate / (1 + np.exp(-gate)) * up, rtol=1e-4, atol=1e-4)
+    r = rng.standard_normal((1, m, 2 * n)).astype(np.float32)
+    got = KernelQuantMatmul("residual", 0.37)(Tensor(x), *tensors, Tensor(r)).asnumpy()
+    assert_close((got - r) / 0.37, x, w, magnitude)
+
+
+def test_act_order_permutation_is_applied():
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(5)
+    tensors, w, magnitude = make_weight(rng, 5, 64, 4, 32, False, "float32")
+    perm = rng.permutation(64)
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    got = KernelQuantMatmul("plain")(Tensor(x), *tensors, None, Tensor(perm.astype(np.int32))).asnumpy()
+    assert_close(got, x[:, perm], w, magnitude)
+
+
+@pytest.mark.parametrize("packed,scales,offsets,match", [
+    ((5, 40), (5, 3), (1,), "packed"),        # 40 bytes for K=96 is no bit width
+    ((5, 48), (5, 5), (1,), "scales"),        # 5 groups do not divide K=96
+    ((5, 48), (4, 3), (1,), "scales"),        # scales rows differ from packed rows
+    ((5, 48), (5, 3), (5, 2), "offsets"),
+    ((5, 24), (5, 6), (1,), "scales"),        # 2-bit groups of 16
+])
+def test_bad_shapes_name_the_argument(packed, scales, offsets, match):
+    from mindcpm.quant.linear import KernelQuantMatmul
+    x = Tensor(np.zeros((1, 96), np.float32))
+    args = (Tensor(np.zeros(packed, np.uint8)), Tensor(np.ones(scales, np.float32)),
+            Tensor(np.zeros(offsets, np.float32)))
+    with pytest.raises(ValueError, match=match):
+        KernelQuantMatmul("plain")(x, *args)
+
+
+def test_environment_picks_the_instruction_set():
+    code = "from mindcpm.quant.linear import kernel_isa; print(kernel_isa())"
+    env = dict(os.environ, MINDCPM_QUANT_ISA="scalar")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "scalar"
+
+
+class _QuantLayer(ms.nn.Cell):
+    """A layer whose quantized weight is three Parameters, run through one jit graph (as in a model)."""
+
+    def __init__(self, tensors, epilogue):
+        from mindcpm.quant.linear import KernelQuantMatmul
+        super().__init__()
+        self.op = KernelQuantMatmul(epilogue, 0.5)
+        self.packed, self.scales, self.offsets = (ms.Parameter(t, name=n, requires_grad=False)
+                                                  for t, n in zip(tensors, ("packed", "scales", "offsets")))
+
+    @ms.jit
+    def construct(self, x, r):
+        return self.op(x, self.packed, self.scales, self.offsets, r)
+
+
+def test_jit_graph_with_parameters():
+    rng = np.random.default_rng(8)
+    tensors, w, magnitude = make_weight(rng, 9, 96, 4, 32, True, "bfloat16")
+    layer = _QuantLayer(tensors, "residual")
+    for m in (1, 6):  # a decode and a prefill shape, one graph each
+        x = rng.standard_normal((1, m, 96)).astype(np.float32)
+        r = rng.standard_normal((1, m, 9)).astype(np.float32)
+        got = layer(Tensor(x), Tensor(r)).asnumpy()
+        assert_close((got - r) / 0.5, x, w, magnitude)
+
+
+@pytest.mark.parametrize("bits,k,group", [(8, 100, 20), (4, 96, 32)])
+@pytest.mark.parametrize("m", [1, 7])
+def test_norm_fused_into_the_projection(isa, bits, k, group, m):
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits + k + m)
+    n = 5
+    tensors, w, magnitude = make_weight(rng, 2 * n, k, bits, group, False, "float32")
+    x = (3 * rng.standard_normal((m, k))).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    xn = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
+    assert_close(got, xn, w, magnitude)
+    perm = rng.permutation(k)  # act-order: x and the norm weight permuted alike
+    got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, perm=Tensor(perm.astype(np.int32)),
+                                                    norm_weight=Tensor(g)).asnumpy()
+    assert_close(got, xn[:, perm], w, magnitude)
+    small = KernelQuantMatmul("swiglu", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
+    y = xn @ w.T
+    np.testing.assert_allclose(small, y[:, :n] / (1 + np.exp(-y[:, :n])) * y[:, n:], rtol=1e-4,
+                               atol=1e-4 * np.abs(y).max() ** 2)
+
+
+def test_bad_norm_weight_is_named():
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(0)
+    tensors, _, _ = make_weight(rng, 4, 64, 4, 32, False, "float32")
+    with pytest.raises(ValueError, match="norm weight \\[63\\] is not \\[64\\]"):
+        KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(np.ones((1, 64), np.float32)), *tensors,
+                                                  norm_weight=Tensor(np.ones(63, np.float32)))
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_mlp_block_matches_numpy(isa, m):
+    from mindcpm.quant.linear import KernelQuantSwigluMlp
+    rng = np.random.default_rng(m)
+    k, i = 96, 64
+    gate_up, wgu, _ = make_weight(rng, 2 * i, k, 4, 32, True, "float16")  # each weight its own format
+    down, wd, _ = make_weight(rng, k, i, 8, 16, False, "bfloat16")
+    x = (3 * rng.standard_normal((1, m, k))).astype(np.float32)
+    g = rng.uniform(0.5, 1.5, k).astype(np.float32)
+    r = rng.standard_normal((1, m, k)).astype(np.float32)
+    xn = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
+    y = xn @ wgu.T
+    hidden = y[..., :i] / (1 + np.exp(-y[..., :i])) * y[..., i:]
+    want = r + 0.5 * hidden @ wd.T
+    got = KernelQuantSwigluMlp(1e-5, 0.5)(Tensor(x), Tensor(g), *gate_up, *down, Tensor(r)).asnumpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
