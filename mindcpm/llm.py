@@ -139,6 +139,9 @@ class LLM:
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
+            if speculative is not None and speculative.num_speculative_tokens >= max_model_len:
+                raise ValueError(f"{speculative.num_speculative_tokens} draft tokens per step do not fit "
+                                 f"max_model_len {max_model_len}")
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}

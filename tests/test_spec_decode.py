@@ -146,3 +146,60 @@ def test_bad_speculative_config(config, message):
     from mindcpm.engine.spec_decode import SpeculativeConfig
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig.from_dict(config)
+
+
+class _FixedDrafts:
+    """A proposer that drafts what the test says for each context (a point mass, like n-gram)."""
+
+    def __init__(self, drafts: dict[tuple, list[int]]):
+        self.drafts = drafts
+
+    def propose(self, token_ids, limit):
+        return self.drafts.get(tuple(token_ids), [])[:limit]
+
+
+def test_sampled_output_follows_the_target_distribution(tiny_dir):
+    """temperature 1, top_k 2: the joint distribution of three tokens (t1 from the prefill, t2 and
+    t3 from a verify step whose drafts are accepted or rejected) equals the target's
+    p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square)."""
+    from scipy.stats import chisquare
+
+    from mindcpm import SamplingParams
+    from tests.engine_probe import prefill_logits
+    llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=NGRAM)
+    prompt = PROMPTS[2]
+
+    def top2(ctx):
+        logits = prefill_logits(llm, [ctx])[0][-1].astype(np.float64)
+        ids = np.argsort(-logits, kind="stable")[:2]
+        p = np.exp(logits[ids] - logits[ids].max())
+        return ids.tolist(), p / p.sum()
+
+    expected, drafts = {}, {}
+    ids1, p1 = top2(prompt)
+    for t1, q1 in zip(ids1, p1):
+        ids2, p2 = top2(prompt + [t1])
+        # Draft the likelier t2 and, after it, t3's less likely token: both outcomes occur.
+        drafts[tuple(prompt + [t1])] = [ids2[0], top2(prompt + [t1, ids2[0]])[0][1]]
+        for t2, q2 in zip(ids2, p2):
+            ids3, p3 = top2(prompt + [t1, t2])
+            for t3, q3 in zip(ids3, p3):
+                expected[(t1, t2, t3)] = q1 * q2 * q3
+    llm.engine.proposer = _FixedDrafts(drafts)
+    n = 640
+    params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
+    outs = llm.generate([{"prompt_token_ids": prompt}] * n, params)
+    counts = {}
+    for o in outs:
+        key = tuple(o.outputs[0].token_ids)
+        counts[key] = counts.get(key, 0) + 1
+    assert set(counts) <= set(expected)
+    cells = sorted(expected)
+    stat = chisquare([counts.get(c, 0) for c in cells], [expected[c] * n for c in cells])
+    assert stat.pvalue > 1e-3, (stat, counts, expected)
+    stats = llm.engine.spec_stats
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+
+    # Per-request seeds: the same seeds give the same outputs, whatever the batch.
+    again = llm.generate([{"prompt_token_ids": prompt}] * 5, params[-5:])
+    assert tokens(again) == tokens(outs[-5:])
