@@ -27,6 +27,7 @@ import textwrap
 import threading
 from typing import Callable, Sequence
 
+from .engine.spec_decode import speculative_stats
 from .parallel import ParallelError
 from .sampling import SamplingParams
 
@@ -340,16 +341,6 @@ def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
         "kernels": llm.kernels,
         **speculative_stats(llm.engine),
     }
-
-
-def speculative_stats(engine) -> dict:
-    """vLLM's acceptance metrics, when the engine drafts tokens."""
-    if engine.proposer is None:
-        return {}
-    s = engine.spec_stats
-    return {"spec_draft_tokens": s.num_draft_tokens, "spec_accepted_tokens": s.num_accepted_tokens,
-            "spec_acceptance_rate": round(s.acceptance_rate, 4),
-            "spec_mean_accepted_length": round(s.mean_accepted_length, 3)}
 
 
 def speed_line(stats: dict) -> str:

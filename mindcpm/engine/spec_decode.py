@@ -113,3 +113,13 @@ class SpecStats:
     def mean_accepted_length(self) -> float:
         """Tokens a verify step yields per chain: the accepted drafts plus the target's own token."""
         return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
+
+
+def speculative_stats(engine) -> dict:
+    """vLLM's acceptance metrics, when the engine drafts tokens."""
+    if engine.proposer is None:
+        return {}
+    s = engine.spec_stats
+    return {"spec_draft_tokens": s.num_draft_tokens, "spec_accepted_tokens": s.num_accepted_tokens,
+            "spec_acceptance_rate": round(s.acceptance_rate, 4),
+            "spec_mean_accepted_length": round(s.mean_accepted_length, 3)}
