@@ -381,7 +381,7 @@ class RunTimes:
 
 def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
     """All requests (prompt ids, tokens to generate) submitted at once and stepped to the end;
-    a timestamp for every token."""
+    a timestamp for every token (the tokens of one step share it)."""
     from .sampling import SamplingParams
 
     engine = llm.engine
@@ -394,7 +394,9 @@ def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
         touched = engine.step()
         now = time.perf_counter()
         for state in touched:
-            stamps[state.seq.seq_id].append(now)
+            # A verified draft chain gives several tokens in one step: each is a token.
+            seen = stamps[state.seq.seq_id]
+            seen += [now] * (len(state.new_token_ids) - len(seen))
     wall = time.perf_counter() - start
     after = engine.stats.__dict__
     delta = {k: after[k] - before[k] for k in before}

@@ -213,8 +213,7 @@ class ModelRunner:
             first = last - len(seq.spec_token_ids)
             rows.append(range(first, last + 1))
             requests += [_PADDING_REQUEST] * (first - len(requests))
-            requests += [SampleRequest(seq.params, seq.prompt_token_ids, seq.completion_token_ids, seq.rng)] * (
-                last + 1 - first)
+            requests += [_sample_request(seq)] * (last + 1 - first)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         out = self.sampler(logits, requests, max(wanted) if wanted else -1, greedy_ids)
         appended: list[list[int] | None] = []
@@ -284,6 +283,15 @@ class ModelRunner:
             lp, top_ids, top_lp = topk_logprobs(logits[rows], n, chosen)
             for j, token in enumerate(chosen):
                 seq.prompt_logprobs.append(_logprob_entry(int(token), float(lp[j]), top_ids[j][:n], top_lp[j][:n]))
+
+
+def _sample_request(seq: Sequence) -> SampleRequest:
+    """The sampler reads the token lists only for penalties and min_tokens: other requests' steps
+    copy none."""
+    p = seq.params
+    if p.uses_penalties or p.min_tokens:
+        return SampleRequest(p, seq.prompt_token_ids, seq.completion_token_ids, seq.rng)
+    return SampleRequest(p, (), (), seq.rng)
 
 
 # Fills the rows between the ones a step samples (greedy: no random draw, no penalties).
