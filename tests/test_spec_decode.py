@@ -203,3 +203,23 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir):
     # Per-request seeds: the same seeds give the same outputs, whatever the batch.
     again = llm.generate([{"prompt_token_ids": prompt}] * 5, params[-5:])
     assert tokens(again) == tokens(outs[-5:])
+
+
+def test_drafting_backs_off_after_rejected_chains():
+    """After chains rejected outright a sequence drafts on 1 step in 2, 3, 5, 9, ... (at most one
+    verify step per MAX_DRAFT_BACKOFF + 1); one accepted draft resets it."""
+    from mindcpm import SamplingParams
+    from mindcpm.engine.sequence import Sequence
+    from mindcpm.engine.spec_decode import MAX_DRAFT_BACKOFF, record_outcome, wants_draft
+    seq = Sequence([1, 2, 3], SamplingParams(), 8)
+    drafted = []
+    for _ in range(200):
+        drafted.append(wants_draft(seq))
+        if drafted[-1]:
+            record_outcome(seq, 0)
+    steps = [i for i, d in enumerate(drafted) if d]
+    assert steps[:6] == [0, 2, 5, 10, 19, 36]
+    assert all(b - a == MAX_DRAFT_BACKOFF + 1 for a, b in zip(steps[6:], steps[7:]))
+    record_outcome(seq, 2)
+    seq.spec_skip_steps = 0
+    assert wants_draft(seq) and wants_draft(seq)

@@ -13,7 +13,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .spec_decode import NgramProposer, SpecStats, SpeculativeConfig, can_speculate
+from .spec_decode import NgramProposer, SpecStats, SpeculativeConfig, can_speculate, record_outcome, wants_draft
 
 
 @dataclass
@@ -104,9 +104,10 @@ class LLMEngine:
             return []
         num_drafts = [len(seq.spec_token_ids) for seq in batch.seqs]
         sampled = self._run(batch)
-        for k, tokens in zip(num_drafts, sampled):
+        for seq, k, tokens in zip(batch.seqs, num_drafts, sampled):
             if k:
                 self.spec_stats.record(k, len(tokens) - 1)
+                record_outcome(seq, len(tokens) - 1)
         touched: dict[int, RequestState] = {}
 
         def on_token(seq: Sequence, token: int) -> None:
@@ -129,7 +130,9 @@ class LLMEngine:
         max_model_len = self.scheduler.max_model_len
         for seq in self.scheduler.running:
             params = seq.params
-            if seq.num_cached_tokens != seq.num_tokens - 1 or not can_speculate(params, seq.num_completion_tokens):
+            if (seq.num_cached_tokens != seq.num_tokens - 1 or not can_speculate(params, seq.num_completion_tokens)
+                    or not wants_draft(seq)):
+                seq.spec_token_ids = []
                 continue
             limit = min(params.max_tokens - seq.num_completion_tokens - 1, max_model_len - seq.num_tokens)
             seq.spec_token_ids = self.proposer.propose(seq.token_ids, limit)

@@ -28,6 +28,9 @@ class Sequence:
         # Provisional tokens to verify in the next decode step (speculative decoding): never in
         # token_ids, so never hashed into the prefix cache, until the target accepts them.
         self.spec_token_ids: list[int] = []
+        # Decode steps to skip drafting, after chains the model rejected outright (spec_decode.DraftBackoff).
+        self.spec_skip_steps = 0
+        self.spec_backoff = 0
         # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
         self.state_slot: int | None = None
         self.block_size = block_size

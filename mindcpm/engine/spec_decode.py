@@ -77,6 +77,29 @@ class NgramProposer:
         return []
 
 
+# A chain rejected outright cost a verify step (1 + k tokens) for one token. After such a chain a
+# sequence skips drafting for 1, 2, 4, ... up to this many decode steps (reset by any accepted
+# draft), so text the drafts cannot predict pays a verify step at most once per this many steps.
+MAX_DRAFT_BACKOFF = 32
+
+
+def record_outcome(seq, num_accepted: int) -> None:
+    """Backs off drafting for `seq` after a fully rejected chain; any accepted draft resets it."""
+    if num_accepted:
+        seq.spec_backoff = 0
+        return
+    seq.spec_backoff = min(2 * seq.spec_backoff or 1, MAX_DRAFT_BACKOFF)
+    seq.spec_skip_steps = seq.spec_backoff
+
+
+def wants_draft(seq) -> bool:
+    """Whether `seq` drafts this step (counts down a backoff)."""
+    if seq.spec_skip_steps:
+        seq.spec_skip_steps -= 1
+        return False
+    return True
+
+
 def can_speculate(params: SamplingParams, num_completion_tokens: int) -> bool:
     """Whether a request's verify rows may be sampled independently of each other's outcome: not
     with penalties (they read the output so far), logprobs, or min_tokens bans still active."""
