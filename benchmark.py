@@ -65,9 +65,15 @@ def parse_args(argv):
                    help="paged attention: on = blocks of --block-size tokens, off = one contiguous block per "
                         "sequence (default on)")
     m.add_argument("--workload", type=list_arg(bench.workload_kind, "--workload"), default=["fixed"],
-                   metavar="fixed,mixed", help="fixed: `batch` requests of exactly -p/-n tokens; mixed: 4 x batch "
-                                               "requests of random lengths up to -p/-n through `batch` slots, so "
-                                               "arriving prefills interleave with decodes (default fixed)")
+                   metavar="fixed,mixed,repeat",
+                   help="fixed: `batch` requests of exactly -p/-n tokens; mixed: 4 x batch requests of random "
+                        "lengths up to -p/-n through `batch` slots, so arriving prefills interleave with decodes; "
+                        "repeat: as fixed, each prompt a random passage written twice (default fixed)")
+    m.add_argument("--speculative-method", type=list_arg(bench.speculative_mode, "--speculative-method"),
+                   default=["off"], metavar="off,ngram",
+                   help="speculative decoding: off, or ngram (prompt-lookup drafts; try --workload repeat)")
+    m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="draft tokens verified per step with --speculative-method ngram (default 4)")
     lc = p.add_argument_group("long context (instead of the throughput matrix)")
     lc.add_argument("--context", type=list_arg(bench.positive_int, "--context"), default=[], metavar="N,..",
                     help="context lengths: time one decode step with N tokens cached and a chunked prefill of "
@@ -98,10 +104,13 @@ def cells_from_args(args) -> list[bench.Cell]:
     for flag in ("repetitions", "block_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    if args.num_speculative_tokens < 1:
+        raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
-                               args.workload, args.context, args.sparse, args.kernels,
-                               repetitions=args.repetitions, block_size=args.block_size, seed=args.seed)
+                               args.workload, args.context, args.sparse, args.kernels, args.speculative_method,
+                               repetitions=args.repetitions, block_size=args.block_size, seed=args.seed,
+                               num_speculative_tokens=args.num_speculative_tokens)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:

@@ -29,6 +29,7 @@ from importlib import metadata
 import numpy as np
 
 from .config import ModelConfig
+from .engine.spec_decode import SpecStats, speculative_stats
 
 GIB = 2**30
 
@@ -131,6 +132,8 @@ class Cell:
     # cache, and of a chunked prefill of that many, instead of the throughput workload.
     context: int = 0
     sparse: str = "off"  # InfLLM-v2 sparse attention: off, current or june2025 (MiniCPM4)
+    speculative: str = "off"  # "ngram": LLM(speculative_config=...) with num_speculative_tokens drafts
+    num_speculative_tokens: int = 4
 
     @property
     def max_model_len(self) -> int:
@@ -159,6 +162,9 @@ class Cell:
                           enable_prefix_caching=False)
         if self.sparse != "off":
             kwargs["sparse_attention"] = self.sparse
+        if self.speculative != "off":
+            kwargs["speculative_config"] = {"method": self.speculative,
+                                            "num_speculative_tokens": self.num_speculative_tokens}
         return kwargs
 
 
@@ -204,7 +210,16 @@ def check_model(spec: str) -> str:
     raise ValueError(f"unknown model {spec!r}: not a path and not a shape ({', '.join(SHAPES)})")
 
 
-WORKLOADS = ("fixed", "mixed")
+# "repeat": like "fixed", but each prompt is a random passage written twice, text a prompt-lookup
+# (n-gram) draft can copy from.
+WORKLOADS = ("fixed", "mixed", "repeat")
+SPECULATIVE_MODES = ("off", "ngram")
+
+
+def speculative_mode(text: str) -> str:
+    if text not in SPECULATIVE_MODES:
+        raise ValueError
+    return text
 
 
 def workload_kind(text: str) -> str:
@@ -214,7 +229,8 @@ def workload_kind(text: str) -> str:
 
 
 def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, workloads=("fixed",),
-                  contexts=(), sparse_modes=("off",), kernel_modes=(None,), **common) -> list[Cell]:
+                  contexts=(), sparse_modes=("off",), kernel_modes=(None,), speculative_modes=("off",),
+                  **common) -> list[Cell]:
     """Every combination, model-major (the order the table shows them). With contexts, the
     long-context cells (model x precision x sparse x context) instead of the throughput ones.
     kernel_modes: LLM(kernels=...) values (None: not passed)."""
@@ -222,9 +238,9 @@ def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_m
         return [Cell(model=m, precision=p, context=c, sparse=sp, kernels=k, **common)
                 for m in models for p in precisions for sp in sparse_modes for c in contexts for k in kernel_modes]
     return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, kernels=k,
-                 **common)
+                 speculative=sp, **common)
             for m in models for p in precisions for b in batches for pl in prompt_lens for ol in output_lens
-            for pg in paged_modes for w in workloads for k in kernel_modes]
+            for pg in paged_modes for w in workloads for k in kernel_modes for sp in speculative_modes]
 
 
 def kernels_mode(text: str) -> str:
@@ -365,7 +381,7 @@ class RunTimes:
 
 def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
     """All requests (prompt ids, tokens to generate) submitted at once and stepped to the end;
-    a timestamp for every token."""
+    a timestamp for every token (the tokens of one step share it)."""
     from .sampling import SamplingParams
 
     engine = llm.engine
@@ -378,7 +394,9 @@ def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
         touched = engine.step()
         now = time.perf_counter()
         for state in touched:
-            stamps[state.seq.seq_id].append(now)
+            # A verified draft chain gives several tokens in one step: each is a token.
+            seen = stamps[state.seq.seq_id]
+            seen += [now] * (len(state.new_token_ids) - len(seen))
     wall = time.perf_counter() - start
     after = engine.stats.__dict__
     delta = {k: after[k] - before[k] for k in before}
@@ -395,6 +413,9 @@ def workload(cell: Cell, rng: np.random.Generator, vocab: int) -> list[tuple[lis
     """One run's requests: (prompt token ids, tokens to generate)."""
     if cell.workload == "fixed":
         return [(ids, cell.output_len) for ids in random_prompts(rng, vocab, cell.batch, cell.prompt_len)]
+    if cell.workload == "repeat":
+        half = max(1, cell.prompt_len // 2)
+        return [(ids + ids, cell.output_len) for ids in random_prompts(rng, vocab, cell.batch, half)]
     n = 4 * cell.batch
     prompt_lens = rng.integers(max(1, cell.prompt_len // 4), cell.prompt_len + 1, n)
     output_lens = rng.integers(max(1, cell.output_len // 4), cell.output_len + 1, n)
@@ -438,12 +459,14 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
         warmup_seconds = time.perf_counter() - start
         warm_graphs, warm_compile = len(runner.compiled_shapes), runner.compile_seconds
 
+        llm.engine.spec_stats = SpecStats()  # the measured runs' drafts only
         runs = []
         for i in range(cell.repetitions):
             phase(f"run {i + 1}/{cell.repetitions}")
             runs.append(timed_run(llm, workload(cell, rng, vocab)))
+        metrics = summarize(runs, load_seconds, warmup_seconds, warm_compile, warm_graphs, runner)
         return {"status": "ok", "reason": None, "dtype": llm.dtype,
-                "metrics": summarize(runs, load_seconds, warmup_seconds, warm_compile, warm_graphs, runner)}
+                "metrics": {**metrics, **speculative_stats(llm.engine)}}
     finally:
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -656,6 +679,11 @@ def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
         note = "" if ok else f"{r['status']}: {r['reason']}"
         if ok and r.get("kernels"):
             note = f"kernels {r['kernels']}"
+        if ok and r.get("speculative", "off") != "off":
+            m = r["metrics"]
+            note = (f"{note}; " if note else "") + (
+                f"{r['speculative']} k={r['num_speculative_tokens']}: {100 * m['spec_acceptance_rate']:.0f}% "
+                f"accepted, mean length {m['spec_mean_accepted_length']:.2f}")
         mixed = r.get("workload") == "mixed"  # lengths are maxima; 4 x batch requests share the batch
         batch = f"{r['batch']} ({4 * r['batch']} req)" if mixed else str(r["batch"])
         upto = "<=" if mixed else ""

@@ -27,6 +27,7 @@ import textwrap
 import threading
 from typing import Callable, Sequence
 
+from .engine.spec_decode import speculative_stats
 from .parallel import ParallelError
 from .sampling import SamplingParams
 
@@ -114,6 +115,31 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
                    help="InfLLM-v2 sparse attention for long contexts (MiniCPM4/4.1-8B): on with the "
                         "documented default sparse_config when config.json has none; variant current "
                         "(default) or june2025; off forces dense. Default: config.json decides")
+    add_speculative_args(parser)
+
+
+def add_speculative_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding (vLLM's speculative_config)")
+    g.add_argument("--speculative-method", default=None, metavar="METHOD",
+                   help="ngram: draft tokens by prompt lookup, verified by the model in one step (default: off)")
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="draft tokens verified per step (with --speculative-method)")
+    g.add_argument("--prompt-lookup-max", type=int, default=None, metavar="N", help="ngram: longest n-gram matched (4)")
+    g.add_argument("--prompt-lookup-min", type=int, default=None, metavar="N", help="ngram: shortest n-gram matched (1)")
+
+
+def speculative_config(args: argparse.Namespace) -> dict | None:
+    """The speculative_config the options give (LLM checks its values), or None."""
+    keys = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    method = getattr(args, "speculative_method", None)
+    if method is None:
+        if given:
+            raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --speculative-method")
+        return None
+    if "num_speculative_tokens" not in given:
+        raise ValueError("--speculative-method needs --num-speculative-tokens K")
+    return {"method": method, **given}
 
 
 def add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -264,7 +290,7 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
                kernels=args.kernels, progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
                enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
-               sparse_attention=_sparse_option(args))
+               sparse_attention=_sparse_option(args), speculative_config=speculative_config(args))
 
 
 def _sparse_option(args: argparse.Namespace):
@@ -313,6 +339,7 @@ def stats_dict(llm, prompt_tokens: int, generated_tokens: int) -> dict:
         "compile_seconds": round(s.compile_seconds, 3),
         "dtype": llm.dtype if llm.weight_dtype is None else f"{llm.weight_dtype} weights",
         "kernels": llm.kernels,
+        **speculative_stats(llm.engine),
     }
 
 
@@ -321,7 +348,9 @@ def speed_line(stats: dict) -> str:
             f"prefill {stats['prefill_tokens_per_second']:.1f} tok/s, "
             f"decode {stats['decode_tokens_per_second']:.1f} tok/s "
             f"({stats['generated_tokens']} tokens generated, {stats['dtype']}; "
-            f"{stats['compile_seconds']:.1f} s of graph compilation, compile time excluded)")
+            f"{stats['compile_seconds']:.1f} s of graph compilation, compile time excluded)"
+            + (f"; drafts accepted {100 * stats['spec_acceptance_rate']:.1f}%, mean accepted length "
+               f"{stats['spec_mean_accepted_length']:.2f}" if "spec_acceptance_rate" in stats else ""))
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from .config import ModelConfig
 from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
+from .engine.spec_decode import SpeculativeConfig
 from .ops import setup_runtime
 from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
@@ -63,6 +64,18 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
+def check_speculation(speculative: SpeculativeConfig | None, cfg: ModelConfig) -> None:
+    """Draft chains roll back by not advancing a sequence's cached length: that cannot undo a
+    linear-attention state (MiniMax) or InfLLM-v2's block summaries."""
+    if speculative is None:
+        return
+    if cfg.minimax is not None:
+        raise ValueError(f"speculative decoding is not supported for {cfg.architecture} (its linear-attention "
+                         f"state cannot roll back rejected drafts)")
+    if cfg.sparse is not None:
+        raise ValueError("speculative decoding is not supported with InfLLM-v2 sparse attention")
+
+
 def resolve_kernels(setting: str, device: str = "cpu") -> bool:
     """The CPU custom kernels: "auto" = on when the device is the CPU and g++ builds them."""
     from .ops.cpu_kernels import kernels_requested
@@ -98,14 +111,18 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None):
+                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None,
+                 speculative_config: dict | None = None):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
         when config.json has none; False switches it off.
 
         attention: "native" or "ascend" (None: the device's own; the environment variable
         MINDCPM_ATTENTION overrides it). "ascend" on a CPU host is for tests with CPU stand-ins
-        of the Ascend kernels."""
+        of the Ascend kernels.
+
+        speculative_config: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4, "prompt_lookup_min": 1} (engine/spec_decode.py)."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()
@@ -115,16 +132,22 @@ class LLM:
             path = resolve_model_path(model)
             self.model_path = path
             self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
+            speculative = SpeculativeConfig.from_dict(speculative_config)
+            check_speculation(speculative, self.config)
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
+            if speculative is not None and speculative.num_speculative_tokens >= max_model_len:
+                raise ValueError(f"{speculative.num_speculative_tokens} draft tokens per step do not fit "
+                                 f"max_model_len {max_model_len}")
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
-                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device)
+                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device,
+                                      speculative.num_speculative_tokens if speculative else 0)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:
@@ -137,7 +160,7 @@ class LLM:
         # A linear-attention state sums its whole prefix: no prefix sharing for such models.
         scheduler = Scheduler(max_num_seqs, max_num_batched_tokens, max_model_len, num_blocks, block_size, eos,
                               enable_prefix_caching and not runner.num_state_slots, runner.num_state_slots)
-        self.engine = LLMEngine(runner, scheduler, self.tokenizer)
+        self.engine = LLMEngine(runner, scheduler, self.tokenizer, speculative)
         self.max_model_len = max_model_len
 
     def _max_model_len(self, asked: int | None, block_size: int, gib: float) -> int:

@@ -96,10 +96,23 @@ def test_kernels_option_passes_straight_to_llm():
     assert [c.kernels for c in benchmark.cells_from_args(benchmark.parse_args(["-m", "tiny-llama"]))] == [None]
 
 
+def test_speculative_cells_and_the_repeat_workload():
+    cells = benchmark.cells_from_args(benchmark.parse_args(["-m", "tiny-llama", "--speculative-method", "off,ngram",
+                                                            "--num-speculative-tokens", "3", "--workload", "repeat"]))
+    assert [(c.speculative, c.num_speculative_tokens) for c in cells] == [("off", 3), ("ngram", 3)]
+    assert "speculative_config" not in cells[0].llm_kwargs()
+    assert cells[1].llm_kwargs()["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
+    requests = bench.workload(cells[1], np.random.default_rng(0), 512)
+    assert all(len(ids) == 128 and ids[:64] == ids[64:] and n == 32 for ids, n in requests)
+    with pytest.raises(ValueError, match="--num-speculative-tokens must be >= 1"):
+        benchmark.cells_from_args(benchmark.parse_args(["--speculative-method", "ngram", "--num-speculative-tokens",
+                                                        "0"]))
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["-b", "0"], "--batch"), (["-p", "x"], "--prompt-len"), (["--paged", "maybe"], "--paged"),
     (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload"),
-    (["--kernels", "maybe"], "--kernels")])
+    (["--kernels", "maybe"], "--kernels"), (["--speculative-method", "medusa"], "--speculative-method")])
 def test_bad_option_is_one_usage_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)

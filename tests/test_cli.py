@@ -156,6 +156,22 @@ def test_generate_prints_completions_and_one_speed_line(tiny, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.json"], "no temporary files or MindSpore litter"
 
 
+def test_generate_with_ngram_drafts_reports_acceptance(tiny, tmp_path, capsys):
+    """Greedy text with n-gram drafting equals the plain run's; the speed line and the stats
+    carry the acceptance rate and the mean accepted length."""
+    prompt = "abcabcabcabcabc"
+    common = ["--model", tiny, "--max-tokens", "24", "--json"]
+    assert generate.main(common + [prompt]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert generate.main(common + ["--speculative-method", "ngram", "--num-speculative-tokens", "3", prompt]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert [r["token_ids"] for r in spec["results"]] == [r["token_ids"] for r in plain["results"]]
+    stats = spec["stats"]
+    assert stats["spec_draft_tokens"] >= stats["spec_accepted_tokens"] > 0
+    assert stats["spec_acceptance_rate"] == round(stats["spec_accepted_tokens"] / stats["spec_draft_tokens"], 4)
+    assert re.search(r"drafts accepted [\d.]+%, mean accepted length [\d.]+$", cli.speed_line(stats))
+
+
 def test_generate_json_is_one_document(chat_reference):
     doc = chat_reference
     assert doc["chat"] is True and doc["sampling"]["temperature"] == 0.0
@@ -276,13 +292,22 @@ def _bad_args(case: str, tiny: str, bad_models: dict, tmp_path) -> tuple[list[st
         "prompts_file": (["--model", tiny, "--prompts-file", str(tmp_path / "none.txt")],
                          ["none.txt", "No such file"]),
         "output_dir": (["--model", tiny, "--output", str(tmp_path / "no" / "out.json"), "x"], ["does not exist"]),
+        "spec_k": (["--model", tiny, "--speculative-method", "ngram", "--num-speculative-tokens", "0", "x"],
+                   ["num_speculative_tokens must be an integer >= 1"]),
+        "spec_method": (["--model", tiny, "--speculative-method", "medusa", "--num-speculative-tokens", "2", "x"],
+                        ["unknown speculative method 'medusa'"]),
+        "spec_no_method": (["--model", tiny, "--num-speculative-tokens", "2", "x"],
+                           ["--num-speculative-tokens needs --speculative-method"]),
+        "spec_too_long": (["--model", tiny, "--max-model-len", "8", "--speculative-method", "ngram",
+                           "--num-speculative-tokens", "8", "x"], ["8 draft tokens", "max_model_len 8"]),
     }
     return cases[case]
 
 
 BAD_CASES = ["missing_model", "no_config", "bad_arch", "truncated", "wrong_shape", "missing_tensor",
              "unexpected_tensor", "too_long", "temperature", "top_p", "max_tokens", "bfloat16", "dtype",
-             "max_model_len", "empty_prompt", "prompts_file", "output_dir"]
+             "max_model_len", "empty_prompt", "prompts_file", "output_dir", "spec_k", "spec_method",
+             "spec_no_method", "spec_too_long"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

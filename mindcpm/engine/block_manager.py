@@ -85,10 +85,7 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         # Tail blocks go on the free list first, so they are evicted before the shared head.
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self._free[block_id] = None
+            self._release(block_id)
         seq.block_table = []
         seq.num_cached_tokens = 0
         if seq.state_slot is not None:
@@ -96,12 +93,24 @@ class BlockManager:
             seq.state_slot = None
         self._seq_hashes.pop(seq.seq_id, None)
 
-    def can_append(self, seq: Sequence) -> bool:
-        return seq.num_blocks - len(seq.block_table) <= self.num_free_blocks
+    def _blocks_with_lookahead(self, seq: Sequence, lookahead: int) -> int:
+        return (seq.num_tokens + lookahead + self.block_size - 1) // self.block_size
 
-    def may_append(self, seq: Sequence) -> None:
-        """Make the block table cover all of `seq`'s tokens (before a decode step)."""
-        seq.block_table += [self._take_fresh() for _ in range(seq.num_blocks - len(seq.block_table))]
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        """Whether free blocks cover `seq`'s tokens plus `lookahead` provisional (draft) tokens."""
+        return self._blocks_with_lookahead(seq, lookahead) - len(seq.block_table) <= self.num_free_blocks
+
+    def may_append(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Make the block table cover all of `seq`'s tokens and `lookahead` draft tokens (before a
+        decode step)."""
+        needed = self._blocks_with_lookahead(seq, lookahead) - len(seq.block_table)
+        seq.block_table += [self._take_fresh() for _ in range(needed)]
+
+    def trim(self, seq: Sequence) -> None:
+        """Free the tail blocks that only held rejected draft tokens. They were never registered:
+        registration covers computed tokens of token_ids only."""
+        while len(seq.block_table) > seq.num_blocks:
+            self._release(seq.block_table.pop())
 
     def register_computed_blocks(self, seq: Sequence) -> None:
         """Register the hashes of `seq`'s blocks that are now full of computed tokens.
@@ -112,7 +121,8 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         hashes = self._seq_hashes.setdefault(seq.seq_id, [])
-        for i in range(len(hashes), seq.num_cached_tokens // self.block_size):
+        # Accepted draft tokens are computed before they are appended to token_ids.
+        for i in range(len(hashes), min(seq.num_cached_tokens, seq.num_tokens) // self.block_size):
             token_ids = seq.block(i)
             h = block_hash(hashes[-1] if hashes else b"", token_ids)
             hashes.append(h)
@@ -141,6 +151,12 @@ class BlockManager:
                 break
             hits.append((block_id, prefix_hash))
         return hits
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self._free[block_id] = None
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -13,6 +13,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .spec_decode import NgramProposer, SpecStats, SpeculativeConfig, can_speculate, record_outcome, wants_draft
 
 
 @dataclass
@@ -65,12 +66,15 @@ class StepStats:
 
 
 class LLMEngine:
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, tokenizer: Tokenizer,
+                 speculative: SpeculativeConfig | None = None):
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.requests: dict[int, RequestState] = {}
         self.stats = StepStats()
+        self.proposer = NgramProposer(speculative) if speculative is not None else None
+        self.spec_stats = SpecStats()
 
     def add_request(self, token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> RequestState:
         seq = Sequence(token_ids, params, self.scheduler.block_manager.block_size)
@@ -92,10 +96,49 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestState]:
-        """Runs one scheduled step; returns the requests that produced a token or finished."""
+        """Runs one step (propose drafts -> schedule -> run and sample/verify -> post-process);
+        returns the requests that produced a token or finished."""
+        self._propose_drafts()
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        num_drafts = [len(seq.spec_token_ids) for seq in batch.seqs]
+        sampled = self._run(batch)
+        for seq, k, tokens in zip(batch.seqs, num_drafts, sampled):
+            if k:
+                self.spec_stats.record(k, len(tokens) - 1)
+                record_outcome(seq, len(tokens) - 1)
+        touched: dict[int, RequestState] = {}
+
+        def on_token(seq: Sequence, token: int) -> None:
+            state = touched[seq.seq_id] = self.requests[seq.seq_id]
+            state.new_token_ids.append(token)
+            self._append_text(state, token)
+
+        self.scheduler.postprocess(batch, sampled, on_token)
+        for state in touched.values():
+            state.finished = state.seq.is_finished
+            if state.finished:
+                self.requests.pop(state.seq.seq_id, None)
+        return list(touched.values())
+
+    def _propose_drafts(self) -> None:
+        """Draft tokens for each running sequence whose next step is a decode step; capped so that
+        the chain never computes past max_tokens or max_model_len."""
+        if self.proposer is None:
+            return
+        max_model_len = self.scheduler.max_model_len
+        for seq in self.scheduler.running:
+            params = seq.params
+            if (seq.num_cached_tokens != seq.num_tokens - 1 or not can_speculate(params, seq.num_completion_tokens)
+                    or not wants_draft(seq)):
+                seq.spec_token_ids = []
+                continue
+            limit = min(params.max_tokens - seq.num_completion_tokens - 1, max_model_len - seq.num_tokens)
+            seq.spec_token_ids = self.proposer.propose(seq.token_ids, limit)
+
+    def _run(self, batch) -> list[list[int] | None]:
+        """Runs the batch and records its seconds (a graph's compilation apart)."""
         compile_before = self.runner.compile_seconds
         start = time.perf_counter()
         sampled = self.runner.run(batch.seqs, batch.num_new_tokens)
@@ -106,21 +149,9 @@ class LLMEngine:
             run_seconds = self._time_compiled_step(batch)
             self.stats.compile_seconds += max(first_call - run_seconds, 0.0)
             seconds += run_seconds - first_call
-        self.stats.record(batch.is_prefill, sum(batch.num_new_tokens), seconds)
-        self.scheduler.postprocess(batch, sampled)
-        touched = []
-        for seq, token in zip(batch.seqs, sampled):
-            if token is None:
-                continue
-            state = self.requests[seq.seq_id]
-            state.new_token_ids.append(token)
-            self._append_text(state, token)
-            state.finished = seq.is_finished
-            touched.append(state)
-        for state in touched:
-            if state.finished:
-                self.requests.pop(state.seq.seq_id, None)
-        return touched
+        tokens = sum(batch.num_new_tokens) if batch.is_prefill else sum(len(t) for t in sampled)
+        self.stats.record(batch.is_prefill, tokens, seconds)
+        return sampled
 
     def _time_compiled_step(self, batch) -> float:
         """Seconds of one run of the graph `batch` just compiled, on the same inputs (before

@@ -19,8 +19,10 @@ from ..models.registry import model_class
 from ..layers.sparse import sparse_step_metadata
 from ..ops.device import Device
 from ..parallel import StepChannel, tp_group
+from ..sampling import SamplingParams
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
+from .spec_decode import accept_chain
 
 
 @dataclass
@@ -34,6 +36,7 @@ class RunnerConfig:
     kernels: bool = False  # the CPU custom kernels (mindcpm/ops/cpu.py) instead of MindSpore's ops
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
+    num_speculative_tokens: int = 0  # draft tokens a decode row may verify (0: no speculation)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -42,6 +45,22 @@ def needs_state_slots(model_cfg: ModelConfig) -> bool:
 
 def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+# Tokens per row of a prefill step: powers of two from 16, so prompt chunks of any length share a
+# few graphs. A decode row is 1 token wide; a step that verifies draft chains is exactly
+# 1 + num_speculative_tokens wide (one graph per batch bucket; a power of two would pad k = 4
+# to 8 and make every verified token cost almost twice as much).
+PREFILL_MIN_WIDTH = 16
+
+
+def row_width(num_new: list[int], verify_width: int) -> int:
+    longest = max(num_new)
+    if longest == 1:
+        return 1
+    if verify_width and longest <= verify_width:
+        return verify_width
+    return bucket(longest, minimum=PREFILL_MIN_WIDTH)
 
 
 class _CompiledStep(nn.Cell):
@@ -104,6 +123,7 @@ class ModelRunner:
         self.channel = StepChannel() if self.tp.size > 1 else None
         self.steps: dict[tuple, _CompiledStep] = {}  # input shapes -> its compiled step
         self.sampler = Sampler(eos_token_ids)
+        self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
         self.compile_seconds = 0.0
 
     @property
@@ -124,7 +144,9 @@ class ModelRunner:
     def prepare(self, seqs: list[Sequence], num_new: list[int], all_rows: bool):
         bs = self.cfg.block_size
         rows = bucket(len(seqs))
-        width = bucket(max(num_new), minimum=1 if max(num_new) == 1 else 16)
+        verifying = any(s.spec_token_ids for s in seqs)
+        width = row_width(num_new, self.verify_width if verifying else 0)
+        all_rows = all_rows or verifying
         nb = self._blocks_bucket(max(s.num_cached_tokens + n for s, n in zip(seqs, num_new)))
         input_ids = np.zeros((rows, width), np.int32)
         positions = np.full((rows, width), -1, np.int32)
@@ -140,7 +162,9 @@ class ModelRunner:
             start = seq.num_cached_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
             table = np.asarray(seq.block_table, np.int32)
-            input_ids[i, :n] = seq.token_ids[start:start + n]
+            real = min(n, seq.num_tokens - start)  # then the draft tokens to verify
+            input_ids[i, :real] = seq.token_ids[start:start + real]
+            input_ids[i, real:n] = seq.spec_token_ids[:n - real]
             positions[i, :n] = pos
             slots[i, :n] = table[pos // bs] * bs + pos % bs
             # A chunked prefill holds blocks for its whole prompt; this step reads only those up to
@@ -161,9 +185,10 @@ class ModelRunner:
         return [ms.from_numpy(meta[name]) for name in self.step_inputs], last_rows, width
 
     # -- one step -------------------------------------------------------------------------
-    def run(self, seqs: list[Sequence], num_new: list[int]) -> list[int | None]:
-        """Computes num_new[i] tokens of each sequence; returns the sampled token of each sequence
-        whose tokens are now all computed (None for a prefill chunk that is not the last)."""
+    def run(self, seqs: list[Sequence], num_new: list[int]) -> list[list[int] | None]:
+        """Computes num_new[i] tokens of each sequence; returns the tokens each sequence appends:
+        the sample of a sequence whose tokens are now all computed, the accepted drafts and the
+        target's next token for a verified draft chain, None for a prefill chunk that is not the last."""
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
         inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
@@ -172,22 +197,37 @@ class ModelRunner:
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
             rows = Tensor(last_rows)
             logits, greedy_ids = logits[rows], greedy_ids[rows]
-        done = [s.num_cached_tokens + n == s.num_tokens for s, n in zip(seqs, num_new)]
-        requests = [SampleRequest(s.params, s.prompt_token_ids, s.completion_token_ids, s.rng) for s in seqs]
+        return self._sample_or_verify(seqs, num_new, logits, greedy_ids, width)
+
+    def _sample_or_verify(self, seqs, num_new, logits, greedy_ids, width) -> list[list[int] | None]:
+        """Samples every logits row a sequence needs: its last token's, or each position of a draft
+        chain it verifies; then applies the chain's acceptance rule (spec_decode.accept_chain)."""
+        per_token = logits.shape[0] == bucket(len(seqs)) * width  # else one row per sequence
+        requests: list[SampleRequest] = []
+        rows: list[range] = []  # each sequence's rows of `logits`
+        for i, seq in enumerate(seqs):
+            if seq.num_cached_tokens + num_new[i] < seq.num_tokens:
+                rows.append(range(0))  # a prefill chunk that is not the last
+                continue
+            last = i * width + num_new[i] - 1 if per_token else i
+            first = last - len(seq.spec_token_ids)
+            rows.append(range(first, last + 1))
+            requests += [_PADDING_REQUEST] * (first - len(requests))
+            requests += [_sample_request(seq)] * (last + 1 - first)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         out = self.sampler(logits, requests, max(wanted) if wanted else -1, greedy_ids)
-        sampled: list[int | None] = []
-        for i, seq in enumerate(seqs):
-            if not done[i]:
-                sampled.append(None)
+        appended: list[list[int] | None] = []
+        for seq, seq_rows in zip(seqs, rows):
+            if not seq_rows:
+                appended.append(None)
                 continue
-            token = int(out.token_ids[i])
-            sampled.append(token)
-            if seq.params.logprobs is not None:
-                n = seq.params.logprobs
-                seq.logprobs.append(_logprob_entry(token, float(out.logprobs[i]),
-                                                   out.top_ids[i][:n], out.top_logprobs[i][:n]))
-        return sampled
+            tokens = accept_chain(seq.spec_token_ids, out.token_ids[seq_rows.start:seq_rows.stop])
+            appended.append(tokens)
+            if seq.params.logprobs is not None:  # such requests never speculate (spec_decode.can_speculate)
+                r, n = seq_rows.start, seq.params.logprobs
+                seq.logprobs.append(_logprob_entry(tokens[0], float(out.logprobs[r]), out.top_ids[r][:n],
+                                                   out.top_logprobs[r][:n]))
+        return appended
 
     def forward(self, inputs):
         """The logits of the step's inputs (see _run_step)."""
@@ -243,6 +283,19 @@ class ModelRunner:
             lp, top_ids, top_lp = topk_logprobs(logits[rows], n, chosen)
             for j, token in enumerate(chosen):
                 seq.prompt_logprobs.append(_logprob_entry(int(token), float(lp[j]), top_ids[j][:n], top_lp[j][:n]))
+
+
+def _sample_request(seq: Sequence) -> SampleRequest:
+    """The sampler reads the token lists only for penalties and min_tokens: other requests' steps
+    copy none."""
+    p = seq.params
+    if p.uses_penalties or p.min_tokens:
+        return SampleRequest(p, seq.prompt_token_ids, seq.completion_token_ids, seq.rng)
+    return SampleRequest(p, (), (), seq.rng)
+
+
+# Fills the rows between the ones a step samples (greedy: no random draw, no penalties).
+_PADDING_REQUEST = SampleRequest(SamplingParams(temperature=0.0), [], [], None)
 
 
 def _logprob_entry(token: int, logprob: float, top_ids, top_logprobs) -> dict[int, float]:

@@ -107,9 +107,14 @@ class Scheduler:
         return True
 
     def _schedule_decode(self) -> ScheduledBatch | None:
+        """Every running sequence computes its last token plus its draft tokens, if any. Drafts
+        are dropped (never preempting anyone) when the blocks or the token budget cannot take them."""
         scheduled: list[Sequence] = []
+        token_budget = self.max_num_batched_tokens - len(self.running)
         while self.running:
             seq = self.running.popleft()
+            if len(seq.spec_token_ids) > token_budget or not self.block_manager.can_append(seq, len(seq.spec_token_ids)):
+                seq.spec_token_ids = []
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())
@@ -117,36 +122,57 @@ class Scheduler:
                     self._preempt(seq)
                     break
             else:
-                self.block_manager.may_append(seq)
+                token_budget -= len(seq.spec_token_ids)
+                self.block_manager.may_append(seq, len(seq.spec_token_ids))
                 scheduled.append(seq)
         self.running.extend(scheduled)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False) if scheduled else None
+        if not scheduled:
+            return None
+        return ScheduledBatch(scheduled, [1 + len(s.spec_token_ids) for s in scheduled], is_prefill=False)
 
     def _preempt(self, seq: Sequence) -> None:
         """Preempt by recompute: drop the K/V; the sequence re-prefills all its tokens later."""
         self.block_manager.deallocate(seq)
+        seq.spec_token_ids = []
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
 
-    def postprocess(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Record a step's computed tokens and samples; returns the sequences it finished."""
+    def postprocess(self, batch: ScheduledBatch, sampled: list, on_token=None) -> list[Sequence]:
+        """Record a step's computed tokens and samples; returns the sequences it finished.
+
+        sampled[i]: None (a prefill chunk that is not the last), a token id, or the tokens a
+        verified draft chain appends (spec_decode.accept_chain). Tokens are appended one by one and
+        stop at the first that finishes the sequence; on_token(seq, token) sees each (text, stop
+        strings), and may finish the sequence too."""
         finished: list[Sequence] = []
-        for seq, n, token_id in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
+        for seq, n, tokens in zip(batch.seqs, batch.num_new_tokens, sampled, strict=True):
             if seq.is_finished:  # finished by the caller (abort) while the step ran
                 continue
-            seq.num_cached_tokens += n
+            if isinstance(tokens, int):
+                tokens = [tokens]
+            # Draft tokens past the accepted ones were computed but are not the sequence's.
+            accepted = len(tokens) - 1 if tokens else 0
+            rejected = len(seq.spec_token_ids) - accepted
+            seq.spec_token_ids = []
+            seq.num_cached_tokens += n - rejected
             self.block_manager.register_computed_blocks(seq)
-            expects_sample = seq.num_cached_tokens == seq.num_tokens
-            if (token_id is not None) != expects_sample:
-                raise RuntimeError(f"sequence {seq.seq_id}: sample is {token_id!r} but "
+            expects_sample = seq.num_cached_tokens == seq.num_tokens + accepted
+            if bool(tokens) != expects_sample:
+                raise RuntimeError(f"sequence {seq.seq_id}: sample is {tokens!r} but "
                                    f"{seq.num_cached_tokens} of {seq.num_tokens} tokens are computed")
-            if token_id is None:
-                continue
-            seq.append_token(token_id)
-            reason = self._finish_reason(seq)
-            if reason is not None:
-                self.finish(seq, reason)
-                finished.append(seq)
+            for token_id in tokens or ():
+                seq.append_token(token_id)
+                self.block_manager.register_computed_blocks(seq)
+                reason = self._finish_reason(seq)
+                if reason is not None:
+                    self.finish(seq, reason)
+                if on_token is not None:
+                    on_token(seq, token_id)
+                if seq.is_finished:
+                    finished.append(seq)
+                    break
+            if rejected and not seq.is_finished:
+                self.block_manager.trim(seq)
         return finished
 
     def _finish_reason(self, seq: Sequence) -> str | None:

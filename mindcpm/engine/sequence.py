@@ -25,6 +25,12 @@ class Sequence:
         # what the next step computes: a prompt chunk in prefill, the last token in decode.
         self.num_cached_tokens = 0
         self.block_table: list[int] = []
+        # Provisional tokens to verify in the next decode step (speculative decoding): never in
+        # token_ids, so never hashed into the prefix cache, until the target accepts them.
+        self.spec_token_ids: list[int] = []
+        # Decode steps to skip drafting, after chains the model rejected outright (spec_decode.DraftBackoff).
+        self.spec_skip_steps = 0
+        self.spec_backoff = 0
         # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
         self.state_slot: int | None = None
         self.block_size = block_size
