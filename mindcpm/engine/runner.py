@@ -76,9 +76,23 @@ class _CompiledStep(nn.Cell):
 
     def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
                   logits_rows, *extra):
-        logits = self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
-                            logits_rows, *extra)
-        return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
+        return _with_argmax(self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping,
+                                       block_tables, logits_rows, *extra))
+
+
+class _EagerStep:
+    """The model's forward run op by op (PyNative), for the steps the device does not compile
+    (Device.compiles_step); the same results as _CompiledStep."""
+
+    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None):
+        self.model = model
+
+    def __call__(self, *inputs):
+        return _with_argmax(self.model(*inputs))
+
+
+def _with_argmax(logits):
+    return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
 
 
 class ModelRunner:
@@ -203,7 +217,8 @@ class ModelRunner:
         if step is not None:
             return step(*inputs)
         start = time.perf_counter()
-        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options())
+        kind = _CompiledStep if self.device.compiles_step(inputs[0].shape[1]) else _EagerStep
+        step = self.steps[key] = kind(self.model, key, self.device.jit_options())
         outputs = step(*inputs)
         outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start

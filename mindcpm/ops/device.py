@@ -121,6 +121,7 @@ class Device:
         self.sparse = sparse
         self.block_size, self.cache_blocks = block_size, cache_blocks
         self.tp = tp or tp_group()
+        self.fused_blocks = False  # set by fuse_blocks
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
 
@@ -222,6 +223,15 @@ class Device:
             return {"jit_level": "O0", "infer_boost": "on"}
         return {}
 
+    def compiles_step(self, tokens_per_row: int) -> bool:
+        """Whether a step with this many tokens per row runs as a compiled graph, else op by op.
+        With the CPU kernels' fused decoder layers a prefill is a few dozen kernel calls, each doing
+        much work, so running them op by op costs a few ms more than a graph, while compiling each
+        prefill bucket's graph costs seconds (measured: generate.py's prefill bucket 15-20 s of
+        compile on this 2-core host). Decode steps (one token per row) stay compiled: per-op
+        dispatch would be paid on every token. Ascend and the composites always compile."""
+        return not (self.fused_blocks and tokens_per_row > 1)
+
     # -- passes over a built model ------------------------------------------------------------
     def fuse_blocks(self, model) -> None:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
@@ -232,6 +242,7 @@ class Device:
         from .cpu import KernelDecoderLayer
         for i, layer in enumerate(model.layers):
             model.layers[i] = KernelDecoderLayer(layer)
+        self.fused_blocks = True
 
     def after_load(self, model) -> None:
         """Ascend: stacked expert weights from the loader's [E, out, in] to GroupedMatmul's
