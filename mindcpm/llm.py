@@ -98,14 +98,19 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None):
+                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None,
+                 compile_prefill: bool = True):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
         when config.json has none; False switches it off.
 
         attention: "native" or "ascend" (None: the device's own; the environment variable
         MINDCPM_ATTENTION overrides it). "ascend" on a CPU host is for tests with CPU stand-ins
-        of the Ascend kernels."""
+        of the Ascend kernels.
+
+        compile_prefill=False runs prefill steps op by op instead of compiling a graph per prompt
+        shape, where the CPU kernels allow it: a faster start for one-shot and interactive use,
+        a slower prefill of long prompts (ops/device.py Device.compiles_step)."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()
@@ -124,7 +129,8 @@ class LLM:
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
-                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device)
+                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device,
+                                      compile_prefill)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

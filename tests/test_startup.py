@@ -1,7 +1,7 @@
 """What start-up shortcuts must not change: parameters created without host arrays hold zeros
 (cache slots nothing wrote are read by padding rows, and garbage there leaks into real rows as
-NaN * 0 = NaN), and only the fused CPU kernels' prefill steps skip graph compilation (decode
-and every other device keep a compiled graph)."""
+NaN * 0 = NaN), and only the fused CPU kernels' prefill steps skip graph compilation, and only
+when asked (decode, every other device and the default keep a compiled graph)."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,16 +46,17 @@ def test_model_caches_are_zero_where_padding_reads(tiny_cfg):
 def test_compiled_steps_by_device(tiny_cfg):
     from mindcpm.models.minicpm import MiniCPMForCausalLM
     from mindcpm.ops import Device
-    for device in (Device(), Device("ascend", ms.float16)):
+    for device in (Device(compile_prefill=False), Device("ascend", ms.float16, compile_prefill=False)):
         device.fuse_blocks(MiniCPMForCausalLM(tiny_cfg, device))
         assert device.compiles_step(1) and device.compiles_step(16)
 
 
 @pytest.mark.skipif(not kernels_available(), reason="no g++ to build the CPU kernels")
-def test_fused_kernels_compile_decode_only(tiny_cfg):
+@pytest.mark.parametrize("compile_prefill", [True, False])
+def test_fused_kernels_prefill_op_by_op_only_when_asked(tiny_cfg, compile_prefill):
     from mindcpm.models.minicpm import MiniCPMForCausalLM
     from mindcpm.ops import Device
-    device = Device(kernels=True, block_size=4, cache_blocks=3)
+    device = Device(kernels=True, block_size=4, cache_blocks=3, compile_prefill=compile_prefill)
     device.fuse_blocks(MiniCPMForCausalLM(tiny_cfg, device))
     assert device.compiles_step(1)
-    assert not device.compiles_step(16)
+    assert device.compiles_step(16) == compile_prefill

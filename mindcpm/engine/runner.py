@@ -34,6 +34,7 @@ class RunnerConfig:
     kernels: bool = False  # the CPU custom kernels (mindcpm/ops/cpu.py) instead of MindSpore's ops
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
+    compile_prefill: bool = True  # False: prefill op by op where the device allows (Device.compiles_step)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -104,7 +105,7 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         self.tp = tp_group()
         self.device = Device(cfg.device, cfg.dtype, cfg.weight_dtype, cfg.kernels, model_cfg.sparse, cfg.block_size,
-                             cfg.num_blocks + 1, self.tp, cfg.attention)
+                             cfg.num_blocks + 1, self.tp, cfg.attention, cfg.compile_prefill)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots

@@ -104,7 +104,8 @@ class Device:
     a CPU host in any dtype: that is the test-only way to build 16-bit Ascend graphs here."""
 
     def __init__(self, name: str = "cpu", dtype=ms.float32, weight_dtype=None, kernels: bool = False,
-                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None):
+                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None,
+                 compile_prefill: bool = True):
         from ..parallel import tp_group
         if name not in DEVICES:
             raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
@@ -122,6 +123,7 @@ class Device:
         self.block_size, self.cache_blocks = block_size, cache_blocks
         self.tp = tp or tp_group()
         self.fused_blocks = False  # set by fuse_blocks
+        self.compile_prefill = compile_prefill  # False: see compiles_step
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
 
@@ -225,12 +227,15 @@ class Device:
 
     def compiles_step(self, tokens_per_row: int) -> bool:
         """Whether a step with this many tokens per row runs as a compiled graph, else op by op.
-        With the CPU kernels' fused decoder layers a prefill is a few dozen kernel calls, each doing
-        much work, so running them op by op costs a few ms more than a graph, while compiling each
-        prefill bucket's graph costs seconds (measured: generate.py's prefill bucket 15-20 s of
-        compile on this 2-core host). Decode steps (one token per row) stay compiled: per-op
-        dispatch would be paid on every token. Ascend and the composites always compile."""
-        return not (self.fused_blocks and tokens_per_row > 1)
+        compile_prefill=False, with the CPU kernels' fused decoder layers: prefill steps run op by
+        op. Compiling a prefill bucket's graph costs 15-30 s on this 2-core host, more than a
+        one-shot CLI's whole answer, but op by op a long prefill is up to ~2.5x slower (its matrix
+        products go to MindSpore's MatMul, each op dispatched from Python; measured on 128 tokens
+        of MiniCPM4-0.5B): so only the interactive CLIs ask for it, while the server and the
+        benchmarks, which compile once and prefill many times, keep the graphs. Decode steps (one
+        token per row) always compile: per-op dispatch would be paid on every token. Ascend and
+        the composites always compile."""
+        return self.compile_prefill or not self.fused_blocks or tokens_per_row == 1
 
     # -- passes over a built model ------------------------------------------------------------
     def fuse_blocks(self, model) -> None:
