@@ -85,7 +85,7 @@ def main_(argv) -> int:
     cli.prepare_environment()
     interactive = sys.stdin.isatty()
 
-    llm = cli.llm_from_args(args, max_num_seqs=1)
+    llm = cli.llm_from_args(args, max_num_seqs=1, compile_prefill=False)
     params = cli.sampling_params(args, cli.generation_defaults(llm.model_path))
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []

@@ -87,7 +87,7 @@ def main_(argv) -> int:
     cli.launch_ranks(args, argv)
     cli.prepare_environment()
 
-    llm = cli.llm_from_args(args, max_num_seqs=min(len(prompts), MAX_BATCH))
+    llm = cli.llm_from_args(args, max_num_seqs=min(len(prompts), MAX_BATCH), compile_prefill=False)
     params = cli.sampling_params(args, cli.generation_defaults(llm.model_path))
     chat = has_chat_template(llm) if args.chat is None else args.chat
     if not chat and (args.system is not None or args.enable_thinking is not None):

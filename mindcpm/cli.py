@@ -283,14 +283,16 @@ def sampling_params(args: argparse.Namespace, defaults: dict | None = None) -> S
     return SamplingParams(max_tokens=args.max_tokens, seed=args.seed, **values)
 
 
-def llm_from_args(args: argparse.Namespace, max_num_seqs: int):
-    """Builds the LLM the options describe (the slow part: MindSpore, weights, graphs)."""
+def llm_from_args(args: argparse.Namespace, max_num_seqs: int, compile_prefill: bool = True):
+    """Builds the LLM the options describe (the slow part: MindSpore, weights, graphs).
+    compile_prefill=False: the interactive CLIs' faster start (LLM)."""
     from .llm import LLM
     return LLM(model=args.model, dtype=args.dtype, block_size=args.block_size,
                max_num_seqs=args.max_num_seqs or max_num_seqs, max_model_len=args.max_model_len,
                kernels=args.kernels, progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
                enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
-               sparse_attention=_sparse_option(args), speculative_config=speculative_config(args))
+               sparse_attention=_sparse_option(args), speculative_config=speculative_config(args),
+               compile_prefill=compile_prefill)
 
 
 def _sparse_option(args: argparse.Namespace):

@@ -112,7 +112,7 @@ class LLM:
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
                  load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None,
-                 speculative_config: dict | None = None):
+                 speculative_config: dict | None = None, compile_prefill: bool = True):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
         when config.json has none; False switches it off.
@@ -122,7 +122,11 @@ class LLM:
         of the Ascend kernels.
 
         speculative_config: vLLM's, e.g. {"method": "ngram", "num_speculative_tokens": 4,
-        "prompt_lookup_max": 4, "prompt_lookup_min": 1} (engine/spec_decode.py)."""
+        "prompt_lookup_max": 4, "prompt_lookup_min": 1} (engine/spec_decode.py).
+
+        compile_prefill=False runs prefill steps op by op instead of compiling a graph per prompt
+        shape, where the CPU kernels allow it: a faster start for one-shot and interactive use,
+        a slower prefill of long prompts (ops/device.py Device.compiles_step)."""
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()
@@ -147,7 +151,8 @@ class LLM:
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
                                       attention, self.kernels, DTYPES.get(self.weight_dtype), device,
-                                      speculative.num_speculative_tokens if speculative else 0)
+                                      speculative.num_speculative_tokens if speculative else 0,
+                                      compile_prefill)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

@@ -419,7 +419,7 @@ class FakeLLM:
 
 
 def _run_chat(monkeypatch, capsys, fake, stdin, argv=()):
-    monkeypatch.setattr(cli, "llm_from_args", lambda args, max_num_seqs: fake)
+    monkeypatch.setattr(cli, "llm_from_args", lambda args, max_num_seqs, compile_prefill=True: fake)
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     status = chat.main(list(argv))
     captured = capsys.readouterr()

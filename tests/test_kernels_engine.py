@@ -49,13 +49,17 @@ def native(tiny_dir):
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=16)], ids=["batched", "chunked"])
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=16),
+                                dict(max_num_batched_tokens=16, compile_prefill=False)],
+                         ids=["batched", "chunked", "chunked-prefill-op-by-op"])
 def test_tokens_and_logprobs_unchanged_with_kernels(tiny_dir, native, kw):
     llm, tokens, logprobs, ran = _run(tiny_dir, kernels="on", **kw)
     assert llm.kernels and ran >= MODEL_KERNELS
     # Every decoder layer ran as its two block kernels, so those are what the tokens compare.
     layers = llm.engine.runner.model.layers
     assert all(type(layer).__name__ == "KernelDecoderLayer" for layer in layers)
+    steps = {type(step).__name__ for step in llm.engine.runner.steps.values()}
+    assert steps == ({"_CompiledStep"} if kw.get("compile_prefill", True) else {"_CompiledStep", "_EagerStep"})
     assert tokens == native[0]
     for mine, theirs in zip(logprobs, native[1]):
         np.testing.assert_allclose(mine, theirs, atol=2e-5, rtol=0)

@@ -37,6 +37,7 @@ class RunnerConfig:
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
     num_speculative_tokens: int = 0  # draft tokens a decode row may verify (0: no speculation)
+    compile_prefill: bool = True  # False: prefill op by op where the device allows (Device.compiles_step)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -95,9 +96,23 @@ class _CompiledStep(nn.Cell):
 
     def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
                   logits_rows, *extra):
-        logits = self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
-                            logits_rows, *extra)
-        return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
+        return _with_argmax(self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping,
+                                       block_tables, logits_rows, *extra))
+
+
+class _EagerStep:
+    """The model's forward run op by op (PyNative), for the steps the device does not compile
+    (Device.compiles_step); the same results as _CompiledStep."""
+
+    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None):
+        self.model = model
+
+    def __call__(self, *inputs):
+        return _with_argmax(self.model(*inputs))
+
+
+def _with_argmax(logits):
+    return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
 
 
 class ModelRunner:
@@ -109,7 +124,7 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         self.tp = tp_group()
         self.device = Device(cfg.device, cfg.dtype, cfg.weight_dtype, cfg.kernels, model_cfg.sparse, cfg.block_size,
-                             cfg.num_blocks + 1, self.tp, cfg.attention)
+                             cfg.num_blocks + 1, self.tp, cfg.attention, cfg.compile_prefill)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
@@ -243,7 +258,10 @@ class ModelRunner:
         if step is not None:
             return step(*inputs)
         start = time.perf_counter()
-        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options())
+        # A decode row (1 token, or 1 + k when it verifies drafts) always compiles: it runs every token.
+        width = inputs[0].shape[1]
+        kind = _CompiledStep if width <= max(1, self.verify_width) or self.device.compiles_step(width) else _EagerStep
+        step = self.steps[key] = kind(self.model, key, self.device.jit_options())
         outputs = step(*inputs)
         outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn
+from mindspore import nn
 
 from ..ops.device import Device
 from ..parallel import head_shards
 from .linear import Linear
 from .rotary import RotaryEmbedding
+from .params import zeros_parameter
 
 
 class PagedAttention(nn.Cell):
@@ -31,11 +31,12 @@ class PagedAttention(nn.Cell):
         self.o_proj = Linear(num_heads * head_dim, hidden_size, dtype, parallel="row", device=device)
         self.attend = device.attention(rotary, self.num_heads, self.num_kv_heads, head_dim, self.scale)
         cache_shape = device.cache_shape(self.num_kv_heads, head_dim)
-        self.k_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="k_cache", requires_grad=False)
-        self.v_cache = Parameter(Tensor(np.zeros(cache_shape), dtype), name="v_cache", requires_grad=False)
+        self.k_cache = zeros_parameter(cache_shape, dtype, "k_cache")
+        self.v_cache = zeros_parameter(cache_shape, dtype, "v_cache")
 
     def construct(self, x, positions, slot_mapping, block_tables, block_size, *extra):
         """extra: the step's row lengths and the inputs only some attention cores take."""
         out = self.attend(self.qkv_proj(x), self.k_cache, self.v_cache, positions, slot_mapping, block_tables,
                           block_size, *extra)
         return self.o_proj(out)
+

@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import nn, ops
 
 from ..ops.device import Device
 from ..parallel import Shard, tp_group, vocab_rows
+from .params import zeros_parameter
 
 
 class Embedding(nn.Cell):
@@ -21,8 +21,7 @@ class Embedding(nn.Cell):
         self.full_shape = (vocab_size, hidden_size)
         self.rows = vocab_rows(vocab_size)
         local = -(-vocab_size // tp_group().size)
-        self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), device.stored_dtype(dtype)), name="weight",
-                                requires_grad=False)
+        self.weight = zeros_parameter((local, hidden_size), device.stored_dtype(dtype), "weight")
         self.lookup = device.embedding(scale)
         self.all_reduce = ops.AllReduce() if tp_group().size > 1 else None
 
@@ -54,8 +53,7 @@ class LMHead(nn.Cell):
             self.full_shape = (vocab_size, hidden_size)
             self.rows = vocab_rows(vocab_size)
             local = -(-vocab_size // tp_group().size)
-            self.weight = Parameter(Tensor(np.zeros((local, hidden_size)), device.stored_dtype(dtype)),
-                                    name="weight", requires_grad=False)
+            self.weight = zeros_parameter((local, hidden_size), device.stored_dtype(dtype), "weight")
         self.matmul = device.matmul()
         self.tp_size = tp_group().size
         self.all_gather = ops.AllGather() if self.tp_size > 1 else None

@@ -13,6 +13,7 @@ from ..ops.device import Device
 from ..parallel import even_rows
 from .linear import Linear
 from .norm import RMSNorm
+from .params import zeros_parameter
 
 
 def base_slopes(num_heads: int) -> np.ndarray:
@@ -50,8 +51,7 @@ class LightningAttention(nn.Cell):
         # Never cast with the model (docs/minimax.md#precision-rules): in bf16 exp(-s) is 1.0 for small s.
         slopes = lightning_slopes(num_heads, layer, num_layers)[heads]
         self.slopes = Parameter(Tensor(slopes, ms.float32), name="slopes", requires_grad=False)
-        self.state = Parameter(Tensor(np.zeros((num_state_slots, self.num_heads, head_dim, head_dim)), ms.float32),
-                               name="state", requires_grad=False)
+        self.state = zeros_parameter((num_state_slots, self.num_heads, head_dim, head_dim), ms.float32, "state")
         self.backend = backend
 
     def construct(self, x, positions, state_slots):

@@ -1,12 +1,12 @@
 """The one linear layer every projection goes through, so a new weight format is one class."""
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import nn, ops
 
 from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
+from .params import zeros_parameter
 
 
 class Linear(nn.Cell):
@@ -44,8 +44,7 @@ class Linear(nn.Cell):
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
         stored = dtype if exact_dtype else device.stored_dtype(dtype)
-        self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), stored),
-                                name="weight", requires_grad=False)
+        self.weight = zeros_parameter((sum(self.output_sizes), self.in_features), stored, "weight")
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         self.matmul = device.matmul(epilogue)
 

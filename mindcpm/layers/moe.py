@@ -2,13 +2,13 @@
 by the device's MoE backend from ops/."""
 from __future__ import annotations
 
-import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import nn, ops
 
 from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
 from .linear import Linear
+from .params import zeros_parameter
 
 
 class ExpertLinear(nn.Cell):
@@ -27,7 +27,7 @@ class ExpertLinear(nn.Cell):
         self.in_shard = even_rows(in_features, "expert columns") if parallel == "row" else slice(0, in_features)
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         shape = (self.held.stop - self.held.start, sum(self.output_sizes), self.in_shard.stop - self.in_shard.start)
-        self.weight = Parameter(Tensor(np.zeros(shape), dtype), name="weight", requires_grad=False)
+        self.weight = zeros_parameter(shape, dtype, "weight")
 
     def part_rows(self, part: tuple[int, int]):
         expert, i = part

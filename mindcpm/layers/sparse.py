@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Tensor, nn, ops
 
 from ..config import SparseConfig
 from ..ops.infllm import block_selection_kernel, block_sparse_attention_kernel
 from ..ops.native import MASKED, gather_slots
+from .params import zeros_parameter
 
 SPARSE_STEP_INPUTS = ("c1_src", "c1_dst", "c2_src", "c2_dst", "c1_table", "c2_table")
 STRIDE, C2_STRIDE, BLOCK = 16, 64, 64  # kernel strides and the selection block (config-checked)
@@ -66,8 +67,8 @@ class InfLLMv2Attention(nn.Cell):
                                                       sparse.dense_len, self.current, self.repeat)
             self.ascendc_attend = custom.sparse_attention(scale, STRIDE)
         shape = (num_entries, num_kv_heads, head_dim)
-        self.c1_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c1_cache", requires_grad=False)
-        self.c2_cache = Parameter(Tensor(np.zeros(shape), dtype), name="c2_cache", requires_grad=False)
+        self.c1_cache = zeros_parameter(shape, dtype, "c1_cache")
+        self.c2_cache = zeros_parameter(shape, dtype, "c2_cache")
         self.bmm_t = ops.BatchMatMul(transpose_b=True)
         self.bmm = ops.BatchMatMul()
 

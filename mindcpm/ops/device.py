@@ -104,7 +104,8 @@ class Device:
     a CPU host in any dtype: that is the test-only way to build 16-bit Ascend graphs here."""
 
     def __init__(self, name: str = "cpu", dtype=ms.float32, weight_dtype=None, kernels: bool = False,
-                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None):
+                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None,
+                 compile_prefill: bool = True):
         from ..parallel import tp_group
         if name not in DEVICES:
             raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
@@ -121,6 +122,8 @@ class Device:
         self.sparse = sparse
         self.block_size, self.cache_blocks = block_size, cache_blocks
         self.tp = tp or tp_group()
+        self.fused_blocks = False  # set by fuse_blocks
+        self.compile_prefill = compile_prefill  # False: see compiles_step
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
 
@@ -235,6 +238,18 @@ class Device:
             return {"jit_level": "O0", "infer_boost": "on"}
         return {}
 
+    def compiles_step(self, tokens_per_row: int) -> bool:
+        """Whether a step with this many tokens per row runs as a compiled graph, else op by op.
+        compile_prefill=False, with the CPU kernels' fused decoder layers: prefill steps run op by
+        op. Compiling a prefill bucket's graph costs 15-30 s on this 2-core host, more than a
+        one-shot CLI's whole answer, but op by op a long prefill is up to ~2.5x slower (its matrix
+        products go to MindSpore's MatMul, each op dispatched from Python; measured on 128 tokens
+        of MiniCPM4-0.5B): so only the interactive CLIs ask for it, while the server and the
+        benchmarks, which compile once and prefill many times, keep the graphs. Decode steps (one
+        token per row) always compile: per-op dispatch would be paid on every token. Ascend and
+        the composites always compile."""
+        return self.compile_prefill or not self.fused_blocks or tokens_per_row == 1
+
     # -- passes over a built model ------------------------------------------------------------
     def fuse_blocks(self, model) -> None:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
@@ -245,6 +260,7 @@ class Device:
         from .cpu import KernelDecoderLayer
         for i, layer in enumerate(model.layers):
             model.layers[i] = KernelDecoderLayer(layer)
+        self.fused_blocks = True
 
     def after_load(self, model) -> None:
         """Ascend: stacked expert weights from the loader's [E, out, in] to GroupedMatmul's
