@@ -98,14 +98,22 @@ class LLM:
                  max_num_batched_tokens: int | None = None, kv_cache_gib: float = 2.0,
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
-                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None):
+                 load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None,
+                 quantization: str | None = None, quant_group_size: int | None = None):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
         when config.json has none; False switches it off.
 
         attention: "native" or "ascend" (None: the device's own; the environment variable
         MINDCPM_ATTENTION overrides it). "ascend" on a CPU host is for tests with CPU stand-ins
-        of the Ascend kernels."""
+        of the Ascend kernels.
+
+        quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
+        default; quant_group_size picks another): the projections' weights are quantized group-wise
+        by round-to-nearest as they load, one at a time, and run on the CPU kernels."""
+        if quantization is not None:
+            from .quant.rtn import method_settings
+            method_settings(quantization, quant_group_size)  # an unknown name fails before any work
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()
@@ -118,13 +126,15 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
+            self.quantization = quantization
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)
             num_blocks = self._num_blocks(block_size, max_num_seqs, max_model_len, kv_cache_gib)
             eos = set(self.config.eos_token_ids) or {self.tokenizer.eos_token_id}
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
-                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device)
+                                      attention, self.kernels, DTYPES.get(self.weight_dtype), device,
+                                      quantization, quant_group_size)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

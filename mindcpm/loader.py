@@ -119,7 +119,15 @@ def _hand_over(param, values: np.ndarray | None) -> None:
     this rank received none of its parts' values (zeros)."""
     if values is None:
         values = np.zeros(param.shape, np.float32)
-    param.set_data(Tensor(values, param.dtype))
+    _assign(param, values)
+
+
+def _assign(param, values: np.ndarray) -> None:
+    """A parameter takes its values; a quantized layer's slot quantizes them first."""
+    if hasattr(param, "load_float"):
+        param.load_float(values)
+    else:
+        param.set_data(Tensor(values, param.dtype))
 
 
 def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
@@ -132,12 +140,17 @@ def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
         if len(p.shape) >= 2:
             values = rng.standard_normal(p.shape, dtype=np.float32)
             values *= np.float32(0.02)
-            p.set_data(Tensor(values, p.dtype))
+            _assign(p, values)
 
 
 def loadable_parameters(model: nn.Cell) -> dict:
-    """Weights that come from the checkpoint (caches and RoPE tables do not)."""
-    return {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}
+    """Weights that come from the checkpoint (caches and RoPE tables do not). A quantized layer's
+    checkpoint weight goes to its QuantSlot (layers/linear.py), under the name the float weight
+    would have: the one place checkpoint names meet quantized parameters."""
+    params = {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}
+    params.update({f"{name}.weight": cell.quant for name, cell in model.cells_and_names()
+                   if getattr(cell, "quantized", False)})
+    return params
 
 
 def sharded_cells(model: nn.Cell) -> dict:

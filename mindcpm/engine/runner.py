@@ -34,6 +34,8 @@ class RunnerConfig:
     kernels: bool = False  # the CPU custom kernels (mindcpm/ops/cpu.py) instead of MindSpore's ops
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
+    quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
+    quant_group_size: int | None = None  # None: the method's default
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -90,7 +92,7 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         self.tp = tp_group()
         self.device = Device(cfg.device, cfg.dtype, cfg.weight_dtype, cfg.kernels, model_cfg.sparse, cfg.block_size,
-                             cfg.num_blocks + 1, self.tp, cfg.attention)
+                             cfg.num_blocks + 1, self.tp, cfg.attention, cfg.quantization, cfg.quant_group_size)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots

@@ -43,14 +43,22 @@ class Linear(nn.Cell):
             raise ValueError(f"unknown parallel style {parallel!r}")
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
-        stored = dtype if exact_dtype else device.stored_dtype(dtype)
-        self.weight = Parameter(Tensor(np.zeros((sum(self.output_sizes), self.in_features)), stored),
-                                name="weight", requires_grad=False)
+        shape = (sum(self.output_sizes), self.in_features)
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
+        self.quantized = device.quantized(exact_dtype)
+        if self.quantized:
+            self.quant = QuantSlot(self, device, shape)
+            self.matmul = device.quant_matmul(epilogue)
+            return
+        stored = dtype if exact_dtype else device.stored_dtype(dtype)
+        self.weight = Parameter(Tensor(np.zeros(shape), stored), name="weight", requires_grad=False)
         self.matmul = device.matmul(epilogue)
 
     def construct(self, x):
-        y = self.matmul(x, self.weight)
+        if self.quantized:
+            y = self.matmul(x, self.weight_packed, self.weight_scales, self.weight_offsets)
+        else:
+            y = self.matmul(x, self.weight)
         return y if self.all_reduce is None else self.all_reduce(y)
 
     def part_rows(self, part: int) -> slice:
@@ -60,3 +68,35 @@ class Linear(nn.Cell):
     def checkpoint_shard(self, part: int | None) -> Shard:
         part = part or 0
         return Shard(self.full_shapes[part], (self.part_shards[part], self.in_shard), (self.part_rows(part),))
+
+
+class QuantSlot:
+    """Where the loader puts a quantized Linear's float weight: it has the weight's shape, and
+    load_float() quantizes the values into the layer's weight_packed / weight_scales / weight_offsets
+    Parameters (sized here, so a bad group size fails when the model is built, not when loaded)."""
+
+    def __init__(self, layer: Linear, device: Device, shape: tuple[int, int]):
+        self.shape, self.dtype, self.device = shape, ms.float32, device
+        bits, group = device.quant_layout(shape[1])
+        n, k = shape
+        self._layer = layer
+        layer.weight_packed = Parameter(Tensor(np.zeros((n, k * bits // 8), np.uint8)), name="weight_packed",
+                                        requires_grad=False)
+        layer.weight_scales = Parameter(Tensor(np.zeros((n, k // group), np.float16)), name="weight_scales",
+                                        requires_grad=False)
+        layer.weight_offsets = Parameter(Tensor(np.zeros(1, np.float32)), name="weight_offsets", requires_grad=False)
+
+    def load_float(self, values: np.ndarray) -> None:
+        from ..quant.linear import kernel_tensors
+        packed, scales, offsets = kernel_tensors(self.device.quantize(values))
+        self._layer.weight_packed.set_data(packed)
+        self._layer.weight_scales.set_data(scales)
+        self._layer.weight_offsets.set_data(offsets)
+
+    def dequantized(self) -> np.ndarray:
+        """The fp32 weight the layer's codes stand for."""
+        from ..quant.formats import QuantWeight
+        layer, bits = self._layer, self.device.quant_layout(self.shape[1])[0]
+        scales = layer.weight_scales.asnumpy()
+        return QuantWeight(layer.weight_packed.asnumpy(), scales, None, bits, self.shape[1] // scales.shape[1],
+                           "float16").dequantize()

@@ -104,7 +104,8 @@ class Device:
     a CPU host in any dtype: that is the test-only way to build 16-bit Ascend graphs here."""
 
     def __init__(self, name: str = "cpu", dtype=ms.float32, weight_dtype=None, kernels: bool = False,
-                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None):
+                 sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None,
+                 quantization: str | None = None, quant_group_size: int | None = None):
         from ..parallel import tp_group
         if name not in DEVICES:
             raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
@@ -123,6 +124,13 @@ class Device:
         self.tp = tp or tp_group()
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
+        self.quant = None  # (bits, group size or None = per output channel) of quantize-on-load
+        if quantization is not None:
+            from ..quant.rtn import method_settings
+            self.quant = method_settings(quantization, quant_group_size)
+            if not kernels:
+                raise ValueError(f"quantization {quantization!r} runs on the CPU kernels, which are off "
+                                 "(--kernels off, no g++, or another device)")
 
     @property
     def ascend_kernels(self) -> bool:
@@ -144,6 +152,30 @@ class Device:
             from .cpu import KernelMatmul
             return KernelMatmul(epilogue, scale)
         return NativeMatmul(epilogue, scale)
+
+    def quantized(self, exact_dtype: bool = False) -> bool:
+        """Whether a projection keeps its weight quantized (never an exact-dtype one: a router)."""
+        return self.quant is not None and not exact_dtype
+
+    def quant_layout(self, k: int) -> tuple[int, int]:
+        """(bits, group size) of a quantized weight with k inputs; QuantError when they do not fit."""
+        from ..quant.formats import check_layout
+        bits, group = self.quant
+        group = group or k
+        check_layout(bits, k, group, f"int{bits} quantization")
+        return bits, group
+
+    def quantize(self, values: np.ndarray):
+        """A float weight [N, K] -> the QuantWeight the quantized matmul runs on (round to
+        nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs)."""
+        from ..quant.rtn import quantize
+        bits, group = self.quant_layout(values.shape[1])
+        return quantize(values, bits, group, scale_dtype="float16")
+
+    def quant_matmul(self, epilogue: str = "plain", scale: float = 1.0):
+        """x W^T with W as (packed, scales, offsets); the same epilogues as matmul."""
+        from ..quant.linear import KernelQuantMatmul
+        return KernelQuantMatmul(epilogue, scale)
 
     def rms_norm(self, eps: float):
         if self.kernels:
@@ -227,7 +259,8 @@ class Device:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
         becomes two kernel ops over the same Parameters (checkpoint names unchanged), unless
         tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual."""
-        if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
+        if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS
+                and self.quant is None):
             return
         from .cpu import KernelDecoderLayer
         for i, layer in enumerate(model.layers):

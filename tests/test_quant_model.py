@@ -1,0 +1,101 @@
+"""A whole model quantized on load (LLM(quantization="int8" | "int4")) against transformers in
+fp32 running the DEQUANTIZED weights: the codes and scales the model holds are decoded here with
+numpy straight from the packing layout (mindcpm/quant/formats.py's docstring), written into a
+checkpoint, and transformers reads it. What is left is the kernel's fp32 accumulation order, so
+the tolerance is the fp32 one of the float kernel tests, not a quantization error."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+ms = pytest.importorskip("mindspore")
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from tests.engine_probe import prefill_logits  # noqa: E402
+from tests.reference.hf_llama import reference_logits  # noqa: E402
+from tests.tiny import make_tiny_model  # noqa: E402
+
+PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
+# (method, group size): int8 per output channel, int4 in groups of 32 of the tiny model's 64 / 128 inputs
+METHODS = [("int8", None), ("int4", 32), ("int8", 64)]
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from mindcpm.ops.cpu_kernels import kernels_available
+    if not kernels_available():
+        pytest.skip("no g++ to build the CPU kernels")
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_quant")))
+
+
+def _llm(path, **kw):
+    from mindcpm import LLM
+    return LLM(model=path, progress=False, max_model_len=64, kernels="on", enable_prefix_caching=False, **kw)
+
+
+def decode_numpy(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """Symmetric codes of a weight with k inputs -> fp32: 8-bit one code a byte; 4-bit blocks of
+    32 inputs in 16 bytes, byte j = c[j] | c[j + 16] << 4; w = s * (c - 2^(bits-1)) per group."""
+    n, bits = packed.shape[0], packed.shape[1] * 8 // k
+    if bits == 8:
+        codes = packed.astype(np.float32)
+    else:
+        blocks = packed.reshape(n, -1, 16)
+        codes = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(n, k).astype(np.float32)
+    return scales.astype(np.float32).repeat(k // scales.shape[1], axis=1) * (codes - (1 << (bits - 1)))
+
+
+def dequantized_checkpoint(llm, src: str, out: str) -> None:
+    """src's checkpoint with every quantized projection replaced by what its codes stand for."""
+    os.makedirs(out)
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(src, name), out)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    for name, cell in llm.engine.runner.model.cells_and_names():
+        if not getattr(cell, "quantized", False):
+            continue
+        w = decode_numpy(cell.weight_packed.asnumpy(), cell.weight_scales.asnumpy(), cell.in_features)
+        parent, proj = name.rsplit(".", 1)
+        for part, hf_proj in enumerate(FUSED.get(proj, (proj,))):
+            hf_name = f"model.{parent}.{hf_proj}.weight"
+            assert tensors[hf_name].shape == w[cell.part_rows(part)].shape, hf_name
+            assert not np.array_equal(tensors[hf_name], w[cell.part_rows(part)]), f"{hf_name} not quantized"
+            tensors[hf_name] = np.ascontiguousarray(w[cell.part_rows(part)])
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+
+
+@pytest.mark.parametrize("method,group", METHODS)
+def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tmp_path, method, group):
+    llm = _llm(tiny_dir, quantization=method, quant_group_size=group)
+    qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+    assert qkv.quantized and qkv.weight_packed.dtype == ms.uint8
+    bits = 8 if method == "int8" else 4
+    assert qkv.weight_packed.shape[1] == qkv.in_features * bits // 8
+    assert qkv.weight_scales.shape[1] == qkv.in_features // (group or qkv.in_features)
+    ref_dir = str(tmp_path / "dequantized")
+    dequantized_checkpoint(llm, tiny_dir, ref_dir)
+    ref, _ = reference_logits(ref_dir, PROMPTS, str(tmp_path))
+    for ours, theirs in zip(prefill_logits(llm, PROMPTS), ref):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+BAD = {
+    ("--quantization", "int3"): ["unknown quantization 'int3'", "int8 or int4"],
+    # int4's default groups of 128 inputs do not divide the tiny model's hidden size of 64
+    ("--quantization", "int4"): ["group size 128 does not divide the input dimension 64"],
+    ("--quantization", "int4", "--quant-group-size", "48"): ["group size 48 does not divide"],
+    ("--quantization", "int8", "--kernels", "off"): ["runs on the CPU kernels, which are off"],
+}
+
+
+@pytest.mark.parametrize("args", list(BAD))
+def test_bad_quantization_is_one_error_line(tiny_dir, args, capsys):
+    from tests.test_cli import assert_one_error_line, generate
+    status = generate.main(["--model", tiny_dir, *args, "x"])
+    captured = capsys.readouterr()
+    assert status != 0 and captured.out == "", (captured.out, captured.err)
+    assert_one_error_line(captured.err, *BAD[args])
