@@ -20,7 +20,8 @@ from tests.tiny import make_tiny_model  # noqa: E402
 
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
 # (method, group size): int8 per output channel, int4 in groups of 32 of the tiny model's 64 / 128 inputs
-METHODS = [("int8", None), ("int4", 32), ("int8", 64)]
+# fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by layer
+METHODS = [("int8", None, True), ("int4", 32, True), ("int8", 64, True), ("int4", 32, False)]
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -68,9 +69,15 @@ def dequantized_checkpoint(llm, src: str, out: str) -> None:
     save_file(tensors, os.path.join(out, "model.safetensors"))
 
 
-@pytest.mark.parametrize("method,group", METHODS)
-def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tmp_path, method, group):
+@pytest.mark.parametrize("method,group,fused", METHODS)
+def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tmp_path, monkeypatch, method, group,
+                                                                   fused):
+    from mindcpm.ops.device import Device
+    if not fused:
+        monkeypatch.setattr(Device, "fuse_blocks", lambda self, model: None)
     llm = _llm(tiny_dir, quantization=method, quant_group_size=group)
+    layer_type = type(llm.engine.runner.model.layers[0]).__name__
+    assert (layer_type == "KernelQuantDecoderLayer") == fused, layer_type
     qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
     assert qkv.quantized and qkv.weight_packed.dtype == ms.uint8
     bits = 8 if method == "int8" else 4

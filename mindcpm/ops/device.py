@@ -258,13 +258,16 @@ class Device:
     def fuse_blocks(self, model) -> None:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
         becomes two kernel ops over the same Parameters (checkpoint names unchanged), unless
-        tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual."""
-        if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS
-                and self.quant is None):
+        tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual.
+        Quantized projections: the quantized kernels' version of the same layer."""
+        if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
             return
-        from .cpu import KernelDecoderLayer
+        if self.quant is not None:
+            from ..quant.linear import KernelQuantDecoderLayer as fused
+        else:
+            from .cpu import KernelDecoderLayer as fused
         for i, layer in enumerate(model.layers):
-            model.layers[i] = KernelDecoderLayer(layer)
+            model.layers[i] = fused(layer)
 
     def after_load(self, model) -> None:
         """Ascend: stacked expert weights from the loader's [E, out, in] to GroupedMatmul's
