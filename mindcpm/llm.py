@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
@@ -92,6 +93,32 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: s
     return dtype, None  # fp16 compute with MindSpore's own CPU ops
 
 
+def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: int) -> str | None:
+    """The quantization the model runs: `asked`, or for an imported GGUF whose projections are
+    all in block types with a kernel (Q8_0 / Q4_0 / Q4_1), "gguf" (its blocks kept as they are).
+    Otherwise the dequantized fp32 weights, with a one-line notice saying why."""
+    from .gguf import QUANTIZATION_INFO
+    info_file = os.path.join(path, QUANTIZATION_INFO)
+    if asked not in (None, "gguf") or not os.path.isfile(info_file):
+        if asked == "gguf":
+            raise ValueError(f"quantization 'gguf' needs a .gguf model; {path} is not one")
+        return asked
+    with open(info_file, encoding="utf-8") as f:
+        info = json.load(f)
+    types = "/".join(info["projection_types"])
+    why = None if info["kept"] else f"its projections' GGUF type {types} has no quantized kernel (Q8_0, Q4_0, Q4_1)"
+    if why is None and not kernels:
+        why = "the CPU kernels are off"
+    if why is None and tp_size > 1:
+        why = "tensor parallelism does not split GGUF blocks yet"
+    if why is None:
+        return "gguf"
+    if asked == "gguf":
+        raise ValueError(f"cannot keep this GGUF model quantized: {why}")
+    logger.warning("running the GGUF model's dequantized fp32 weights: %s", why)
+    return None
+
+
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -111,7 +138,7 @@ class LLM:
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
         default; quant_group_size picks another): the projections' weights are quantized group-wise
         by round-to-nearest as they load, one at a time, and run on the CPU kernels."""
-        if quantization is not None:
+        if quantization not in (None, "gguf"):
             from .quant.rtn import method_settings
             method_settings(quantization, quant_group_size)  # an unknown name fails before any work
         if load_format not in LOAD_FORMATS:
@@ -126,7 +153,7 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
-            self.quantization = quantization
+            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels, tp.size)
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             max_num_batched_tokens = max_num_batched_tokens or max(512, max_num_seqs)

@@ -96,11 +96,14 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     # read in parameter order, across every shard at once, so that a fused parameter whose parts
     # sit in different shards is not held while whole shards are read.
     staged: dict[str, np.ndarray] = {}
+    for name in load_prequantized(path, params, cells):
+        filled[name] = expected[name]
     with contextlib.ExitStack() as shards:
         tensors = []  # (checkpoint name, its file, the file's open handle)
         for file, indexed in checkpoint_files(path).items():
             handle = shards.enter_context(_open(file, indexed))
-            tensors += [(key, file, handle) for key in handle.keys()]
+            tensors += [(key, file, handle) for key in handle.keys()
+                        if filled.get(our_name(key)[0]) != expected.get(our_name(key)[0])]
         tensors.sort(key=lambda t: our_name(t[0])[0])
         for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
                                           leave=False):
@@ -111,6 +114,34 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     for name, parts in filled.items():
         if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
+
+
+def load_prequantized(path: str, params: dict, cells: dict) -> set[str]:
+    """Fills quantized layers from the checkpoint's QUANTIZED_FILE (a GGUF file's own blocks, see
+    gguf.py), if it has one and the model keeps its projections quantized; returns the names of
+    the parameters filled, whose float tensors are then skipped."""
+    from .gguf import QUANTIZED_FILE
+    file = os.path.join(path, QUANTIZED_FILE)
+    slots = {name: p for name, p in params.items() if hasattr(p, "load_quantized")}
+    if not slots or not os.path.isfile(file):
+        return set()
+    from .quant.formats import QuantWeight, concat_rows
+    parts: dict[str, dict] = {}
+    with _open(file, None) as handle:
+        keys = set(handle.keys())
+        for key in sorted(k for k in keys if k.endswith(".packed")):
+            hf_name = key[: -len(".packed")]
+            name, part = our_name(hf_name)
+            if name not in slots:
+                raise CheckpointError(f"{file}: unexpected quantized tensor {hf_name}")
+            packed, scales = handle.get_tensor(key), handle.get_tensor(f"{hf_name}.scales")
+            offsets = handle.get_tensor(f"{hf_name}.offsets") if f"{hf_name}.offsets" in keys else None
+            k = slots[name].shape[1]
+            parts.setdefault(name, {})[part or 0] = QuantWeight(packed, scales, offsets, packed.shape[1] * 8 // k,
+                                                                k // scales.shape[1], "float16")
+    for name, weights in parts.items():
+        slots[name].load_quantized(concat_rows([weights[i] for i in sorted(weights)], name))
+    return set(parts)
 
 
 def _hand_over(param, values: np.ndarray | None) -> None:

@@ -87,16 +87,18 @@ class QuantSlot:
         layer.weight_offsets = Parameter(Tensor(np.zeros(1, np.float32)), name="weight_offsets", requires_grad=False)
 
     def load_float(self, values: np.ndarray) -> None:
-        from ..quant.linear import kernel_tensors
-        packed, scales, offsets = kernel_tensors(self.device.quantize(values))
-        self._layer.weight_packed.set_data(packed)
-        self._layer.weight_scales.set_data(scales)
-        self._layer.weight_offsets.set_data(offsets)
+        self.load_quantized(self.device.quantize(values))
 
-    def dequantized(self) -> np.ndarray:
-        """The fp32 weight the layer's codes stand for."""
-        from ..quant.formats import QuantWeight
-        layer, bits = self._layer, self.device.quant_layout(self.shape[1])[0]
-        scales = layer.weight_scales.asnumpy()
-        return QuantWeight(layer.weight_packed.asnumpy(), scales, None, bits, self.shape[1] // scales.shape[1],
-                           "float16").dequantize()
+    def load_quantized(self, qw) -> None:
+        """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own
+        blocks may differ from the layout sized at build): Parameters of another shape are replaced,
+        before any graph is compiled."""
+        from ..quant.linear import kernel_tensors
+        if qw.shape != self.shape:
+            raise ValueError(f"a quantized weight of shape {qw.shape} for a layer of shape {self.shape}")
+        for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), kernel_tensors(qw)):
+            param = getattr(self._layer, attr)
+            if param.shape == values.shape and param.dtype == values.dtype:
+                param.set_data(values)
+            else:
+                setattr(self._layer, attr, Parameter(values, name=param.name, requires_grad=False))

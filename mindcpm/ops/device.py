@@ -124,8 +124,12 @@ class Device:
         self.tp = tp or tp_group()
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
-        self.quant = None  # (bits, group size or None = per output channel) of quantize-on-load
-        if quantization is not None:
+        # (bits, group size or None = per output channel) of quantize-on-load; "gguf": the
+        # checkpoint's own blocks, loaded as they are (the layout sized at build is a placeholder)
+        self.quant, self.quantization = None, quantization
+        if quantization == "gguf":
+            self.quant = (8, None)
+        elif quantization is not None:
             from ..quant.rtn import method_settings
             self.quant = method_settings(quantization, quant_group_size)
             if not kernels:
@@ -168,7 +172,10 @@ class Device:
     def quantize(self, values: np.ndarray):
         """A float weight [N, K] -> the QuantWeight the quantized matmul runs on (round to
         nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs)."""
+        from ..quant.formats import QuantError
         from ..quant.rtn import quantize
+        if self.quantization == "gguf":
+            raise QuantError("a projection of this GGUF checkpoint has no quantized blocks")
         bits, group = self.quant_layout(values.shape[1])
         return quantize(values, bits, group, scale_dtype="float16")
 
