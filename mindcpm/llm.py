@@ -105,8 +105,10 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: i
         return asked
     with open(info_file, encoding="utf-8") as f:
         info = json.load(f)
-    types = "/".join(info["projection_types"])
-    why = None if info["kept"] else f"its projections' GGUF type {types} has no quantized kernel (Q8_0, Q4_0, Q4_1)"
+    from .quant.gguf_blocks import BLOCK_TYPES, kept_quantized
+    types = "/".join(t for t in info["projection_types"] if not kept_quantized(t))
+    why = None if info["kept"] else \
+        f"its projections' GGUF type {types} has no quantized kernel ({', '.join(BLOCK_TYPES)})"
     if why is None and not kernels:
         why = "the CPU kernels are off"
     if why is None and tp_size > 1:
