@@ -94,10 +94,19 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: s
 
 
 def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: int) -> str | None:
-    """The quantization the model runs: `asked`, or for an imported GGUF whose projections are
+    """The quantization the model runs: "gptq" for a GPTQ checkpoint; `asked`; or for an imported GGUF whose projections are
     all in block types with a kernel (Q8_0 / Q4_0 / Q4_1), "gguf" (its blocks kept as they are).
     Otherwise the dequantized fp32 weights, with a one-line notice saying why."""
     from .gguf import QUANTIZATION_INFO
+    from .quant.gptq import read_config
+    if read_config(path) is not None:  # a GPTQ checkpoint runs as it is quantized, or not at all
+        if asked not in (None, "gptq"):
+            raise ValueError(f"{path} is a GPTQ checkpoint, already quantized; leave quantization unset")
+        if not kernels or tp_size > 1:
+            raise ValueError("GPTQ checkpoints run on the CPU kernels, on one device (kernels off or --tp > 1)")
+        return "gptq"
+    if asked == "gptq":
+        raise ValueError(f"quantization 'gptq': {path} has no quantization_config or quantize_config.json")
     info_file = os.path.join(path, QUANTIZATION_INFO)
     if asked not in (None, "gguf") or not os.path.isfile(info_file):
         if asked == "gguf":
@@ -140,7 +149,7 @@ class LLM:
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
         default; quant_group_size picks another): the projections' weights are quantized group-wise
         by round-to-nearest as they load, one at a time, and run on the CPU kernels."""
-        if quantization not in (None, "gguf"):
+        if quantization not in (None, "gguf", "gptq"):
             from .quant.rtn import method_settings
             method_settings(quantization, quant_group_size)  # an unknown name fails before any work
         if load_format not in LOAD_FORMATS:

@@ -96,14 +96,14 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     # read in parameter order, across every shard at once, so that a fused parameter whose parts
     # sit in different shards is not held while whole shards are read.
     staged: dict[str, np.ndarray] = {}
-    for name in load_prequantized(path, params, cells):
+    for name in load_prequantized(path, params) | load_gptq(path, params):
         filled[name] = expected[name]
     with contextlib.ExitStack() as shards:
         tensors = []  # (checkpoint name, its file, the file's open handle)
         for file, indexed in checkpoint_files(path).items():
             handle = shards.enter_context(_open(file, indexed))
             tensors += [(key, file, handle) for key in handle.keys()
-                        if filled.get(our_name(key)[0]) != expected.get(our_name(key)[0])]
+                        if filled.get(our_name(key)[0]) != expected.get(our_name(key)[0]) and not gptq_tensor(key)]
         tensors.sort(key=lambda t: our_name(t[0])[0])
         for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
                                           leave=False):
@@ -116,16 +116,63 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
 
 
-def load_prequantized(path: str, params: dict, cells: dict) -> set[str]:
+def _quant_slots(params: dict) -> dict:
+    return {name: p for name, p in params.items() if hasattr(p, "load_quantized")}
+
+
+def _fill_slots(slots: dict, parts: dict) -> set[str]:
+    """Each slot takes its parts (a fused projection's, in order) stacked along the outputs."""
+    from .quant.formats import concat_rows
+    for name, weights in parts.items():
+        slots[name].load_quantized(concat_rows([weights[i] for i in sorted(weights)], name))
+    return set(parts)
+
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def load_gptq(path: str, params: dict) -> set[str]:
+    """Fills quantized layers from a GPTQ checkpoint's qweight / qzeros / scales / g_idx (the
+    settings from quant/gptq.read_config); returns the names of the parameters filled."""
+    from .quant import gptq
+    slots = _quant_slots(params)
+    config = gptq.read_config(path) if slots else None
+    if config is None:
+        return set()
+    if config["desc_act"]:
+        raise CheckpointError(f"{path}: GPTQ desc_act=true (act-order) checkpoints are not supported yet")
+    parts: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        for file, indexed in checkpoint_files(path).items():
+            handle = stack.enter_context(_open(file, indexed))
+            keys = set(handle.keys())
+            for key in sorted(k for k in keys if k.endswith(".qweight")):
+                base = key[: -len(".qweight")]
+                name, part = our_name(base + ".weight")
+                if name not in slots:
+                    raise CheckpointError(f"{file}: unexpected tensor {key}")
+                found = [handle.get_tensor(f"{base}.{t}") if f"{base}.{t}" in keys else None for t in GPTQ_TENSORS]
+                if found[1] is None or found[2] is None:
+                    raise CheckpointError(f"{file}: {base} has a qweight but no qzeros or scales in the same file")
+                parts.setdefault(name, {})[part or 0] = gptq.from_gptq(*found, config, base)
+    return _fill_slots(slots, parts)
+
+
+def gptq_tensor(hf_name: str) -> bool:
+    """A tensor load_gptq reads, which the float loop skips."""
+    return hf_name.rsplit(".", 1)[-1] in GPTQ_TENSORS and not hf_name.endswith(".weight")
+
+
+def load_prequantized(path: str, params: dict) -> set[str]:
     """Fills quantized layers from the checkpoint's QUANTIZED_FILE (a GGUF file's own blocks, see
     gguf.py), if it has one and the model keeps its projections quantized; returns the names of
     the parameters filled, whose float tensors are then skipped."""
     from .gguf import QUANTIZED_FILE
     file = os.path.join(path, QUANTIZED_FILE)
-    slots = {name: p for name, p in params.items() if hasattr(p, "load_quantized")}
+    slots = _quant_slots(params)
     if not slots or not os.path.isfile(file):
         return set()
-    from .quant.formats import QuantWeight, concat_rows
+    from .quant.formats import QuantWeight
     parts: dict[str, dict] = {}
     with _open(file, None) as handle:
         keys = set(handle.keys())
@@ -139,9 +186,7 @@ def load_prequantized(path: str, params: dict, cells: dict) -> set[str]:
             k = slots[name].shape[1]
             parts.setdefault(name, {})[part or 0] = QuantWeight(packed, scales, offsets, packed.shape[1] * 8 // k,
                                                                 k // scales.shape[1], "float16")
-    for name, weights in parts.items():
-        slots[name].load_quantized(concat_rows([weights[i] for i in sorted(weights)], name))
-    return set(parts)
+    return _fill_slots(slots, parts)
 
 
 def _hand_over(param, values: np.ndarray | None) -> None:

@@ -5,6 +5,7 @@ checkpoint, and transformers reads it. What is left is the kernel's fp32 accumul
 the tolerance is the fp32 one of the float kernel tests, not a quantization error."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -106,3 +107,76 @@ def test_bad_quantization_is_one_error_line(tiny_dir, args, capsys):
     captured = capsys.readouterr()
     assert status != 0 and captured.out == "", (captured.out, captured.err)
     assert_one_error_line(captured.err, *BAD[args])
+
+
+
+# -- GPTQ checkpoints, written here with numpy from the format (quant/gptq.py's docstring) ------------
+def gptq_pack(w: np.ndarray, bits: int, group: int) -> tuple[dict, np.ndarray]:
+    """A float weight [N, K] -> GPTQ (v1, symmetric) qweight / qzeros / scales / g_idx, and the
+    fp32 weight those stand for."""
+    n, k = w.shape
+    per, center = 32 // bits, 1 << (bits - 1)
+    scales = (np.abs(w.reshape(n, k // group, group)).max(-1) / (center - 1)).astype(np.float16)  # [N, groups]
+    s = scales.astype(np.float32).repeat(group, axis=1)
+    q = np.clip(np.round(w / s) + center, 0, 2 * center - 1).astype(np.uint32)  # [N, K]
+    qweight = np.zeros((k // per, n), np.uint32)
+    for i in range(per):  # input k: bits b*(k % per) of word k // per
+        qweight |= q.T[i::per] << np.uint32(bits * i)
+    zero = np.uint32(0)
+    for i in range(per):  # v1 stores each zero minus one
+        zero |= np.uint32(center - 1) << np.uint32(bits * i)
+    tensors = {"qweight": qweight.view(np.int32), "qzeros": np.full((k // group, n // per), zero).view(np.int32),
+               "scales": np.ascontiguousarray(scales.T), "g_idx": (np.arange(k) // group).astype(np.int32)}
+    return tensors, s * (q.astype(np.float32) - center)
+
+
+def write_gptq(src: str, out: str, quantization_config: dict, ref: str) -> None:
+    """src as a GPTQ checkpoint under `out`, and its dequantized weights (fp32) under `ref`."""
+    config = json.load(open(os.path.join(src, "config.json")))
+    for d in (out, ref):
+        os.makedirs(d)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(os.path.join(src, name), d)
+    json.dump(config, open(os.path.join(ref, "config.json"), "w"))
+    json.dump(dict(config, quantization_config=quantization_config), open(os.path.join(out, "config.json"), "w"))
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    packed, dequantized = {}, dict(tensors)
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight"):
+            fields, dequantized[name] = gptq_pack(w, quantization_config["bits"], quantization_config["group_size"])
+            packed.update({f"{name[:-len('weight')]}{f}": v for f, v in fields.items()})
+        else:
+            packed[name] = w
+    save_file(packed, os.path.join(out, "model.safetensors"))
+    save_file(dequantized, os.path.join(ref, "model.safetensors"))
+
+
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False}
+
+
+def test_gptq_checkpoint_matches_transformers_on_dequantized_weights(tiny_dir, tmp_path):
+    out, ref_dir = str(tmp_path / "gptq"), str(tmp_path / "ref")
+    write_gptq(tiny_dir, out, GPTQ, ref_dir)
+    llm = _llm(out)
+    assert llm.quantization == "gptq"
+    assert type(llm.engine.runner.model.layers[0]).__name__ == "KernelQuantDecoderLayer"
+    ref, _ = reference_logits(ref_dir, PROMPTS, str(tmp_path))
+    for ours, theirs in zip(prefill_logits(llm, PROMPTS), ref):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"desc_act": True}, ["desc_act=true", "not supported"]),
+    ({"bits": 3}, ["GPTQ bits=3 is not supported"]),
+])
+def test_unsupported_gptq_variant_is_one_error_line(tiny_dir, tmp_path, capsys, change, needles):
+    from tests.test_cli import assert_one_error_line, generate
+    out = str(tmp_path / "gptq")
+    write_gptq(tiny_dir, out, GPTQ, str(tmp_path / "ref"))
+    config = json.load(open(os.path.join(out, "config.json")))
+    config["quantization_config"].update(change)
+    json.dump(config, open(os.path.join(out, "config.json"), "w"))
+    status = generate.main(["--model", out, "x"])
+    captured = capsys.readouterr()
+    assert status != 0 and captured.out == "", (captured.out, captured.err)
+    assert_one_error_line(captured.err, *needles)

@@ -24,6 +24,7 @@ from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNor
 
 DEVICES = ("cpu", "ascend")
 ATTENTION_BACKENDS = ("native", "ascend")
+PREQUANTIZED = ("gguf", "gptq")  # quantizations whose codes come from the checkpoint
 
 # The compiled step's named graph inputs, in order (then the model's extras, then the attention
 # core's extras). MindSpore names a graph input after the top-level parameter of the compiled
@@ -124,10 +125,10 @@ class Device:
         self.tp = tp or tp_group()
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
-        # (bits, group size or None = per output channel) of quantize-on-load; "gguf": the
-        # checkpoint's own blocks, loaded as they are (the layout sized at build is a placeholder)
+        # (bits, group size or None = per output channel) of quantize-on-load; "gguf" / "gptq":
+        # the checkpoint's own codes, loaded as they are (the layout sized at build is a placeholder)
         self.quant, self.quantization = None, quantization
-        if quantization == "gguf":
+        if quantization in PREQUANTIZED:
             self.quant = (8, None)
         elif quantization is not None:
             from ..quant.rtn import method_settings
@@ -174,8 +175,8 @@ class Device:
         nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs)."""
         from ..quant.formats import QuantError
         from ..quant.rtn import quantize
-        if self.quantization == "gguf":
-            raise QuantError("a projection of this GGUF checkpoint has no quantized blocks")
+        if self.quantization in PREQUANTIZED:
+            raise QuantError(f"a projection of this {self.quantization} checkpoint has no quantized weights")
         bits, group = self.quant_layout(values.shape[1])
         return quantize(values, bits, group, scale_dtype="float16")
 
