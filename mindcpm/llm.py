@@ -148,10 +148,12 @@ class LLM:
 
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
         default; quant_group_size picks another): the projections' weights are quantized group-wise
-        by round-to-nearest as they load, one at a time, and run on the CPU kernels."""
-        if quantization not in (None, "gguf", "gptq"):
-            from .quant.rtn import method_settings
-            method_settings(quantization, quant_group_size)  # an unknown name fails before any work
+        by round-to-nearest as they load, one at a time, and run on the CPU kernels. "bitcpm": a
+        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints and
+        GGUF files whose projections are Q8_0 / Q4_0 / Q4_1 run their own codes without asking."""
+        from .ops.device import QUANTIZATIONS
+        if quantization not in (None, *QUANTIZATIONS):  # an unknown name fails before any work
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()

@@ -110,7 +110,7 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
             # A lazy slice: each tensor-parallel rank reads only the part it holds.
             name = _place(hf_name, handle.get_slice(hf_name), file, params, cells, owners, staged, filled)
             if name is not None and filled[name] == expected[name]:
-                _hand_over(params[name], staged.pop(name, None))
+                _hand_over(params[name], staged.pop(name, None), name)
     for name, parts in filled.items():
         if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
@@ -189,19 +189,19 @@ def load_prequantized(path: str, params: dict) -> set[str]:
     return _fill_slots(slots, parts)
 
 
-def _hand_over(param, values: np.ndarray | None) -> None:
+def _hand_over(param, values: np.ndarray | None, name: str) -> None:
     """Each parameter keeps the dtype its layer chose: 16-bit matrices beside fp32 norms on CPU,
     and fp32 for the few that stay fp32 whatever the model (MoE router, lightning norm). None:
     this rank received none of its parts' values (zeros)."""
     if values is None:
         values = np.zeros(param.shape, np.float32)
-    _assign(param, values)
+    _assign(param, values, name)
 
 
-def _assign(param, values: np.ndarray) -> None:
+def _assign(param, values: np.ndarray, name: str) -> None:
     """A parameter takes its values; a quantized layer's slot quantizes them first."""
     if hasattr(param, "load_float"):
-        param.load_float(values)
+        param.load_float(values, name)
     else:
         param.set_data(Tensor(values, param.dtype))
 
@@ -212,11 +212,11 @@ def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
     size. One parameter at a time, so peak memory is the model plus one tensor. Each parameter
     keeps its own dtype (16-bit matrices, fp32 routers)."""
     rng = np.random.default_rng(seed)
-    for p in loadable_parameters(model).values():
+    for name, p in loadable_parameters(model).items():
         if len(p.shape) >= 2:
             values = rng.standard_normal(p.shape, dtype=np.float32)
             values *= np.float32(0.02)
-            _assign(p, values)
+            _assign(p, values, name)
 
 
 def loadable_parameters(model: nn.Cell) -> dict:

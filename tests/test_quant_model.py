@@ -92,7 +92,7 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tm
 
 
 BAD = {
-    ("--quantization", "int3"): ["unknown quantization 'int3'", "int8 or int4"],
+    ("--quantization", "int3"): ["unknown quantization 'int3'", "int8, int4, bitcpm"],
     # int4's default groups of 128 inputs do not divide the tiny model's hidden size of 64
     ("--quantization", "int4"): ["group size 128 does not divide the input dimension 64"],
     ("--quantization", "int4", "--quant-group-size", "48"): ["group size 48 does not divide"],
@@ -180,3 +180,38 @@ def test_unsupported_gptq_variant_is_one_error_line(tiny_dir, tmp_path, capsys, 
     captured = capsys.readouterr()
     assert status != 0 and captured.out == "", (captured.out, captured.err)
     assert_one_error_line(captured.err, *needles)
+
+
+# -- BitCPM: ternary weights ({-s, 0, +s} per group) in an ordinary checkpoint ------------------------
+def write_ternary(src: str, out: str, spoil: str | None = None) -> None:
+    """src with every projection made ternary per group of 32 inputs (s = the group's mean |w|);
+    `spoil`: one projection left as it was (not ternary)."""
+    shutil.copytree(src, out)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight") and name != spoil:
+            g = w.reshape(w.shape[0], -1, 32)
+            s = np.abs(g).mean(-1, keepdims=True)
+            tensors[name] = (s * np.sign(g) * (np.abs(g) > s / 2)).reshape(w.shape).astype(np.float32)
+    save_file(tensors, os.path.join(out, "model.safetensors"))
+
+
+def test_bitcpm_ternary_checkpoint_matches_transformers(tiny_dir, tmp_path):
+    out = str(tmp_path / "ternary")
+    write_ternary(tiny_dir, out)
+    llm = _llm(out, quantization="bitcpm")
+    gate_up = llm.engine.runner.model.layers[0].mlp.gate_up_proj
+    assert gate_up.weight_packed.shape[1] * 4 == gate_up.in_features  # 2 bits a weight, losslessly
+    ref, _ = reference_logits(out, PROMPTS, str(tmp_path))
+    for ours, theirs in zip(prefill_logits(llm, PROMPTS), ref):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_non_ternary_checkpoint_names_the_tensor(tiny_dir, tmp_path, capsys):
+    from tests.test_cli import assert_one_error_line, generate
+    out = str(tmp_path / "ternary")
+    write_ternary(tiny_dir, out, spoil="model.layers.1.self_attn.o_proj.weight")
+    status = generate.main(["--model", out, "--quantization", "bitcpm", "x"])
+    captured = capsys.readouterr()
+    assert status != 0 and captured.out == "", (captured.out, captured.err)
+    assert_one_error_line(captured.err, "layers.1.self_attn.o_proj.weight is not ternary")

@@ -86,8 +86,8 @@ class QuantSlot:
                                         requires_grad=False)
         layer.weight_offsets = Parameter(Tensor(np.zeros(1, np.float32)), name="weight_offsets", requires_grad=False)
 
-    def load_float(self, values: np.ndarray) -> None:
-        self.load_quantized(self.device.quantize(values))
+    def load_float(self, values: np.ndarray, name: str = "weight") -> None:
+        self.load_quantized(self.device.quantize(values, name))
 
     def load_quantized(self, qw) -> None:
         """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own

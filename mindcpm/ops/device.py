@@ -25,6 +25,9 @@ from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNor
 DEVICES = ("cpu", "ascend")
 ATTENTION_BACKENDS = ("native", "ascend")
 PREQUANTIZED = ("gguf", "gptq")  # quantizations whose codes come from the checkpoint
+# LLM(quantization=...): quantize on load (round to nearest), BitCPM's ternary weights packed as
+# they load, or the codes of a GGUF / GPTQ checkpoint (detected when not given)
+QUANTIZATIONS = ("int8", "int4", "bitcpm") + PREQUANTIZED
 
 # The compiled step's named graph inputs, in order (then the model's extras, then the attention
 # core's extras). MindSpore names a graph input after the top-level parameter of the compiled
@@ -128,8 +131,12 @@ class Device:
         # (bits, group size or None = per output channel) of quantize-on-load; "gguf" / "gptq":
         # the checkpoint's own codes, loaded as they are (the layout sized at build is a placeholder)
         self.quant, self.quantization = None, quantization
+        if quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         if quantization in PREQUANTIZED:
             self.quant = (8, None)
+        elif quantization == "bitcpm":
+            self.quant = (2, None)
         elif quantization is not None:
             from ..quant.rtn import method_settings
             self.quant = method_settings(quantization, quant_group_size)
@@ -170,13 +177,17 @@ class Device:
         check_layout(bits, k, group, f"int{bits} quantization")
         return bits, group
 
-    def quantize(self, values: np.ndarray):
-        """A float weight [N, K] -> the QuantWeight the quantized matmul runs on (round to
-        nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs)."""
+    def quantize(self, values: np.ndarray, name: str = "weight"):
+        """A float weight [N, K] -> the QuantWeight the quantized matmul runs on: round to
+        nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs; BitCPM: the exactly ternary
+        weight packed losslessly (QuantError naming `name` when it is not ternary)."""
         from ..quant.formats import QuantError
         from ..quant.rtn import quantize
         if self.quantization in PREQUANTIZED:
-            raise QuantError(f"a projection of this {self.quantization} checkpoint has no quantized weights")
+            raise QuantError(f"{name}: this {self.quantization} checkpoint has no quantized weights for it")
+        if self.quantization == "bitcpm":
+            from ..quant.bitcpm import ternary_weight
+            return ternary_weight(values, "float32", name)
         bits, group = self.quant_layout(values.shape[1])
         return quantize(values, bits, group, scale_dtype="float16")
 
