@@ -48,7 +48,7 @@ class Linear(nn.Cell):
         self.quantized = device.quantized(exact_dtype)
         if self.quantized:
             self.quant = QuantSlot(self, device, shape)
-            self.matmul = device.quant_matmul(epilogue)
+            self.matmul = device.quant_matmul(epilogue, self.in_features)
             return
         stored = dtype if exact_dtype else device.stored_dtype(dtype)
         self.weight = Parameter(Tensor(np.zeros(shape), stored), name="weight", requires_grad=False)
@@ -77,14 +77,9 @@ class QuantSlot:
 
     def __init__(self, layer: Linear, device: Device, shape: tuple[int, int]):
         self.shape, self.dtype, self.device = shape, ms.float32, device
-        bits, group = device.quant_layout(shape[1])
-        n, k = shape
         self._layer = layer
-        layer.weight_packed = Parameter(Tensor(np.zeros((n, k * bits // 8), np.uint8)), name="weight_packed",
-                                        requires_grad=False)
-        layer.weight_scales = Parameter(Tensor(np.zeros((n, k // group), np.float16)), name="weight_scales",
-                                        requires_grad=False)
-        layer.weight_offsets = Parameter(Tensor(np.zeros(1, np.float32)), name="weight_offsets", requires_grad=False)
+        for name, zeros in device.quant_parameters(*shape).items():
+            setattr(layer, name, Parameter(zeros, name=name, requires_grad=False))
 
     def load_float(self, values: np.ndarray, name: str = "weight") -> None:
         self.load_quantized(self.device.quantize(values, name))
@@ -93,10 +88,9 @@ class QuantSlot:
         """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own
         blocks may differ from the layout sized at build): Parameters of another shape are replaced,
         before any graph is compiled."""
-        from ..quant.linear import kernel_tensors
         if qw.shape != self.shape:
             raise ValueError(f"a quantized weight of shape {qw.shape} for a layer of shape {self.shape}")
-        for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), kernel_tensors(qw)):
+        for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), self.device.quant_tensors(qw)):
             param = getattr(self._layer, attr)
             if param.shape == values.shape and param.dtype == values.dtype:
                 param.set_data(values)

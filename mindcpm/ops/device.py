@@ -140,7 +140,9 @@ class Device:
         elif quantization is not None:
             from ..quant.rtn import method_settings
             self.quant = method_settings(quantization, quant_group_size)
-            if not kernels:
+            if self.ascend_kernels and quantization != "int8":
+                raise ValueError(f"quantization {quantization!r} is not wired on Ascend yet (int8 is)")
+            if not (kernels or self.ascend_kernels):
                 raise ValueError(f"quantization {quantization!r} runs on the CPU kernels, which are off "
                                  "(--kernels off, no g++, or another device)")
 
@@ -191,10 +193,34 @@ class Device:
         bits, group = self.quant_layout(values.shape[1])
         return quantize(values, bits, group, scale_dtype="float16")
 
-    def quant_matmul(self, epilogue: str = "plain", scale: float = 1.0):
-        """x W^T with W as (packed, scales, offsets); the same epilogues as matmul."""
+    def quant_matmul(self, epilogue: str, in_features: int):
+        """x W^T with W as a quantized layer's three Parameters (quant_parameters)."""
+        if self.ascend_kernels:
+            from .ascend_quant import AscendQuantMatmul
+            bits, group = self.quant_layout(in_features)
+            return AscendQuantMatmul(epilogue, 0 if group == in_features else group)
         from ..quant.linear import KernelQuantMatmul
-        return KernelQuantMatmul(epilogue, scale)
+        return KernelQuantMatmul(epilogue)
+
+    def quant_parameters(self, n: int, k: int) -> dict:
+        """Name -> zeros of a quantized [n, k] layer's Parameters, in this device's layout: the CPU
+        kernel's (packed, scales, offsets), or WeightQuantBatchMatmul's (weight, scale, offset)."""
+        bits, group = self.quant_layout(k)
+        if self.ascend_kernels:
+            from .ascend_quant import ascend_parameter_shapes
+            return {name: ms.Tensor(np.zeros(shape, dtype or np.float32), ms.int8 if dtype else self.dtype)
+                    for name, (shape, dtype) in ascend_parameter_shapes(n, k, group).items()}
+        return {"weight_packed": ms.Tensor(np.zeros((n, k * bits // 8), np.uint8)),
+                "weight_scales": ms.Tensor(np.zeros((n, k // group), np.float16)),
+                "weight_offsets": ms.Tensor(np.zeros(1, np.float32))}
+
+    def quant_tensors(self, qw) -> tuple:
+        """A QuantWeight as the three tensors of quant_parameters (in that order)."""
+        if self.ascend_kernels:
+            from .ascend_quant import ascend_tensors
+            return ascend_tensors(qw, self.dtype)
+        from ..quant.linear import kernel_tensors
+        return kernel_tensors(qw)
 
     def rms_norm(self, eps: float):
         if self.kernels:
