@@ -54,7 +54,8 @@ def parse_args(argv):
                    metavar="M,..", help=f"shapes ({', '.join(bench.SHAPES)}), checkpoint directories or .gguf "
                                         f"files (default: {DEFAULT_MODELS})")
     m.add_argument("--precision", "--dtype", dest="precision", type=list_arg(bench.precision, "--precision"),
-                   default=["float32"], metavar="P,..", help="float32, float16, bfloat16 (default float32)")
+                   default=["float32"], metavar="P,..", help="float32, float16, bfloat16, or int8 / int4 (weights quantized on load; "
+                        "fp32 activations) (default float32)")
     m.add_argument("-b", "--batch", type=list_arg(bench.positive_int, "--batch"), default=[1], metavar="N,..",
                    help="concurrent requests (default 1)")
     m.add_argument("-p", "--prompt-len", type=list_arg(bench.positive_int, "--prompt-len"), default=[128],

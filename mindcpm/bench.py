@@ -102,8 +102,10 @@ SHAPES: dict[str, dict] = {
 
 PRECISIONS = {"float32": "float32", "fp32": "float32", "f32": "float32",
               "float16": "float16", "fp16": "float16", "f16": "float16",
-              "bfloat16": "bfloat16", "bf16": "bfloat16"}
+              "bfloat16": "bfloat16", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# Weight-only quantized on load (LLM(quantization=...)): bytes a weight, fp32 activations and KV cache.
+QUANTIZED_BYTES = {"int8": 1.0, "int4": 0.5}
 PAGED_BLOCK_SIZE = 16
 KV_CACHE_GIB = 2.0  # LLM's default cache budget
 LONG_CHUNK = 512  # prefill chunk of the long-context mode
@@ -151,11 +153,14 @@ class Cell:
         return f"{'on' if self.paged else 'off'} (block {self.effective_block_size})"
 
     def llm_kwargs(self) -> dict:
-        kwargs = dict(dtype=self.precision, block_size=self.effective_block_size, max_num_seqs=self.batch,
+        quantized = self.precision in QUANTIZED_BYTES
+        kwargs = dict(dtype="float32" if quantized else self.precision, block_size=self.effective_block_size, max_num_seqs=self.batch,
                       max_model_len=self.max_model_len, max_num_batched_tokens=max(512, self.batch * self.prompt_len),
                       kv_cache_gib=KV_CACHE_GIB, progress=False, seed=self.seed)
         if self.kernels is not None:
             kwargs["kernels"] = self.kernels
+        if quantized:
+            kwargs["quantization"] = self.precision
         if self.context:
             # One sequence of the whole context; its KV cache is all the budget needs.
             kwargs.update(max_num_seqs=1, max_num_batched_tokens=LONG_CHUNK, kv_cache_gib=64.0,
@@ -267,7 +272,7 @@ def parameter_count(cfg: ModelConfig) -> int:
 def estimate_memory(cfg: ModelConfig, cell: Cell, from_checkpoint: bool) -> int:
     """Bytes the cell's process needs at its peak: the weights in the compute dtype, the KV cache,
     the transient copies made while loading, and the runtime itself."""
-    dtype_bytes = BYTES[cell.precision]
+    dtype_bytes = BYTES.get(cell.precision, 4)
     n = parameter_count(cfg)
     largest = cfg.vocab_size * cfg.hidden_size
     # Parameters start as float64 numpy zeros; a checkpoint is also staged whole in float32.
@@ -276,7 +281,7 @@ def estimate_memory(cfg: ModelConfig, cell: Cell, from_checkpoint: bool) -> int:
     bs = cell.effective_block_size
     kv = min(cell.batch * -(-cell.max_model_len // bs) * bs * per_token,
              max(int(KV_CACHE_GIB * GIB), -(-cell.max_model_len // bs) * bs * per_token))
-    return n * dtype_bytes + kv + transient + RUNTIME_OVERHEAD
+    return int(n * QUANTIZED_BYTES.get(cell.precision, dtype_bytes)) + kv + transient + RUNTIME_OVERHEAD
 
 
 def total_memory() -> int:

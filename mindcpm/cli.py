@@ -104,6 +104,14 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
     g.add_argument("--kernels", choices=("auto", "on", "off"), default="auto",
                    help="the C++ CPU kernels built with g++ at first use: auto (on when the device is CPU and "
                         "g++ works), on, off (MindSpore's own ops); env MINDCPM_KERNELS=off overrides")
+    g.add_argument("--quantization", default=None, metavar="METHOD",
+                   help="quantize the projections' weights as they load (CPU kernels): int8 (per output "
+                        "channel) or int4 (groups of 128 inputs) from fp32/bf16 checkpoints; bitcpm: a BitCPM "
+                        "ternary checkpoint packed to 2 bits. GPTQ checkpoints and Q8_0/Q4_0/Q4_1 GGUF files "
+                        "run quantized without it")
+    g.add_argument("--quant-group-size", type=int, default=None, metavar="G",
+                   help="inputs per quantization group (must divide each projection's inputs; a multiple of 32 "
+                        "for int4)")
     g.add_argument("--block-size", type=int, default=16, metavar="B", help="KV-cache block size in tokens (16)")
     g.add_argument("--max-num-seqs", type=int, default=None, metavar="N", help=max_num_seqs_help)
     g.add_argument("--max-model-len", type=int, default=None, metavar="N",
@@ -292,7 +300,8 @@ def llm_from_args(args: argparse.Namespace, max_num_seqs: int, compile_prefill: 
                kernels=args.kernels, progress=sys.stderr.isatty(), tensor_parallel_size=getattr(args, "tp", 1),
                enable_expert_parallel=getattr(args, "enable_expert_parallel", False),
                sparse_attention=_sparse_option(args), speculative_config=speculative_config(args),
-               compile_prefill=compile_prefill)
+               compile_prefill=compile_prefill, quantization=args.quantization,
+               quant_group_size=args.quant_group_size)
 
 
 def _sparse_option(args: argparse.Namespace):

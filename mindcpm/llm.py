@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import os
 import sys
@@ -105,6 +106,43 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: s
     return dtype, None  # fp16 compute with MindSpore's own CPU ops
 
 
+def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: int) -> str | None:
+    """The quantization the model runs: "gptq" for a GPTQ checkpoint; `asked`; or for an imported GGUF whose projections are
+    all in block types with a kernel (Q8_0 / Q4_0 / Q4_1), "gguf" (its blocks kept as they are).
+    Otherwise the dequantized fp32 weights, with a one-line notice saying why."""
+    from .gguf import QUANTIZATION_INFO
+    from .quant.gptq import read_config
+    if read_config(path) is not None:  # a GPTQ checkpoint runs as it is quantized, or not at all
+        if asked not in (None, "gptq"):
+            raise ValueError(f"{path} is a GPTQ checkpoint, already quantized; leave quantization unset")
+        if not kernels or tp_size > 1:
+            raise ValueError("GPTQ checkpoints run on the CPU kernels, on one device (kernels off or --tp > 1)")
+        return "gptq"
+    if asked == "gptq":
+        raise ValueError(f"quantization 'gptq': {path} has no quantization_config or quantize_config.json")
+    info_file = os.path.join(path, QUANTIZATION_INFO)
+    if asked not in (None, "gguf") or not os.path.isfile(info_file):
+        if asked == "gguf":
+            raise ValueError(f"quantization 'gguf' needs a .gguf model; {path} is not one")
+        return asked
+    with open(info_file, encoding="utf-8") as f:
+        info = json.load(f)
+    from .quant.gguf_blocks import BLOCK_TYPES, kept_quantized
+    types = "/".join(t for t in info["projection_types"] if not kept_quantized(t))
+    why = None if info["kept"] else \
+        f"its projections' GGUF type {types} has no quantized kernel ({', '.join(BLOCK_TYPES)})"
+    if why is None and not kernels:
+        why = "the CPU kernels are off"
+    if why is None and tp_size > 1:
+        why = "tensor parallelism does not split GGUF blocks yet"
+    if why is None:
+        return "gguf"
+    if asked == "gguf":
+        raise ValueError(f"cannot keep this GGUF model quantized: {why}")
+    logger.warning("running the GGUF model's dequantized fp32 weights: %s", why)
+    return None
+
+
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "auto", block_size: int = 16,
                  max_num_seqs: int = 16, max_model_len: int | None = None,
@@ -112,7 +150,8 @@ class LLM:
                  enable_prefix_caching: bool = True, attention: str | None = None, progress: bool = True,
                  kernels: str = "auto", tensor_parallel_size: int = 1, enable_expert_parallel: bool = False,
                  load_format: str = "auto", seed: int = 0, sparse_attention: bool | str | None = None,
-                 speculative_config: dict | None = None, compile_prefill: bool = True):
+                 speculative_config: dict | None = None, compile_prefill: bool = True,
+                 quantization: str | None = None, quant_group_size: int | None = None):
         """sparse_attention: None follows config.json's sparse_config; True (or a variant,
         "current" / "june2025") switches InfLLM-v2 on, adding the documented default sparse_config
         when config.json has none; False switches it off.
@@ -126,7 +165,17 @@ class LLM:
 
         compile_prefill=False runs prefill steps op by op instead of compiling a graph per prompt
         shape, where the CPU kernels allow it: a faster start for one-shot and interactive use,
-        a slower prefill of long prompts (ops/device.py Device.compiles_step)."""
+        a slower prefill of long prompts (ops/device.py Device.compiles_step).
+
+
+        quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
+        default; quant_group_size picks another): the projections' weights are quantized group-wise
+        by round-to-nearest as they load, one at a time, and run on the CPU kernels. "bitcpm": a
+        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints and
+        GGUF files whose projections are Q8_0 / Q4_0 / Q4_1 run their own codes without asking."""
+        from .ops.device import QUANTIZATIONS
+        if quantization not in (None, *QUANTIZATIONS):  # an unknown name fails before any work
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
         if load_format not in LOAD_FORMATS:
             raise ValueError(f"unknown load_format {load_format!r}; choose {', '.join(LOAD_FORMATS)}")
         device = setup_runtime()
@@ -141,6 +190,7 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
+            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels, tp.size)
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             if speculative is not None and speculative.num_speculative_tokens >= max_model_len:
@@ -152,7 +202,7 @@ class LLM:
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
                                       attention, self.kernels, DTYPES.get(self.weight_dtype), device,
                                       speculative.num_speculative_tokens if speculative else 0,
-                                      compile_prefill)
+                                      compile_prefill, quantization, quant_group_size)
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

@@ -96,30 +96,114 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     # read in parameter order, across every shard at once, so that a fused parameter whose parts
     # sit in different shards is not held while whole shards are read.
     staged: dict[str, np.ndarray] = {}
+    for name in load_prequantized(path, params) | load_gptq(path, params):
+        filled[name] = expected[name]
     with contextlib.ExitStack() as shards:
         tensors = []  # (checkpoint name, its file, the file's open handle)
         for file, indexed in checkpoint_files(path).items():
             handle = shards.enter_context(_open(file, indexed))
-            tensors += [(key, file, handle) for key in handle.keys()]
+            tensors += [(key, file, handle) for key in handle.keys()
+                        if filled.get(our_name(key)[0]) != expected.get(our_name(key)[0]) and not gptq_tensor(key)]
         tensors.sort(key=lambda t: our_name(t[0])[0])
         for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
                                           leave=False):
             # A lazy slice: each tensor-parallel rank reads only the part it holds.
             name = _place(hf_name, handle.get_slice(hf_name), file, params, cells, owners, staged, filled)
             if name is not None and filled[name] == expected[name]:
-                _hand_over(params[name], staged.pop(name, None))
+                _hand_over(params[name], staged.pop(name, None), name)
     for name, parts in filled.items():
         if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
 
 
-def _hand_over(param, values: np.ndarray | None) -> None:
+def _quant_slots(params: dict) -> dict:
+    return {name: p for name, p in params.items() if hasattr(p, "load_quantized")}
+
+
+def _fill_slots(slots: dict, parts: dict) -> set[str]:
+    """Each slot takes its parts (a fused projection's, in order) stacked along the outputs."""
+    from .quant.formats import concat_rows
+    for name, weights in parts.items():
+        slots[name].load_quantized(concat_rows([weights[i] for i in sorted(weights)], name))
+    return set(parts)
+
+
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def load_gptq(path: str, params: dict) -> set[str]:
+    """Fills quantized layers from a GPTQ checkpoint's qweight / qzeros / scales / g_idx (the
+    settings from quant/gptq.read_config); returns the names of the parameters filled."""
+    from .quant import gptq
+    slots = _quant_slots(params)
+    config = gptq.read_config(path) if slots else None
+    if config is None:
+        return set()
+    if config["desc_act"]:
+        raise CheckpointError(f"{path}: GPTQ desc_act=true (act-order) checkpoints are not supported yet")
+    parts: dict[str, dict] = {}
+    with contextlib.ExitStack() as stack:
+        for file, indexed in checkpoint_files(path).items():
+            handle = stack.enter_context(_open(file, indexed))
+            keys = set(handle.keys())
+            for key in sorted(k for k in keys if k.endswith(".qweight")):
+                base = key[: -len(".qweight")]
+                name, part = our_name(base + ".weight")
+                if name not in slots:
+                    raise CheckpointError(f"{file}: unexpected tensor {key}")
+                found = [handle.get_tensor(f"{base}.{t}") if f"{base}.{t}" in keys else None for t in GPTQ_TENSORS]
+                if found[1] is None or found[2] is None:
+                    raise CheckpointError(f"{file}: {base} has a qweight but no qzeros or scales in the same file")
+                parts.setdefault(name, {})[part or 0] = gptq.from_gptq(*found, config, base)
+    return _fill_slots(slots, parts)
+
+
+def gptq_tensor(hf_name: str) -> bool:
+    """A tensor load_gptq reads, which the float loop skips."""
+    return hf_name.rsplit(".", 1)[-1] in GPTQ_TENSORS and not hf_name.endswith(".weight")
+
+
+def load_prequantized(path: str, params: dict) -> set[str]:
+    """Fills quantized layers from the checkpoint's QUANTIZED_FILE (a GGUF file's own blocks, see
+    gguf.py), if it has one and the model keeps its projections quantized; returns the names of
+    the parameters filled, whose float tensors are then skipped."""
+    from .gguf import QUANTIZED_FILE
+    file = os.path.join(path, QUANTIZED_FILE)
+    slots = _quant_slots(params)
+    if not slots or not os.path.isfile(file):
+        return set()
+    from .quant.formats import QuantWeight
+    parts: dict[str, dict] = {}
+    with _open(file, None) as handle:
+        keys = set(handle.keys())
+        for key in sorted(k for k in keys if k.endswith(".packed")):
+            hf_name = key[: -len(".packed")]
+            name, part = our_name(hf_name)
+            if name not in slots:
+                raise CheckpointError(f"{file}: unexpected quantized tensor {hf_name}")
+            packed, scales = handle.get_tensor(key), handle.get_tensor(f"{hf_name}.scales")
+            offsets = handle.get_tensor(f"{hf_name}.offsets") if f"{hf_name}.offsets" in keys else None
+            k = slots[name].shape[1]
+            parts.setdefault(name, {})[part or 0] = QuantWeight(packed, scales, offsets, packed.shape[1] * 8 // k,
+                                                                k // scales.shape[1], "float16")
+    return _fill_slots(slots, parts)
+
+
+def _hand_over(param, values: np.ndarray | None, name: str) -> None:
     """Each parameter keeps the dtype its layer chose: 16-bit matrices beside fp32 norms on CPU,
     and fp32 for the few that stay fp32 whatever the model (MoE router, lightning norm). None:
     this rank received none of its parts' values (zeros)."""
     if values is None:
         values = np.zeros(param.shape, np.float32)
-    param.set_data(Tensor(values, param.dtype))
+    _assign(param, values, name)
+
+
+def _assign(param, values: np.ndarray, name: str) -> None:
+    """A parameter takes its values; a quantized layer's slot quantizes them first."""
+    if hasattr(param, "load_float"):
+        param.load_float(values, name)
+    else:
+        param.set_data(Tensor(values, param.dtype))
 
 
 def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
@@ -128,16 +212,21 @@ def load_dummy_weights(model: nn.Cell, seed: int = 0) -> None:
     size. One parameter at a time, so peak memory is the model plus one tensor. Each parameter
     keeps its own dtype (16-bit matrices, fp32 routers)."""
     rng = np.random.default_rng(seed)
-    for p in loadable_parameters(model).values():
+    for name, p in loadable_parameters(model).items():
         if len(p.shape) >= 2:
             values = rng.standard_normal(p.shape, dtype=np.float32)
             values *= np.float32(0.02)
-            p.set_data(Tensor(values, p.dtype))
+            _assign(p, values, name)
 
 
 def loadable_parameters(model: nn.Cell) -> dict:
-    """Weights that come from the checkpoint (caches and RoPE tables do not)."""
-    return {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}
+    """Weights that come from the checkpoint (caches and RoPE tables do not). A quantized layer's
+    checkpoint weight goes to its QuantSlot (layers/linear.py), under the name the float weight
+    would have: the one place checkpoint names meet quantized parameters."""
+    params = {name: p for name, p in model.parameters_and_names() if name.endswith(".weight")}
+    params.update({f"{name}.weight": cell.quant for name, cell in model.cells_and_names()
+                   if getattr(cell, "quantized", False)})
+    return params
 
 
 def sharded_cells(model: nn.Cell) -> dict:

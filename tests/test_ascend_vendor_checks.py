@@ -37,6 +37,8 @@ FAMILIES = {
     "minicpm4-infllm-v2": dict(MINICPM, sparse_config=dict(window_size=128, topk=2, dense_len=-1)),
     "minimax": minimax_config(hidden=64, heads=2, head_dim=32, kv_heads=1, attn_types=(0, 1), intermediate=32,
                               shared_intermediate=32),
+    # weight-only int8 projections: WeightQuantBatchMatmul (mindcpm/ops/ascend_quant.py)
+    "llama-int8": dict(LLAMA, quantization_on_load="int8"),
 }
 BUCKETS = {"prefill": (2, 16), "decode": (2, 1)}  # rows, tokens per row
 
@@ -69,7 +71,8 @@ def build(config: dict, dtype_name: str, tmp_path):
     with open(os.path.join(tmp_path, "config.json"), "w") as f:
         json.dump(config, f)
     cfg = ModelConfig.from_dir(str(tmp_path))
-    device = Device("ascend", getattr(ms, dtype_name), sparse=cfg.sparse, block_size=BLOCK, cache_blocks=CACHE_BLOCKS)
+    device = Device("ascend", getattr(ms, dtype_name), sparse=cfg.sparse, block_size=BLOCK, cache_blocks=CACHE_BLOCKS,
+                    quantization=config.get("quantization_on_load"))
     extra = {"num_state_slots": 3} if cfg.minimax is not None else {}
     model = model_class(cfg.architecture)(cfg, device, **extra)
     device.after_load(model)

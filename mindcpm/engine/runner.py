@@ -38,6 +38,8 @@ class RunnerConfig:
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
     num_speculative_tokens: int = 0  # draft tokens a decode row may verify (0: no speculation)
     compile_prefill: bool = True  # False: prefill op by op where the device allows (Device.compiles_step)
+    quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
+    quant_group_size: int | None = None  # None: the method's default
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -124,7 +126,8 @@ class ModelRunner:
         self.pad_block = cfg.num_blocks
         self.tp = tp_group()
         self.device = Device(cfg.device, cfg.dtype, cfg.weight_dtype, cfg.kernels, model_cfg.sparse, cfg.block_size,
-                             cfg.num_blocks + 1, self.tp, cfg.attention, cfg.compile_prefill)
+                             cfg.num_blocks + 1, self.tp, cfg.attention, cfg.compile_prefill, cfg.quantization,
+                             cfg.quant_group_size)
         # Linear-attention models get a state slot per sequence, plus one for padding rows.
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots

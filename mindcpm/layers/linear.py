@@ -1,8 +1,9 @@
 """The one linear layer every projection goes through, so a new weight format is one class."""
 from __future__ import annotations
 
+import numpy as np
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Parameter, nn, ops
 
 from ..ops.device import Device
 from ..parallel import Shard, even_rows, tp_group
@@ -43,13 +44,22 @@ class Linear(nn.Cell):
             raise ValueError(f"unknown parallel style {parallel!r}")
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
-        stored = dtype if exact_dtype else device.stored_dtype(dtype)
-        self.weight = zeros_parameter((sum(self.output_sizes), self.in_features), stored, "weight")
+        shape = (sum(self.output_sizes), self.in_features)
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
+        self.quantized = device.quantized(exact_dtype)
+        if self.quantized:
+            self.quant = QuantSlot(self, device, shape)
+            self.matmul = device.quant_matmul(epilogue, self.in_features)
+            return
+        stored = dtype if exact_dtype else device.stored_dtype(dtype)
+        self.weight = zeros_parameter(shape, stored, "weight")
         self.matmul = device.matmul(epilogue)
 
     def construct(self, x):
-        y = self.matmul(x, self.weight)
+        if self.quantized:
+            y = self.matmul(x, self.weight_packed, self.weight_scales, self.weight_offsets)
+        else:
+            y = self.matmul(x, self.weight)
         return y if self.all_reduce is None else self.all_reduce(y)
 
     def part_rows(self, part: int) -> slice:
@@ -59,3 +69,31 @@ class Linear(nn.Cell):
     def checkpoint_shard(self, part: int | None) -> Shard:
         part = part or 0
         return Shard(self.full_shapes[part], (self.part_shards[part], self.in_shard), (self.part_rows(part),))
+
+
+class QuantSlot:
+    """Where the loader puts a quantized Linear's float weight: it has the weight's shape, and
+    load_float() quantizes the values into the layer's weight_packed / weight_scales / weight_offsets
+    Parameters (sized here, so a bad group size fails when the model is built, not when loaded)."""
+
+    def __init__(self, layer: Linear, device: Device, shape: tuple[int, int]):
+        self.shape, self.dtype, self.device = shape, ms.float32, device
+        self._layer = layer
+        for name, zeros in device.quant_parameters(*shape).items():
+            setattr(layer, name, Parameter(zeros, name=name, requires_grad=False))
+
+    def load_float(self, values: np.ndarray, name: str = "weight") -> None:
+        self.load_quantized(self.device.quantize(values, name))
+
+    def load_quantized(self, qw) -> None:
+        """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own
+        blocks may differ from the layout sized at build): Parameters of another shape are replaced,
+        before any graph is compiled."""
+        if qw.shape != self.shape:
+            raise ValueError(f"a quantized weight of shape {qw.shape} for a layer of shape {self.shape}")
+        for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), self.device.quant_tensors(qw)):
+            param = getattr(self._layer, attr)
+            if param.shape == values.shape and param.dtype == values.dtype:
+                param.set_data(values)
+            else:
+                setattr(self._layer, attr, Parameter(values, name=param.name, requires_grad=False))

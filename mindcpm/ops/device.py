@@ -24,6 +24,10 @@ from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNor
 
 DEVICES = ("cpu", "ascend")
 ATTENTION_BACKENDS = ("native", "ascend")
+PREQUANTIZED = ("gguf", "gptq")  # quantizations whose codes come from the checkpoint
+# LLM(quantization=...): quantize on load (round to nearest), BitCPM's ternary weights packed as
+# they load, or the codes of a GGUF / GPTQ checkpoint (detected when not given)
+QUANTIZATIONS = ("int8", "int4", "bitcpm") + PREQUANTIZED
 
 # The compiled step's named graph inputs, in order (then the model's extras, then the attention
 # core's extras). MindSpore names a graph input after the top-level parameter of the compiled
@@ -105,7 +109,8 @@ class Device:
 
     def __init__(self, name: str = "cpu", dtype=ms.float32, weight_dtype=None, kernels: bool = False,
                  sparse=None, block_size: int = 16, cache_blocks: int = 1, tp=None, attention: str | None = None,
-                 compile_prefill: bool = True):
+                 compile_prefill: bool = True, quantization: str | None = None,
+                 quant_group_size: int | None = None):
         from ..parallel import tp_group
         if name not in DEVICES:
             raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
@@ -126,6 +131,23 @@ class Device:
         self.compile_prefill = compile_prefill  # False: see compiles_step
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
+        # (bits, group size or None = per output channel) of quantize-on-load; "gguf" / "gptq":
+        # the checkpoint's own codes, loaded as they are (the layout sized at build is a placeholder)
+        self.quant, self.quantization = None, quantization
+        if quantization not in (None, *QUANTIZATIONS):
+            raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        if quantization in PREQUANTIZED:
+            self.quant = (8, None)
+        elif quantization == "bitcpm":
+            self.quant = (2, None)
+        elif quantization is not None:
+            from ..quant.rtn import method_settings
+            self.quant = method_settings(quantization, quant_group_size)
+            if self.ascend_kernels and quantization != "int8":
+                raise ValueError(f"quantization {quantization!r} is not wired on Ascend yet (int8 is)")
+            if not (kernels or self.ascend_kernels):
+                raise ValueError(f"quantization {quantization!r} runs on the CPU kernels, which are off "
+                                 "(--kernels off, no g++, or another device)")
 
     @property
     def ascend_kernels(self) -> bool:
@@ -147,6 +169,61 @@ class Device:
             from .cpu import KernelMatmul
             return KernelMatmul(epilogue, scale)
         return NativeMatmul(epilogue, scale)
+
+    def quantized(self, exact_dtype: bool = False) -> bool:
+        """Whether a projection keeps its weight quantized (never an exact-dtype one: a router)."""
+        return self.quant is not None and not exact_dtype
+
+    def quant_layout(self, k: int) -> tuple[int, int]:
+        """(bits, group size) of a quantized weight with k inputs; QuantError when they do not fit."""
+        from ..quant.formats import check_layout
+        bits, group = self.quant
+        group = group or k
+        check_layout(bits, k, group, f"int{bits} quantization")
+        return bits, group
+
+    def quantize(self, values: np.ndarray, name: str = "weight"):
+        """A float weight [N, K] -> the QuantWeight the quantized matmul runs on: round to
+        nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs; BitCPM: the exactly ternary
+        weight packed losslessly (QuantError naming `name` when it is not ternary)."""
+        from ..quant.formats import QuantError
+        from ..quant.rtn import quantize
+        if self.quantization in PREQUANTIZED:
+            raise QuantError(f"{name}: this {self.quantization} checkpoint has no quantized weights for it")
+        if self.quantization == "bitcpm":
+            from ..quant.bitcpm import ternary_weight
+            return ternary_weight(values, "float32", name)
+        bits, group = self.quant_layout(values.shape[1])
+        return quantize(values, bits, group, scale_dtype="float16")
+
+    def quant_matmul(self, epilogue: str, in_features: int):
+        """x W^T with W as a quantized layer's three Parameters (quant_parameters)."""
+        if self.ascend_kernels:
+            from .ascend_quant import AscendQuantMatmul
+            bits, group = self.quant_layout(in_features)
+            return AscendQuantMatmul(epilogue, 0 if group == in_features else group)
+        from ..quant.linear import KernelQuantMatmul
+        return KernelQuantMatmul(epilogue)
+
+    def quant_parameters(self, n: int, k: int) -> dict:
+        """Name -> zeros of a quantized [n, k] layer's Parameters, in this device's layout: the CPU
+        kernel's (packed, scales, offsets), or WeightQuantBatchMatmul's (weight, scale, offset)."""
+        bits, group = self.quant_layout(k)
+        if self.ascend_kernels:
+            from .ascend_quant import ascend_parameter_shapes
+            return {name: ms.Tensor(np.zeros(shape, dtype or np.float32), ms.int8 if dtype else self.dtype)
+                    for name, (shape, dtype) in ascend_parameter_shapes(n, k, group).items()}
+        return {"weight_packed": ms.Tensor(np.zeros((n, k * bits // 8), np.uint8)),
+                "weight_scales": ms.Tensor(np.zeros((n, k // group), np.float16)),
+                "weight_offsets": ms.Tensor(np.zeros(1, np.float32))}
+
+    def quant_tensors(self, qw) -> tuple:
+        """A QuantWeight as the three tensors of quant_parameters (in that order)."""
+        if self.ascend_kernels:
+            from .ascend_quant import ascend_tensors
+            return ascend_tensors(qw, self.dtype)
+        from ..quant.linear import kernel_tensors
+        return kernel_tensors(qw)
 
     def rms_norm(self, eps: float):
         if self.kernels:
@@ -254,12 +331,16 @@ class Device:
     def fuse_blocks(self, model) -> None:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
         becomes two kernel ops over the same Parameters (checkpoint names unchanged), unless
-        tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual."""
+        tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual.
+        Quantized projections: the quantized kernels' version of the same layer."""
         if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
             return
-        from .cpu import KernelDecoderLayer
+        if self.quant is not None:
+            from ..quant.linear import KernelQuantDecoderLayer as fused
+        else:
+            from .cpu import KernelDecoderLayer as fused
         for i, layer in enumerate(model.layers):
-            model.layers[i] = KernelDecoderLayer(layer)
+            model.layers[i] = fused(layer)
         self.fused_blocks = True
 
     def after_load(self, model) -> None:

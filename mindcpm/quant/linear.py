@@ -161,3 +161,29 @@ def set_kernel_isa(name: str) -> None:
     if _library().QuantLinearSetIsa(name.encode()) != 0:
         raise ValueError(f"instruction set {name!r} is unknown or this CPU lacks it (choose from "
                          f"auto, {', '.join(ISAS)})")
+
+
+class KernelQuantDecoderLayer(nn.Cell):
+    """A built pre-norm decoder layer with quantized projections, as ops/cpu.py's
+    KernelDecoderLayer is for float ones (Device.fuse_blocks): the norm fused into q|k|v, the
+    attention kernel, o_proj with its residual, then the whole MLP block as one op. It keeps the
+    layer's own cells under their names, so the Parameters and checkpoint names stay the layer's."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
+        self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
+        scale = layer.residual_scale
+        self.qkv = KernelQuantMatmul("plain", norm_eps=layer.input_layernorm.eps)
+        self.o_proj = KernelQuantMatmul("residual", scale)
+        self.mlp_block = KernelQuantSwigluMlp(layer.post_attention_layernorm.eps, scale)
+
+    def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
+        attn, qkv, o = self.self_attn, self.self_attn.qkv_proj, self.self_attn.o_proj
+        x = self.qkv(h, qkv.weight_packed, qkv.weight_scales, qkv.weight_offsets, None, None,
+                     self.input_layernorm.weight)
+        x = attn.attend(x, attn.k_cache, attn.v_cache, positions, slot_mapping, block_tables, block_size)
+        h = self.o_proj(x, o.weight_packed, o.weight_scales, o.weight_offsets, h)
+        gu, down = self.mlp.gate_up_proj, self.mlp.down_proj
+        return self.mlp_block(h, self.post_attention_layernorm.weight, gu.weight_packed, gu.weight_scales,
+                              gu.weight_offsets, down.weight_packed, down.weight_scales, down.weight_offsets, h)
