@@ -96,14 +96,15 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
     # read in parameter order, across every shard at once, so that a fused parameter whose parts
     # sit in different shards is not held while whole shards are read.
     staged: dict[str, np.ndarray] = {}
-    for name in load_prequantized(path, params) | load_gptq(path, params):
+    prequantized = load_prequantized(path, params) | load_gptq(path, params)
+    for name in prequantized:
         filled[name] = expected[name]
     with contextlib.ExitStack() as shards:
         tensors = []  # (checkpoint name, its file, the file's open handle)
         for file, indexed in checkpoint_files(path).items():
             handle = shards.enter_context(_open(file, indexed))
             tensors += [(key, file, handle) for key in handle.keys()
-                        if filled.get(our_name(key)[0]) != expected.get(our_name(key)[0]) and not gptq_tensor(key)]
+                        if our_name(key)[0] not in prequantized and not gptq_tensor(key)]
         tensors.sort(key=lambda t: our_name(t[0])[0])
         for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
                                           leave=False):

@@ -15,7 +15,7 @@ from .engine.serving import EngineLoop, Event, ServedRequest
 from .openai_api import (ChatCompletionRequest, CompletionRequest, LogprobFormatter, RequestError, ResponseIds,
                          error_document, usage)
 
-DISCONNECT_POLL_SECONDS = 0.5
+DISCONNECT_POLL_SECONDS = 0.1
 
 
 def error_response(message: str, status: int) -> JSONResponse:
@@ -80,13 +80,20 @@ class Routes:
     async def events(self, http: Request, request: ServedRequest) -> AsyncIterator[Event]:
         """The request's events until it finishes; a client that leaves first aborts it."""
         finished = False
+        checked = time.monotonic()
         try:
             while True:
+                # The client is asked whether it is still there every DISCONNECT_POLL_SECONDS, also
+                # while tokens keep coming: a non-streaming answer of a fast model never goes quiet.
                 try:
                     event = await asyncio.wait_for(request.events.get(), DISCONNECT_POLL_SECONDS)
                 except asyncio.TimeoutError:
+                    event = None
+                if time.monotonic() - checked >= DISCONNECT_POLL_SECONDS or event is None:
+                    checked = time.monotonic()
                     if await http.is_disconnected():
                         return
+                if event is None:
                     continue
                 finished = event.finished
                 yield event
