@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from tests.engine_probe import all_free, tokens
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, tiny_llm
 
 PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 9, 30, 1, 12])]
 
@@ -14,11 +14,7 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_engine")))
 
 
-def _llm(path, **kw):
-    from mindcpm import LLM
-    kw.setdefault("max_model_len", 64)
-    kw.setdefault("block_size", 8)
-    return LLM(model=path, progress=False, **kw)
+_llm = tiny_llm
 
 
 

@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 
+from tests.tiny import tiny_llm
+
 from tests.engine_probe import all_free, tokens
 from tests.reference import minimax_numpy as R
 from tests.tiny_minimax import make_tiny_minimax, minimax_config
@@ -31,11 +33,7 @@ def small(tmp_path_factory):
     return make_tiny_minimax(str(tmp_path_factory.mktemp("minimax_small")), cfg, seed=1)
 
 
-def _llm(path, **kw):
-    from mindcpm import LLM
-    kw.setdefault("max_model_len", 64)
-    kw.setdefault("block_size", 8)
-    return LLM(model=path, progress=False, **kw)
+_llm = tiny_llm
 
 
 def all_position_logits(path, ids, max_tokens):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.engine_probe import all_free, tokens
-from tests.tiny import make_tiny_model
+from tests.tiny import make_tiny_model, tiny_llm
 
 # Mixed lengths; repeated spans give the n-gram proposer matches (some accepted, some not).
 PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) * 2 for i, n in enumerate([3, 17, 9, 30, 1, 12, 5, 2])]
@@ -22,10 +22,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def _llm(path, **kw):
-    from mindcpm import LLM
-    kw.setdefault("max_model_len", 128)
-    kw.setdefault("block_size", 8)
-    return LLM(model=path, progress=False, **kw)
+    return tiny_llm(path, **{"max_model_len": 128, **kw})
 
 
 def _greedy(max_tokens=24, **kw):

@@ -37,3 +37,9 @@ def make_tiny_model(path: str, config: dict | None = None, seed: int = 0) -> str
         make_checkpoint(config or TINY_LLAMA, path, seed)
         write_byte_tokenizer(path)
     return path
+
+
+def tiny_llm(path: str, max_model_len: int = 64, block_size: int = 8, **kw):
+    """An LLM over a tiny checkpoint with the small context and blocks the engine tests use."""
+    from mindcpm import LLM
+    return LLM(model=path, progress=False, max_model_len=max_model_len, block_size=block_size, **kw)
