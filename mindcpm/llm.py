@@ -164,8 +164,9 @@ class LLM:
         "prompt_lookup_max": 4, "prompt_lookup_min": 1} (engine/spec_decode.py).
 
         compile_prefill=False runs prefill steps op by op instead of compiling a graph per prompt
-        shape, where the CPU kernels allow it: a faster start for one-shot and interactive use,
-        a slower prefill of long prompts (ops/device.py Device.compiles_step).
+        shape, and decode steps op by op until a bucket has run long enough to pay for its graph,
+        where the CPU kernels allow it: a faster start for one-shot and interactive use, a slower
+        prefill of long prompts (ops/device.py Device.eager_steps).
 
 
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by

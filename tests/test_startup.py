@@ -1,7 +1,8 @@
 """What start-up shortcuts must not change: parameters created without host arrays hold zeros
 (cache slots nothing wrote are read by padding rows, and garbage there leaks into real rows as
-NaN * 0 = NaN), and only the fused CPU kernels' prefill steps skip graph compilation, and only
-when asked (decode, every other device and the default keep a compiled graph)."""
+NaN * 0 = NaN), and only the fused CPU kernels' steps start op by op, and only when asked (every
+other device and the default compile at once; prefill then never compiles, decode after
+EAGER_DECODE_STEPS steps)."""
 from __future__ import annotations
 
 import numpy as np
@@ -48,7 +49,7 @@ def test_compiled_steps_by_device(tiny_cfg):
     from mindcpm.ops import Device
     for device in (Device(compile_prefill=False), Device("ascend", ms.float16, compile_prefill=False)):
         device.fuse_blocks(MiniCPMForCausalLM(tiny_cfg, device))
-        assert device.compiles_step(1) and device.compiles_step(16)
+        assert device.eager_steps(decode_row=True) == 0 and device.eager_steps(decode_row=False) == 0
 
 
 @pytest.mark.skipif(not kernels_available(), reason="no g++ to build the CPU kernels")
@@ -58,5 +59,6 @@ def test_fused_kernels_prefill_op_by_op_only_when_asked(tiny_cfg, compile_prefil
     from mindcpm.ops import Device
     device = Device(kernels=True, block_size=4, cache_blocks=3, compile_prefill=compile_prefill)
     device.fuse_blocks(MiniCPMForCausalLM(tiny_cfg, device))
-    assert device.compiles_step(1)
-    assert device.compiles_step(16) == compile_prefill
+    from mindcpm.ops.device import EAGER_DECODE_STEPS
+    assert device.eager_steps(decode_row=True) == (0 if compile_prefill else EAGER_DECODE_STEPS)
+    assert device.eager_steps(decode_row=False) == (0 if compile_prefill else float("inf"))

@@ -37,7 +37,7 @@ class RunnerConfig:
     weight_dtype: ms.dtype.Type | None = None  # 16-bit matrices with fp32 activations (kernels only)
     device: str = "cpu"  # "cpu" / "ascend" (ops/device.py)
     num_speculative_tokens: int = 0  # draft tokens a decode row may verify (0: no speculation)
-    compile_prefill: bool = True  # False: prefill op by op where the device allows (Device.compiles_step)
+    compile_prefill: bool = True  # False: start op by op where the device allows (Device.eager_steps)
     quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
     quant_group_size: int | None = None  # None: the method's default
 
@@ -81,6 +81,8 @@ class _CompiledStep(nn.Cell):
     STEP_INPUTS); the device gives the jit options (Ascend: infer_boost on), set on this cell too,
     whose run path uses its own jit config."""
 
+    due_for_compile = False
+
     def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None):
         super().__init__()
         self.model = model
@@ -104,12 +106,19 @@ class _CompiledStep(nn.Cell):
 
 class _EagerStep:
     """The model's forward run op by op (PyNative), for the steps the device does not compile
-    (Device.compiles_step); the same results as _CompiledStep."""
+    yet (Device.eager_steps); the same results as _CompiledStep. After `runs` calls it is due to
+    be replaced by its bucket's compiled step."""
 
-    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None):
+    def __init__(self, model: nn.Cell, runs: float):
         self.model = model
+        self.runs_left = runs
+
+    @property
+    def due_for_compile(self) -> bool:
+        return self.runs_left <= 0
 
     def __call__(self, *inputs):
+        self.runs_left -= 1
         return _with_argmax(self.model(*inputs))
 
 
@@ -139,7 +148,7 @@ class ModelRunner:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
             self.device.after_load(self.model)
         self.channel = StepChannel() if self.tp.size > 1 else None
-        self.steps: dict[tuple, _CompiledStep] = {}  # input shapes -> its compiled step
+        self.steps: dict[tuple, _CompiledStep | _EagerStep] = {}  # input shapes -> its step
         self.sampler = Sampler(eos_token_ids)
         self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
         self.compile_seconds = 0.0
@@ -258,22 +267,25 @@ class ModelRunner:
             self.channel.send([t.asnumpy() for t in inputs])
         key = tuple(t.shape for t in inputs)
         step = self.steps.get(key)
-        if step is not None:
+        if step is None:
+            # A decode row (1 token, or 1 + k when it verifies drafts) runs every token.
+            width = inputs[0].shape[1]
+            runs = self.device.eager_steps(decode_row=width <= max(1, self.verify_width))
+            if runs:
+                step = self.steps[key] = _EagerStep(self.model, runs)
+        if step is not None and not step.due_for_compile:
             return step(*inputs)
         start = time.perf_counter()
-        # A decode row (1 token, or 1 + k when it verifies drafts) always compiles: it runs every token.
-        width = inputs[0].shape[1]
-        kind = _CompiledStep if width <= max(1, self.verify_width) or self.device.compiles_step(width) else _EagerStep
-        step = self.steps[key] = kind(self.model, key, self.device.jit_options())
+        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options())
         outputs = step(*inputs)
         outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start
         return outputs
 
     @property
-    def compiled_shapes(self):
-        """The input-shape buckets compiled so far (a live view)."""
-        return self.steps.keys()
+    def compiled_shapes(self) -> set:
+        """The input-shape buckets compiled so far (not those still run op by op)."""
+        return {key for key, step in self.steps.items() if isinstance(step, _CompiledStep)}
 
     def serve(self) -> None:
         """The loop of a rank other than 0: run each step rank 0 sends, until it closes."""

@@ -15,6 +15,7 @@ weights as [E, in, out] for GroupedMatmul (no transpose).
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -38,6 +39,13 @@ STEP_INPUTS = ("input_ids", "positions", "batch_valid_length", "q_seq_lens", "sl
 
 # The internal PagedAttention kernel's block sizes and its head_dim * block_size bound (ATB
 # PagedAttention operation doc); FlashAttentionScore's head_dim: a multiple of 16, at most 512.
+# Op by op (PyNative), a decode step of the default model costs ~37 ms more than its compiled
+# graph, and compiling that graph costs ~3.7 s (measured on this 2-core host, fp32, kernels on):
+# an answer shorter than ~100 tokens is done sooner without the graph. Compiling a decode bucket
+# after this many op-by-op steps keeps short answers free of the compile and costs a long one at
+# most ~2.4 s more than compiling at once (the ski-rental rule: never twice the better choice).
+EAGER_DECODE_STEPS = 64
+
 ASCEND_BLOCK_SIZES = (16, 32, 64, 128)
 ASCEND_MAX_BLOCK_ELEMENTS = 16384
 ASCEND_MAX_HEAD_DIM = 512
@@ -128,7 +136,7 @@ class Device:
         self.block_size, self.cache_blocks = block_size, cache_blocks
         self.tp = tp or tp_group()
         self.fused_blocks = False  # set by fuse_blocks
-        self.compile_prefill = compile_prefill  # False: see compiles_step
+        self.compile_prefill = compile_prefill  # False: see eager_steps
         if self.ascend_kernels:
             check_ascend_block_size(block_size)
         # (bits, group size or None = per output channel) of quantize-on-load; "gguf" / "gptq":
@@ -315,17 +323,21 @@ class Device:
             return {"jit_level": "O0", "infer_boost": "on"}
         return {}
 
-    def compiles_step(self, tokens_per_row: int) -> bool:
-        """Whether a step with this many tokens per row runs as a compiled graph, else op by op.
-        compile_prefill=False, with the CPU kernels' fused decoder layers: prefill steps run op by
-        op. Compiling a prefill bucket's graph costs 15-30 s on this 2-core host, more than a
-        one-shot CLI's whole answer, but op by op a long prefill is up to ~2.5x slower (its matrix
-        products go to MindSpore's MatMul, each op dispatched from Python; measured on 128 tokens
-        of MiniCPM4-0.5B): so only the interactive CLIs ask for it, while the server and the
-        benchmarks, which compile once and prefill many times, keep the graphs. Decode steps (one
-        token per row) always compile: per-op dispatch would be paid on every token. Ascend and
-        the composites always compile."""
-        return self.compile_prefill or not self.fused_blocks or tokens_per_row == 1
+    def eager_steps(self, decode_row: bool) -> float:
+        """How many steps of a new shape bucket run op by op before its graph is compiled: 0
+        (compile at once), a count, or inf (never). compile_prefill=False, with the CPU kernels'
+        fused decoder layers (the interactive CLIs, which must answer within seconds of starting):
+        - prefill buckets never compile. Their graph costs 15-30 s on this 2-core host, more than a
+          one-shot CLI's whole answer, while op by op a long prefill is up to ~2.5x slower (its
+          matrix products go to MindSpore's MatMul, each op dispatched from Python; measured on 128
+          tokens of MiniCPM4-0.5B);
+        - decode buckets (one token per row, or a verify row) run op by op for their first
+          EAGER_DECODE_STEPS steps, then compile: see there.
+        The server and the benchmarks, which compile once and run many times, keep compile_prefill;
+        Ascend and the composites always compile."""
+        if self.compile_prefill or not self.fused_blocks:
+            return 0
+        return EAGER_DECODE_STEPS if decode_row else math.inf
 
     # -- passes over a built model ------------------------------------------------------------
     def fuse_blocks(self, model) -> None:
