@@ -40,6 +40,7 @@ class RunnerConfig:
     compile_prefill: bool = True  # False: prefill op by op where the device allows (Device.compiles_step)
     quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
     quant_group_size: int | None = None  # None: the method's default
+    hidden_out: bool = False  # keep each step's final hidden states for a draft head (EAGLE)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -113,8 +114,11 @@ class _EagerStep:
         return _with_argmax(self.model(*inputs))
 
 
-def _with_argmax(logits):
-    return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
+def _with_argmax(outputs):
+    """(logits, arg-max ids, then the model's other outputs: hidden states for a draft head)."""
+    if isinstance(outputs, tuple):
+        return (outputs[0], ops.argmax(outputs[0], dim=-1).astype(ms.int32)) + outputs[1:]
+    return outputs, ops.argmax(outputs, dim=-1).astype(ms.int32)
 
 
 class ModelRunner:
@@ -132,6 +136,8 @@ class ModelRunner:
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
+        if cfg.hidden_out:
+            extra["hidden_out"] = True
         self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
         self.device.fuse_blocks(self.model)
         self.step_inputs = self.device.step_input_names(self.model)
@@ -143,6 +149,7 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
         self.compile_seconds = 0.0
+        self.last_hidden = None
 
     @property
     def backend_name(self) -> str:
@@ -210,7 +217,9 @@ class ModelRunner:
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
         inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
-        logits, greedy_ids = self._run_step(inputs)
+        logits, greedy_ids, *hidden = self._run_step(inputs)
+        # Every position's final hidden state [rows * width, H] and the row width, for a draft head.
+        self.last_hidden = (hidden[0], width) if hidden else None
         if any(want_prompt_lp):
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
             rows = Tensor(last_rows)

@@ -31,6 +31,9 @@ class Sequence:
         # Decode steps to skip drafting, after chains the model rejected outright (spec_decode.DraftBackoff).
         self.spec_skip_steps = 0
         self.spec_backoff = 0
+        # An EAGLE head's next draft and the hidden state it returned with it (engine/drafter.py).
+        self.draft_next: int | None = None
+        self.draft_hidden = None
         # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
         self.state_slot: int | None = None
         self.block_size = block_size

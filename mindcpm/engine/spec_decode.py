@@ -19,16 +19,22 @@ import numpy as np
 
 from ..sampling import SamplingParams
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "eagle")
+DRAFT_MODEL_METHODS = ("eagle",)  # methods whose drafts come from a draft model directory
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's speculative_config keys (the n-gram subset)."""
+    """vLLM's speculative_config keys (the n-gram and EAGLE subset)."""
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model's directory (eagle)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method in DRAFT_MODEL_METHODS
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SpeculativeConfig | None:
@@ -49,9 +55,21 @@ class SpeculativeConfig:
             raise ValueError(f"unknown speculative method {self.method!r}; choose {', '.join(METHODS)}")
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
+        if self.uses_draft_model and not self.model:
+            raise ValueError(f"speculative method {self.method!r} needs 'model': the draft model's directory")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+
+def make_proposer(cfg: SpeculativeConfig | None, runner):
+    """The engine's drafter for `cfg` (None: no speculation)."""
+    if cfg is None:
+        return None
+    if cfg.uses_draft_model:
+        from .drafter import EagleProposer
+        return EagleProposer(cfg, runner)
+    return NgramProposer(cfg)
 
 
 class NgramProposer:

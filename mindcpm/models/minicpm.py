@@ -35,9 +35,10 @@ class MiniCPMForCausalLM(nn.Cell):
     EXTRA_INPUTS = ()
     PRENORM_LAYERS = True  # every layer is h += s*attn(norm(h)); h += s*mlp(norm(h)) (Device.fuse_blocks)
 
-    def __init__(self, cfg: ModelConfig, device):
+    def __init__(self, cfg: ModelConfig, device, hidden_out: bool = False):
         super().__init__()
         dtype = device.dtype
+        self.hidden_out = hidden_out  # also return every position's final hidden state (an EAGLE head reads it)
         self.block_size = device.block_size
         self.logit_scale = cfg.logit_scale
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, cfg.embedding_scale, device)
@@ -53,5 +54,8 @@ class MiniCPMForCausalLM(nn.Cell):
         for layer in self.layers:
             h = layer(h, positions, slot_mapping, block_tables, self.block_size, batch_valid_length, q_seq_lens,
                       *extra)
-        h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)
-        return self.lm_head(self.norm(h) * self.logit_scale)
+        h = h.reshape(-1, h.shape[-1])
+        if self.hidden_out:
+            hidden = self.norm(h) * self.logit_scale
+            return self.lm_head(ops.gather(hidden, logits_rows, 0)), hidden
+        return self.lm_head(self.norm(ops.gather(h, logits_rows, 0)) * self.logit_scale)

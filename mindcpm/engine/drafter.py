@@ -1,0 +1,187 @@
+"""EAGLE drafting in the batching engine (models/eagle.py is the head).
+
+The head's step at position p reads token x_{p+1} and the target's hidden state at p, and
+predicts x_{p+2}; its K/V live in its own paged cache, indexed by the sequence's block table from
+the same block manager as the target's (so trim, preemption and abort cover it). Per engine step:
+
+- catch_up, right after the target's step: the head runs over every position whose target
+  hidden state the step made final (a prefill chunk's positions; a verify step's accepted ones),
+  writing its cache there and drafting d_1 from the last of them, with the hidden state it returns.
+- reserve, before scheduling: a decode sequence asks for up to k draft slots, d_1 and placeholders,
+  so the scheduler allocates the blocks of the whole chain or drops it.
+- extend, after scheduling: k - 1 one-token steps fill the placeholders, each reading the previous
+  draft and the hidden state the head returned for it.
+
+Drafts are the head's arg-max, a point mass, which the existing verification accepts exactly
+(spec_decode.accept_chain): greedy or sampled, the output is the target's.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from ..loader import checkpoint_files, load_checkpoint, _open
+from ..models.eagle import DRAFT_TO_TARGET, UNUSED_TENSORS, EagleMiniCPMForCausalLM, draft_config
+from .runner import _CompiledStep, bucket, row_width
+
+
+def _tensor_names(path: str) -> set[str]:
+    names: set[str] = set()
+    for file, indexed in checkpoint_files(path).items():
+        with _open(file, indexed) as handle:
+            names |= set(handle.keys())
+    return names
+
+
+def _read_tensor(path: str, name: str) -> np.ndarray:
+    for file, indexed in checkpoint_files(path).items():
+        with _open(file, indexed) as handle:
+            if name in handle.keys():
+                return handle.get_tensor(name)
+    raise KeyError(name)
+
+
+def build_draft(path: str, runner) -> tuple[EagleMiniCPMForCausalLM, np.ndarray | None]:
+    """The head over the target's device, sharing the target's embedding and head when its
+    checkpoint has none; and the draft -> target id offsets of a reduced vocabulary (or None)."""
+    cfg = draft_config(path, runner.model_cfg)
+    names = _tensor_names(path)
+    target = runner.model
+    own_embed = bool({"model.embed_tokens.weight", "embed_tokens.weight"} & names)
+    own_head = "lm_head.weight" in names
+    d2t = _read_tensor(path, DRAFT_TO_TARGET).astype(np.int64) if DRAFT_TO_TARGET in names else None
+    if not own_embed and cfg.embedding_scale != runner.model_cfg.embedding_scale:
+        raise ValueError(f"{path}: draft scale_emb {cfg.embedding_scale} differs from the target's "
+                         f"{runner.model_cfg.embedding_scale}, whose embedding it shares")
+    draft_vocab = len(d2t) if d2t is not None else None
+    model = EagleMiniCPMForCausalLM(cfg, runner.device, None if own_embed else target.embed_tokens,
+                                    None if own_head else target.lm_head, draft_vocab)
+    shared = tuple(n for n, _ in model.parameters_and_names()
+                   if (n.startswith("embed_tokens.") and not own_embed) or (n.startswith("lm_head.") and not own_head))
+    load_checkpoint(model, path, runner.cfg.dtype, progress=False, skip=shared + UNUSED_TENSORS + (DRAFT_TO_TARGET,))
+    if d2t is not None and not ((d2t + np.arange(len(d2t)) >= 0).all()
+                                and (d2t + np.arange(len(d2t)) < runner.model_cfg.vocab_size).all()):
+        raise ValueError(f"{path}: {DRAFT_TO_TARGET} maps draft ids outside the target's vocabulary")
+    return model, d2t
+
+
+class EagleProposer:
+    uses_target_hidden = True
+
+    def __init__(self, cfg, runner):
+        self.k = cfg.num_speculative_tokens
+        self.runner = runner
+        self.model, self.d2t = build_draft(cfg.model, runner)
+        self.input_names = runner.device.step_input_names(self.model)
+        self.hidden_size = runner.model_cfg.hidden_size
+        self.steps: dict[tuple, _CompiledStep] = {}
+        self.compile_seconds = 0.0
+
+    # -- the engine's three calls ----------------------------------------------------------
+    def reserve(self, seq, limit: int) -> list[int]:
+        """d_1 and placeholders for the rest of the chain (filled by extend)."""
+        k = min(self.k, limit)
+        if k < 1 or seq.draft_next is None:
+            return []
+        return [seq.draft_next] * k
+
+    def extend(self, batch) -> None:
+        seqs = [s for s in batch.seqs if len(s.spec_token_ids) > 1]
+        if not seqs:
+            return
+        rows = bucket(len(seqs))
+        hidden = np.zeros((rows, 1, self.hidden_size), np.float32)
+        hidden[:len(seqs), 0] = np.stack([s.draft_hidden for s in seqs])
+        hidden = Tensor(hidden, self.runner.cfg.dtype)
+        for j in range(1, max(len(s.spec_token_ids) for s in seqs)):
+            # Draft d_j sits at position num_tokens - 2 + j (d_1 right after the last real token).
+            chains = [([s.spec_token_ids[j - 1]], s.num_tokens - 2 + j, s.block_table)
+                      if j < len(s.spec_token_ids) else None for s in seqs]
+            _, ids, out = self._step(chains, lambda r, w: hidden)
+            hidden = out.reshape(rows, 1, self.hidden_size)
+            for s, token in zip(seqs, ids):
+                if j < len(s.spec_token_ids):
+                    s.spec_token_ids[j] = int(token)
+
+    def catch_up(self, batch, sampled, target_hidden) -> None:
+        """The head over the positions the target's step made final; drafts each sequence's d_1."""
+        hidden, width = target_hidden
+        chains, sources = [], []
+        for i, (seq, n, tokens) in enumerate(zip(batch.seqs, batch.num_new_tokens, sampled)):
+            if seq.is_finished:  # aborted while the step ran: its blocks are gone
+                chains.append(None)
+                continue
+            tokens = [tokens] if isinstance(tokens, int) else tokens or []
+            start = seq.num_cached_tokens
+            valid = n - len(seq.spec_token_ids) + len(tokens) - 1 if tokens else n
+            ids = seq.token_ids[start + 1:start + 1 + valid]
+            ids += tokens[:valid - len(ids)]
+            chains.append((ids, start, seq.block_table))
+            sources.append((len(chains) - 1, i * width, valid))
+
+        def gather(rows, w):
+            index = np.zeros((rows, w), np.int32)
+            for r, first, valid in sources:
+                index[r, :valid] = np.arange(first, first + valid)
+            return ops.gather(hidden, Tensor(index.reshape(-1)), 0).reshape(rows, w, -1)
+
+        if not sources:
+            return
+        _, ids, out = self._step(chains, gather)
+        out = out.asnumpy()
+        for r, _, _ in sources:
+            seq = batch.seqs[r]
+            seq.draft_next, seq.draft_hidden = int(ids[r]), out[r]
+
+    # -- one step of the head --------------------------------------------------------------
+    def _step(self, chains, hidden_for):
+        """chains[i]: (token ids, first position, block table) of row i, or None (padding);
+        hidden_for(rows, width) -> the hidden_states input. Returns each row's logits over the
+        draft vocabulary, its draft (target ids) and the head's hidden states [rows, H]."""
+        runner, bs = self.runner, self.runner.cfg.block_size
+        real = [c for c in chains if c is not None]
+        rows = bucket(len(chains))
+        width = row_width([len(c[0]) for c in real], runner.verify_width)
+        nb = runner._blocks_bucket(max(start + len(ids) for ids, start, _ in real))
+        meta = {"input_ids": np.zeros((rows, width), np.int32),
+                "positions": np.full((rows, width), -1, np.int32),
+                "batch_valid_length": np.ones(rows, np.int32), "q_seq_lens": np.ones(rows, np.int32),
+                "slot_mapping": np.full((rows, width), runner.pad_block * bs, np.int32),
+                "block_tables": np.full((rows, nb), runner.pad_block, np.int32),
+                "logits_rows": np.arange(rows, dtype=np.int32) * width}
+        for i, chain in enumerate(chains):
+            if chain is None:
+                continue
+            ids, start, table = chain
+            n, table = len(ids), np.asarray(table, np.int32)
+            pos = np.arange(start, start + n, dtype=np.int32)
+            meta["input_ids"][i, :n] = ids
+            meta["positions"][i, :n] = pos
+            meta["slot_mapping"][i, :n] = table[pos // bs] * bs + pos % bs
+            meta["block_tables"][i, :min(len(table), nb)] = table[:nb]
+            meta["batch_valid_length"][i], meta["q_seq_lens"][i] = start + n, n
+            meta["logits_rows"][i] = i * width + n - 1
+        meta["slot_mapping"] = meta["slot_mapping"].reshape(-1)
+        meta["hidden_states"] = hidden_for(rows, width)
+        inputs = [meta[name] if isinstance(meta[name], Tensor) else ms.from_numpy(meta[name])
+                  for name in self.input_names]
+        logits, greedy, out = self._run(inputs)
+        ids = greedy.asnumpy().astype(np.int64)
+        if self.d2t is not None:
+            ids = ids + self.d2t[ids]
+        return logits, ids, out
+
+    def _run(self, inputs):
+        key = tuple(t.shape for t in inputs)
+        step = self.steps.get(key)
+        if step is not None:
+            return step(*inputs)
+        start = time.perf_counter()
+        step = self.steps[key] = _CompiledStep(self.model, key, self.runner.device.jit_options())
+        outputs = step(*inputs)
+        outputs[1].asnumpy()
+        self.compile_seconds += time.perf_counter() - start
+        return outputs

@@ -1,0 +1,154 @@
+"""EAGLE draft head (models/eagle.py, engine/drafter.py): its logits equal a float64 numpy
+reference written from the head's math (vLLM's minicpm_eagle.py layout); in the engine,
+greedy outputs equal the non-speculative engine's token for token."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from tests.engine_probe import all_free, tokens
+from tests.tiny import TINY_LLAMA, VOCAB, make_tiny_model, tiny_llm
+
+HIDDEN, HEADS, KV_HEADS, FFN, EPS = 64, 4, 2, 96, 1e-5
+HEAD_DIM = HIDDEN // HEADS
+DRAFT_VOCAB = 40  # the reduced (FR-Spec) head's rows
+
+
+def _draft_tensors(rng, own_vocab: bool, num_layers: int) -> dict[str, np.ndarray]:
+    def w(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {"model.fc.weight": w(HIDDEN, 2 * HIDDEN), "model.norm.weight": w(HIDDEN),
+         "model.input_norm1.weight": 1 + w(HIDDEN), "model.input_norm2.weight": 1 + w(HIDDEN)}
+    for i in range(num_layers):
+        p = f"model.eagle_layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + w(HIDDEN), p + "post_attention_layernorm.weight": 1 + w(HIDDEN),
+                  p + "self_attn.q_proj.weight": w(HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
+                  p + "self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
+                  p + "mlp.gate_proj.weight": w(FFN, HIDDEN), p + "mlp.up_proj.weight": w(FFN, HIDDEN),
+                  p + "mlp.down_proj.weight": w(HIDDEN, FFN)})
+    if own_vocab:
+        # Its own embedding, and a reduced head whose draft id i is target id i + d2t[i]: a
+        # non-identity map (every third target id, shuffled).
+        t["model.embed_tokens.weight"] = w(VOCAB, HIDDEN)
+        t["lm_head.weight"] = w(DRAFT_VOCAB, HIDDEN)
+        targets = rng.permutation(np.arange(0, 3 * DRAFT_VOCAB, 3))
+        t["d2t"] = (targets - np.arange(DRAFT_VOCAB)).astype(np.int64)
+    return t
+
+
+def make_draft(path: str, own_vocab: bool, num_layers: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    tensors = _draft_tensors(np.random.default_rng(seed), own_vocab, num_layers)
+    save_file(tensors, os.path.join(path, "model.safetensors"))
+    config = dict(architectures=["EagleMiniCPMForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
+                  intermediate_size=FFN, num_hidden_layers=num_layers, num_attention_heads=HEADS,
+                  num_key_value_heads=KV_HEADS, rms_norm_eps=EPS, max_position_embeddings=512,
+                  # Shared with a Llama target, the embedding is unscaled.
+                  scale_emb=12.0 if own_vocab else 1.0, scale_depth=1.4, dim_model_base=16, mup_denominator=3,
+                  tie_word_embeddings=False)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return tensors
+
+
+# -- the numpy reference, float64, straight from the math ------------------------------------
+def _rms(x, w):
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + EPS) * w
+
+
+def _rope(x, positions):
+    inv = 1.0 / 10000.0 ** (np.arange(0, HEAD_DIM, 2) / HEAD_DIM)
+    angle = positions[:, None, None] * np.concatenate([inv, inv])  # [L, 1, D]
+    x1, x2 = x[..., :HEAD_DIM // 2], x[..., HEAD_DIM // 2:]
+    return x * np.cos(angle) + np.concatenate([-x2, x1], -1) * np.sin(angle)
+
+
+def reference_head(t, embed, head, ids, target_hidden, num_layers, scale_emb):
+    """Per position: (logits over the head's rows, the scaled hidden state)."""
+    t = {k: v.astype(np.float64) for k, v in t.items()}
+    length = len(ids)
+    e = _rms(embed[ids].astype(np.float64) * scale_emb, t["model.input_norm1.weight"])
+    h = _rms(target_hidden.astype(np.float64), t["model.input_norm2.weight"])
+    z = np.concatenate([e, h], -1) @ t["model.fc.weight"].T
+    s = 1.4 / np.sqrt(3)  # scale_depth / sqrt(mup_denominator)
+    pos = np.arange(length, dtype=np.float64)
+    causal = np.tril(np.ones((length, length), bool))
+    for i in range(num_layers):
+        p = f"model.eagle_layers.{i}."
+        x = _rms(z, t[p + "input_layernorm.weight"])
+        q = _rope((x @ t[p + "self_attn.q_proj.weight"].T).reshape(length, HEADS, HEAD_DIM), pos)
+        k = _rope((x @ t[p + "self_attn.k_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM), pos)
+        v = (x @ t[p + "self_attn.v_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM)
+        k, v = (np.repeat(a, HEADS // KV_HEADS, axis=1) for a in (k, v))
+        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(HEAD_DIM)
+        scores = np.where(causal, scores, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(length, HIDDEN)
+        z = z + s * attn @ t[p + "self_attn.o_proj.weight"].T
+        x = _rms(z, t[p + "post_attention_layernorm.weight"])
+        gate, up = x @ t[p + "mlp.gate_proj.weight"].T, x @ t[p + "mlp.up_proj.weight"].T
+        z = z + s * (gate / (1 + np.exp(-gate)) * up) @ t[p + "mlp.down_proj.weight"].T
+    out = z / (HIDDEN / 16)  # no final norm; / scale_width
+    return out @ head.astype(np.float64).T, out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_model(str(tmp_path_factory.mktemp("tiny_eagle")))
+
+
+def _eagle(draft_dir, k=3):
+    return {"method": "eagle", "model": draft_dir, "num_speculative_tokens": k}
+
+
+@pytest.mark.parametrize("own_vocab", [False, True], ids=["shared-head", "frspec-d2t"])
+def test_draft_logits_match_numpy_reference(tiny_dir, tmp_path, own_vocab):
+    """Two sequences of different lengths through the head's paged step at once: each one's last
+    logits and hidden state equal the reference's at that position; the draft id is the target
+    id of the arg-max through d2t."""
+    from mindspore import Tensor
+    from safetensors.numpy import load_file
+
+    from mindcpm import SamplingParams
+    from mindcpm.engine.sequence import Sequence
+    layers = 2
+    tensors = make_draft(str(tmp_path / "draft"), own_vocab, num_layers=layers)
+    llm = tiny_llm(tiny_dir, speculative_config=_eagle(str(tmp_path / "draft")))
+    drafter, blocks = llm.engine.proposer, llm.engine.scheduler.block_manager
+    target = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    embed = tensors.get("model.embed_tokens.weight", target["model.embed_tokens.weight"])
+    head = tensors.get("lm_head.weight", target["lm_head.weight"])
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (11, 5)]
+    hidden = [rng.standard_normal((len(p), HIDDEN)).astype(np.float32) for p in prompts]
+    seqs = [Sequence(p, SamplingParams(), blocks.block_size) for p in prompts]
+    for s in seqs:
+        blocks.allocate(s)
+
+    def hidden_for(rows, w):
+        x = np.zeros((rows, w, HIDDEN), np.float32)
+        for i, h in enumerate(hidden):
+            x[i, :len(h)] = h
+        return Tensor(x)
+
+    logits, ids, out = drafter._step([(p, 0, s.block_table) for p, s in zip(prompts, seqs)], hidden_for)
+    assert logits.shape[1] == (DRAFT_VOCAB if own_vocab else VOCAB)
+    for i, p in enumerate(prompts):
+        ref_logits, ref_out = reference_head(tensors, embed, head, np.asarray(p), hidden[i], layers,
+                                             12.0 if own_vocab else 1.0)
+        np.testing.assert_allclose(logits.asnumpy()[i], ref_logits[-1], rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(out.asnumpy()[i], ref_out[-1], rtol=2e-4, atol=2e-5)
+        best = int(np.argmax(ref_logits[-1]))
+        want = best + int(tensors["d2t"][best]) if own_vocab else best
+        assert ids[i] == want
+    for s in seqs:
+        blocks.deallocate(s)
