@@ -152,3 +152,104 @@ def test_draft_logits_match_numpy_reference(tiny_dir, tmp_path, own_vocab):
         assert ids[i] == want
     for s in seqs:
         blocks.deallocate(s)
+
+
+# -- in the engine ----------------------------------------------------------------------------
+PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) * 2 for i, n in enumerate([3, 17, 9, 30, 1, 5])]
+
+
+def _greedy(max_tokens=16, **kw):
+    from mindcpm import SamplingParams
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def draft_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("eagle_draft"))
+    make_draft(path, own_vocab=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=8)
+    return tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy()))
+
+
+# Chunked prefill and a pool of 16 blocks of 8 tokens, which forces preemption.
+@pytest.mark.parametrize("kw", [dict(max_num_seqs=8), dict(max_num_seqs=6, max_num_batched_tokens=16, kv_cache_gib=1e-9)],
+                         ids=["batched", "chunked-tiny-pool"])
+def test_eagle_greedy_equals_non_speculative(tiny_dir, draft_dir, reference, kw):
+    llm = tiny_llm(tiny_dir, max_model_len=128, speculative_config=_eagle(draft_dir), **kw)
+    scheduler, preempted = llm.engine.scheduler, []
+    original = scheduler._preempt
+    scheduler._preempt = lambda seq: (preempted.append(seq.seq_id), original(seq))
+    assert tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy())) == reference
+    assert llm.engine.spec_stats.num_draft_tokens > 0
+    assert all_free(llm)
+    assert bool(preempted) == ("kv_cache_gib" in kw)
+
+
+def test_eagle_random_aborts_free_every_block(tiny_dir, draft_dir, reference):
+    llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=8, speculative_config=_eagle(draft_dir))
+    engine, rng = llm.engine, random.Random(0)
+    states = [engine.add_request(p, _greedy()) for p in PROMPTS]
+    while engine.has_unfinished():
+        engine.step()
+        for s in states:
+            if not s.finished and rng.random() < 0.1:
+                engine.abort(s.seq.seq_id)
+                s.finished = True
+    kept = [s for s in states if s.seq.finish_reason == "length"]
+    assert kept and [s.seq.completion_token_ids for s in kept] == [reference[states.index(s)] for s in kept]
+    assert all_free(llm)
+
+
+def test_engine_drafts_equal_the_reference_chain(tiny_dir, draft_dir):
+    """The chains the engine drafts after prefill, verify steps with rejections and rollbacks equal
+    the head run from scratch in numpy over the whole sequence (the target's hidden states at
+    its positions, then the head's own for each draft): its paged cache holds the right K/V."""
+    from safetensors.numpy import load_file
+
+    llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=4, speculative_config=_eagle(draft_dir))
+    engine, drafter, runner = llm.engine, llm.engine.proposer, llm.engine.runner
+    captured = []
+    extend = drafter.extend
+
+    def capture(batch):
+        extend(batch)
+        captured.extend((list(s.token_ids), list(s.spec_token_ids)) for s in batch.seqs if s.spec_token_ids)
+
+    drafter.extend = capture
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy(max_tokens=12))
+    assert len(captured) > 6
+    tensors = load_file(os.path.join(draft_dir, "model.safetensors"))
+    d2t = tensors["d2t"]
+    for token_ids, drafts in captured[::3]:
+        hidden = list(_target_hidden(llm, token_ids[:-1]))
+        ids = list(token_ids[1:])
+        want = []
+        for _ in drafts:
+            logits, out = reference_head(tensors, tensors["model.embed_tokens.weight"], tensors["lm_head.weight"],
+                                         np.asarray(ids), np.stack(hidden), 1, 12.0)
+            best = int(np.argmax(logits[-1]))
+            want.append(best + int(d2t[best]))
+            ids.append(want[-1])
+            hidden.append(out[-1])
+        assert drafts == want, (token_ids, drafts, want)
+
+
+def _target_hidden(llm, token_ids):
+    """The target's final hidden state at each position of a fresh prefill of token_ids."""
+    from mindcpm import SamplingParams
+    from mindcpm.engine.sequence import Sequence
+    runner, blocks = llm.engine.runner, llm.engine.scheduler.block_manager
+    seq = Sequence(token_ids, SamplingParams(), blocks.block_size)
+    blocks.allocate(seq)
+    seq.num_cached_tokens = 0
+    try:
+        inputs, _, width = runner.prepare([seq], [len(token_ids)], all_rows=True)
+        hidden = runner._run_step(inputs)[2].asnumpy()
+    finally:
+        blocks.deallocate(seq)
+    return hidden[:len(token_ids)]
