@@ -155,15 +155,22 @@ class _FixedDrafts:
         return self.drafts.get(tuple(token_ids), [])[:limit]
 
 
-def test_sampled_output_follows_the_target_distribution(tiny_dir):
+@pytest.mark.parametrize("drafter", ["fixed", "eagle"])
+def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, drafter):
     """temperature 1, top_k 2: the joint distribution of three tokens (t1 from the prefill, t2 and
     t3 from a verify step whose drafts are accepted or rejected) equals the target's
-    p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square)."""
+    p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square). Drafts:
+    fixed point masses (accept_chain), or an EAGLE head's samples of its own q (rejection_sample)."""
     from scipy.stats import chisquare
 
     from mindcpm import SamplingParams
     from tests.engine_probe import prefill_logits
-    llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=NGRAM)
+    from tests.test_eagle import make_draft
+    config = NGRAM
+    if drafter == "eagle":
+        make_draft(str(tmp_path), own_vocab=False)
+        config = {"method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 2}
+    llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=config)
     prompt = PROMPTS[2]
 
     def top2(ctx):
@@ -182,7 +189,8 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir):
             ids3, p3 = top2(prompt + [t1, t2])
             for t3, q3 in zip(ids3, p3):
                 expected[(t1, t2, t3)] = q1 * q2 * q3
-    llm.engine.proposer = _FixedDrafts(drafts)
+    if drafter == "fixed":
+        llm.engine.proposer = _FixedDrafts(drafts)
     n = 640
     params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
     outs = llm.generate([{"prompt_token_ids": prompt}] * n, params)
@@ -195,7 +203,9 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir):
     stat = chisquare([counts.get(c, 0) for c in cells], [expected[c] * n for c in cells])
     assert stat.pvalue > 1e-3, (stat, counts, expected)
     stats = llm.engine.spec_stats
-    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert 0 < stats.num_draft_tokens and stats.num_accepted_tokens < stats.num_draft_tokens
+    if drafter == "fixed":
+        assert stats.num_accepted_tokens > 0
 
     # Per-request seeds: the same seeds give the same outputs, whatever the batch.
     again = llm.generate([{"prompt_token_ids": prompt}] * 5, params[-5:])
@@ -220,3 +230,29 @@ def test_drafting_backs_off_after_rejected_chains():
     record_outcome(seq, 2)
     seq.spec_skip_steps = 0
     assert wants_draft(seq) and wants_draft(seq)
+
+
+def test_rejection_sampler_output_follows_the_target():
+    """The sampler alone, over many seeds: drafts drawn from q (not a point mass, overlapping p
+    partly) and verified against p give, per position, the target's distribution; a position the
+    chain did not reach is sampled from the target as the engine's next step would. Joint of
+    three positions, chi-square, plus both outcomes observed."""
+    from scipy.stats import chisquare
+
+    from mindcpm.engine.spec_decode import rejection_sample
+    p = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = np.array([[0.2, 0.2, 0.2, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    counts, accepted, n = np.zeros((4, 4, 4)), 0, 8000
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        drafts = [int(rng.choice(4, p=q[j])) for j in range(2)]
+        out = rejection_sample(p, q, drafts, rng)
+        accepted += len(out) - 1
+        while len(out) < 3:  # the next step samples the target itself
+            out.append(int(rng.choice(4, p=p[len(out)])))
+        counts[tuple(out[:3])] += 1
+    expected = np.einsum("a,b,c->abc", p[0], p[1], p[2]) * n
+    nonzero = expected > 0
+    assert counts[~nonzero].sum() == 0
+    assert chisquare(counts[nonzero], expected[nonzero]).pvalue > 1e-3
+    assert 0 < accepted < 2 * n

@@ -12,8 +12,9 @@ the same block manager as the target's (so trim, preemption and abort cover it).
 - extend, after scheduling: k - 1 one-token steps fill the placeholders, each reading the previous
   draft and the hidden state the head returned for it.
 
-Drafts are the head's arg-max, a point mass, which the existing verification accepts exactly
-(spec_decode.accept_chain): greedy or sampled, the output is the target's.
+A greedy request's drafts are the head's arg-max, a point mass, which accept_chain verifies
+exactly. A sampled request's (spec_decode.samples_drafts) are drawn from the head's distribution
+q, processed like the target's, and verified by spec_decode.rejection_sample.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from mindspore import Tensor, ops
 from ..loader import checkpoint_files, load_checkpoint, _open
 from ..models.eagle import DRAFT_TO_TARGET, UNUSED_TENSORS, EagleMiniCPMForCausalLM, draft_config
 from .runner import _CompiledStep, bucket, row_width
+from .spec_decode import processed_probs, sample_from, samples_drafts
 
 
 def _tensor_names(path: str) -> set[str]:
@@ -79,6 +81,10 @@ class EagleProposer:
         self.hidden_size = runner.model_cfg.hidden_size
         self.steps: dict[tuple, _CompiledStep] = {}
         self.compile_seconds = 0.0
+        draft_vocab = len(self.d2t) if self.d2t is not None else runner.model_cfg.vocab_size
+        # The target id of each draft id, where a sampled draft's q goes in the target's vocabulary.
+        self.target_ids = np.arange(draft_vocab) + (self.d2t if self.d2t is not None else 0)
+        self.vocab_size = runner.model_cfg.vocab_size
 
     # -- the engine's three calls ----------------------------------------------------------
     def reserve(self, seq, limit: int) -> list[int]:
@@ -86,6 +92,7 @@ class EagleProposer:
         k = min(self.k, limit)
         if k < 1 or seq.draft_next is None:
             return []
+        seq.spec_probs = [seq.draft_next_probs] if seq.draft_next_probs is not None else []
         return [seq.draft_next] * k
 
     def extend(self, batch) -> None:
@@ -100,11 +107,14 @@ class EagleProposer:
             # Draft d_j sits at position num_tokens - 2 + j (d_1 right after the last real token).
             chains = [([s.spec_token_ids[j - 1]], s.num_tokens - 2 + j, s.block_table)
                       if j < len(s.spec_token_ids) else None for s in seqs]
-            _, ids, out = self._step(chains, lambda r, w: hidden)
+            logits, ids, out = self._step(chains, lambda r, w: hidden)
             hidden = out.reshape(rows, 1, self.hidden_size)
-            for s, token in zip(seqs, ids):
-                if j < len(s.spec_token_ids):
-                    s.spec_token_ids[j] = int(token)
+            drafting = [s if j < len(s.spec_token_ids) else None for s in seqs]
+            for s, (token, q) in zip(drafting, self._draws(drafting, logits, ids)):
+                if s is not None:
+                    s.spec_token_ids[j] = token
+                    if q is not None:
+                        s.spec_probs.append(q)
 
     def catch_up(self, batch, sampled, target_hidden) -> None:
         """The head over the positions the target's step made final; drafts each sequence's d_1."""
@@ -130,11 +140,26 @@ class EagleProposer:
 
         if not sources:
             return
-        _, ids, out = self._step(chains, gather)
+        logits, ids, out = self._step(chains, gather)
         out = out.asnumpy()
-        for r, _, _ in sources:
-            seq = batch.seqs[r]
-            seq.draft_next, seq.draft_hidden = int(ids[r]), out[r]
+        drafting = [batch.seqs[i] if chain is not None else None for i, chain in enumerate(chains)]
+        for r, (seq, (token, q)) in enumerate(zip(drafting, self._draws(drafting, logits, ids))):
+            if seq is not None:
+                seq.draft_next, seq.draft_next_probs, seq.draft_hidden = token, q, out[r]
+
+    def _draws(self, seqs, logits, greedy_ids) -> list[tuple[int, np.ndarray | None]]:
+        """Each row's draft and, when sampled, the distribution q [target vocab] it came from."""
+        sampled = [s is not None and samples_drafts(s.params) for s in seqs]
+        rows = logits.asnumpy() if any(sampled) else None
+        draws = []
+        for i, seq in enumerate(seqs):
+            if not sampled[i]:
+                draws.append((int(greedy_ids[i]), None))
+                continue
+            q = np.zeros(self.vocab_size)
+            q[self.target_ids] = processed_probs(rows[i], seq.params.temperature, seq.params.top_k)
+            draws.append((sample_from(q, seq.rng), q))
+        return draws
 
     # -- one step of the head --------------------------------------------------------------
     def _step(self, chains, hidden_for):

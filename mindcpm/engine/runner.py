@@ -22,7 +22,7 @@ from ..parallel import StepChannel, tp_group
 from ..sampling import SamplingParams
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
-from .spec_decode import accept_chain
+from .spec_decode import accept_chain, verify_sampled_chain
 
 
 @dataclass
@@ -240,7 +240,9 @@ class ModelRunner:
             first = last - len(seq.spec_token_ids)
             rows.append(range(first, last + 1))
             requests += [_PADDING_REQUEST] * (first - len(requests))
-            requests += [_sample_request(seq)] * (last + 1 - first)
+            # A chain sampled from a draft head's q is verified below, without the sampler's draws.
+            request = _PADDING_REQUEST if _drafts_sampled(seq) else _sample_request(seq)
+            requests += [request] * (last + 1 - first)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         out = self.sampler(logits, requests, max(wanted) if wanted else -1, greedy_ids)
         appended: list[list[int] | None] = []
@@ -248,7 +250,11 @@ class ModelRunner:
             if not seq_rows:
                 appended.append(None)
                 continue
-            tokens = accept_chain(seq.spec_token_ids, out.token_ids[seq_rows.start:seq_rows.stop])
+            if _drafts_sampled(seq):
+                rows_logits = logits[Tensor(np.arange(seq_rows.start, seq_rows.stop, dtype=np.int32))].asnumpy()
+                tokens = verify_sampled_chain(seq, rows_logits)
+            else:
+                tokens = accept_chain(seq.spec_token_ids, out.token_ids[seq_rows.start:seq_rows.stop])
             appended.append(tokens)
             if seq.params.logprobs is not None:  # such requests never speculate (spec_decode.can_speculate)
                 r, n = seq_rows.start, seq.params.logprobs
@@ -313,6 +319,11 @@ class ModelRunner:
             lp, top_ids, top_lp = topk_logprobs(logits[rows], n, chosen)
             for j, token in enumerate(chosen):
                 seq.prompt_logprobs.append(_logprob_entry(int(token), float(lp[j]), top_ids[j][:n], top_lp[j][:n]))
+
+
+def _drafts_sampled(seq: Sequence) -> bool:
+    """Whether seq's drafts were drawn from a draft head's distribution (engine/drafter.py)."""
+    return bool(seq.spec_token_ids) and len(seq.spec_probs) == len(seq.spec_token_ids)
 
 
 def _sample_request(seq: Sequence) -> SampleRequest:

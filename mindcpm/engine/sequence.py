@@ -34,6 +34,9 @@ class Sequence:
         # An EAGLE head's next draft and the hidden state it returned with it (engine/drafter.py).
         self.draft_next: int | None = None
         self.draft_hidden = None
+        self.draft_next_probs = None  # q of draft_next when the head samples it (spec_decode.samples_drafts)
+        # q [V] of each of spec_token_ids when they were sampled from a draft head, else empty.
+        self.spec_probs: list = []
         # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
         self.state_slot: int | None = None
         self.block_size = block_size
