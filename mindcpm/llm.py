@@ -188,8 +188,9 @@ class LLM:
             self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
             speculative = SpeculativeConfig.from_dict(speculative_config)
             check_speculation(speculative, self.config)
-            if speculative is not None and speculative.uses_draft_model:
-                draft_config(os.path.expanduser(speculative.model), self.config)  # a misfit fails before loading
+            # A draft head that does not fit the target fails before anything is loaded.
+            draft = draft_config(speculative.model, self.config, speculative.method) \
+                if speculative is not None and speculative.uses_draft_model else None
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
@@ -206,7 +207,7 @@ class LLM:
                                       attention, self.kernels, DTYPES.get(self.weight_dtype), device,
                                       speculative.num_speculative_tokens if speculative else 0,
                                       compile_prefill, quantization, quant_group_size,
-                                      hidden_out=bool(speculative and speculative.uses_draft_model))
+                                      **(draft.target_hidden() if draft is not None else {}))
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

@@ -25,22 +25,67 @@ def _draft_tensors(rng, own_vocab: bool, num_layers: int) -> dict[str, np.ndarra
     t = {"model.fc.weight": w(HIDDEN, 2 * HIDDEN), "model.norm.weight": w(HIDDEN),
          "model.input_norm1.weight": 1 + w(HIDDEN), "model.input_norm2.weight": 1 + w(HIDDEN)}
     for i in range(num_layers):
-        p = f"model.eagle_layers.{i}."
-        t.update({p + "input_layernorm.weight": 1 + w(HIDDEN), p + "post_attention_layernorm.weight": 1 + w(HIDDEN),
-                  p + "self_attn.q_proj.weight": w(HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, HIDDEN),
-                  p + "self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
-                  p + "mlp.gate_proj.weight": w(FFN, HIDDEN), p + "mlp.up_proj.weight": w(FFN, HIDDEN),
-                  p + "mlp.down_proj.weight": w(HIDDEN, FFN)})
+        t.update(_layer_tensors(w, f"model.eagle_layers.{i}.", HIDDEN))
     if own_vocab:
-        # Its own embedding, and a reduced head whose draft id i is target id i + d2t[i]: a
-        # non-identity map (every third target id, shuffled).
         t["model.embed_tokens.weight"] = w(VOCAB, HIDDEN)
-        t["lm_head.weight"] = w(DRAFT_VOCAB, HIDDEN)
-        targets = rng.permutation(np.arange(0, 3 * DRAFT_VOCAB, 3))
-        t["d2t"] = (targets - np.arange(DRAFT_VOCAB)).astype(np.int64)
+        t.update(_reduced_head(rng, w))
     return t
+
+
+def _layer_tensors(w, p, in_features):
+    return {p + "input_layernorm.weight": 1 + w(HIDDEN), p + "post_attention_layernorm.weight": 1 + w(HIDDEN),
+            p + "self_attn.q_proj.weight": w(HEADS * HEAD_DIM, in_features),
+            p + "self_attn.k_proj.weight": w(KV_HEADS * HEAD_DIM, in_features),
+            p + "self_attn.v_proj.weight": w(KV_HEADS * HEAD_DIM, in_features),
+            p + "self_attn.o_proj.weight": w(HIDDEN, HEADS * HEAD_DIM),
+            p + "mlp.gate_proj.weight": w(FFN, HIDDEN), p + "mlp.up_proj.weight": w(FFN, HIDDEN),
+            p + "mlp.down_proj.weight": w(HIDDEN, FFN)}
+
+
+def _reduced_head(rng, w):
+    """A reduced head whose draft id i is target id i + d2t[i]: a non-identity map (every third
+    target id, shuffled)."""
+    targets = rng.permutation(np.arange(0, 3 * DRAFT_VOCAB, 3))
+    return {"lm_head.weight": w(DRAFT_VOCAB, HIDDEN), "d2t": (targets - np.arange(DRAFT_VOCAB)).astype(np.int64),
+            "t2d": np.zeros(VOCAB, bool)}
+
+
+AUX_LAYERS = [1, 0, 1]  # target layers whose input hidden states an EAGLE-3 head reads, in this order
+
+
+def make_eagle3_draft(path: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """An EAGLE-3 head in vLLM's llama_eagle3 layout, sharing the target's embedding."""
+    from safetensors.numpy import save_file
+    os.makedirs(path, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, scale=0.2):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    t = {"fc.weight": w(HIDDEN, 3 * HIDDEN, scale=0.1), "norm.weight": 1 + w(HIDDEN),
+         "midlayer.hidden_norm.weight": 1 + w(HIDDEN), **_layer_tensors(w, "midlayer.", 2 * HIDDEN),
+         **_reduced_head(rng, w)}
+    save_file(t, os.path.join(path, "model.safetensors"))
+    config = dict(architectures=["LlamaForCausalLMEagle3"], vocab_size=VOCAB, hidden_size=HIDDEN,
+                  intermediate_size=FFN, num_hidden_layers=1, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  rms_norm_eps=EPS, max_position_embeddings=512, draft_vocab_size=DRAFT_VOCAB,
+                  eagle_aux_hidden_state_layer_ids=AUX_LAYERS, tie_word_embeddings=False)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return t
+
+
+def reference_eagle3(t, embed, ids, hidden):
+    """vLLM's llama_eagle3 step, per position: (logits of the reduced head, the next hidden state).
+    hidden: per position, the target's aux hidden states [3H] or the head's own [H]."""
+    t = {k: v.astype(np.float64) for k, v in t.items() if v.dtype != bool}
+    # Rows of the target's aux hidden states are reduced by fc; the head's own are read as they are.
+    h = np.stack([np.asarray(r, np.float64) if len(r) == HIDDEN else t["fc.weight"] @ r for r in hidden])
+    x = np.concatenate([_rms(embed[ids].astype(np.float64), t["midlayer.input_layernorm.weight"]),
+                        _rms(h, t["midlayer.hidden_norm.weight"])], -1)
+    h = h + _attention(t, "midlayer.", x)
+    h = h + _mlp(t, "midlayer.", _rms(h, t["midlayer.post_attention_layernorm.weight"]))
+    return _rms(h, t["norm.weight"]) @ t["lm_head.weight"].T, h
 
 
 def make_draft(path: str, own_vocab: bool, num_layers: int = 1, seed: int = 0) -> dict[str, np.ndarray]:
@@ -74,31 +119,36 @@ def _rope(x, positions):
 def reference_head(t, embed, head, ids, target_hidden, num_layers, scale_emb):
     """Per position: (logits over the head's rows, the scaled hidden state)."""
     t = {k: v.astype(np.float64) for k, v in t.items()}
-    length = len(ids)
     e = _rms(embed[ids].astype(np.float64) * scale_emb, t["model.input_norm1.weight"])
     h = _rms(target_hidden.astype(np.float64), t["model.input_norm2.weight"])
     z = np.concatenate([e, h], -1) @ t["model.fc.weight"].T
     s = 1.4 / np.sqrt(3)  # scale_depth / sqrt(mup_denominator)
-    pos = np.arange(length, dtype=np.float64)
-    causal = np.tril(np.ones((length, length), bool))
     for i in range(num_layers):
         p = f"model.eagle_layers.{i}."
-        x = _rms(z, t[p + "input_layernorm.weight"])
-        q = _rope((x @ t[p + "self_attn.q_proj.weight"].T).reshape(length, HEADS, HEAD_DIM), pos)
-        k = _rope((x @ t[p + "self_attn.k_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM), pos)
-        v = (x @ t[p + "self_attn.v_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM)
-        k, v = (np.repeat(a, HEADS // KV_HEADS, axis=1) for a in (k, v))
-        scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(HEAD_DIM)
-        scores = np.where(causal, scores, -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        attn = np.einsum("hqk,khd->qhd", probs, v).reshape(length, HIDDEN)
-        z = z + s * attn @ t[p + "self_attn.o_proj.weight"].T
-        x = _rms(z, t[p + "post_attention_layernorm.weight"])
-        gate, up = x @ t[p + "mlp.gate_proj.weight"].T, x @ t[p + "mlp.up_proj.weight"].T
-        z = z + s * (gate / (1 + np.exp(-gate)) * up) @ t[p + "mlp.down_proj.weight"].T
+        z = z + s * _attention(t, p, _rms(z, t[p + "input_layernorm.weight"]))
+        z = z + s * _mlp(t, p, _rms(z, t[p + "post_attention_layernorm.weight"]))
     out = z / (HIDDEN / 16)  # no final norm; / scale_width
     return out @ head.astype(np.float64).T, out
+
+
+def _attention(t, p, x):
+    """Causal GQA self-attention with RoPE at positions 0..L-1, then o_proj."""
+    length = len(x)
+    pos = np.arange(length, dtype=np.float64)
+    q = _rope((x @ t[p + "self_attn.q_proj.weight"].T).reshape(length, HEADS, HEAD_DIM), pos)
+    k = _rope((x @ t[p + "self_attn.k_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM), pos)
+    v = (x @ t[p + "self_attn.v_proj.weight"].T).reshape(length, KV_HEADS, HEAD_DIM)
+    k, v = (np.repeat(a, HEADS // KV_HEADS, axis=1) for a in (k, v))
+    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(HEAD_DIM)
+    scores = np.where(np.tril(np.ones((length, length), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v).reshape(length, HIDDEN) @ t[p + "self_attn.o_proj.weight"].T
+
+
+def _mlp(t, p, x):
+    gate, up = x @ t[p + "mlp.gate_proj.weight"].T, x @ t[p + "mlp.up_proj.weight"].T
+    return (gate / (1 + np.exp(-gate)) * up) @ t[p + "mlp.down_proj.weight"].T
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +156,8 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_eagle")))
 
 
-def _eagle(draft_dir, k=3):
-    return {"method": "eagle", "model": draft_dir, "num_speculative_tokens": k}
+def _eagle(draft_dir, k=3, method="eagle"):
+    return {"method": method, "model": draft_dir, "num_speculative_tokens": k}
 
 
 @pytest.mark.parametrize("own_vocab", [False, True], ids=["shared-head", "frspec-d2t"])
@@ -210,10 +260,22 @@ def test_engine_drafts_equal_the_reference_chain(tiny_dir, draft_dir):
     the head run from scratch in numpy over the whole sequence (the target's hidden states at
     its positions, then the head's own for each draft): its paged cache holds the right K/V."""
     from safetensors.numpy import load_file
-
     llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=4, speculative_config=_eagle(draft_dir))
-    engine, drafter, runner = llm.engine, llm.engine.proposer, llm.engine.runner
-    captured = []
+    captured = _capture_chains(llm)
+    llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy(max_tokens=12))
+    assert len(captured) > 6
+    t = load_file(os.path.join(draft_dir, "model.safetensors"))
+
+    def head(ids, hidden):
+        return reference_head(t, t["model.embed_tokens.weight"], t["lm_head.weight"], ids, np.stack(hidden), 1, 12.0)
+
+    for token_ids, drafts in captured[::3]:
+        assert drafts == _reference_chain(head, token_ids, _target_hidden(llm, token_ids[:-1]), len(drafts), t["d2t"])
+
+
+def _capture_chains(llm) -> list:
+    """(token ids, drafts) of every chain the engine drafts from now on."""
+    drafter, captured = llm.engine.proposer, []
     extend = drafter.extend
 
     def capture(batch):
@@ -221,22 +283,21 @@ def test_engine_drafts_equal_the_reference_chain(tiny_dir, draft_dir):
         captured.extend((list(s.token_ids), list(s.spec_token_ids)) for s in batch.seqs if s.spec_token_ids)
 
     drafter.extend = capture
-    llm.generate([{"prompt_token_ids": p} for p in PROMPTS[:3]], _greedy(max_tokens=12))
-    assert len(captured) > 6
-    tensors = load_file(os.path.join(draft_dir, "model.safetensors"))
-    d2t = tensors["d2t"]
-    for token_ids, drafts in captured[::3]:
-        hidden = list(_target_hidden(llm, token_ids[:-1]))
-        ids = list(token_ids[1:])
-        want = []
-        for _ in drafts:
-            logits, out = reference_head(tensors, tensors["model.embed_tokens.weight"], tensors["lm_head.weight"],
-                                         np.asarray(ids), np.stack(hidden), 1, 12.0)
-            best = int(np.argmax(logits[-1]))
-            want.append(best + int(d2t[best]))
-            ids.append(want[-1])
-            hidden.append(out[-1])
-        assert drafts == want, (token_ids, drafts, want)
+    return captured
+
+
+def _reference_chain(head, token_ids, target_hidden, k, d2t) -> list[int]:
+    """k greedy drafts of head(ids, hidden) -> (logits, hidden out) per position: position p reads
+    token p + 1 and the target's hidden state at p, then each draft the head's own."""
+    ids, hidden = list(token_ids[1:]), [h for h in target_hidden]
+    drafts = []
+    for _ in range(k):
+        logits, out = head(np.asarray(ids), hidden)
+        best = int(np.argmax(logits[-1]))
+        drafts.append(best + int(d2t[best]))
+        ids.append(drafts[-1])
+        hidden.append(out[-1])
+    return drafts
 
 
 def _target_hidden(llm, token_ids):
@@ -253,3 +314,55 @@ def _target_hidden(llm, token_ids):
     finally:
         blocks.deallocate(seq)
     return hidden[:len(token_ids)]
+
+
+def test_eagle3_logits_match_numpy_reference(tiny_dir, tmp_path):
+    """EAGLE-3: the target's aux hidden states (3H) reduced by fc on the first step, the reduced
+    head mapped back through a non-identity d2t."""
+    from mindspore import Tensor
+    from safetensors.numpy import load_file
+
+    from mindcpm import SamplingParams
+    from mindcpm.engine.sequence import Sequence
+    tensors = make_eagle3_draft(str(tmp_path / "draft3"))
+    llm = tiny_llm(tiny_dir, speculative_config=_eagle(str(tmp_path / "draft3"), method="eagle3"))
+    drafter, blocks = llm.engine.proposer, llm.engine.scheduler.block_manager
+    embed = load_file(os.path.join(tiny_dir, "model.safetensors"))["model.embed_tokens.weight"]
+    rng = np.random.default_rng(2)
+    prompt = rng.integers(0, VOCAB, 9).tolist()
+    hidden = rng.standard_normal((len(prompt), 3 * HIDDEN)).astype(np.float32)
+    seq = Sequence(prompt, SamplingParams(), blocks.block_size)
+    blocks.allocate(seq)
+
+    def hidden_for(rows, w):
+        x = np.zeros((rows, w, 3 * HIDDEN), np.float32)
+        x[0, :len(prompt)] = hidden
+        return Tensor(x)
+
+    logits, ids, out = drafter._step([(prompt, 0, seq.block_table)], hidden_for)
+    blocks.deallocate(seq)
+    ref_logits, ref_out = reference_eagle3(tensors, embed, np.asarray(prompt), hidden)
+    np.testing.assert_allclose(logits.asnumpy()[0], ref_logits[-1], rtol=2e-4, atol=2e-4)
+    np.testing.assert_allclose(out.asnumpy()[0], ref_out[-1], rtol=2e-4, atol=2e-5)
+    best = int(np.argmax(ref_logits[-1]))
+    assert ids[0] == best + int(tensors["d2t"][best]) != best
+
+
+def test_eagle3_in_the_engine(tiny_dir, tmp_path, reference):
+    """Greedy outputs equal the non-speculative engine's; the target hands over the input hidden
+    states of AUX_LAYERS (layer 0's input is the embedding); the chains the engine drafts equal
+    the reference head run from scratch over those hidden states."""
+    from safetensors.numpy import load_file
+    tensors = make_eagle3_draft(str(tmp_path / "draft3"))
+    llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=8,
+                   speculative_config=_eagle(str(tmp_path / "draft3"), method="eagle3"))
+    captured = _capture_chains(llm)
+    assert tokens(llm.generate([{"prompt_token_ids": p} for p in PROMPTS], _greedy())) == reference
+    assert all_free(llm) and captured
+    embed = load_file(os.path.join(tiny_dir, "model.safetensors"))["model.embed_tokens.weight"]
+    for token_ids, drafts in captured[::4]:
+        aux = _target_hidden(llm, token_ids[:-1])
+        np.testing.assert_allclose(aux[:, HIDDEN:2 * HIDDEN], embed[token_ids[:-1]], rtol=1e-6)
+        want = _reference_chain(lambda ids, h: reference_eagle3(tensors, embed, ids, h), token_ids, aux, len(drafts),
+                                tensors["d2t"])
+        assert drafts == want

@@ -25,7 +25,7 @@ import mindspore as ms
 from mindspore import Tensor, ops
 
 from ..loader import checkpoint_files, load_checkpoint, _open
-from ..models.eagle import DRAFT_TO_TARGET, UNUSED_TENSORS, EagleMiniCPMForCausalLM, draft_config
+from ..models.eagle import DRAFT_TO_TARGET, HEADS, UNUSED_TENSORS, draft_config
 from .runner import _CompiledStep, bucket, row_width
 from .spec_decode import processed_probs, sample_from, samples_drafts
 
@@ -46,27 +46,27 @@ def _read_tensor(path: str, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-def build_draft(path: str, runner) -> tuple[EagleMiniCPMForCausalLM, np.ndarray | None]:
+def build_draft(method: str, path: str, runner):
     """The head over the target's device, sharing the target's embedding and head when its
     checkpoint has none; and the draft -> target id offsets of a reduced vocabulary (or None)."""
-    cfg = draft_config(path, runner.model_cfg)
+    spec = draft_config(path, runner.model_cfg, method)
     names = _tensor_names(path)
-    target = runner.model
+    target, target_cfg = runner.model, runner.model_cfg
     own_embed = bool({"model.embed_tokens.weight", "embed_tokens.weight"} & names)
     own_head = "lm_head.weight" in names
     d2t = _read_tensor(path, DRAFT_TO_TARGET).astype(np.int64) if DRAFT_TO_TARGET in names else None
-    if not own_embed and cfg.embedding_scale != runner.model_cfg.embedding_scale:
-        raise ValueError(f"{path}: draft scale_emb {cfg.embedding_scale} differs from the target's "
-                         f"{runner.model_cfg.embedding_scale}, whose embedding it shares")
-    draft_vocab = len(d2t) if d2t is not None else None
-    model = EagleMiniCPMForCausalLM(cfg, runner.device, None if own_embed else target.embed_tokens,
-                                    None if own_head else target.lm_head, draft_vocab)
+    targets = np.arange(len(d2t)) + d2t if d2t is not None else np.zeros(0)
+    if ((targets < 0) | (targets >= target_cfg.vocab_size)).any():
+        raise ValueError(f"{path}: {DRAFT_TO_TARGET} maps draft ids outside the target's vocabulary")
+    head = HEADS[method]
+    extra = {"num_aux": len(spec.aux_hidden_layers)} if spec.aux_hidden_layers else {}
+    model = head(spec.cfg, runner.device, None if own_embed else target.embed_tokens,
+                 None if own_head else target.lm_head, len(d2t) if d2t is not None else None,
+                 1.0 if own_embed else spec.cfg.embedding_scale / target_cfg.embedding_scale, **extra)
     shared = tuple(n for n, _ in model.parameters_and_names()
                    if (n.startswith("embed_tokens.") and not own_embed) or (n.startswith("lm_head.") and not own_head))
-    load_checkpoint(model, path, runner.cfg.dtype, progress=False, skip=shared + UNUSED_TENSORS + (DRAFT_TO_TARGET,))
-    if d2t is not None and not ((d2t + np.arange(len(d2t)) >= 0).all()
-                                and (d2t + np.arange(len(d2t)) < runner.model_cfg.vocab_size).all()):
-        raise ValueError(f"{path}: {DRAFT_TO_TARGET} maps draft ids outside the target's vocabulary")
+    load_checkpoint(model, path, runner.cfg.dtype, progress=False,
+                    skip=shared + head.UNUSED_TENSORS + UNUSED_TENSORS + (DRAFT_TO_TARGET,))
     return model, d2t
 
 
@@ -76,7 +76,7 @@ class EagleProposer:
     def __init__(self, cfg, runner):
         self.k = cfg.num_speculative_tokens
         self.runner = runner
-        self.model, self.d2t = build_draft(cfg.model, runner)
+        self.model, self.d2t = build_draft(cfg.method, cfg.model, runner)
         self.input_names = runner.device.step_input_names(self.model)
         self.hidden_size = runner.model_cfg.hidden_size
         self.steps: dict[tuple, _CompiledStep] = {}

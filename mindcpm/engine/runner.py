@@ -41,6 +41,7 @@ class RunnerConfig:
     quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
     quant_group_size: int | None = None  # None: the method's default
     hidden_out: bool = False  # keep each step's final hidden states for a draft head (EAGLE)
+    aux_hidden_layers: tuple[int, ...] = ()  # or these layers' input hidden states, concatenated (EAGLE-3)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -136,8 +137,8 @@ class ModelRunner:
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
-        if cfg.hidden_out:
-            extra["hidden_out"] = True
+        if cfg.hidden_out or cfg.aux_hidden_layers:
+            extra.update(hidden_out=cfg.hidden_out, aux_hidden_layers=cfg.aux_hidden_layers)
         self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
         self.device.fuse_blocks(self.model)
         self.step_inputs = self.device.step_input_names(self.model)

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..sampling import SamplingParams
 
-METHODS = ("ngram", "eagle")
-DRAFT_MODEL_METHODS = ("eagle",)  # methods whose drafts come from a draft model directory
+METHODS = ("ngram", "eagle", "eagle3")
+DRAFT_MODEL_METHODS = ("eagle", "eagle3")  # methods whose drafts come from a draft model directory
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class SpeculativeConfig:
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
-    model: str | None = None  # the draft model's directory (eagle)
+    model: str | None = None  # the draft model's directory (eagle, eagle3)
 
     @property
     def uses_draft_model(self) -> bool:
