@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import numpy as np
 import pytest
 
-from tests.engine_probe import all_free, tokens
-from tests.tiny import TINY_LLAMA, VOCAB, make_tiny_model, tiny_llm
+from tests.engine_probe import all_free, run_with_random_aborts, tokens
+from tests.tiny import VOCAB, make_tiny_model, tiny_llm
 
 HIDDEN, HEADS, KV_HEADS, FFN, EPS = 64, 4, 2, 96, 1e-5
 HEAD_DIM = HIDDEN // HEADS
@@ -242,14 +241,8 @@ def test_eagle_greedy_equals_non_speculative(tiny_dir, draft_dir, reference, kw)
 
 def test_eagle_random_aborts_free_every_block(tiny_dir, draft_dir, reference):
     llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=8, speculative_config=_eagle(draft_dir))
-    engine, rng = llm.engine, random.Random(0)
-    states = [engine.add_request(p, _greedy()) for p in PROMPTS]
-    while engine.has_unfinished():
-        engine.step()
-        for s in states:
-            if not s.finished and rng.random() < 0.1:
-                engine.abort(s.seq.seq_id)
-                s.finished = True
+    engine = llm.engine
+    states = run_with_random_aborts(engine, PROMPTS, _greedy(), 0.1)
     kept = [s for s in states if s.seq.finish_reason == "length"]
     assert kept and [s.seq.completion_token_ids for s in kept] == [reference[states.index(s)] for s in kept]
     assert all_free(llm)

@@ -3,12 +3,11 @@ outputs equal the non-speculative engine's token for token, batched, chunked, un
 and aborts; sampled outputs follow the target's distribution (chi-square)."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
 
-from tests.engine_probe import all_free, tokens
+from tests.engine_probe import all_free, run_with_random_aborts, tokens
 from tests.tiny import make_tiny_model, tiny_llm
 
 # Mixed lengths; repeated spans give the n-gram proposer matches (some accepted, some not).
@@ -71,14 +70,7 @@ def test_mixed_speculating_and_not_with_random_aborts(tiny_dir, reference):
     assert [s.seq.completion_token_ids for s in states] == reference
     assert all(len(s.seq.logprobs) == 24 for s, q in zip(states, params) if q.logprobs is not None)
 
-    rng = random.Random(0)
-    states = [engine.add_request(p, _greedy()) for p in PROMPTS]
-    while engine.has_unfinished():
-        engine.step()
-        for s in states:
-            if not s.finished and rng.random() < 0.15:
-                engine.abort(s.seq.seq_id)
-                s.finished = True
+    states = run_with_random_aborts(engine, PROMPTS, _greedy(), 0.15)
     kept = [s for s in states if s.seq.finish_reason == "length"]
     assert [s.seq.completion_token_ids for s in kept] == [reference[states.index(s)] for s in kept]
     assert all_free(llm)

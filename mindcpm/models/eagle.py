@@ -1,11 +1,12 @@
-"""EAGLE draft head for MiniCPM4 (docs/minicpm4.md#eagle-draft-head), in the layout of vLLM's
-minicpm_eagle.py: model.embed_tokens, model.input_norm1/2, model.fc, model.eagle_layers.{i}.*,
-lm_head. The decoder layers are MiniCPM's own (models/minicpm.DecoderLayer), built from a config
-whose residual scale is scale_depth / sqrt(mup_denominator).
+"""EAGLE and EAGLE-3 draft heads (docs/minicpm4.md#eagle-draft-head) in vLLM's layouts.
 
-One step: e = norm1(embed(x) * scale_emb), h = norm2(the target's hidden state),
-z = fc([e, h]) (no bias), the layers, no final norm, z / scale_width -> the head's logits and
-the next step's hidden state.
+EAGLE for MiniCPM4 (vLLM's minicpm_eagle.py: model.embed_tokens, model.input_norm1/2, model.fc,
+model.eagle_layers.{i}.*, lm_head), its decoder layers MiniCPM's own (models/minicpm.DecoderLayer)
+with the residual scale scale_depth / sqrt(mup_denominator). One step: e = norm1(embed(x) *
+scale_emb), h = norm2(the target's hidden state), z = fc([e, h]) (no bias), the layers, no final
+norm, z / scale_width -> the head's logits and the next step's hidden state.
+
+EAGLE-3 (vLLM's llama_eagle3.py: fc, midlayer.*, norm, lm_head, d2t): see Eagle3LlamaForCausalLM.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 
 from mindspore import nn, ops
 
-from ..config import ConfigError, ModelConfig, _read_json
+from ..config import ConfigError, ModelConfig, _read_json, read_config_dir
 from ..layers.embedding import Embedding, LMHead
 from ..layers.attention import PagedAttention
 from ..layers.linear import Linear
@@ -50,12 +51,7 @@ class DraftSpec:
 
 def draft_config(path: str, target: ModelConfig, method: str = "eagle") -> DraftSpec:
     """The draft's config.json, checked against the target's and the method."""
-    source = os.path.join(path, "config.json")
-    if not os.path.isdir(path):
-        raise ConfigError(f"draft model directory not found: {path}")
-    if not os.path.isfile(source):
-        raise ConfigError(f"no config.json in draft model directory {path}")
-    hf = _read_json(source)
+    hf, source = read_config_dir(path, "draft model")
     archs = hf.get("architectures") or []
     fits = [a for a in archs if EAGLE_ARCHITECTURES.get(a) == method]
     if not fits:
