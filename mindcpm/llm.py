@@ -188,6 +188,8 @@ class LLM:
             self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
             speculative = SpeculativeConfig.from_dict(speculative_config)
             check_speculation(speculative, self.config)
+            if speculative is not None and speculative.uses_draft_model and tp.size > 1:
+                raise ValueError("EAGLE draft heads with tensor parallelism are not supported yet")
             # A draft head that does not fit the target fails before anything is loaded.
             draft = draft_config(speculative.model, self.config, speculative.method) \
                 if speculative is not None and speculative.uses_draft_model else None

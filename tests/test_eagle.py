@@ -248,6 +248,19 @@ def test_eagle_random_aborts_free_every_block(tiny_dir, draft_dir, reference):
     assert all_free(llm)
 
 
+def test_eagle_steady_state_compiles_nothing_new(tiny_dir, draft_dir):
+    """The head's steps compile per shape bucket like the target's: the same workload again (no
+    prefix cache, so the same steps) compiles nothing, in the target or the head."""
+    llm = tiny_llm(tiny_dir, max_model_len=128, max_num_seqs=8, enable_prefix_caching=False,
+                   speculative_config=_eagle(draft_dir))
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    llm.generate(prompts, _greedy())
+    target, head = set(llm.engine.runner.compiled_shapes), set(llm.engine.proposer.steps)
+    llm.generate(prompts, _greedy())
+    assert (set(llm.engine.runner.compiled_shapes), set(llm.engine.proposer.steps)) == (target, head)
+    assert any(key[0][1] == 1 for key in head)  # chain steps: input_ids [rows, 1]
+
+
 def test_engine_drafts_equal_the_reference_chain(tiny_dir, draft_dir):
     """The chains the engine drafts after prefill, verify steps with rejections and rollbacks equal
     the head run from scratch in numpy over the whole sequence (the target's hidden states at
