@@ -147,19 +147,42 @@ class _FixedDrafts:
         return self.drafts.get(tuple(token_ids), [])[:limit]
 
 
-@pytest.mark.parametrize("drafter", ["fixed", "eagle"])
+def _drafts_from(llm, candidates: dict[tuple, list[int]], q: np.ndarray) -> None:
+    """After the EAGLE drafter's chain, each draft is replaced by a sample of q over the test's two
+    candidate tokens of its context, with q recorded as the draft's distribution."""
+    drafter, vocab = llm.engine.proposer, llm.engine.runner.model_cfg.vocab_size
+    extend = drafter.extend
+
+    def replace(batch):
+        extend(batch)
+        for seq in batch.seqs:
+            if not seq.spec_token_ids:
+                continue
+            seq.spec_probs = []
+            for j in range(len(seq.spec_token_ids)):
+                dist = np.zeros(vocab)
+                dist[candidates[tuple(seq.token_ids + seq.spec_token_ids[:j])]] = q
+                seq.spec_token_ids[j] = int(seq.rng.choice(vocab, p=dist))
+                seq.spec_probs.append(dist)
+
+    drafter.extend = replace
+
+
+@pytest.mark.parametrize("drafter", ["fixed", "eagle", "overlapping-q"])
 def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, drafter):
     """temperature 1, top_k 2: the joint distribution of three tokens (t1 from the prefill, t2 and
     t3 from a verify step whose drafts are accepted or rejected) equals the target's
     p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square). Drafts:
-    fixed point masses (accept_chain), or an EAGLE head's samples of its own q (rejection_sample)."""
+    fixed point masses (accept_chain); an EAGLE head's samples of its own q (rejection_sample);
+    samples of a q that overlaps the target's top two (rejection_sample: accepted, rejected and
+    resampled from the residual, bonus tokens)."""
     from scipy.stats import chisquare
 
     from mindcpm import SamplingParams
     from tests.engine_probe import prefill_logits
     from tests.test_eagle import make_draft
     config = NGRAM
-    if drafter == "eagle":
+    if drafter != "fixed":
         make_draft(str(tmp_path), own_vocab=False)
         config = {"method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 2}
     llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=config)
@@ -171,10 +194,11 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, draf
         p = np.exp(logits[ids] - logits[ids].max())
         return ids.tolist(), p / p.sum()
 
-    expected, drafts = {}, {}
+    expected, drafts, candidates = {}, {}, {}
     ids1, p1 = top2(prompt)
     for t1, q1 in zip(ids1, p1):
         ids2, p2 = top2(prompt + [t1])
+        candidates[tuple(prompt + [t1])] = ids2
         # Draft the likelier t2 and, after it, t3's less likely token: both outcomes occur.
         drafts[tuple(prompt + [t1])] = [ids2[0], top2(prompt + [t1, ids2[0]])[0][1]]
         for t2, q2 in zip(ids2, p2):
@@ -183,6 +207,8 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, draf
                 expected[(t1, t2, t3)] = q1 * q2 * q3
     if drafter == "fixed":
         llm.engine.proposer = _FixedDrafts(drafts)
+    if drafter == "overlapping-q":
+        _drafts_from(llm, candidates, np.array([0.25, 0.75]))  # favours the target's less likely token
     n = 640
     params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
     outs = llm.generate([{"prompt_token_ids": prompt}] * n, params)
@@ -196,7 +222,7 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, draf
     assert stat.pvalue > 1e-3, (stat, counts, expected)
     stats = llm.engine.spec_stats
     assert 0 < stats.num_draft_tokens and stats.num_accepted_tokens < stats.num_draft_tokens
-    if drafter == "fixed":
+    if drafter != "eagle":  # the random head's drafts are mostly outside the target's top two
         assert stats.num_accepted_tokens > 0
 
     # Per-request seeds: the same seeds give the same outputs, whatever the batch.
