@@ -28,6 +28,7 @@ import threading
 from typing import Callable, Sequence
 
 from .engine.spec_decode import speculative_stats
+from .models.eagle import draft_method
 from .parallel import ParallelError
 from .sampling import SamplingParams
 
@@ -129,7 +130,12 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
 def add_speculative_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("speculative decoding (vLLM's speculative_config)")
     g.add_argument("--speculative-method", default=None, metavar="METHOD",
-                   help="ngram: draft tokens by prompt lookup, verified by the model in one step (default: off)")
+                   help="ngram: draft tokens by prompt lookup; eagle / eagle3: by an EAGLE / EAGLE-3 draft head "
+                        "(--speculative-model); "
+                        "verified by the model in one step (default: off)")
+    g.add_argument("--speculative-model", default=None, metavar="DIR",
+                   help="the draft head's directory (vLLM layout, e.g. MiniCPM4-8B-Eagle-vLLM or an EAGLE-3 "
+                        "head); implies --speculative-method eagle or eagle3, from its architecture")
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="draft tokens verified per step (with --speculative-method)")
     g.add_argument("--prompt-lookup-max", type=int, default=None, metavar="N", help="ngram: longest n-gram matched (4)")
@@ -141,6 +147,10 @@ def speculative_config(args: argparse.Namespace) -> dict | None:
     keys = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
     given = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     method = getattr(args, "speculative_method", None)
+    draft = getattr(args, "speculative_model", None)
+    if draft is not None:
+        given["model"] = draft
+        method = method or draft_method(draft)
     if method is None:
         if given:
             raise ValueError(f"--{next(iter(given)).replace('_', '-')} needs --speculative-method")

@@ -173,12 +173,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str) -> "ModelConfig":
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isdir(path):
-            raise ConfigError(f"model directory not found: {path}")
-        if not os.path.isfile(cfg_path):
-            raise ConfigError(f"no config.json in {path}")
-        hf = _read_json(cfg_path)
+        hf, cfg_path = read_config_dir(path)
         gen_path = os.path.join(path, "generation_config.json")
         gen = _read_json(gen_path) if os.path.isfile(gen_path) else {}
         return cls.from_hf(hf, gen, source=cfg_path)
@@ -253,6 +248,16 @@ def _sparse_config(raw, cfg: "ModelConfig", source: str, variant: str | None, na
         raise ConfigError(f"{source}: sparse attention repeats each KV group's query heads up to 16, "
                           f"which needs a group size dividing 16, got {group}")
     return SparseConfig.from_dict(raw, source, variant)
+
+
+def read_config_dir(path: str, what: str = "model") -> tuple[dict, str]:
+    """(config.json of the `what` directory at path, the file's path)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what} directory not found: {path}")
+    if not os.path.isfile(cfg_path):
+        raise ConfigError(f"no config.json in {path}")
+    return _read_json(cfg_path), cfg_path
 
 
 def _read_json(path: str) -> dict:

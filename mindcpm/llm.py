@@ -17,6 +17,7 @@ from .engine.llm_engine import LLMEngine, RequestState
 from .engine.runner import ModelRunner, RunnerConfig
 from .engine.scheduler import Scheduler
 from .engine.spec_decode import SpeculativeConfig
+from .models.eagle import draft_config
 from .ops import setup_runtime
 from .parallel import all_ranks_or_none, init_tensor_parallel, kv_heads_per_rank
 from .sampling import SamplingParams
@@ -188,6 +189,11 @@ class LLM:
             self.config = ModelConfig.from_dir(path).with_sparse(sparse_attention)
             speculative = SpeculativeConfig.from_dict(speculative_config)
             check_speculation(speculative, self.config)
+            if speculative is not None and speculative.uses_draft_model and tp.size > 1:
+                raise ValueError("EAGLE draft heads with tensor parallelism are not supported yet")
+            # A draft head that does not fit the target fails before anything is loaded.
+            draft = draft_config(speculative.model, self.config, speculative.method) \
+                if speculative is not None and speculative.uses_draft_model else None
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
@@ -203,7 +209,8 @@ class LLM:
             runner_cfg = RunnerConfig(block_size, num_blocks, max_num_seqs, max_model_len, DTYPES[self.dtype],
                                       attention, self.kernels, DTYPES.get(self.weight_dtype), device,
                                       speculative.num_speculative_tokens if speculative else 0,
-                                      compile_prefill, quantization, quant_group_size)
+                                      compile_prefill, quantization, quant_group_size,
+                                      **(draft.target_hidden() if draft is not None else {}))
             dummy = load_format == "dummy"
             runner = ModelRunner(self.config, runner_cfg, None if dummy else path, eos, progress)
             if dummy:

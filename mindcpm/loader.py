@@ -82,10 +82,13 @@ def our_name(hf_name: str) -> tuple[str, int | tuple | None]:
     return name, None
 
 
-def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool = True) -> None:
+def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool = True,
+                    skip: tuple[str, ...] = ()) -> None:
     """Fills the model's weights from the checkpoint at `path`. Each parameter keeps the dtype its
-    layer created it with (`dtype` is the model's and no longer needed; kept for callers)."""
-    params = loadable_parameters(model)
+    layer created it with (`dtype` is the model's and no longer needed; kept for callers).
+    skip: parameter and checkpoint tensor names neither loaded nor expected (a draft head's
+    parameters shared with its target, tensors it never reads)."""
+    params = {name: p for name, p in loadable_parameters(model).items() if name not in skip}
     cells = fused_cells(model)
     owners = sharded_cells(model)
     expected = {name: _parts(cells[name]) if name in cells else {None} for name in params}
@@ -104,7 +107,7 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
         for file, indexed in checkpoint_files(path).items():
             handle = shards.enter_context(_open(file, indexed))
             tensors += [(key, file, handle) for key in handle.keys()
-                        if our_name(key)[0] not in prequantized and not gptq_tensor(key)]
+                        if our_name(key)[0] not in prequantized and not gptq_tensor(key) and key not in skip]
         tensors.sort(key=lambda t: our_name(t[0])[0])
         for hf_name, file, handle in tqdm(tensors, desc="loading weights", unit="tensor", disable=not progress,
                                           leave=False):

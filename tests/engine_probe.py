@@ -32,3 +32,18 @@ def all_free(llm) -> bool:
     blocks = llm.engine.scheduler.block_manager
     return (blocks.num_free_blocks == blocks.num_blocks
             and getattr(blocks, "num_free_state_slots", 0) == getattr(blocks, "num_state_slots", 0))
+
+
+def run_with_random_aborts(engine, prompts, params, rate: float, seed: int = 0) -> list:
+    """Steps the engine over the prompts, aborting each unfinished request with probability `rate`
+    after every step; returns the request states in prompt order."""
+    import random
+    rng = random.Random(seed)
+    states = [engine.add_request(p, params) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+        for s in states:
+            if not s.finished and rng.random() < rate:
+                engine.abort(s.seq.seq_id)
+                s.finished = True
+    return states

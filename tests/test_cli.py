@@ -116,6 +116,16 @@ def bad_models(tiny, tmp_path_factory) -> dict:
     models["missing_tensor"] = _variant(tiny, root, "missing_tensor")
     _rewrite_tensors(models["missing_tensor"], lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
 
+    from tests.test_eagle import make_draft
+    for name, change in (("draft_arch", {"architectures": ["LlamaForCausalLM"]}), ("draft_hidden", {"hidden_size": 32}),
+                         ("draft_vocab", {"vocab_size": 100})):
+        models[name] = os.path.join(str(root), name)
+        make_draft(models[name], own_vocab=False)
+        with open(os.path.join(models[name], "config.json")) as f:
+            cfg = json.load(f)
+        with open(os.path.join(models[name], "config.json"), "w") as f:
+            json.dump({**cfg, **change}, f)
+
     models["unexpected_tensor"] = _variant(tiny, root, "unexpected_tensor")
     _rewrite_tensors(models["unexpected_tensor"],
                      lambda t: t.__setitem__("model.layers.0.extra.weight", np.ones(4, np.float32)))
@@ -300,6 +310,18 @@ def _bad_args(case: str, tiny: str, bad_models: dict, tmp_path) -> tuple[list[st
                            ["--num-speculative-tokens needs --speculative-method"]),
         "spec_too_long": (["--model", tiny, "--max-model-len", "8", "--speculative-method", "ngram",
                            "--num-speculative-tokens", "8", "x"], ["8 draft tokens", "max_model_len 8"]),
+        "draft_missing": (["--model", tiny, "--speculative-model", str(tmp_path / "nodraft"), "--num-speculative-tokens",
+                           "2", "x"], ["draft model directory not found", "nodraft"]),
+        "draft_arch": (["--model", tiny, "--speculative-model", bad_models["draft_arch"], "--num-speculative-tokens",
+                        "2", "x"], ["draft architecture LlamaForCausalLM is not an EAGLE head"]),
+        "draft_hidden": (["--model", tiny, "--speculative-model", bad_models["draft_hidden"],
+                          "--num-speculative-tokens", "2", "x"], ["draft hidden_size 32", "target's 64"]),
+        "draft_vocab": (["--model", tiny, "--speculative-model", bad_models["draft_vocab"],
+                         "--num-speculative-tokens", "2", "x"], ["draft vocab_size 100", "target's 260"]),
+        "draft_k": (["--model", tiny, "--speculative-model", bad_models["draft_vocab"], "--num-speculative-tokens",
+                     "0", "x"], ["num_speculative_tokens must be an integer >= 1"]),
+        "eagle_no_model": (["--model", tiny, "--speculative-method", "eagle", "--num-speculative-tokens", "2", "x"],
+                           ["speculative method 'eagle' needs 'model'"]),
     }
     return cases[case]
 
@@ -307,7 +329,8 @@ def _bad_args(case: str, tiny: str, bad_models: dict, tmp_path) -> tuple[list[st
 BAD_CASES = ["missing_model", "no_config", "bad_arch", "truncated", "wrong_shape", "missing_tensor",
              "unexpected_tensor", "too_long", "temperature", "top_p", "max_tokens", "bfloat16", "dtype",
              "max_model_len", "empty_prompt", "prompts_file", "output_dir", "spec_k", "spec_method",
-             "spec_no_method", "spec_too_long"]
+             "spec_no_method", "spec_too_long", "draft_missing", "draft_arch", "draft_hidden", "draft_vocab", "draft_k",
+             "eagle_no_model"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)

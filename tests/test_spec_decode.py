@@ -3,12 +3,11 @@ outputs equal the non-speculative engine's token for token, batched, chunked, un
 and aborts; sampled outputs follow the target's distribution (chi-square)."""
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
 
-from tests.engine_probe import all_free, tokens
+from tests.engine_probe import all_free, run_with_random_aborts, tokens
 from tests.tiny import make_tiny_model, tiny_llm
 
 # Mixed lengths; repeated spans give the n-gram proposer matches (some accepted, some not).
@@ -71,14 +70,7 @@ def test_mixed_speculating_and_not_with_random_aborts(tiny_dir, reference):
     assert [s.seq.completion_token_ids for s in states] == reference
     assert all(len(s.seq.logprobs) == 24 for s, q in zip(states, params) if q.logprobs is not None)
 
-    rng = random.Random(0)
-    states = [engine.add_request(p, _greedy()) for p in PROMPTS]
-    while engine.has_unfinished():
-        engine.step()
-        for s in states:
-            if not s.finished and rng.random() < 0.15:
-                engine.abort(s.seq.seq_id)
-                s.finished = True
+    states = run_with_random_aborts(engine, PROMPTS, _greedy(), 0.15)
     kept = [s for s in states if s.seq.finish_reason == "length"]
     assert [s.seq.completion_token_ids for s in kept] == [reference[states.index(s)] for s in kept]
     assert all_free(llm)
@@ -155,15 +147,49 @@ class _FixedDrafts:
         return self.drafts.get(tuple(token_ids), [])[:limit]
 
 
-def test_sampled_output_follows_the_target_distribution(tiny_dir):
+def _drafts_from(llm, candidates: dict[tuple, list[int]], q: np.ndarray) -> None:
+    """After the EAGLE drafter's chain (whose own drafts must be samples of the head's top-2
+    distribution), each draft is replaced by a sample of q over the test's two candidate tokens of
+    its context, with q recorded as the draft's distribution."""
+    drafter, vocab = llm.engine.proposer, llm.engine.runner.model_cfg.vocab_size
+    extend = drafter.extend
+
+    def replace(batch):
+        extend(batch)
+        for seq in batch.seqs:
+            if not seq.spec_token_ids:
+                continue
+            assert len(seq.spec_probs) == len(seq.spec_token_ids)
+            for d, head_q in zip(seq.spec_token_ids, seq.spec_probs):
+                assert head_q[d] > 0 and (head_q > 0).sum() <= 2 and abs(head_q.sum() - 1) < 1e-9
+            seq.spec_probs = []
+            for j in range(len(seq.spec_token_ids)):
+                dist = np.zeros(vocab)
+                dist[candidates[tuple(seq.token_ids + seq.spec_token_ids[:j])]] = q
+                seq.spec_token_ids[j] = int(seq.rng.choice(vocab, p=dist))
+                seq.spec_probs.append(dist)
+
+    drafter.extend = replace
+
+
+@pytest.mark.parametrize("drafter", ["fixed", "overlapping-q"])
+def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, drafter):
     """temperature 1, top_k 2: the joint distribution of three tokens (t1 from the prefill, t2 and
     t3 from a verify step whose drafts are accepted or rejected) equals the target's
-    p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square)."""
+    p(t1) p(t2|t1) p(t3|t1,t2), computed in numpy from the model's logits (chi-square). Drafts:
+    fixed point masses (accept_chain); or, after an EAGLE head drafted from its own q, samples of
+    a q that overlaps the target's top two (rejection_sample: accepted, rejected and resampled from
+    the residual, bonus tokens; a random head's drafts mostly miss the target's top two)."""
     from scipy.stats import chisquare
 
     from mindcpm import SamplingParams
     from tests.engine_probe import prefill_logits
-    llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=NGRAM)
+    from tests.test_eagle import make_draft
+    config = NGRAM
+    if drafter != "fixed":
+        make_draft(str(tmp_path), own_vocab=False)
+        config = {"method": "eagle", "model": str(tmp_path), "num_speculative_tokens": 2}
+    llm = _llm(tiny_dir, max_num_seqs=16, speculative_config=config)
     prompt = PROMPTS[2]
 
     def top2(ctx):
@@ -172,17 +198,21 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir):
         p = np.exp(logits[ids] - logits[ids].max())
         return ids.tolist(), p / p.sum()
 
-    expected, drafts = {}, {}
+    expected, drafts, candidates = {}, {}, {}
     ids1, p1 = top2(prompt)
     for t1, q1 in zip(ids1, p1):
         ids2, p2 = top2(prompt + [t1])
+        candidates[tuple(prompt + [t1])] = ids2
         # Draft the likelier t2 and, after it, t3's less likely token: both outcomes occur.
         drafts[tuple(prompt + [t1])] = [ids2[0], top2(prompt + [t1, ids2[0]])[0][1]]
         for t2, q2 in zip(ids2, p2):
             ids3, p3 = top2(prompt + [t1, t2])
             for t3, q3 in zip(ids3, p3):
                 expected[(t1, t2, t3)] = q1 * q2 * q3
-    llm.engine.proposer = _FixedDrafts(drafts)
+    if drafter == "fixed":
+        llm.engine.proposer = _FixedDrafts(drafts)
+    if drafter == "overlapping-q":
+        _drafts_from(llm, candidates, np.array([0.25, 0.75]))  # favours the target's less likely token
     n = 640
     params = [SamplingParams(temperature=1.0, top_k=2, max_tokens=3, ignore_eos=True, seed=s) for s in range(n)]
     outs = llm.generate([{"prompt_token_ids": prompt}] * n, params)
@@ -220,3 +250,29 @@ def test_drafting_backs_off_after_rejected_chains():
     record_outcome(seq, 2)
     seq.spec_skip_steps = 0
     assert wants_draft(seq) and wants_draft(seq)
+
+
+def test_rejection_sampler_output_follows_the_target():
+    """The sampler alone, over many seeds: drafts drawn from q (not a point mass, overlapping p
+    partly) and verified against p give, per position, the target's distribution; a position the
+    chain did not reach is sampled from the target as the engine's next step would. Joint of
+    three positions, chi-square, plus both outcomes observed."""
+    from scipy.stats import chisquare
+
+    from mindcpm.engine.spec_decode import rejection_sample
+    p = np.array([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.4, 0.4], [0.25, 0.25, 0.25, 0.25]])
+    q = np.array([[0.2, 0.2, 0.2, 0.4], [0.7, 0.1, 0.1, 0.1]])
+    counts, accepted, n = np.zeros((4, 4, 4)), 0, 8000
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        drafts = [int(rng.choice(4, p=q[j])) for j in range(2)]
+        out = rejection_sample(p, q, drafts, rng)
+        accepted += len(out) - 1
+        while len(out) < 3:  # the next step samples the target itself
+            out.append(int(rng.choice(4, p=p[len(out)])))
+        counts[tuple(out[:3])] += 1
+    expected = np.einsum("a,b,c->abc", p[0], p[1], p[2]) * n
+    nonzero = expected > 0
+    assert counts[~nonzero].sum() == 0
+    assert chisquare(counts[nonzero], expected[nonzero]).pvalue > 1e-3
+    assert 0 < accepted < 2 * n

@@ -13,7 +13,7 @@ from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .runner import ModelRunner
 from .scheduler import Scheduler
 from .sequence import Sequence
-from .spec_decode import NgramProposer, SpecStats, SpeculativeConfig, can_speculate, record_outcome, wants_draft
+from .spec_decode import SpecStats, SpeculativeConfig, can_speculate, make_proposer, record_outcome, wants_draft
 
 
 @dataclass
@@ -73,7 +73,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.requests: dict[int, RequestState] = {}
         self.stats = StepStats()
-        self.proposer = NgramProposer(speculative) if speculative is not None else None
+        self.proposer = make_proposer(speculative, runner)
+        # A draft head reads the target's hidden states: it drafts after scheduling and catches up
+        # after each target step (engine/drafter.py).
+        self.drafter = self.proposer if getattr(self.proposer, "uses_target_hidden", False) else None
         self.spec_stats = SpecStats()
 
     def add_request(self, token_ids: list[int], params: SamplingParams, prompt: str | None = None) -> RequestState:
@@ -135,13 +138,22 @@ class LLMEngine:
                 seq.spec_token_ids = []
                 continue
             limit = min(params.max_tokens - seq.num_completion_tokens - 1, max_model_len - seq.num_tokens)
-            seq.spec_token_ids = self.proposer.propose(seq.token_ids, limit)
+            seq.spec_token_ids = (self.drafter.reserve(seq, limit) if self.drafter is not None
+                                  else self.proposer.propose(seq.token_ids, limit))
 
     def _run(self, batch) -> list[list[int] | None]:
         """Runs the batch and records its seconds (a graph's compilation apart)."""
         compile_before = self.runner.compile_seconds
+        draft_compile_before = self.drafter.compile_seconds if self.drafter is not None else 0.0
         start = time.perf_counter()
+        if self.drafter is not None:
+            self.drafter.extend(batch)
         sampled = self.runner.run(batch.seqs, batch.num_new_tokens)
+        if self.drafter is not None:
+            self.drafter.catch_up(batch, sampled, self.runner.last_hidden)
+            draft_compile = self.drafter.compile_seconds - draft_compile_before
+            self.stats.compile_seconds += draft_compile
+            start += draft_compile
         seconds = time.perf_counter() - start
         first_call = self.runner.compile_seconds - compile_before
         if first_call:

@@ -22,7 +22,7 @@ from ..parallel import StepChannel, tp_group
 from ..sampling import SamplingParams
 from .sampler import SampleRequest, Sampler, topk_logprobs
 from .sequence import Sequence
-from .spec_decode import accept_chain
+from .spec_decode import accept_chain, verify_sampled_chain
 
 
 @dataclass
@@ -40,6 +40,8 @@ class RunnerConfig:
     compile_prefill: bool = True  # False: start op by op where the device allows (Device.eager_steps)
     quantization: str | None = None  # "int8" / "int4": weights quantized on load (kernels only)
     quant_group_size: int | None = None  # None: the method's default
+    hidden_out: bool = False  # keep each step's final hidden states for a draft head (EAGLE)
+    aux_hidden_layers: tuple[int, ...] = ()  # or these layers' input hidden states, concatenated (EAGLE-3)
 
 
 def needs_state_slots(model_cfg: ModelConfig) -> bool:
@@ -122,8 +124,11 @@ class _EagerStep:
         return _with_argmax(self.model(*inputs))
 
 
-def _with_argmax(logits):
-    return logits, ops.argmax(logits, dim=-1).astype(ms.int32)
+def _with_argmax(outputs):
+    """(logits, arg-max ids, then the model's other outputs: hidden states for a draft head)."""
+    if isinstance(outputs, tuple):
+        return (outputs[0], ops.argmax(outputs[0], dim=-1).astype(ms.int32)) + outputs[1:]
+    return outputs, ops.argmax(outputs, dim=-1).astype(ms.int32)
 
 
 class ModelRunner:
@@ -141,6 +146,8 @@ class ModelRunner:
         self.num_state_slots = cfg.max_num_seqs if needs_state_slots(model_cfg) else 0
         self.pad_state_slot = self.num_state_slots
         extra = {"num_state_slots": self.num_state_slots + 1} if self.num_state_slots else {}
+        if cfg.hidden_out or cfg.aux_hidden_layers:
+            extra.update(hidden_out=cfg.hidden_out, aux_hidden_layers=cfg.aux_hidden_layers)
         self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
         self.device.fuse_blocks(self.model)
         self.step_inputs = self.device.step_input_names(self.model)
@@ -152,6 +159,7 @@ class ModelRunner:
         self.sampler = Sampler(eos_token_ids)
         self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
         self.compile_seconds = 0.0
+        self.last_hidden = None
 
     @property
     def backend_name(self) -> str:
@@ -219,7 +227,9 @@ class ModelRunner:
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
         inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
-        logits, greedy_ids = self._run_step(inputs)
+        logits, greedy_ids, *hidden = self._run_step(inputs)
+        # Every position's final hidden state [rows * width, H] and the row width, for a draft head.
+        self.last_hidden = (hidden[0], width) if hidden else None
         if any(want_prompt_lp):
             self._record_prompt_logprobs(seqs, num_new, logits, width, want_prompt_lp)
             rows = Tensor(last_rows)
@@ -240,7 +250,9 @@ class ModelRunner:
             first = last - len(seq.spec_token_ids)
             rows.append(range(first, last + 1))
             requests += [_PADDING_REQUEST] * (first - len(requests))
-            requests += [_sample_request(seq)] * (last + 1 - first)
+            # A chain sampled from a draft head's q is verified below, without the sampler's draws.
+            request = _PADDING_REQUEST if _drafts_sampled(seq) else _sample_request(seq)
+            requests += [request] * (last + 1 - first)
         wanted = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
         out = self.sampler(logits, requests, max(wanted) if wanted else -1, greedy_ids)
         appended: list[list[int] | None] = []
@@ -248,7 +260,11 @@ class ModelRunner:
             if not seq_rows:
                 appended.append(None)
                 continue
-            tokens = accept_chain(seq.spec_token_ids, out.token_ids[seq_rows.start:seq_rows.stop])
+            if _drafts_sampled(seq):
+                rows_logits = logits[Tensor(np.arange(seq_rows.start, seq_rows.stop, dtype=np.int32))].asnumpy()
+                tokens = verify_sampled_chain(seq, rows_logits)
+            else:
+                tokens = accept_chain(seq.spec_token_ids, out.token_ids[seq_rows.start:seq_rows.stop])
             appended.append(tokens)
             if seq.params.logprobs is not None:  # such requests never speculate (spec_decode.can_speculate)
                 r, n = seq_rows.start, seq.params.logprobs
@@ -316,6 +332,11 @@ class ModelRunner:
             lp, top_ids, top_lp = topk_logprobs(logits[rows], n, chosen)
             for j, token in enumerate(chosen):
                 seq.prompt_logprobs.append(_logprob_entry(int(token), float(lp[j]), top_ids[j][:n], top_lp[j][:n]))
+
+
+def _drafts_sampled(seq: Sequence) -> bool:
+    """Whether seq's drafts were drawn from a draft head's distribution (engine/drafter.py)."""
+    return bool(seq.spec_token_ids) and len(seq.spec_probs) == len(seq.spec_token_ids)
 
 
 def _sample_request(seq: Sequence) -> SampleRequest:

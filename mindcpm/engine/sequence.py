@@ -31,6 +31,12 @@ class Sequence:
         # Decode steps to skip drafting, after chains the model rejected outright (spec_decode.DraftBackoff).
         self.spec_skip_steps = 0
         self.spec_backoff = 0
+        # An EAGLE head's next draft and the hidden state it returned with it (engine/drafter.py).
+        self.draft_next: int | None = None
+        self.draft_hidden = None
+        self.draft_next_probs = None  # q of draft_next when the head samples it (spec_decode.samples_drafts)
+        # q [V] of each of spec_token_ids when they were sampled from a draft head, else empty.
+        self.spec_probs: list = []
         # Linear-attention state slot (MiniMax), held from allocation to deallocation with the blocks.
         self.state_slot: int | None = None
         self.block_size = block_size

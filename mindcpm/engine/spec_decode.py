@@ -19,16 +19,22 @@ import numpy as np
 
 from ..sampling import SamplingParams
 
-METHODS = ("ngram",)
+METHODS = ("ngram", "eagle", "eagle3")
+DRAFT_MODEL_METHODS = ("eagle", "eagle3")  # methods whose drafts come from a draft model directory
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """vLLM's speculative_config keys (the n-gram subset)."""
+    """vLLM's speculative_config keys (the n-gram and EAGLE subset)."""
     method: str
     num_speculative_tokens: int
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model's directory (eagle, eagle3)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method in DRAFT_MODEL_METHODS
 
     @classmethod
     def from_dict(cls, d: dict | None) -> SpeculativeConfig | None:
@@ -49,9 +55,21 @@ class SpeculativeConfig:
             raise ValueError(f"unknown speculative method {self.method!r}; choose {', '.join(METHODS)}")
         if not isinstance(self.num_speculative_tokens, int) or self.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {self.num_speculative_tokens!r}")
+        if self.uses_draft_model and not self.model:
+            raise ValueError(f"speculative method {self.method!r} needs 'model': the draft model's directory")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got "
                              f"{self.prompt_lookup_min} and {self.prompt_lookup_max}")
+
+
+def make_proposer(cfg: SpeculativeConfig | None, runner):
+    """The engine's drafter for `cfg` (None: no speculation)."""
+    if cfg is None:
+        return None
+    if cfg.uses_draft_model:
+        from .drafter import EagleProposer
+        return EagleProposer(cfg, runner)
+    return NgramProposer(cfg)
 
 
 class NgramProposer:
@@ -114,6 +132,52 @@ def accept_chain(drafts: list[int], targets) -> list[int]:
     while a < len(drafts) and int(targets[a]) == drafts[a]:
         a += 1
     return drafts[:a] + [int(targets[a])]
+
+
+def samples_drafts(params: SamplingParams) -> bool:
+    """Whether a draft head samples this request's drafts from its own distribution q (verified by
+    rejection_sample) rather than proposing its arg-max (a point mass, verified by accept_chain):
+    temperature and top_k are supported; top_p / min_p requests keep the point mass."""
+    return params.temperature > 0 and params.top_p >= 1.0 and params.min_p == 0.0
+
+
+def processed_probs(logits: np.ndarray, temperature: float, top_k: int = 0) -> np.ndarray:
+    """softmax(logits / temperature) over the tokens at or above the k-th largest value (the
+    sampler's temperature and top_k, engine/sampler.py), in float64; rows are the last axis."""
+    x = np.asarray(logits, np.float64) / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = np.partition(x, -top_k, axis=-1)[..., -top_k, None]
+        x = np.where(x >= kth, x, -np.inf)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def sample_from(weights: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse CDF in token-id order of non-negative weights."""
+    cdf = np.cumsum(weights)
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(cdf) - 1)
+
+
+def rejection_sample(p: np.ndarray, q: np.ndarray, drafts: list[int], rng: np.random.Generator) -> list[int]:
+    """The standard speculative rejection sampler: p [k+1, V] the target's distributions at the
+    chain's positions, q [k, V] the ones the drafts were drawn from. Draft d_j is accepted with
+    probability min(1, p_j(d) / q_j(d)); the first rejected one is replaced by a sample of
+    norm(max(0, p_j - q_j)); when all are accepted a bonus token is drawn from p_k. The tokens
+    appended are then distributed exactly as the target's own samples."""
+    for j, d in enumerate(drafts):
+        if rng.random() * q[j, d] < p[j, d]:
+            continue
+        residual = np.maximum(p[j] - q[j], 0.0)
+        # residual == 0 only when p_j == q_j, where every draft is accepted: kept for rounding.
+        return drafts[:j] + [sample_from(residual if residual.sum() > 0 else p[j], rng)]
+    return drafts + [sample_from(p[len(drafts)], rng)]
+
+
+def verify_sampled_chain(seq, target_logits: np.ndarray) -> list[int]:
+    """The tokens a chain of drafts sampled from q (seq.spec_probs) appends, by rejection_sample."""
+    params = seq.params
+    p = processed_probs(target_logits, params.temperature, params.top_k)
+    return rejection_sample(p, np.stack(seq.spec_probs), seq.spec_token_ids, seq.rng)
 
 
 @dataclass

@@ -35,9 +35,13 @@ class MiniCPMForCausalLM(nn.Cell):
     EXTRA_INPUTS = ()
     PRENORM_LAYERS = True  # every layer is h += s*attn(norm(h)); h += s*mlp(norm(h)) (Device.fuse_blocks)
 
-    def __init__(self, cfg: ModelConfig, device):
+    def __init__(self, cfg: ModelConfig, device, hidden_out: bool = False, aux_hidden_layers: tuple = ()):
         super().__init__()
         dtype = device.dtype
+        # Also return every position's hidden state for a draft head: the final one (EAGLE), or the
+        # residual stream entering each of aux_hidden_layers, concatenated (EAGLE-3).
+        self.hidden_out = hidden_out
+        self.aux_hidden_layers = tuple(aux_hidden_layers)
         self.block_size = device.block_size
         self.logit_scale = cfg.logit_scale
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype, cfg.embedding_scale, device)
@@ -50,8 +54,16 @@ class MiniCPMForCausalLM(nn.Cell):
     def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
                   logits_rows, *extra):
         h = self.embed_tokens(input_ids)
+        inputs = ()  # each layer's input; the graph keeps only those aux_hidden_layers name
         for layer in self.layers:
+            inputs += (h,)
             h = layer(h, positions, slot_mapping, block_tables, self.block_size, batch_valid_length, q_seq_lens,
                       *extra)
-        h = ops.gather(h.reshape(-1, h.shape[-1]), logits_rows, 0)
-        return self.lm_head(self.norm(h) * self.logit_scale)
+        h = h.reshape(-1, h.shape[-1])
+        if self.hidden_out:
+            hidden = self.norm(h) * self.logit_scale
+            return self.lm_head(ops.gather(hidden, logits_rows, 0)), hidden
+        logits = self.lm_head(self.norm(ops.gather(h, logits_rows, 0)) * self.logit_scale)
+        if self.aux_hidden_layers:
+            return logits, ops.concat(tuple(inputs[i] for i in self.aux_hidden_layers), -1).reshape(h.shape[0], -1)
+        return logits
