@@ -24,7 +24,7 @@ def deep_model_dir(tmp_path_factory):
 def checkpoint(request, deep_model_dir, tmp_path):
     """(directory, the exact fp32 value of each stored tensor)."""
     from safetensors.numpy import load_file
-    from tests.test_16bit_checkpoints import write_checkpoint
+    from tests.test_loader_16bit import write_checkpoint
     if request.param == "float32":
         return deep_model_dir, load_file(f"{deep_model_dir}/model.safetensors")
     path = str(tmp_path / "bf16")

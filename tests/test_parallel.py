@@ -1,5 +1,5 @@
 """Tensor parallelism: 2 ranks started by msrun (mccl on CPU) against the single-process model,
-whose own equality with transformers is tests/test_model_hf.py's."""
+whose own equality with transformers is tests/models/test_minicpm.py's."""
 from __future__ import annotations
 
 import glob
