@@ -82,6 +82,7 @@ EIGHT_B_LIKE = dict(MINICPM4_05B, hidden_size=256, num_attention_heads=4, num_ke
     ({"topk": 0}, "topk >= 1"),
     ({"colour": 1}, "unknown sparse_config key"),
     ({"variant": "v3"}, "sparse variant 'v3' unknown"),
+    ({"variant": "june2025", "window_size": 0}, "'june2025' needs window_size >= block_size \\(64\\), got 0"),
     ("yes", "sparse_config must be an object"),
 ])
 def test_bad_sparse_configs_name_the_problem(sparse, message):
@@ -94,6 +95,15 @@ def test_sparse_config_fills_the_documented_defaults():
     s = cfg.sparse
     assert (s.kernel_size, s.kernel_stride, s.init_blocks, s.block_size, s.window_size, s.topk, s.dense_len,
             s.variant) == (32, 16, 1, 64, 2048, 8, 8192, "current")
+
+
+def test_june2025_needs_a_window_also_when_chosen_by_the_option():
+    """With no window "current" still forces the query's own block in; "june2025" leaves it to the
+    window, so the same sparse_config is refused once the option picks that variant."""
+    cfg = ModelConfig.from_hf(dict(EIGHT_B_LIKE, sparse_config={"window_size": 0}))
+    assert (cfg.sparse.variant, cfg.sparse.window_blocks) == ("current", 0)
+    with pytest.raises(ConfigError, match="sparse attention option: sparse variant 'june2025' needs window_size"):
+        cfg.with_sparse("june2025")
 
 
 def test_sparse_refused_for_05b_and_groups_not_dividing_16():
