@@ -39,7 +39,13 @@ def make_tiny_model(path: str, config: dict | None = None, seed: int = 0) -> str
     return path
 
 
-def tiny_llm(path: str, max_model_len: int = 64, block_size: int = 8, **kw):
-    """An LLM over a tiny checkpoint with the small context and blocks the engine tests use."""
+def make_llm(path: str, max_model_len: int = 64, **kw):
+    """An LLM over a test checkpoint: no progress bar, and a short context unless the test needs
+    a longer one (the KV cache and the RoPE tables are sized by it)."""
     from mindcpm import LLM
-    return LLM(model=path, progress=False, max_model_len=max_model_len, block_size=block_size, **kw)
+    return LLM(model=path, progress=False, max_model_len=max_model_len, **kw)
+
+
+def tiny_llm(path: str, block_size: int = 8, **kw):
+    """make_llm with the small blocks the engine tests use (prompts span several blocks)."""
+    return make_llm(path, block_size=block_size, **kw)
