@@ -1,4 +1,7 @@
-"""The loader's memory: a checkpoint is staged a parameter at a time, never as a second copy of
+"""The loader's refusals: each broken checkpoint is one error naming what is wrong (the CLI's
+line and exit status for them are tests/test_cli.py's).
+
+The loader's memory: a checkpoint is staged a parameter at a time, never as a second copy of
 the whole model (an 8B checkpoint kept in bf16 would not fit beside its own fp32 copy); also
 for a sharded bf16 checkpoint, whose q, k and v of a layer sit in different files."""
 from __future__ import annotations
@@ -10,9 +13,34 @@ import pytest
 
 ms = pytest.importorskip("mindspore")
 
-from tests.tiny import TINY_LLAMA, make_tiny_model  # noqa: E402
+from tests.tiny import TINY_LLAMA, broken_copies, make_llm, make_tiny_model  # noqa: E402
 
 DEEP = {**TINY_LLAMA, "num_hidden_layers": 8}
+BROKEN = [  # (how the checkpoint is broken, what the error must name)
+    ("no_config", ["no config.json"]),
+    ("bad_arch", ["unsupported architecture GPT2LMHeadModel", "MiniCPMForCausalLM, LlamaForCausalLM"]),
+    ("truncated", ["model.safetensors", "truncated"]),
+    ("wrong_shape", ["model.norm.weight", "shape (63,)", "(64,)"]),
+    ("missing_tensor", ["missing tensor", "layers.1.mlp.down_proj"]),
+    ("unexpected_tensor", ["unexpected tensor model.layers.0.extra.weight"]),
+]
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory) -> dict:
+    good = make_tiny_model(str(tmp_path_factory.mktemp("good")))
+    return broken_copies(good, str(tmp_path_factory.mktemp("broken")))
+
+
+@pytest.mark.parametrize("case, needles", BROKEN, ids=[case for case, _ in BROKEN])
+def test_broken_checkpoint_is_one_error_naming_the_problem(broken, case, needles):
+    from mindcpm.config import ConfigError
+    from mindcpm.loader import CheckpointError
+    with pytest.raises((ConfigError, CheckpointError)) as error:
+        make_llm(broken[case])
+    for needle in needles:
+        assert needle in str(error.value), error.value
+    assert "\n" not in str(error.value).strip(), error.value
 
 
 @pytest.fixture(scope="module")

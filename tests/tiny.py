@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -37,6 +38,39 @@ def make_tiny_model(path: str, config: dict | None = None, seed: int = 0) -> str
         make_checkpoint(config or TINY_LLAMA, path, seed)
         write_byte_tokenizer(path)
     return path
+
+
+def broken_copies(good: str, root: str) -> dict[str, str]:
+    """Copies of the checkpoint `good` under `root`, each broken in one way the loader must name."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    def copy(name: str) -> str:
+        return shutil.copytree(good, os.path.join(root, name))
+
+    def rewrite_tensors(name: str, change) -> str:
+        path = copy(name)
+        file = os.path.join(path, "model.safetensors")
+        tensors = load_file(file)
+        change(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+        return path
+
+    models = {"no_config": copy("no_config"), "bad_arch": copy("bad_arch"), "truncated": copy("truncated")}
+    os.remove(os.path.join(models["no_config"], "config.json"))
+    with open(os.path.join(models["bad_arch"], "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(models["bad_arch"], "config.json"), "w") as f:
+        json.dump(dict(config, architectures=["GPT2LMHeadModel"]), f)
+    weights = os.path.join(models["truncated"], "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    models["wrong_shape"] = rewrite_tensors("wrong_shape", lambda t: t.__setitem__(
+        "model.norm.weight", np.ones(t["model.norm.weight"].shape[0] - 1, np.float32)))
+    models["missing_tensor"] = rewrite_tensors("missing_tensor", lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    models["unexpected_tensor"] = rewrite_tensors("unexpected_tensor", lambda t: t.__setitem__(
+        "model.layers.0.extra.weight", np.ones(4, np.float32)))
+    return models
 
 
 def make_llm(path: str, max_model_len: int = 64, **kw):
