@@ -124,3 +124,18 @@ def test_from_dir_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
     assert ModelConfig.from_dir(str(tmp_path)).eos_token_ids == (5,)
+
+
+def test_config_spellings_resolve_alike():
+    from mindcpm.config import ConfigError, ModelConfig
+    from tests.tiny_minimax import hf_native_spelling, minimax_config
+    remote = minimax_config(heads=4, head_dim=64, attn_types=(0, 1, 0, 1))
+    a, b = ModelConfig.from_hf(remote), ModelConfig.from_hf(hf_native_spelling(remote))
+    assert a.minimax == b.minimax and a.rope == b.rope and a.rope.rotary_dim == 32
+    assert a.minimax.lightning_layers == (True, False, True, False) and a.minimax.postnorm
+    text01 = dict(remote, architectures=["MiniMaxText01ForCausalLM"])
+    assert ModelConfig.from_hf(text01).minimax == a.minimax
+    with pytest.raises(ConfigError, match="layer types"):
+        ModelConfig.from_hf(dict(remote, attn_type_list=[0, 1]))
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ModelConfig.from_hf(dict(remote, num_experts_per_tok=9))

@@ -141,3 +141,43 @@ def test_long_prompt_prefilled_in_chunks(small, tmp_path_factory):
     with open(os.path.join(small, "config.json")) as f:
         cfg = R.Config(json.load(f))
     assert tokens(out)[0] == R.greedy(cfg, R.load(os.path.join(small, "model.safetensors")), prompt, 3)
+
+
+@pytest.fixture(scope="module")
+def minimax_runner(tiny):
+    """The tests' tiny MiniMax checkpoint loaded into a runner: (runner, config dict, float64 weights)."""
+    from mindcpm.config import ModelConfig
+    from mindcpm.engine.runner import ModelRunner, RunnerConfig
+    path, _, weights = tiny
+    runner = ModelRunner(ModelConfig.from_dir(path), RunnerConfig(8, 16, 2, 128), path, progress=False)
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    return runner, cfg, weights
+
+
+def test_postnorm_residual_flow(minimax_runner):
+    """Zero the attention out-projection and the experts' down-projections: the layer must give
+    alpha_mlp * RMSNorm_post(alpha_attn * RMSNorm_in(x)) (a pre-norm bug gives alpha_mlp*alpha_attn*x)."""
+    import mindspore as ms
+    from mindspore import Tensor
+    runner, cfg, weights = minimax_runner
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, cfg["hidden_size"]))
+    for i in (0, 3):  # a lightning layer and a softmax layer
+        layer = runner.model.layers[i]
+        attn_out = layer.self_attn.out_proj if i != 3 else layer.self_attn.o_proj
+        saved = attn_out.weight.asnumpy(), layer.block_sparse_moe.experts.w2.weight.asnumpy()
+        attn_out.weight.set_data(Tensor(np.zeros_like(saved[0]), ms.float32))
+        layer.block_sparse_moe.experts.w2.weight.set_data(Tensor(np.zeros_like(saved[1]), ms.float32))
+        try:
+            out = layer(Tensor(x, ms.float32), Tensor(np.arange(5, dtype=np.int32)[None]),
+                        Tensor(np.arange(5, dtype=np.int32) + 8), Tensor(np.array([[1, 2]], np.int32)),
+                        Tensor([0], ms.int32), 8).asnumpy()
+        finally:
+            attn_out.weight.set_data(Tensor(saved[0], ms.float32))
+            layer.block_sparse_moe.experts.w2.weight.set_data(Tensor(saved[1], ms.float32))
+        p, alpha = f"model.layers.{i}.", cfg["layernorm_mlp_alpha"]
+        h = R.rmsnorm(x, weights[p + "input_layernorm.weight"], 1e-5)
+        expected = alpha * R.rmsnorm(alpha * h, weights[p + "post_attention_layernorm.weight"], 1e-5)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(out, alpha * alpha * x, atol=1e-2)
