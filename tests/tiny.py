@@ -2,9 +2,11 @@
 subprocess) plus a byte-level tokenizer, so the whole LLM API runs on them."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
+import tempfile
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -33,10 +35,21 @@ def write_byte_tokenizer(path: str) -> None:
                    "add_eos_token": False, "chat_template": CHATML}, f)
 
 
+_MADE: dict[tuple[str, int], str] = {}  # (config, seed) -> the checkpoint this process made for it
+
+
 def make_tiny_model(path: str, config: dict | None = None, seed: int = 0) -> str:
+    """The random checkpoint of (config, seed) in `path`. transformers makes each one once per
+    process (a subprocess importing torch costs seconds); later calls get a copy of the same files."""
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        make_checkpoint(config or TINY_LLAMA, path, seed)
-        write_byte_tokenizer(path)
+        key = (json.dumps(config or TINY_LLAMA, sort_keys=True), seed)
+        if key not in _MADE:
+            made = tempfile.mkdtemp(prefix="mindcpm-tiny-")
+            atexit.register(shutil.rmtree, made, True)
+            make_checkpoint(config or TINY_LLAMA, made, seed)
+            write_byte_tokenizer(made)
+            _MADE[key] = made
+        shutil.copytree(_MADE[key], path, dirs_exist_ok=True)
     return path
 
 
