@@ -33,9 +33,6 @@ def small(tmp_path_factory):
     return make_tiny_minimax(str(tmp_path_factory.mktemp("minimax_small")), cfg, seed=1)
 
 
-_llm = tiny_llm
-
-
 def all_position_logits(path, ids, max_tokens):
     """The runner's logits at every position of one prompt (one prefill, the row padded to the
     max_tokens bucket)."""
@@ -77,7 +74,7 @@ def test_variants_match_reference(tmp_path, shared, postnorm):
 def test_greedy_engine_equals_reference_decoding(tiny):
     from mindcpm import SamplingParams
     path, cfg, weights = tiny
-    llm = _llm(path, max_num_seqs=2)
+    llm = tiny_llm(path, max_num_seqs=2)
     prompt = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert tokens(out)[0] == R.greedy(cfg, weights, prompt, 12)
@@ -91,7 +88,7 @@ PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 3
 def busy(small):
     """Batching, chunked prefill (16-token budget) and a pool of 8 KV blocks that forces preemption,
     in one engine so the graphs compile once."""
-    return _llm(small, max_num_seqs=4, max_num_batched_tokens=16, kv_cache_gib=1e-9)
+    return tiny_llm(small, max_num_seqs=4, max_num_batched_tokens=16, kv_cache_gib=1e-9)
 
 
 def test_concurrent_equals_alone(busy):
@@ -135,7 +132,7 @@ def test_long_prompt_prefilled_in_chunks(small, tmp_path_factory):
     """150 tokens in chunks of 64 across lightning blocks of 8, with a block table longer than the
     first steps' table bucket: the greedy continuation equals the reference's."""
     from mindcpm import SamplingParams
-    llm = _llm(small, max_model_len=512, max_num_batched_tokens=64, max_num_seqs=1)
+    llm = tiny_llm(small, max_model_len=512, max_num_batched_tokens=64, max_num_seqs=1)
     prompt = np.random.default_rng(5).integers(0, 256, 150).tolist()
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     with open(os.path.join(small, "config.json")) as f:
