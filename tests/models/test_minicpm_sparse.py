@@ -65,7 +65,7 @@ def test_sparse_config_from_checkpoint(model_dir):
 
 @pytest.mark.parametrize("variant, kernels", [("current", "auto"), ("june2025", "off")])
 def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, monkeypatch):
-    # Chunked prefill against the reference is in test_sparse_attention; here one shape each,
+    # Chunked prefill against the reference is in tests/layers/test_sparse.py; here one shape each,
     # with the C++ kernels (where g++ builds them) and with the composite cells.
     if kernels == "off":
         monkeypatch.setenv("MINDCPM_KERNELS", "off")
