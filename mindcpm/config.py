@@ -122,6 +122,11 @@ class SparseConfig:
         if self.topk < 1 or self.init_blocks < 0 or self.window_size < 0 or self.window_size % self.block_size:
             raise ConfigError(f"{source}: sparse_config needs topk >= 1, init_blocks >= 0 and window_size a "
                               f"multiple of block_size, got {self.topk}/{self.init_blocks}/{self.window_size}")
+        # june2025 drops the query's own block from the top-k and adds it back only through the
+        # window (docs/minicpm4.md#infllm-v2-variants): with no window a query could not see itself.
+        if self.variant == "june2025" and self.window_size < self.block_size:
+            raise ConfigError(f"{source}: sparse variant 'june2025' needs window_size >= block_size "
+                              f"({self.block_size}), got {self.window_size}")
         if self.dense_len < -1:
             raise ConfigError(f"{source}: sparse_config dense_len must be >= 0 or -1, got {self.dense_len}")
 

@@ -33,39 +33,39 @@ class Mutation:
     tests: tuple[str, ...]  # pytest arguments: files, node ids, -k expressions
 
 
-SPARSE_CELL = ("tests/test_sparse_attention.py", "-k", "not cpu_kernel")  # the composite cell
-SPARSE_KERNEL = ("tests/test_sparse_attention.py", "-k", "cpu_kernel")  # the C++ kernels (built once)
-MINIMAX_VARIANTS = ("tests/test_minimax_model.py", "-k", "variants")
+SPARSE_CELL = ("tests/layers/test_sparse.py", "-k", "not cpu_kernel")  # the composite cell
+SPARSE_KERNEL = ("tests/layers/test_sparse.py", "-k", "cpu_kernel")  # the C++ kernels (built once)
+MINIMAX_VARIANTS = ("tests/models/test_minimax.py", "-k", "variants")
 
 MUTATIONS = [
     Mutation("stop string: search window one character short", "mindcpm/engine/llm_engine.py",
              "len(piece) - state.stop_len + 1, 0)", "len(piece) - state.stop_len + 2, 0)",
-             ("tests/test_engine.py", "-k", "stop")),
+             ("tests/engine/test_llm_engine.py", "-k", "stop")),
     Mutation("block table: a prefix hit may cover the whole prompt", "mindcpm/engine/block_manager.py",
              "for i in range((seq.num_tokens - 1) // self.block_size):",
              "for i in range(seq.num_tokens // self.block_size):",
-             ("tests/test_block_manager.py", "tests/test_scheduler.py")),
+             ("tests/engine/test_block_manager.py", "tests/engine/test_scheduler.py")),
     Mutation("block table: C2 entry stored one block early", "mindcpm/layers/sparse.py",
              "lambda e: 4 * e + 7)", "lambda e: 4 * e + 6)",
              SPARSE_CELL),
     Mutation("muP: residual scale over sqrt(layers + 1)", "mindcpm/config.py",
              'float(hf.get("scale_depth", 1.0)) / math.sqrt(layers)',
              'float(hf.get("scale_depth", 1.0)) / math.sqrt(layers + 1)',
-             ("tests/test_config.py", "tests/test_model_hf.py", "-k", "mup or minicpm4")),
+             ("tests/test_config.py", "tests/models/test_minicpm.py", "-k", "mup or minicpm4")),
     Mutation("LongRoPE: long factors when max == original", "mindcpm/layers/rotary.py",
              "use_long = rope.max_position > rope.original_max_position",
              "use_long = rope.max_position >= rope.original_max_position",
-             ("tests/test_rope.py",)),
+             ("tests/layers/test_rotary.py",)),
     Mutation("sampler: top-k keeps k+1 tokens", "mindcpm/engine/sampler.py",
              "t_k = ops.where(col < top_k, cv, inf)", "t_k = ops.where(col <= top_k, cv, inf)",
-             ("tests/test_sampler.py",)),
+             ("tests/engine/test_sampler.py",)),
     Mutation("sampler: min-p threshold a factor e too high", "mindcpm/engine/sampler.py",
              "thr = ops.where(greedy, m, m + log_min_p)", "thr = ops.where(greedy, m, m + log_min_p + 1.0)",
-             ("tests/test_sampler.py",)),
+             ("tests/engine/test_sampler.py",)),
     Mutation("scheduler: EOS at the min_tokens-th token ignored", "mindcpm/engine/scheduler.py",
              "if seq.num_completion_tokens >= params.min_tokens and (",
              "if seq.num_completion_tokens > params.min_tokens and (",
-             ("tests/test_scheduler.py",)),
+             ("tests/engine/test_scheduler.py",)),
     Mutation("InfLLM-v2 pooling: kernel 4b+3 left out (composite)", "mindcpm/layers/sparse.py",
              "padded[..., 4: 4 * nb + 4].reshape(b, hkv, l, nb, 4)[..., 0])",
              "padded[..., 3: 4 * nb + 3].reshape(b, hkv, l, nb, 4)[..., 0])",
@@ -86,10 +86,10 @@ MUTATIONS = [
     Mutation("lightning: query decay lambda^i instead of lambda^(i+1)", "mindcpm/ops/lightning.py",
              "inter = self.bmm(q * ops.exp(-cum).expand_dims(-1), state)",
              "inter = self.bmm(q * ops.exp(decay - cum).expand_dims(-1), state)",
-             ("tests/test_minimax_math.py", "-k", "block_form or chunked or layer_matches")),
+             ("tests/layers/test_lightning.py", "-k", "block_form or chunked or layer_matches")),
     Mutation("lightning: slopes 2^(-8h/H) instead of 2^(-8(h+1)/H)", "mindcpm/layers/lightning.py",
              "return 2.0 ** (-8.0 * np.arange(1, n + 1) / n)", "return 2.0 ** (-8.0 * np.arange(0, n) / n)",
-             ("tests/test_minimax_math.py", "-k", "slopes")),
+             ("tests/layers/test_lightning.py", "-k", "slopes")),
     Mutation("MiniMax: shared expert weights swapped", "mindcpm/models/minimax.py",
              "m = m * (1 - c) + self.shared_mlp(h2) * c", "m = m * c + self.shared_mlp(h2) * (1 - c)",
              MINIMAX_VARIANTS),

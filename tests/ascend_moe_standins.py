@@ -4,7 +4,7 @@ MoeComputeExpertTokens, GroupedMatmul, MoeFinalizeRouting, and for WeightQuantBa
 In the manner of tests/ascend_standins.py: each is a composite nn.Cell with the op's
 constructor and call signature that asserts the op's contract when traced and counts the call
 in CALLS. What each computes follows the numpy goldens of MindSpore's own Ascend tests of the op
-(written out, with the files named, in scripts/ascend_op_cases.py; tests/test_ascend_standins.py
+(written out, with the files named, in scripts/ascend_op_cases.py; tests/ops/test_ascend_standins.py
 checks every stand-in against them and against the docstrings' worked examples):
 - MoeGatingTopKSoftmax: softmax rounded to x's dtype, the k largest with ties to the lower
   expert, expert id E for `finished` rows, row_idx[i, j] = j*N + i;

@@ -3,7 +3,7 @@
 Written from the ops' MindSpore 2.10 docstrings and MindSpore's own Ascend tests, not from our
 backend: each is a composite nn.Cell of CPU ops with the op's constructor and call signature,
 and it asserts the op's contract on the shapes, dtypes and attributes it receives.
-tests/test_ascend_standins.py first checks each against the worked examples and numpy goldens of
+tests/ops/test_ascend_standins.py first checks each against the worked examples and numpy goldens of
 scripts/ascend_op_cases.py (the cases scripts/validate_ascend.py runs on an NPU).
 
 The checks run in Python when the call is traced (a graph compile, or every PyNative call) and
@@ -63,7 +63,7 @@ _VERIFIED: set = set()  # (op name, stand-in class) pairs that reproduced their 
 
 def verify(standins: dict) -> None:
     """Once per process and op: the stand-in must reproduce its op's docstring examples and its
-    first numpy golden (scripts/ascend_op_cases.py; tests/test_ascend_standins.py runs them all)
+    first numpy golden (scripts/ascend_op_cases.py; tests/ops/test_ascend_standins.py runs them all)
     before a model-level test may rely on it."""
     from scripts.ascend_op_cases import all_cases, run_case
     todo = [op for op, standin in standins.items() if (op, standin) not in _VERIFIED]

@@ -41,3 +41,11 @@ def fresh_cache(tmp_path, monkeypatch):
     path = tmp_path / "cache"
     monkeypatch.setenv("MINDCPM_CACHE", str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """The ModelConfig of the tests' tiny random Llama (tests/tiny.py), one per test module."""
+    from mindcpm.config import ModelConfig
+    from tests.tiny import make_tiny_model
+    return ModelConfig.from_dir(make_tiny_model(str(tmp_path_factory.mktemp("tiny"))))

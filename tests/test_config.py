@@ -82,6 +82,7 @@ EIGHT_B_LIKE = dict(MINICPM4_05B, hidden_size=256, num_attention_heads=4, num_ke
     ({"topk": 0}, "topk >= 1"),
     ({"colour": 1}, "unknown sparse_config key"),
     ({"variant": "v3"}, "sparse variant 'v3' unknown"),
+    ({"variant": "june2025", "window_size": 0}, "'june2025' needs window_size >= block_size \\(64\\), got 0"),
     ("yes", "sparse_config must be an object"),
 ])
 def test_bad_sparse_configs_name_the_problem(sparse, message):
@@ -94,6 +95,15 @@ def test_sparse_config_fills_the_documented_defaults():
     s = cfg.sparse
     assert (s.kernel_size, s.kernel_stride, s.init_blocks, s.block_size, s.window_size, s.topk, s.dense_len,
             s.variant) == (32, 16, 1, 64, 2048, 8, 8192, "current")
+
+
+def test_june2025_needs_a_window_also_when_chosen_by_the_option():
+    """With no window "current" still forces the query's own block in; "june2025" leaves it to the
+    window, so the same sparse_config is refused once the option picks that variant."""
+    cfg = ModelConfig.from_hf(dict(EIGHT_B_LIKE, sparse_config={"window_size": 0}))
+    assert (cfg.sparse.variant, cfg.sparse.window_blocks) == ("current", 0)
+    with pytest.raises(ConfigError, match="sparse attention option: sparse variant 'june2025' needs window_size"):
+        cfg.with_sparse("june2025")
 
 
 def test_sparse_refused_for_05b_and_groups_not_dividing_16():
@@ -114,3 +124,18 @@ def test_from_dir_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
     assert ModelConfig.from_dir(str(tmp_path)).eos_token_ids == (5,)
+
+
+def test_config_spellings_resolve_alike():
+    from mindcpm.config import ConfigError, ModelConfig
+    from tests.tiny_minimax import hf_native_spelling, minimax_config
+    remote = minimax_config(heads=4, head_dim=64, attn_types=(0, 1, 0, 1))
+    a, b = ModelConfig.from_hf(remote), ModelConfig.from_hf(hf_native_spelling(remote))
+    assert a.minimax == b.minimax and a.rope == b.rope and a.rope.rotary_dim == 32
+    assert a.minimax.lightning_layers == (True, False, True, False) and a.minimax.postnorm
+    text01 = dict(remote, architectures=["MiniMaxText01ForCausalLM"])
+    assert ModelConfig.from_hf(text01).minimax == a.minimax
+    with pytest.raises(ConfigError, match="layer types"):
+        ModelConfig.from_hf(dict(remote, attn_type_list=[0, 1]))
+    with pytest.raises(ConfigError, match="num_experts_per_tok"):
+        ModelConfig.from_hf(dict(remote, num_experts_per_tok=9))

@@ -1,4 +1,4 @@
-"""Run under msrun by tests/test_tensor_parallel.py: one tensor-parallel rank.
+"""Run under msrun by tests/test_parallel.py: one tensor-parallel rank.
 
     python tests/tp_worker.py MODEL_DIR OUT_NPZ TP [MODEL_DIR_OF_RANK_1]
 
@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mindcpm import LLM, SamplingParams  # noqa: E402
 from tests.engine_probe import prefill_logits  # noqa: E402
-from tests.test_tensor_parallel import PROMPTS  # noqa: E402
+from tests.test_parallel import PROMPTS  # noqa: E402
 
 
 def main() -> None:

@@ -105,7 +105,7 @@ def test_bfloat16_on_cpu_without_kernels_is_one_clear_error(tiny_dir):
 def test_sparse_attention_runs_its_kernels_and_matches_the_composite(tmp_path):
     """InfLLM-v2 with the kernels on runs its selection and block-sparse kernels (which the
     sparse tests compare with the reference) and gives the composite cells' tokens."""
-    from tests.test_sparse_engine import PROMPTS as SPARSE_PROMPTS, SPARSE, make_sparse_model
+    from tests.models.test_minicpm_sparse import PROMPTS as SPARSE_PROMPTS, SPARSE, make_sparse_model
     path = make_sparse_model(str(tmp_path / "sparse"), SPARSE)
     runs = {}
     for kernels in ("on", "off"):

@@ -184,7 +184,7 @@ def test_sampled_output_follows_the_target_distribution(tiny_dir, tmp_path, draf
 
     from mindcpm import SamplingParams
     from tests.engine_probe import prefill_logits
-    from tests.test_eagle import make_draft
+    from tests.models.test_eagle import make_draft
     config = NGRAM
     if drafter != "fixed":
         make_draft(str(tmp_path), own_vocab=False)

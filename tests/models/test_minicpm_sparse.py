@@ -12,10 +12,11 @@ import pytest
 from tests.engine_probe import prefill_logits, tokens
 from safetensors.numpy import save_file
 
-from tests.tiny import VOCAB, write_byte_tokenizer
+from tests.tiny import VOCAB, make_llm, write_byte_tokenizer
 
 SPARSE = dict(window_size=128, topk=2, dense_len=-1)  # scaled down: crosses every boundary by ~300 tokens
 PROMPTS = [[256] + [(7 * i + 3 * j) % 250 for i in range(n)] for j, n in enumerate([290, 200, 300])]
+MAX_LEN = 512  # the longest prompt plus its decode steps
 
 
 CONFIG = dict(architectures=["MiniCPMForCausalLM"], vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
@@ -51,30 +52,24 @@ def model_dir(tmp_path_factory):
     return make_sparse_model(str(tmp_path_factory.mktemp("tiny_sparse")), SPARSE)
 
 
-def _llm(path, **kw):
-    from mindcpm import LLM
-    kw.setdefault("max_model_len", 512)
-    return LLM(model=path, progress=False, **kw)
-
-
 def _greedy(n):
     from mindcpm import SamplingParams
     return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
 
 
 def test_sparse_config_from_checkpoint(model_dir):
-    llm = _llm(model_dir)
+    llm = make_llm(model_dir, max_model_len=MAX_LEN)
     assert llm.engine.runner.backend_name == "infllm-v2"
     assert llm.config.sparse.topk == 2 and llm.config.sparse.variant == "current"
 
 
 @pytest.mark.parametrize("variant, kernels", [("current", "auto"), ("june2025", "off")])
 def test_decode_after_prefill_equals_whole_prefill(model_dir, variant, kernels, monkeypatch):
-    # Chunked prefill against the reference is in test_sparse_attention; here one shape each,
+    # Chunked prefill against the reference is in tests/layers/test_sparse.py; here one shape each,
     # with the C++ kernels (where g++ builds them) and with the composite cells.
     if kernels == "off":
         monkeypatch.setenv("MINDCPM_KERNELS", "off")
-    llm = _llm(model_dir, sparse_attention=variant)
+    llm = make_llm(model_dir, max_model_len=MAX_LEN, sparse_attention=variant)
     layer = llm.engine.runner.model.layers[0].self_attn.attend.backend
     assert layer.kernel is None or kernels != "off"
     prompt = PROMPTS[0]
@@ -118,7 +113,8 @@ def reference_llms(tmp_path_factory):
             path = str(tmp_path_factory.getbasetemp() / f"sparse2-{variant}")
             if not os.path.isdir(path):
                 make_sparse_model(path, dict(window_size=64, topk=2, dense_len=200, variant=variant), layers=2, seed=4)
-            made[variant, chunk] = path, _llm(path, max_num_seqs=1, max_num_batched_tokens=chunk)
+            made[variant, chunk] = path, make_llm(path, max_model_len=MAX_LEN, max_num_seqs=1,
+                                                  max_num_batched_tokens=chunk)
         return made[variant, chunk]
     return get
 
@@ -137,19 +133,20 @@ def test_model_matches_float64_reference(reference_llms, variant, prompt_len, ch
 def test_topk_covering_all_blocks_equals_dense(model_dir, tmp_path):
     wide = make_sparse_model(str(tmp_path / "wide"), dict(SPARSE, topk=64))
     prompt = PROMPTS[2]
-    dense = prefill_logits(_llm(model_dir, sparse_attention=False), [prompt])[0]
-    np.testing.assert_allclose(prefill_logits(_llm(wide), [prompt])[0], dense, atol=1e-4, rtol=0)
-    sparse = prefill_logits(_llm(model_dir), [prompt])[0]
+    dense = prefill_logits(make_llm(model_dir, max_model_len=MAX_LEN, sparse_attention=False), [prompt])[0]
+    wide_logits = prefill_logits(make_llm(wide, max_model_len=MAX_LEN), [prompt])[0]
+    np.testing.assert_allclose(wide_logits, dense, atol=1e-4, rtol=0)
+    sparse = prefill_logits(make_llm(model_dir, max_model_len=MAX_LEN), [prompt])[0]
     assert np.abs(sparse - dense)[200:].max() > 1e-2  # and the scaled-down config is really sparse
 
 
 def test_preempted_and_batched_equal_alone(model_dir, monkeypatch):
     prompts = PROMPTS[:2]
-    llm = _llm(model_dir, max_num_seqs=1)
+    llm = make_llm(model_dir, max_model_len=MAX_LEN, max_num_seqs=1)
     alone = [tokens(llm.generate({"prompt_token_ids": p}, _greedy(24)))[0] for p in prompts]
     # 32 blocks of 16 tokens hold both prompts (19 + 13 blocks) but not the first one's 20th
     # block: the younger sequence is preempted (its C1/C2 freed with its blocks) and recomputed.
-    busy = _llm(model_dir, max_num_seqs=2, kv_cache_gib=1e-9)
+    busy = make_llm(model_dir, max_model_len=MAX_LEN, max_num_seqs=2, kv_cache_gib=1e-9)
     scheduler = busy.engine.scheduler
     assert scheduler.block_manager.num_blocks == 32
     preempted = []
@@ -186,7 +183,7 @@ def test_refusals(model_dir):
     with pytest.raises(ConfigError, match="kernel_size"):
         ModelConfig.from_hf(dict(half_b, hidden_size=2048, sparse_config={"kernel_size": 64}))
     with pytest.raises(ValueError, match="block_size 16"):
-        _llm(model_dir, block_size=8)
+        make_llm(model_dir, max_model_len=MAX_LEN, block_size=8)
 
 
 def test_cli_option():

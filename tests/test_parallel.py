@@ -1,5 +1,5 @@
 """Tensor parallelism: 2 ranks started by msrun (mccl on CPU) against the single-process model,
-whose own equality with transformers is tests/test_model_hf.py's."""
+whose own equality with transformers is tests/models/test_minicpm.py's."""
 from __future__ import annotations
 
 import glob
@@ -101,17 +101,23 @@ def test_two_ranks_equal_one(tmp_path, cfg, kernels):
     assert json.loads(str(ranks["tokens"])) == ref_tokens
 
 
-@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-sliced", "experts-per-rank"])
-def test_minimax_two_ranks_equal_one(tmp_path, expert_parallel):
-    """Lightning heads (with their slopes) and the norm over all H*D split across ranks; MoE
-    experts sliced within or held whole per rank; softmax layers' KV heads split."""
+@pytest.fixture(scope="module")
+def minimax_reference(tmp_path_factory):
+    """A tiny MiniMax and its single-process logits and tokens (one reference for both splits)."""
     from tests.tiny_minimax import make_tiny_minimax, minimax_config
     cfg = minimax_config(hidden=64, heads=4, head_dim=16, kv_heads=2, attn_types=(0, 1, 0), intermediate=32)
-    model_dir = make_tiny_minimax(str(tmp_path / "model"), cfg, seed=2)
+    model_dir = make_tiny_minimax(str(tmp_path_factory.mktemp("minimax") / "model"), cfg, seed=2)
+    return (model_dir, *single_process(model_dir, "off"))
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["experts-sliced", "experts-per-rank"])
+def test_minimax_two_ranks_equal_one(tmp_path, minimax_reference, expert_parallel):
+    """Lightning heads (with their slopes) and the norm over all H*D split across ranks; MoE
+    experts sliced within or held whole per rank; softmax layers' KV heads split."""
+    model_dir, ref_logits, ref_tokens = minimax_reference
     proc, out, _ = run_ranks(model_dir, str(tmp_path), kernels="off", expert_parallel=expert_parallel)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = np.load(out)
-    ref_logits, ref_tokens = single_process(model_dir, "off")
     for i, ref in enumerate(ref_logits):
         np.testing.assert_allclose(ranks[f"logits{i}"], ref, atol=1e-5, rtol=0)
     assert json.loads(str(ranks["tokens"])) == ref_tokens

@@ -2,7 +2,7 @@
 
 No NPU here: tests/ascend_standins.py replaces ReshapeAndCache, PagedAttention and
 FlashAttentionScore with CPU stand-ins written from the ops' documentation (checked against
-MindSpore's own examples in tests/test_ascend_standins.py), which assert the documented
+MindSpore's own examples in tests/ops/test_ascend_standins.py), which assert the documented
 shapes/dtypes/layouts when traced and refuse fp32 as the real kernels do. A tiny random Llama
 (GQA 4:2, head_dim 32) on the ascend backend in fp16, compiled as the engine compiles it, must
 give the native backend's fp16 logits and transformers' fp32 logits within the fp16 rounding,

@@ -101,7 +101,7 @@ def test_ascend_step_passes_mindspore_inference(family, dtype, bucket, tmp_path,
 GRAPH_INPUTS_SCRIPT = textwrap.dedent("""
     import json, sys
     sys.path.insert(0, {root!r})
-    from tests.test_ascend_vendor_checks import FAMILIES, build, step_inputs
+    from tests.ops.test_ascend_vendor_checks import FAMILIES, build, step_inputs
     from mindcpm.ops import setup_runtime
     setup_runtime("cpu")
     device, model, compiled = build(FAMILIES["minimax"], "float16", {tmp!r})
@@ -119,7 +119,7 @@ def test_compiled_ascend_step_names_its_inputs_and_boosts_inference(tmp_path):
     """Read off the compiled graph (MindSpore's own IR dump, in a fresh process): the internal
     PagedAttention finds the host inputs `batch_valid_length` and `q_seq_lens` by name, and the
     step is compiled with infer_boost on (which selects those internal kernels)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.paths import ROOT as root
     dump = tmp_path / "ir"
     env = dict(os.environ, MS_DEV_SAVE_GRAPHS="1", MS_DEV_SAVE_GRAPHS_PATH=str(dump), MS_COMPILER_CACHE_ENABLE="0")
     script = GRAPH_INPUTS_SCRIPT.format(root=root, tmp=str(tmp_path))
@@ -146,7 +146,7 @@ def test_device_detection_is_quiet_and_an_ascend_setup_failure_is_one_error(tmp_
         except RuntimeError as e:
             print("error:", e)
     """)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.paths import ROOT as root
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=root)
     out = run.stdout.strip().splitlines()
     if out and out[0] == "ascend":

@@ -22,11 +22,11 @@ from mindspore import ops
 from scripts import ascend_op_cases as C
 from tests.ascend_moe_standins import STANDINS as MOE_STANDINS
 from tests.ascend_standins import ATTENTION_STANDINS
+from tests.paths import ROOT
 
 STANDINS = dict(MOE_STANDINS, **ATTENTION_STANDINS)
 CASES = C.all_cases()
 UNSUPPORTED_ON_CPU = r"Unsupported op \[\w+\] on CPU"
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)

@@ -13,8 +13,9 @@ import subprocess
 import pytest
 
 from tests.ascendc_emu import ROOT, include_dirs
+from tests.paths import TESTS
 
-STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ascendc_stub")
+STUB = os.path.join(TESTS, "ascendc_stub")
 
 
 @pytest.mark.parametrize("dtype", ["half", "bfloat16_t"])

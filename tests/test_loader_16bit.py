@@ -18,7 +18,7 @@ from safetensors.numpy import load_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
 from tests.reference.hf_llama import reference_logits  # noqa: E402
-from tests.tiny import TINY_LLAMA, make_tiny_model  # noqa: E402
+from tests.tiny import TINY_LLAMA, make_llm, make_tiny_model  # noqa: E402
 
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
 SHARDS = 3
@@ -83,11 +83,6 @@ def checkpoints(tiny_dir, tmp_path_factory):
     return get
 
 
-def _llm(path, **kw):
-    from mindcpm import LLM
-    return LLM(model=path, progress=False, max_model_len=64, **kw)
-
-
 def _parameter_values(llm, hf_name: str) -> np.ndarray:
     """The fp32 values of a checkpoint tensor as the model holds it (its rows of a fused parameter)."""
     from mindcpm.loader import our_name
@@ -113,7 +108,7 @@ def test_16bit_checkpoint_loads_the_stored_values(checkpoints, stored, shards, d
     if kernels == "on" and not kernels_available():
         pytest.skip("no g++ to build the CPU kernels")
     path, values = checkpoints(stored, shards)
-    llm = _llm(path, dtype=dtype, kernels=kernels)
+    llm = make_llm(path, dtype=dtype, kernels=kernels)
     layer = llm.engine.runner.model.layers[0]
     assert layer.self_attn.qkv_proj.weight.dtype == (ms.float32 if dtype == "float32" else getattr(ms, dtype))
     for hf_name, want in values.items():
@@ -132,7 +127,7 @@ def hf_reference(checkpoints, tmp_path_factory):
 
 def test_sharded_bf16_checkpoint_matches_transformers(checkpoints, hf_reference):
     path, _ = checkpoints("bfloat16", SHARDS)
-    llm = _llm(path, dtype="float32", kernels="off", enable_prefix_caching=False)
+    llm = make_llm(path, dtype="float32", kernels="off", enable_prefix_caching=False)
     for ours, ref in zip(prefill_logits(llm, PROMPTS), hf_reference("bfloat16", SHARDS)):
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
@@ -239,7 +234,7 @@ def test_fp16_forward_matches_fp32_transformers_within_the_derived_bound(checkpo
     twice its logits' error), against transformers on the prompts and our continuations."""
     from mindcpm import SamplingParams
     path, _ = checkpoints("float16", 1)
-    llm = _llm(path, dtype="float16", kernels="off", enable_prefix_caching=False)
+    llm = make_llm(path, dtype="float16", kernels="off", enable_prefix_caching=False)
     assert llm.dtype == "float16" and not llm.kernels
     assert llm.engine.runner.model.layers[0].self_attn.k_cache.dtype == ms.float16
     prefill = prefill_logits(llm, PROMPTS)

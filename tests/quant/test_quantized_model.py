@@ -17,9 +17,10 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
 from tests.reference.hf_llama import reference_logits  # noqa: E402
-from tests.tiny import make_tiny_model  # noqa: E402
+from tests.tiny import make_llm, make_tiny_model  # noqa: E402
 
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
+KERNELS_ON = dict(kernels="on", enable_prefix_caching=False)  # the quantized kernels, every prompt computed
 # (method, group size): int8 per output channel, int4 in groups of 32 of the tiny model's 64 / 128 inputs
 # fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by layer
 METHODS = [("int8", None, True), ("int4", 32, True), ("int8", 64, True), ("int4", 32, False)]
@@ -32,11 +33,6 @@ def tiny_dir(tmp_path_factory):
     if not kernels_available():
         pytest.skip("no g++ to build the CPU kernels")
     return make_tiny_model(str(tmp_path_factory.mktemp("tiny_quant")))
-
-
-def _llm(path, **kw):
-    from mindcpm import LLM
-    return LLM(model=path, progress=False, max_model_len=64, kernels="on", enable_prefix_caching=False, **kw)
 
 
 def decode_numpy(packed: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
@@ -76,7 +72,7 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tm
     from mindcpm.ops.device import Device
     if not fused:
         monkeypatch.setattr(Device, "fuse_blocks", lambda self, model: None)
-    llm = _llm(tiny_dir, quantization=method, quant_group_size=group)
+    llm = make_llm(tiny_dir, **KERNELS_ON, quantization=method, quant_group_size=group)
     layer_type = type(llm.engine.runner.model.layers[0]).__name__
     assert (layer_type == "KernelQuantDecoderLayer") == fused, layer_type
     qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
@@ -157,7 +153,7 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_
 def test_gptq_checkpoint_matches_transformers_on_dequantized_weights(tiny_dir, tmp_path):
     out, ref_dir = str(tmp_path / "gptq"), str(tmp_path / "ref")
     write_gptq(tiny_dir, out, GPTQ, ref_dir)
-    llm = _llm(out)
+    llm = make_llm(out, **KERNELS_ON)
     assert llm.quantization == "gptq"
     assert type(llm.engine.runner.model.layers[0]).__name__ == "KernelQuantDecoderLayer"
     ref, _ = reference_logits(ref_dir, PROMPTS, str(tmp_path))
@@ -199,7 +195,7 @@ def write_ternary(src: str, out: str, spoil: str | None = None) -> None:
 def test_bitcpm_ternary_checkpoint_matches_transformers(tiny_dir, tmp_path):
     out = str(tmp_path / "ternary")
     write_ternary(tiny_dir, out)
-    llm = _llm(out, quantization="bitcpm")
+    llm = make_llm(out, **KERNELS_ON, quantization="bitcpm")
     gate_up = llm.engine.runner.model.layers[0].mlp.gate_up_proj
     assert gate_up.weight_packed.shape[1] * 4 == gate_up.in_features  # 2 bits a weight, losslessly
     ref, _ = reference_logits(out, PROMPTS, str(tmp_path))

@@ -33,9 +33,6 @@ def small(tmp_path_factory):
     return make_tiny_minimax(str(tmp_path_factory.mktemp("minimax_small")), cfg, seed=1)
 
 
-_llm = tiny_llm
-
-
 def all_position_logits(path, ids, max_tokens):
     """The runner's logits at every position of one prompt (one prefill, the row padded to the
     max_tokens bucket)."""
@@ -77,7 +74,7 @@ def test_variants_match_reference(tmp_path, shared, postnorm):
 def test_greedy_engine_equals_reference_decoding(tiny):
     from mindcpm import SamplingParams
     path, cfg, weights = tiny
-    llm = _llm(path, max_num_seqs=2)
+    llm = tiny_llm(path, max_num_seqs=2)
     prompt = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     assert tokens(out)[0] == R.greedy(cfg, weights, prompt, 12)
@@ -91,7 +88,7 @@ PROMPTS = [[256] + list(range(3 + i, 3 + i + n)) for i, n in enumerate([3, 17, 3
 def busy(small):
     """Batching, chunked prefill (16-token budget) and a pool of 8 KV blocks that forces preemption,
     in one engine so the graphs compile once."""
-    return _llm(small, max_num_seqs=4, max_num_batched_tokens=16, kv_cache_gib=1e-9)
+    return tiny_llm(small, max_num_seqs=4, max_num_batched_tokens=16, kv_cache_gib=1e-9)
 
 
 def test_concurrent_equals_alone(busy):
@@ -135,9 +132,49 @@ def test_long_prompt_prefilled_in_chunks(small, tmp_path_factory):
     """150 tokens in chunks of 64 across lightning blocks of 8, with a block table longer than the
     first steps' table bucket: the greedy continuation equals the reference's."""
     from mindcpm import SamplingParams
-    llm = _llm(small, max_model_len=512, max_num_batched_tokens=64, max_num_seqs=1)
+    llm = tiny_llm(small, max_model_len=512, max_num_batched_tokens=64, max_num_seqs=1)
     prompt = np.random.default_rng(5).integers(0, 256, 150).tolist()
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
     with open(os.path.join(small, "config.json")) as f:
         cfg = R.Config(json.load(f))
     assert tokens(out)[0] == R.greedy(cfg, R.load(os.path.join(small, "model.safetensors")), prompt, 3)
+
+
+@pytest.fixture(scope="module")
+def minimax_runner(tiny):
+    """The tests' tiny MiniMax checkpoint loaded into a runner: (runner, config dict, float64 weights)."""
+    from mindcpm.config import ModelConfig
+    from mindcpm.engine.runner import ModelRunner, RunnerConfig
+    path, _, weights = tiny
+    runner = ModelRunner(ModelConfig.from_dir(path), RunnerConfig(8, 16, 2, 128), path, progress=False)
+    with open(f"{path}/config.json") as f:
+        cfg = json.load(f)
+    return runner, cfg, weights
+
+
+def test_postnorm_residual_flow(minimax_runner):
+    """Zero the attention out-projection and the experts' down-projections: the layer must give
+    alpha_mlp * RMSNorm_post(alpha_attn * RMSNorm_in(x)) (a pre-norm bug gives alpha_mlp*alpha_attn*x)."""
+    import mindspore as ms
+    from mindspore import Tensor
+    runner, cfg, weights = minimax_runner
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 5, cfg["hidden_size"]))
+    for i in (0, 3):  # a lightning layer and a softmax layer
+        layer = runner.model.layers[i]
+        attn_out = layer.self_attn.out_proj if i != 3 else layer.self_attn.o_proj
+        saved = attn_out.weight.asnumpy(), layer.block_sparse_moe.experts.w2.weight.asnumpy()
+        attn_out.weight.set_data(Tensor(np.zeros_like(saved[0]), ms.float32))
+        layer.block_sparse_moe.experts.w2.weight.set_data(Tensor(np.zeros_like(saved[1]), ms.float32))
+        try:
+            out = layer(Tensor(x, ms.float32), Tensor(np.arange(5, dtype=np.int32)[None]),
+                        Tensor(np.arange(5, dtype=np.int32) + 8), Tensor(np.array([[1, 2]], np.int32)),
+                        Tensor([0], ms.int32), 8).asnumpy()
+        finally:
+            attn_out.weight.set_data(Tensor(saved[0], ms.float32))
+            layer.block_sparse_moe.experts.w2.weight.set_data(Tensor(saved[1], ms.float32))
+        p, alpha = f"model.layers.{i}.", cfg["layernorm_mlp_alpha"]
+        h = R.rmsnorm(x, weights[p + "input_layernorm.weight"], 1e-5)
+        expected = alpha * R.rmsnorm(alpha * h, weights[p + "post_attention_layernorm.weight"], 1e-5)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+        assert not np.allclose(out, alpha * alpha * x, atol=1e-2)

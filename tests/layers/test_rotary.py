@@ -63,3 +63,22 @@ def test_rotary_cell_applies_tables():
     cos, sin = spec_longrope(16, 10000.0, 512, 128, short, long, positions[0])
     np.testing.assert_allclose(q_out.asnumpy(), rotate(q, cos[None, :, None], sin[None, :, None]), atol=1e-4)
     np.testing.assert_allclose(k_out.asnumpy(), rotate(k, cos[None, :, None], sin[None, :, None]), atol=1e-4)
+
+
+def test_partial_rope_rotates_first_64_of_128_dims():
+    """MiniMax's partial RoPE against tests/reference/minimax_numpy.py."""
+    import mindspore as ms
+    from tests.reference import minimax_numpy as R
+    from mindcpm.config import RopeConfig
+    from mindcpm.layers.rotary import RotaryEmbedding
+    rng = np.random.default_rng(0)
+    rope = RotaryEmbedding(RopeConfig(128, 1e7, 4096, rotary_dim=64))
+    positions = np.array([[0, 1, 7, 100, 4000]], np.int32)
+    q = rng.standard_normal((1, 5, 3, 128))
+    k = rng.standard_normal((1, 5, 2, 128))
+    got = rope(ms.Tensor(positions), ms.Tensor(q, ms.float32), ms.Tensor(k, ms.float32))
+    got_q, got_k = (x.asnumpy() for x in got)
+    for got, x in ((got_q, q), (got_k, k)):
+        ref = R.partial_rope(x[0], positions[0].astype(np.float64), 64, 1e7)
+        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(got[..., 64:], x[..., 64:].astype(np.float32))

@@ -6,7 +6,7 @@ and builds with an injected bug that must fail.
 Tolerances: the kernels widen q/k/v to fp32 on load and keep decays, states and outputs fp32,
 and the reference is fed the same 16-bit-rounded inputs, so the only difference is fp32
 arithmetic over at most a few hundred terms of SiLU-sized values: 2e-5 of the output's scale
-(about 170 fp32 ulps), the bound tests/test_minimax_math.py uses for the composite."""
+(about 170 fp32 ulps), the bound tests/layers/test_lightning.py uses for the composite."""
 from __future__ import annotations
 
 import numpy as np

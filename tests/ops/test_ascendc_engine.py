@@ -19,7 +19,7 @@ import pytest
 from tests.ascend_moe_standins import install_moe_standins
 from tests.ascend_standins import install_standins
 from tests.ascendc_standins import install_emulation
-from tests.test_sparse_engine import SPARSE, make_sparse_model
+from tests.models.test_minicpm_sparse import SPARSE, make_sparse_model
 from tests.tiny_minimax import make_tiny_minimax, minimax_config
 
 LOGPROB_TOL = 32 * 2.0 ** -10

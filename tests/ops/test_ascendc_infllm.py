@@ -1,7 +1,7 @@
 """The AscendC InfLLM-v2 kernels (kernels_aclnn/infllm_score/op_kernel: block selection;
 kernels_aclnn/infllm_attention/op_kernel: block-sparse attention over the paged KV cache) run on
 CPU through the emulated primitive layer, against the float64 reference written from the spec
-(tests/reference/infllm_numpy.py), at the boundaries tests/test_sparse_attention.py uses.
+(tests/reference/infllm_numpy.py), at the boundaries tests/layers/test_sparse.py uses.
 
 The caches hold 16-bit values, so the reference is fed the same rounded q, K, V and the same
 rounded compressed keys (the means are rounded once, as the cache stores them). Selection must
@@ -17,7 +17,7 @@ import pytest
 
 from tests import ascendc_emu as emu
 from tests.reference import infllm_numpy as ref
-from tests.test_sparse_attention import ref_mask
+from tests.layers.test_sparse import ref_mask
 
 HQ, HKV = 4, 2
 PAGE = 16  # KV page (block) size; C1 entries sit in these pages

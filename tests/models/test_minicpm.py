@@ -11,9 +11,10 @@ from safetensors.numpy import load_file, save_file
 
 from tests.engine_probe import prefill_logits
 from tests.reference.hf_llama import reference_logits
-from tests.tiny import TINY_LLAMA, make_tiny_model, write_byte_tokenizer
+from tests.tiny import TINY_LLAMA, make_llm, make_tiny_model, write_byte_tokenizer
 
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117)), [256, 80]]
+MAX_LEN = 256  # prompt plus 32 greedy steps of the reference
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +27,6 @@ def reference(tiny_dir, tmp_path_factory):
     return reference_logits(tiny_dir, PROMPTS, str(tmp_path_factory.mktemp("ref")), greedy_steps=32)
 
 
-def _llm(path, **kw):
-    from mindcpm import LLM
-    kw.setdefault("max_model_len", 256)
-    return LLM(model=path, progress=False, **kw)
-
-
 def log_softmax(x: np.ndarray) -> np.ndarray:
     shifted = x - x.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
@@ -41,7 +36,7 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
 
 def test_logits_match_transformers(tiny_dir, reference):
     ref_logits, _ = reference
-    llm = _llm(tiny_dir, enable_prefix_caching=False)
+    llm = make_llm(tiny_dir, max_model_len=MAX_LEN, enable_prefix_caching=False)
     for ours, ref in zip(prefill_logits(llm, PROMPTS), ref_logits):
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
@@ -49,7 +44,7 @@ def test_logits_match_transformers(tiny_dir, reference):
 def test_greedy_tokens_match_transformers_through_engine(tiny_dir, reference):
     from mindcpm import SamplingParams
     _, ref_greedy = reference
-    llm = _llm(tiny_dir, block_size=8, max_num_seqs=3)
+    llm = make_llm(tiny_dir, max_model_len=MAX_LEN, block_size=8, max_num_seqs=3)
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)
     assert [o.outputs[0].token_ids for o in outs] == ref_greedy
@@ -59,7 +54,7 @@ def test_greedy_tokens_match_transformers_through_engine(tiny_dir, reference):
 def test_logprobs_match_transformers(tiny_dir, reference):
     from mindcpm import SamplingParams
     ref_logits, _ = reference
-    llm = _llm(tiny_dir)
+    llm = make_llm(tiny_dir, max_model_len=MAX_LEN)
     out = llm.generate({"prompt_token_ids": PROMPTS[1]},
                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=3, logprobs=3))[0]
     ref = log_softmax(ref_logits[1].astype(np.float64))
@@ -111,7 +106,7 @@ def test_mup_scales_equal_rescaled_llama(tiny_dir, tmp_path, tied):
         json.dump(cfg, f)
 
     ref, _ = reference_logits(ref_dir, PROMPTS[:2], str(tmp_path))
-    llm = _llm(ours)
+    llm = make_llm(ours, max_model_len=MAX_LEN)
     assert llm.config.tie_word_embeddings == tied
     for mine, theirs in zip(prefill_logits(llm, PROMPTS[:2]), ref):
         np.testing.assert_allclose(mine, theirs, atol=1e-4, rtol=0)

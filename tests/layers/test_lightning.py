@@ -1,28 +1,11 @@
-"""MiniMax building blocks against the float64 NumPy reference written from the published maths
-(tests/reference/minimax_numpy.py, docs/minimax.md)."""
+"""MiniMax lightning attention (mindcpm/layers/lightning.py over ops/lightning.py) against the float64
+NumPy reference written from the published maths (tests/reference/minimax_numpy.py, docs/minimax.md)."""
 from __future__ import annotations
-
-import json
-
 
 import numpy as np
 import pytest
 
 from tests.reference import minimax_numpy as R
-
-
-@pytest.fixture(scope="module")
-def minimax_runner(tmp_path_factory):
-    """The tests' tiny MiniMax checkpoint loaded into a runner: (runner, config dict, float64 weights)."""
-    import json
-    from mindcpm.config import ModelConfig
-    from mindcpm.engine.runner import ModelRunner, RunnerConfig
-    from tests.tiny_minimax import make_tiny_minimax
-    path = make_tiny_minimax(str(tmp_path_factory.mktemp("minimax")))
-    runner = ModelRunner(ModelConfig.from_dir(path), RunnerConfig(8, 16, 2, 128), path, progress=False)
-    with open(f"{path}/config.json") as f:
-        cfg = json.load(f)
-    return runner, cfg, R.load(f"{path}/model.safetensors")
 
 
 def _t(a, dtype=None):
@@ -188,6 +171,7 @@ def test_half_precision_inputs_still_decay_with_tiny_slope():
 
 
 # -- 4./5. the lightning layer: head-major qkv, SiLU, norm over H*D (eps 1e-6), gate on the input ---
+# (the norm cell itself: tests/layers/test_norm.py)
 def _lightning_weights(rng, hidden, h, d):
     return {"self_attn.qkv_proj.weight": rng.standard_normal((3 * h * d, hidden)) * 0.1,
             "self_attn.output_gate.weight": rng.standard_normal((h * d, hidden)) * 0.1,
@@ -227,167 +211,3 @@ def test_lightning_layer_matches_reference(h):
     wrong, _ = R.lightning_layer(cfg, {f"model.layers.{layer}." + k: v for k, v in swapped.items()},
                                  f"model.layers.{layer}.", x, None)
     assert np.abs(wrong - ref).max() > 1e-2
-
-
-def test_norm_is_over_all_heads_with_eps_1e6():
-    import mindspore as ms
-    from mindcpm.layers.norm import RMSNorm
-    rng = np.random.default_rng(0)
-    h, d = 4, 8
-    # Heads of very different scales: a per-head norm would equalise them; one over H*D does not.
-    o = rng.standard_normal((3, h, d)) * np.array([1e-3, 1, 10, 100])[None, :, None]
-    y = o.reshape(3, h * d)
-    cell = RMSNorm(h * d, 1e-6, ms.float32)
-    got = cell(_t(y, ms.float32)).asnumpy()
-    np.testing.assert_allclose(got, R.rmsnorm(y, 1.0, 1e-6), rtol=1e-5, atol=1e-8)
-    per_head = R.rmsnorm(o, 1.0, 1e-6).reshape(3, h * d)
-    assert np.abs(per_head - got).max() > 0.1
-
-
-# -- 6. partial RoPE --------------------------------------------------------------------------------
-def test_partial_rope_rotates_first_64_of_128_dims():
-    import mindspore as ms
-    from mindcpm.config import RopeConfig
-    from mindcpm.layers.rotary import RotaryEmbedding
-    rng = np.random.default_rng(0)
-    rope = RotaryEmbedding(RopeConfig(128, 1e7, 4096, rotary_dim=64))
-    positions = np.array([[0, 1, 7, 100, 4000]], np.int32)
-    q = rng.standard_normal((1, 5, 3, 128))
-    k = rng.standard_normal((1, 5, 2, 128))
-    got_q, got_k = (x.asnumpy() for x in rope(_t(positions), _t(q, ms.float32), _t(k, ms.float32)))
-    for got, x in ((got_q, q), (got_k, k)):
-        ref = R.partial_rope(x[0], positions[0].astype(np.float64), 64, 1e7)
-        np.testing.assert_allclose(got[0], ref, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(got[..., 64:], x[..., 64:].astype(np.float32))
-
-
-def test_config_spellings_resolve_alike():
-    from mindcpm.config import ConfigError, ModelConfig
-    from tests.tiny_minimax import hf_native_spelling, minimax_config
-    remote = minimax_config(heads=4, head_dim=64, attn_types=(0, 1, 0, 1))
-    a, b = ModelConfig.from_hf(remote), ModelConfig.from_hf(hf_native_spelling(remote))
-    assert a.minimax == b.minimax and a.rope == b.rope and a.rope.rotary_dim == 32
-    assert a.minimax.lightning_layers == (True, False, True, False) and a.minimax.postnorm
-    text01 = dict(remote, architectures=["MiniMaxText01ForCausalLM"])
-    assert ModelConfig.from_hf(text01).minimax == a.minimax
-    with pytest.raises(ConfigError, match="layer types"):
-        ModelConfig.from_hf(dict(remote, attn_type_list=[0, 1]))
-    with pytest.raises(ConfigError, match="num_experts_per_tok"):
-        ModelConfig.from_hf(dict(remote, num_experts_per_tok=9))
-
-
-# -- 7. MoE vs a dense loop --------------------------------------------------------------------------
-@pytest.mark.parametrize("n", [1, 2, 13])  # n * top_k <= experts takes the gather path, more the dense one
-def test_moe_matches_dense_loop(n):
-    import mindspore as ms
-    from mindcpm.layers.moe import MoE
-    from mindcpm.ops.moe import NativeMoE
-    rng = np.random.default_rng(n)
-    hidden, inter, e, k = 16, 8, 4, 2
-    x = rng.standard_normal((n, hidden))
-    w = {"model.layers.0.block_sparse_moe.gate.weight": rng.standard_normal((e, hidden))}
-    for i in range(e):
-        for name, shape in (("w1", (inter, hidden)), ("w3", (inter, hidden)), ("w2", (hidden, inter))):
-            w[f"model.layers.0.block_sparse_moe.experts.{i}.{name}.weight"] = rng.standard_normal(shape) * 0.3
-    cfg = type("C", (), dict(top_k=k, shared=0))
-    ref = R.moe(cfg, w, "model.layers.0.", x)
-    cell = MoE(hidden, inter, e, k, NativeMoE())
-    cell.gate.weight.set_data(_t(w["model.layers.0.block_sparse_moe.gate.weight"], ms.float32))
-    p = "model.layers.0.block_sparse_moe.experts."
-    cell.experts.w13.weight.set_data(_t(np.stack([np.concatenate([w[f"{p}{i}.w1.weight"], w[f"{p}{i}.w3.weight"]])
-                                                  for i in range(e)]), ms.float32))
-    cell.experts.w2.weight.set_data(_t(np.stack([w[f"{p}{i}.w2.weight"] for i in range(e)]), ms.float32))
-    got = cell(_t(x[None], ms.float32)).asnumpy()[0]
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
-
-
-# -- 8. postnorm residual flow ------------------------------------------------------------------------
-def test_postnorm_residual_flow(minimax_runner):
-    """Zero the attention out-projection and the experts' down-projections: the layer must give
-    alpha_mlp * RMSNorm_post(alpha_attn * RMSNorm_in(x)) (a pre-norm bug gives alpha_mlp*alpha_attn*x)."""
-    import mindspore as ms
-    runner, cfg, weights = minimax_runner
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 5, cfg["hidden_size"]))
-    for i in (0, 3):  # a lightning layer and a softmax layer
-        layer = runner.model.layers[i]
-        attn_out = layer.self_attn.out_proj if i != 3 else layer.self_attn.o_proj
-        saved = attn_out.weight.asnumpy(), layer.block_sparse_moe.experts.w2.weight.asnumpy()
-        attn_out.weight.set_data(_t(np.zeros_like(saved[0]), ms.float32))
-        layer.block_sparse_moe.experts.w2.weight.set_data(_t(np.zeros_like(saved[1]), ms.float32))
-        try:
-            out = layer(_t(x, ms.float32), _t(np.arange(5, dtype=np.int32)[None]),
-                        _t(np.arange(5, dtype=np.int32) + 8), _t(np.array([[1, 2]], np.int32)),
-                        _t([0], ms.int32), 8).asnumpy()
-        finally:
-            attn_out.weight.set_data(_t(saved[0], ms.float32))
-            layer.block_sparse_moe.experts.w2.weight.set_data(_t(saved[1], ms.float32))
-        p, alpha = f"model.layers.{i}.", cfg["layernorm_mlp_alpha"]
-        h = R.rmsnorm(x, weights[p + "input_layernorm.weight"], 1e-5)
-        expected = alpha * R.rmsnorm(alpha * h, weights[p + "post_attention_layernorm.weight"], 1e-5)
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-        assert not np.allclose(out, alpha * alpha * x, atol=1e-2)
-
-
-def test_loader_names_and_clear_errors(tmp_path):
-    """HF names (docs/minimax.md#weight-names) fill the stacked experts and fp32 router; bad expert tensors get the
-    loader's one-line errors."""
-    import mindspore as ms
-    from safetensors.numpy import save_file
-    from mindcpm.config import ModelConfig
-    from mindcpm.loader import CheckpointError, load_checkpoint
-    from mindcpm.models.minimax import MiniMaxForCausalLM
-    from mindcpm.ops import Device
-    from tests.tiny_minimax import make_tiny_minimax, minimax_config, random_weights
-    cfg = minimax_config(hidden=32, heads=2, head_dim=16, kv_heads=1, attn_types=(0, 1), intermediate=8)
-    path = make_tiny_minimax(str(tmp_path / "ok"), cfg)
-    mc = ModelConfig.from_dir(path)
-
-    def model(dtype=ms.float32):
-        return MiniMaxForCausalLM(mc, Device(dtype=dtype, block_size=8, cache_blocks=3), 2)
-    m = model(ms.float16)
-    load_checkpoint(m, path, ms.float16, progress=False)
-    weights = random_weights(cfg)
-    moe = m.layers[0].block_sparse_moe
-    assert moe.gate.weight.dtype == ms.float32 and moe.experts.w13.weight.dtype == ms.float16
-    np.testing.assert_array_equal(moe.gate.weight.asnumpy(), weights["model.layers.0.block_sparse_moe.gate.weight"])
-    p = "model.layers.0.block_sparse_moe.experts.3."
-    np.testing.assert_array_equal(moe.experts.w13.weight.asnumpy()[3], np.concatenate(
-        [weights[p + "w1.weight"], weights[p + "w3.weight"]]).astype(np.float16))
-    np.testing.assert_array_equal(moe.experts.w2.weight.asnumpy()[3], weights[p + "w2.weight"].astype(np.float16))
-    for name, change, message in (
-            ("extra", {"model.layers.0.block_sparse_moe.experts.9.w1.weight": np.zeros((8, 32), np.float32)},
-             "unexpected tensor model.layers.0.block_sparse_moe.experts.9.w1.weight"),
-            ("missing", {p + "w3.weight": None}, "missing tensor for parameter layers.0.block_sparse_moe.experts.w13.weight"),
-            ("shape", {p + "w2.weight": np.zeros((32, 9), np.float32)}, r"has shape \(32, 9\), expected \(32, 8\)")):
-        bad = {k: v for k, v in weights.items()}
-        for k, v in change.items():
-            bad.pop(k, None)
-            if v is not None:
-                bad[k] = v
-        d = tmp_path / name
-        d.mkdir()
-        save_file(bad, str(d / "model.safetensors"))
-        with pytest.raises(CheckpointError, match=message):
-            load_checkpoint(model(), str(d), progress=False)
-
-
-def test_router_stays_fp32_with_16_bit_weights_on_cpu(tmp_path):
-    """LLM(dtype="bfloat16") on CPU stores the matrices in bf16, but not the router (docs/minimax.md#precision-rules)."""
-    import mindspore as ms
-    from mindcpm.config import ModelConfig
-    from mindcpm.models.minimax import MiniMaxForCausalLM
-    from mindcpm.ops import Device
-    from mindcpm.ops.cpu_kernels import kernels_available
-    from tests.tiny_minimax import minimax_config
-    if not kernels_available():
-        pytest.skip("16-bit weights on CPU need the CPU kernels (no g++)")
-    cfg = minimax_config(hidden=32, heads=2, head_dim=16, kv_heads=1, attn_types=(0, 1), intermediate=8,
-                         shared_intermediate=8)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(cfg, f)
-    device = Device(weight_dtype=ms.bfloat16, kernels=True, block_size=8, cache_blocks=3)
-    m = MiniMaxForCausalLM(ModelConfig.from_dir(str(tmp_path)), device, 2)
-    layer = m.layers[0]
-    assert layer.self_attn.qkv_proj.weight.dtype == ms.bfloat16
-    assert layer.block_sparse_moe.gate.weight.dtype == ms.float32 and layer.coefficient.weight.dtype == ms.float32
