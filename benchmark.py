@@ -71,10 +71,15 @@ def parse_args(argv):
                         "lengths up to -p/-n through `batch` slots, so arriving prefills interleave with decodes; "
                         "repeat: as fixed, each prompt a random passage written twice (default fixed)")
     m.add_argument("--speculative-method", type=list_arg(bench.speculative_mode, "--speculative-method"),
-                   default=["off"], metavar="off,ngram",
-                   help="speculative decoding: off, or ngram (prompt-lookup drafts; try --workload repeat)")
+                   default=["off"], metavar="off,ngram,oracle",
+                   help="speculative decoding: off, ngram (prompt-lookup drafts; try --workload repeat), or "
+                        "oracle (the target's own greedy continuation, from an untimed run without drafts, "
+                        "each draft token made wrong with probability 1 - --oracle-acceptance)")
     m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                   help="draft tokens verified per step with --speculative-method ngram (default 4)")
+                   help="draft tokens verified per step with a speculative method (default 4)")
+    m.add_argument("--oracle-acceptance", type=list_arg(bench.acceptance_rate, "--oracle-acceptance"),
+                   default=[1.0], metavar="R,..",
+                   help="oracle: the chance (0..1) that each draft token is right; a row per rate (default 1.0)")
     lc = p.add_argument_group("long context (instead of the throughput matrix)")
     lc.add_argument("--context", type=list_arg(bench.positive_int, "--context"), default=[], metavar="N,..",
                     help="context lengths: time one decode step with N tokens cached and a chunked prefill of "
@@ -110,8 +115,8 @@ def cells_from_args(args) -> list[bench.Cell]:
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
                                args.workload, args.context, args.sparse, args.kernels, args.speculative_method,
-                               repetitions=args.repetitions, block_size=args.block_size, seed=args.seed,
-                               num_speculative_tokens=args.num_speculative_tokens)
+                               args.oracle_acceptance, repetitions=args.repetitions, block_size=args.block_size,
+                               seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:
