@@ -452,17 +452,18 @@ class OracleProposer:
         return np.where(wrong, shifted, truth).tolist()
 
 
-def run_once(llm, cell: Cell, requests: list[tuple[list[int], int]]) -> RunTimes:
-    """One run of the requests. An oracle cell first runs them without drafts (untimed), for the
-    target's own greedy continuations the oracle then proposes."""
+def run_once(llm, cell: Cell, requests: list[tuple[list[int], int]]) -> tuple[RunTimes, RunTimes | None]:
+    """One run of the requests, and for an oracle cell the plain run before it: the requests
+    without drafts, for the target's own greedy continuations the oracle then proposes (and a
+    baseline measured next to it, under the same load)."""
     if cell.speculative != "oracle":
-        return timed_run(llm, requests)
+        return timed_run(llm, requests), None
     engine = llm.engine
     engine.proposer = None
-    reference = timed_run(llm, requests)
-    engine.proposer = OracleProposer([ids for ids, _ in requests], reference.outputs, cell.num_speculative_tokens,
+    plain = timed_run(llm, requests)
+    engine.proposer = OracleProposer([ids for ids, _ in requests], plain.outputs, cell.num_speculative_tokens,
                                      cell.oracle_acceptance, llm.config.vocab_size, cell.seed)
-    return timed_run(llm, requests)
+    return timed_run(llm, requests), plain
 
 
 def random_prompts(rng: np.random.Generator, vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -520,11 +521,16 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
         warm_graphs, warm_compile = len(runner.compiled_shapes), runner.compile_seconds
 
         llm.engine.spec_stats = SpecStats()  # the measured runs' drafts only
-        runs = []
+        runs, plain_runs = [], []
         for i in range(cell.repetitions):
             phase(f"run {i + 1}/{cell.repetitions}")
-            runs.append(run_once(llm, cell, workload(cell, rng, vocab)))
+            run, plain = run_once(llm, cell, workload(cell, rng, vocab))
+            runs.append(run)
+            plain_runs += [plain] if plain else []
         metrics = summarize(runs, load_seconds, warmup_seconds, warm_compile, warm_graphs, runner)
+        if plain_runs:
+            metrics["plain_decode_tokens_per_second"] = round(float(np.median(
+                [r.decode_tokens / r.decode_seconds for r in plain_runs])), 4)
         return {"status": "ok", "reason": None, "dtype": llm.dtype,
                 "metrics": {**metrics, **speculative_stats(llm.engine)}}
     finally:
@@ -762,6 +768,8 @@ def speculative_note(r: dict, rows: list[dict]) -> str:
     method = r["speculative"] + (f" {100 * r['oracle_acceptance']:.0f}%" if r["speculative"] == "oracle" else "")
     note = (f"{method} k={r['num_speculative_tokens']}: {100 * m['spec_acceptance_rate']:.0f}% accepted, "
             f"mean length {m['spec_mean_accepted_length']:.2f}")
+    if m.get("plain_decode_tokens_per_second"):  # the oracle's plain runs, each just before its run
+        note += f", decode {m['decode_tokens_per_second'] / m['plain_decode_tokens_per_second']:.2f}x paired plain"
     for i, base in enumerate(rows, 1):
         if (base.get("speculative", "off") == "off" and base["status"] == "ok"
                 and all(base.get(key) == r.get(key) for key in SAME_WORKLOAD)

@@ -151,9 +151,9 @@ def test_oracle_run_is_lossless_and_accepted_at_its_rate(tiny_oracle_llm, rate, 
     llm.engine.proposer = None
     plain = bench.timed_run(llm, requests)
     llm.engine.spec_stats = SpecStats()
-    run = bench.run_once(llm, cell, requests)
+    run, paired = bench.run_once(llm, cell, requests)
     stats = llm.engine.spec_stats
-    assert run.outputs == plain.outputs and [len(o) for o in run.outputs] == [12] * 3
+    assert run.outputs == plain.outputs == paired.outputs and [len(o) for o in run.outputs] == [12] * 3
     assert stats.num_draft_tokens > 0 and stats.acceptance_rate == accepted
     if rate == 1.0:  # after the prefill's token: two chains of 4 drafts + 1, then a plain decode step
         assert stats.num_drafts == 3 * 2 and stats.num_accepted_tokens == 3 * 8
@@ -167,10 +167,11 @@ def test_speedup_is_against_the_plain_row_of_the_same_workload():
         return r
 
     spec = dict(spec_acceptance_rate=0.33, spec_mean_accepted_length=2.3)
-    rows = [row("off", 20.0, "repeat"), row("off", 10.0), row("oracle", 15.0, **spec),
-            row("ngram", 30.0, "repeat", **spec)]
+    rows = [row("off", 20.0, "repeat"), row("off", 10.0), row("oracle", 15.0, plain_decode_tokens_per_second=12.0,
+                                                               **spec), row("ngram", 30.0, "repeat", **spec)]
     text = bench.report_text(rows, ENV).splitlines()
-    assert text[4].rstrip(" |").endswith("oracle 60% k=4: 33% accepted, mean length 2.30, decode 1.50x row 2")
+    assert text[4].rstrip(" |").endswith("oracle 60% k=4: 33% accepted, mean length 2.30, decode 1.25x paired plain, "
+                                         "decode 1.50x row 2")
     assert text[5].rstrip(" |").endswith("ngram k=4: 33% accepted, mean length 2.30, decode 1.50x row 1")
 
 
