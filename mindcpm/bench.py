@@ -29,7 +29,7 @@ from importlib import metadata
 import numpy as np
 
 from .config import ModelConfig
-from .engine.spec_decode import SpecStats, speculative_stats
+from .engine.spec_decode import NgramProposer, SpecStats, SpeculativeConfig, speculative_stats
 
 GIB = 2**30
 
@@ -453,16 +453,19 @@ class OracleProposer:
 
 
 def run_once(llm, cell: Cell, requests: list[tuple[list[int], int]]) -> tuple[RunTimes, RunTimes | None]:
-    """One run of the requests, and for an oracle cell the plain run before it: the requests
-    without drafts, for the target's own greedy continuations the oracle then proposes (and a
-    baseline measured next to it, under the same load)."""
-    if cell.speculative != "oracle":
+    """One run of the requests, and for a speculative cell the plain run (no drafts) just before
+    it: a baseline measured under the same load as the run it is compared with (the machine may
+    be shared), and for the oracle the target's greedy continuations it proposes."""
+    if cell.speculative == "off":
         return timed_run(llm, requests), None
     engine = llm.engine
     engine.proposer = None
     plain = timed_run(llm, requests)
-    engine.proposer = OracleProposer([ids for ids, _ in requests], plain.outputs, cell.num_speculative_tokens,
-                                     cell.oracle_acceptance, llm.config.vocab_size, cell.seed)
+    if cell.speculative == "oracle":
+        engine.proposer = OracleProposer([ids for ids, _ in requests], plain.outputs, cell.num_speculative_tokens,
+                                         cell.oracle_acceptance, llm.config.vocab_size, cell.seed)
+    else:
+        engine.proposer = NgramProposer(SpeculativeConfig(**cell.llm_kwargs()["speculative_config"]))
     return timed_run(llm, requests), plain
 
 
@@ -768,7 +771,7 @@ def speculative_note(r: dict, rows: list[dict]) -> str:
     method = r["speculative"] + (f" {100 * r['oracle_acceptance']:.0f}%" if r["speculative"] == "oracle" else "")
     note = (f"{method} k={r['num_speculative_tokens']}: {100 * m['spec_acceptance_rate']:.0f}% accepted, "
             f"mean length {m['spec_mean_accepted_length']:.2f}")
-    if m.get("plain_decode_tokens_per_second"):  # the oracle's plain runs, each just before its run
+    if m.get("plain_decode_tokens_per_second"):  # the cell's plain runs, each just before its run
         note += f", decode {m['decode_tokens_per_second'] / m['plain_decode_tokens_per_second']:.2f}x paired plain"
     for i, base in enumerate(rows, 1):
         if (base.get("speculative", "off") == "off" and base["status"] == "ok"

@@ -138,15 +138,16 @@ def tiny_oracle_llm(tmp_path_factory):
     return cell, LLM(model=path, load_format="dummy", **cell.llm_kwargs())
 
 
-@pytest.mark.parametrize("rate, accepted", [(1.0, 1.0), (0.0, 0.0)])
-def test_oracle_run_is_lossless_and_accepted_at_its_rate(tiny_oracle_llm, rate, accepted):
+@pytest.mark.parametrize("method, rate, accepted", [("oracle", 1.0, 1.0), ("oracle", 0.0, 0.0), ("ngram", 1.0, None)])
+def test_oracle_run_is_lossless_and_accepted_at_its_rate(tiny_oracle_llm, method, rate, accepted):
     """Greedy output with the oracle's drafts equals the engine's output without drafts; at rate 1
-    every draft is accepted (the chain yields k + 1 tokens a step), at rate 0 none is."""
+    every draft is accepted (the chain yields k + 1 tokens a step), at rate 0 none is. Every
+    speculative run comes with its paired plain run, of the same output."""
     from dataclasses import replace
 
     from mindcpm.engine.spec_decode import SpecStats
     cell, llm = tiny_oracle_llm
-    cell = replace(cell, oracle_acceptance=rate)
+    cell = replace(cell, speculative=method, oracle_acceptance=rate)
     requests = bench.workload(cell, np.random.default_rng(3), 512)
     llm.engine.proposer = None
     plain = bench.timed_run(llm, requests)
@@ -154,8 +155,9 @@ def test_oracle_run_is_lossless_and_accepted_at_its_rate(tiny_oracle_llm, rate, 
     run, paired = bench.run_once(llm, cell, requests)
     stats = llm.engine.spec_stats
     assert run.outputs == plain.outputs == paired.outputs and [len(o) for o in run.outputs] == [12] * 3
-    assert stats.num_draft_tokens > 0 and stats.acceptance_rate == accepted
-    if rate == 1.0:  # after the prefill's token: two chains of 4 drafts + 1, then a plain decode step
+    if accepted is not None:
+        assert stats.num_draft_tokens > 0 and stats.acceptance_rate == accepted
+    if accepted == 1.0:  # after the prefill's token: two chains of 4 drafts + 1, then a plain decode step
         assert stats.num_drafts == 3 * 2 and stats.num_accepted_tokens == 3 * 8
 
 
