@@ -174,6 +174,9 @@ class Cell:
             # its verify rows of 1 + k tokens.
             kwargs["speculative_config"] = {"method": "ngram",
                                             "num_speculative_tokens": self.num_speculative_tokens}
+            # Each measured run follows a plain run of the same prompts (run_once): no prefix
+            # cache, or it would skip the measured run's prefill.
+            kwargs["enable_prefix_caching"] = False
         return kwargs
 
 

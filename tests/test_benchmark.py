@@ -115,6 +115,9 @@ def test_oracle_cells_one_per_rate_verify_rows_of_k_plus_one():
     assert [(c.speculative, c.oracle_acceptance) for c in cells] == [("off", 1.0), ("oracle", 1.0), ("oracle", 0.6)]
     # The oracle replaces the engine's proposer; the config gives the runner its verify rows.
     assert cells[2].llm_kwargs()["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4}
+    # A measured run repeats the prompts of the plain run before it: the prefix cache would skip its prefill.
+    assert cells[2].llm_kwargs()["enable_prefix_caching"] is False and "enable_prefix_caching" not in \
+        cells[0].llm_kwargs()
 
 
 def test_oracle_proposes_the_continuation_made_wrong_at_the_rate():
