@@ -7,6 +7,7 @@ paged attention on/off, each cell measured in a fresh process, printed as a tabl
     python benchmark.py --models /path/to/MiniCPM4-0.5B,model.gguf --json > results.json
     python benchmark.py -m minicpm4-8b --precision bf16 --context 8192,32768 --sparse off,current
     python benchmark.py -m minimax-lightning-small,minimax-m1-small --context 1024,32768
+    python benchmark.py -m minicpm4-0.5b -n 64 --speculative-method off,oracle --oracle-acceptance 1.0,0.6
 
 A model is a named random-weight shape (smollm2-135m, minicpm4-0.5b, minicpm4-8b, tiny-llama:
 config.json only, weights drawn in memory, like vLLM's load_format="dummy"), a checkpoint
@@ -17,6 +18,10 @@ Reported: tokens/s (generated tokens per second of wall time), prefill tok/s, ti
 token, decode tok/s, inter-token latency p50/p99, peak memory of the cell's process, load and
 compile time, and graphs compiled after the warm-up (should be 0). A cell that cannot fit in
 memory is refused with the reason instead of run.
+
+A speculative cell (--speculative-method ngram or oracle) runs each workload twice in turn: plain,
+then with drafts; its note gives the acceptance, the mean accepted length and the decode speedup
+against those paired plain runs (and against the plain row of the same workload, if any).
 
 With --context, each cell instead times one decode step with that many tokens in the cache and a
 chunked prefill of that many (long-context mode; --sparse compares InfLLM-v2 with dense).
