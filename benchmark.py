@@ -7,6 +7,7 @@ paged attention on/off, each cell measured in a fresh process, printed as a tabl
     python benchmark.py --models /path/to/MiniCPM4-0.5B,model.gguf --json > results.json
     python benchmark.py -m minicpm4-8b --precision bf16 --context 8192,32768 --sparse off,current
     python benchmark.py -m minimax-lightning-small,minimax-m1-small --context 1024,32768
+    python benchmark.py -m minicpm4-0.5b -n 64 --speculative-method off,oracle --oracle-acceptance 1.0,0.6
 
 A model is a named random-weight shape (smollm2-135m, minicpm4-0.5b, minicpm4-8b, tiny-llama:
 config.json only, weights drawn in memory, like vLLM's load_format="dummy"), a checkpoint
@@ -17,6 +18,10 @@ Reported: tokens/s (generated tokens per second of wall time), prefill tok/s, ti
 token, decode tok/s, inter-token latency p50/p99, peak memory of the cell's process, load and
 compile time, and graphs compiled after the warm-up (should be 0). A cell that cannot fit in
 memory is refused with the reason instead of run.
+
+A speculative cell (--speculative-method ngram or oracle) runs each workload twice in turn: plain,
+then with drafts; its note gives the acceptance, the mean accepted length and the decode speedup
+against those paired plain runs (and against the plain row of the same workload, if any).
 
 With --context, each cell instead times one decode step with that many tokens in the cache and a
 chunked prefill of that many (long-context mode; --sparse compares InfLLM-v2 with dense).
@@ -71,10 +76,15 @@ def parse_args(argv):
                         "lengths up to -p/-n through `batch` slots, so arriving prefills interleave with decodes; "
                         "repeat: as fixed, each prompt a random passage written twice (default fixed)")
     m.add_argument("--speculative-method", type=list_arg(bench.speculative_mode, "--speculative-method"),
-                   default=["off"], metavar="off,ngram",
-                   help="speculative decoding: off, or ngram (prompt-lookup drafts; try --workload repeat)")
+                   default=["off"], metavar="off,ngram,oracle",
+                   help="speculative decoding: off, ngram (prompt-lookup drafts; try --workload repeat), or "
+                        "oracle (the target's own greedy continuation, from an untimed run without drafts, "
+                        "each draft token made wrong with probability 1 - --oracle-acceptance)")
     m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
-                   help="draft tokens verified per step with --speculative-method ngram (default 4)")
+                   help="draft tokens verified per step with a speculative method (default 4)")
+    m.add_argument("--oracle-acceptance", type=list_arg(bench.acceptance_rate, "--oracle-acceptance"),
+                   default=[1.0], metavar="R,..",
+                   help="oracle: the chance (0..1) that each draft token is right; a row per rate (default 1.0)")
     lc = p.add_argument_group("long context (instead of the throughput matrix)")
     lc.add_argument("--context", type=list_arg(bench.positive_int, "--context"), default=[], metavar="N,..",
                     help="context lengths: time one decode step with N tokens cached and a chunked prefill of "
@@ -110,8 +120,8 @@ def cells_from_args(args) -> list[bench.Cell]:
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
                                args.workload, args.context, args.sparse, args.kernels, args.speculative_method,
-                               repetitions=args.repetitions, block_size=args.block_size, seed=args.seed,
-                               num_speculative_tokens=args.num_speculative_tokens)
+                               args.oracle_acceptance, repetitions=args.repetitions, block_size=args.block_size,
+                               seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:

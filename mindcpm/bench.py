@@ -29,7 +29,7 @@ from importlib import metadata
 import numpy as np
 
 from .config import ModelConfig
-from .engine.spec_decode import SpecStats, speculative_stats
+from .engine.spec_decode import NgramProposer, SpecStats, SpeculativeConfig, speculative_stats
 
 GIB = 2**30
 
@@ -134,8 +134,10 @@ class Cell:
     # cache, and of a chunked prefill of that many, instead of the throughput workload.
     context: int = 0
     sparse: str = "off"  # InfLLM-v2 sparse attention: off, current or june2025 (MiniCPM4)
-    speculative: str = "off"  # "ngram": LLM(speculative_config=...) with num_speculative_tokens drafts
+    speculative: str = "off"  # "ngram" / "oracle": num_speculative_tokens drafts a step
     num_speculative_tokens: int = 4
+    # "oracle": the chance that each draft token is the target's own greedy token (else a wrong one).
+    oracle_acceptance: float = 1.0
 
     @property
     def max_model_len(self) -> int:
@@ -168,8 +170,13 @@ class Cell:
         if self.sparse != "off":
             kwargs["sparse_attention"] = self.sparse
         if self.speculative != "off":
-            kwargs["speculative_config"] = {"method": self.speculative,
+            # The oracle replaces the engine's proposer after loading; "ngram" gives the runner
+            # its verify rows of 1 + k tokens.
+            kwargs["speculative_config"] = {"method": "ngram",
                                             "num_speculative_tokens": self.num_speculative_tokens}
+            # Each measured run follows a plain run of the same prompts (run_once): no prefix
+            # cache, or it would skip the measured run's prefill.
+            kwargs["enable_prefix_caching"] = False
         return kwargs
 
 
@@ -218,13 +225,21 @@ def check_model(spec: str) -> str:
 # "repeat": like "fixed", but each prompt is a random passage written twice, text a prompt-lookup
 # (n-gram) draft can copy from.
 WORKLOADS = ("fixed", "mixed", "repeat")
-SPECULATIVE_MODES = ("off", "ngram")
+# "oracle": drafts from the target's own greedy continuation, made wrong at a set rate (OracleProposer).
+SPECULATIVE_MODES = ("off", "ngram", "oracle")
 
 
 def speculative_mode(text: str) -> str:
     if text not in SPECULATIVE_MODES:
         raise ValueError
     return text
+
+
+def acceptance_rate(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError
+    return value
 
 
 def workload_kind(text: str) -> str:
@@ -235,17 +250,19 @@ def workload_kind(text: str) -> str:
 
 def expand_matrix(models, precisions, batches, prompt_lens, output_lens, paged_modes, workloads=("fixed",),
                   contexts=(), sparse_modes=("off",), kernel_modes=(None,), speculative_modes=("off",),
-                  **common) -> list[Cell]:
+                  oracle_rates=(1.0,), **common) -> list[Cell]:
     """Every combination, model-major (the order the table shows them). With contexts, the
     long-context cells (model x precision x sparse x context) instead of the throughput ones.
-    kernel_modes: LLM(kernels=...) values (None: not passed)."""
+    kernel_modes: LLM(kernels=...) values (None: not passed); an "oracle" speculative mode is a
+    cell per rate of oracle_rates."""
     if contexts:
         return [Cell(model=m, precision=p, context=c, sparse=sp, kernels=k, **common)
                 for m in models for p in precisions for sp in sparse_modes for c in contexts for k in kernel_modes]
+    drafts = [(sp, rate) for sp in speculative_modes for rate in (oracle_rates if sp == "oracle" else (1.0,))]
     return [Cell(model=m, precision=p, batch=b, prompt_len=pl, output_len=ol, paged=pg, workload=w, kernels=k,
-                 speculative=sp, **common)
+                 speculative=sp, oracle_acceptance=rate, **common)
             for m in models for p in precisions for b in batches for pl in prompt_lens for ol in output_lens
-            for pg in paged_modes for w in workloads for k in kernel_modes for sp in speculative_modes]
+            for pg in paged_modes for w in workloads for k in kernel_modes for sp, rate in drafts]
 
 
 def kernels_mode(text: str) -> str:
@@ -382,6 +399,7 @@ class RunTimes:
     decode_tokens: int
     decode_seconds: float
     compile_seconds: float  # graphs compiled during the run (none once warmed up)
+    outputs: list[list[int]]  # each request's generated token ids
 
 
 def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
@@ -407,7 +425,51 @@ def timed_run(llm, requests: list[tuple[list[int], int]]) -> RunTimes:
     delta = {k: after[k] - before[k] for k in before}
     ttft = [t[0] - start for t in stamps.values() if t]
     gaps = [b - a for t in stamps.values() for a, b in zip(t, t[1:])]
-    return RunTimes(wall, ttft, gaps, sum(len(t) for t in stamps.values()), **delta)
+    outputs = [s.seq.completion_token_ids for s in states]
+    return RunTimes(wall, ttft, gaps, sum(len(t) for t in stamps.values()), **delta, outputs=outputs)
+
+
+class OracleProposer:
+    """Drafts for a benchmark of the verify step at a chosen acceptance: knows each request's
+    greedy continuation (from a run without drafts) and proposes it, each draft token replaced
+    by a wrong one with probability 1 - rate. Plugs in as engine.proposer, like NgramProposer.
+    A chain is accepted up to its first wrong token, so the engine's acceptance rate (accepted /
+    drafted) is below `rate` for rate < 1: with k drafts, sum(rate**j, j=1..k) / k."""
+
+    def __init__(self, prompts: list[list[int]], outputs: list[list[int]], k: int, rate: float, vocab: int,
+                 seed: int):
+        # A request is found by its first tokens: the shortest prompt's worth (random prompts differ).
+        self.key_len = min(len(p) for p in prompts)
+        self.continuations = {tuple(p[:self.key_len]): p + out for p, out in zip(prompts, outputs)}
+        if len(self.continuations) != len(prompts):
+            raise ValueError("oracle: two requests start with the same tokens")
+        self.k, self.rate, self.vocab = k, rate, vocab
+        self.rng = np.random.default_rng(seed)
+
+    def propose(self, token_ids: list[int], limit: int) -> list[int]:
+        n = len(token_ids)
+        truth = np.asarray(self.continuations[tuple(token_ids[:self.key_len])][n:n + min(self.k, limit)])
+        wrong = self.rng.random(truth.size) >= self.rate
+        # A shift by 1..vocab-1 (mod vocab) is never the true token.
+        shifted = (truth + self.rng.integers(1, self.vocab, truth.size)) % self.vocab
+        return np.where(wrong, shifted, truth).tolist()
+
+
+def run_once(llm, cell: Cell, requests: list[tuple[list[int], int]]) -> tuple[RunTimes, RunTimes | None]:
+    """One run of the requests, and for a speculative cell the plain run (no drafts) just before
+    it: a baseline measured under the same load as the run it is compared with (the machine may
+    be shared), and for the oracle the target's greedy continuations it proposes."""
+    if cell.speculative == "off":
+        return timed_run(llm, requests), None
+    engine = llm.engine
+    engine.proposer = None
+    plain = timed_run(llm, requests)
+    if cell.speculative == "oracle":
+        engine.proposer = OracleProposer([ids for ids, _ in requests], plain.outputs, cell.num_speculative_tokens,
+                                         cell.oracle_acceptance, llm.config.vocab_size, cell.seed)
+    else:
+        engine.proposer = NgramProposer(SpeculativeConfig(**cell.llm_kwargs()["speculative_config"]))
+    return timed_run(llm, requests), plain
 
 
 def random_prompts(rng: np.random.Generator, vocab: int, batch: int, length: int) -> list[list[int]]:
@@ -465,11 +527,16 @@ def run_cell(cell: Cell, phase=lambda text: None) -> dict:
         warm_graphs, warm_compile = len(runner.compiled_shapes), runner.compile_seconds
 
         llm.engine.spec_stats = SpecStats()  # the measured runs' drafts only
-        runs = []
+        runs, plain_runs = [], []
         for i in range(cell.repetitions):
             phase(f"run {i + 1}/{cell.repetitions}")
-            runs.append(timed_run(llm, workload(cell, rng, vocab)))
+            run, plain = run_once(llm, cell, workload(cell, rng, vocab))
+            runs.append(run)
+            plain_runs += [plain] if plain else []
         metrics = summarize(runs, load_seconds, warmup_seconds, warm_compile, warm_graphs, runner)
+        if plain_runs:
+            metrics["plain_decode_tokens_per_second"] = round(float(np.median(
+                [r.decode_tokens / r.decode_seconds for r in plain_runs])), 4)
         return {"status": "ok", "reason": None, "dtype": llm.dtype,
                 "metrics": {**metrics, **speculative_stats(llm.engine)}}
     finally:
@@ -485,7 +552,7 @@ def warm_up(llm, cell: Cell, rng: np.random.Generator, vocab: int) -> None:
     compiled = llm.engine.runner.compiled_shapes
     for i in range(1 if cell.workload == "fixed" else MIXED_WARMUP_RUNS):
         before = len(compiled)
-        timed_run(llm, workload(cell, rng, vocab))
+        run_once(llm, cell, workload(cell, rng, vocab))
         if i > 0 and len(compiled) == before:
             return
 
@@ -685,10 +752,7 @@ def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
         if ok and r.get("kernels"):
             note = f"kernels {r['kernels']}"
         if ok and r.get("speculative", "off") != "off":
-            m = r["metrics"]
-            note = (f"{note}; " if note else "") + (
-                f"{r['speculative']} k={r['num_speculative_tokens']}: {100 * m['spec_acceptance_rate']:.0f}% "
-                f"accepted, mean length {m['spec_mean_accepted_length']:.2f}")
+            note = (f"{note}; " if note else "") + speculative_note(r, rows)
         mixed = r.get("workload") == "mixed"  # lengths are maxima; 4 x batch requests share the batch
         batch = f"{r['batch']} ({4 * r['batch']} req)" if mixed else str(r["batch"])
         upto = "<=" if mixed else ""
@@ -696,6 +760,29 @@ def seed_rows(rows: list[dict], env: dict) -> list[list[str]]:
                     r["paged_attention"], batch, f"{upto}{r['prompt_len']}", f"{upto}{r['output_len']}",
                     _num(r["metrics"].get("tokens_per_second")) if ok else "-", note])
     return out
+
+
+# What a speculative row shares with the non-speculative row it is compared with.
+SAME_WORKLOAD = ("model", "precision", "batch", "prompt_len", "output_len", "paged", "block_size", "workload",
+                 "kernels", "seed")
+
+
+def speculative_note(r: dict, rows: list[dict]) -> str:
+    """Method, acceptance, mean accepted length, and decode tok/s against the non-speculative row
+    of the same workload in this run (when there is one)."""
+    m = r["metrics"]
+    method = r["speculative"] + (f" {100 * r['oracle_acceptance']:.0f}%" if r["speculative"] == "oracle" else "")
+    note = (f"{method} k={r['num_speculative_tokens']}: {100 * m['spec_acceptance_rate']:.0f}% accepted, "
+            f"mean length {m['spec_mean_accepted_length']:.2f}")
+    if m.get("plain_decode_tokens_per_second"):  # the cell's plain runs, each just before its run
+        note += f", decode {m['decode_tokens_per_second'] / m['plain_decode_tokens_per_second']:.2f}x paired plain"
+    for i, base in enumerate(rows, 1):
+        if (base.get("speculative", "off") == "off" and base["status"] == "ok"
+                and all(base.get(key) == r.get(key) for key in SAME_WORKLOAD)
+                and base["metrics"].get("decode_tokens_per_second")):
+            speedup = m["decode_tokens_per_second"] / base["metrics"]["decode_tokens_per_second"]
+            return f"{note}, decode {speedup:.2f}x row {i}"
+    return note
 
 
 def detail_rows(rows: list[dict]) -> list[list[str]]:

@@ -109,10 +109,82 @@ def test_speculative_cells_and_the_repeat_workload():
                                                         "0"]))
 
 
+def test_oracle_cells_one_per_rate_verify_rows_of_k_plus_one():
+    cells = benchmark.cells_from_args(benchmark.parse_args(["-m", "tiny-llama", "--speculative-method", "off,oracle",
+                                                            "--oracle-acceptance", "1.0,0.6"]))
+    assert [(c.speculative, c.oracle_acceptance) for c in cells] == [("off", 1.0), ("oracle", 1.0), ("oracle", 0.6)]
+    # The oracle replaces the engine's proposer; the config gives the runner its verify rows.
+    assert cells[2].llm_kwargs()["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 4}
+    # A measured run repeats the prompts of the plain run before it: the prefix cache would skip its prefill.
+    assert cells[2].llm_kwargs()["enable_prefix_caching"] is False and "enable_prefix_caching" not in \
+        cells[0].llm_kwargs()
+
+
+def test_oracle_proposes_the_continuation_made_wrong_at_the_rate():
+    prompts, outputs = [[5, 6, 7], [8, 9, 10, 11]], [[1, 2, 3, 4, 5, 6], [7, 8]]
+    right = bench.OracleProposer(prompts, outputs, 4, 1.0, 50, 0)
+    assert right.propose([5, 6, 7, 1], 10) == [2, 3, 4, 5]
+    assert right.propose([8, 9, 10, 11], 10) == [7, 8] and right.propose([5, 6, 7], 2) == [1, 2]
+    wrong = bench.OracleProposer(prompts, outputs, 4, 0.0, 50, 0).propose([5, 6, 7, 1], 10)
+    assert len(wrong) == 4 and all(0 <= t < 50 and t != r for t, r in zip(wrong, [2, 3, 4, 5]))
+    # Each draft token independently right with probability `rate`.
+    long = bench.OracleProposer([[0]], [list(range(1, 40001))], 40000, 0.6, 100000, 1).propose([0], 40000)
+    assert abs(np.mean(np.asarray(long) == np.arange(1, 40001)) - 0.6) < 0.01
+
+
+@pytest.fixture(scope="module")
+def tiny_oracle_llm(tmp_path_factory):
+    """The tiny-llama shape (random weights) with verify rows of 1 + 4 tokens."""
+    from mindcpm import LLM
+    cell = bench.Cell("tiny-llama", batch=3, prompt_len=10, output_len=12, speculative="oracle")
+    path = bench.write_shape_dir("tiny-llama", str(tmp_path_factory.mktemp("tiny-llama")))
+    return cell, LLM(model=path, load_format="dummy", **cell.llm_kwargs())
+
+
+@pytest.mark.parametrize("method, rate, accepted", [("oracle", 1.0, 1.0), ("oracle", 0.0, 0.0), ("ngram", 1.0, None)])
+def test_oracle_run_is_lossless_and_accepted_at_its_rate(tiny_oracle_llm, method, rate, accepted):
+    """Greedy output with the oracle's drafts equals the engine's output without drafts; at rate 1
+    every draft is accepted (the chain yields k + 1 tokens a step), at rate 0 none is. Every
+    speculative run comes with its paired plain run, of the same output."""
+    from dataclasses import replace
+
+    from mindcpm.engine.spec_decode import SpecStats
+    cell, llm = tiny_oracle_llm
+    cell = replace(cell, speculative=method, oracle_acceptance=rate)
+    requests = bench.workload(cell, np.random.default_rng(3), 512)
+    llm.engine.proposer = None
+    plain = bench.timed_run(llm, requests)
+    llm.engine.spec_stats = SpecStats()
+    run, paired = bench.run_once(llm, cell, requests)
+    stats = llm.engine.spec_stats
+    assert run.outputs == plain.outputs == paired.outputs and [len(o) for o in run.outputs] == [12] * 3
+    if accepted is not None:
+        assert stats.num_draft_tokens > 0 and stats.acceptance_rate == accepted
+    if accepted == 1.0:  # after the prefill's token: two chains of 4 drafts + 1, then a plain decode step
+        assert stats.num_drafts == 3 * 2 and stats.num_accepted_tokens == 3 * 8
+
+
+def test_speedup_is_against_the_plain_row_of_the_same_workload():
+    def row(speculative, decode, workload="fixed", **metrics):
+        r = _row("minicpm4-0.5b")
+        r.update(speculative=speculative, num_speculative_tokens=4, oracle_acceptance=0.6, workload=workload)
+        r["metrics"].update(decode_tokens_per_second=decode, **metrics)
+        return r
+
+    spec = dict(spec_acceptance_rate=0.33, spec_mean_accepted_length=2.3)
+    rows = [row("off", 20.0, "repeat"), row("off", 10.0), row("oracle", 15.0, plain_decode_tokens_per_second=12.0,
+                                                               **spec), row("ngram", 30.0, "repeat", **spec)]
+    text = bench.report_text(rows, ENV).splitlines()
+    assert text[4].rstrip(" |").endswith("oracle 60% k=4: 33% accepted, mean length 2.30, decode 1.25x paired plain, "
+                                         "decode 1.50x row 2")
+    assert text[5].rstrip(" |").endswith("ngram k=4: 33% accepted, mean length 2.30, decode 1.50x row 1")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["-b", "0"], "--batch"), (["-p", "x"], "--prompt-len"), (["--paged", "maybe"], "--paged"),
     (["--precision", "int3"], "--precision"), (["-n", ""], "--output-len"), (["--workload", "bursty"], "--workload"),
-    (["--kernels", "maybe"], "--kernels"), (["--speculative-method", "medusa"], "--speculative-method")])
+    (["--kernels", "maybe"], "--kernels"), (["--speculative-method", "medusa"], "--speculative-method"),
+    (["--oracle-acceptance", "1.5"], "--oracle-acceptance")])
 def test_bad_option_is_one_usage_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.parse_args(argv)

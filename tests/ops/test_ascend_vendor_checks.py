@@ -41,19 +41,24 @@ FAMILIES = {
     "llama-int8": dict(LLAMA, quantization_on_load="int8"),
 }
 BUCKETS = {"prefill": (2, 16), "decode": (2, 1)}  # rows, tokens per row
+NUM_SPECULATIVE_TOKENS = 4
 
 
-def step_inputs(device, model, rows: int, width: int) -> list:
-    """A step's inputs in the device's order: every row a fresh sequence of `width` tokens."""
+def step_inputs(device, model, rows: int, width: int, cached: int = 0) -> list:
+    """A step's inputs in the device's order: every row a sequence with `cached` tokens in the
+    cache computing `width` more. With tokens cached (a verify row: the last token and its k
+    drafts) every position's logits are read, as the runner asks for when it verifies."""
     import mindspore as ms
     from mindcpm.layers.sparse import sparse_step_metadata
     nb = CACHE_BLOCKS - 1
     tables = np.arange(rows * nb, dtype=np.int32).reshape(rows, nb) % nb
-    positions = np.tile(np.arange(width, dtype=np.int32), (rows, 1))
+    positions = np.tile(np.arange(cached, cached + width, dtype=np.int32), (rows, 1))
+    slots = np.take_along_axis(tables, positions // BLOCK, axis=1) * BLOCK + positions % BLOCK
+    last_rows = np.arange(rows, dtype=np.int32) * width + width - 1
     meta = {"input_ids": np.ones((rows, width), np.int32), "positions": positions,
-            "batch_valid_length": np.full(rows, width, np.int32), "q_seq_lens": np.full(rows, width, np.int32),
-            "slot_mapping": (tables[:, :1] * BLOCK + positions).reshape(-1).astype(np.int32),
-            "block_tables": tables, "logits_rows": np.arange(rows, dtype=np.int32) * width + width - 1,
+            "batch_valid_length": np.full(rows, cached + width, np.int32),
+            "q_seq_lens": np.full(rows, width, np.int32), "slot_mapping": slots.reshape(-1).astype(np.int32),
+            "block_tables": tables, "logits_rows": np.arange(rows * width, dtype=np.int32) if cached else last_rows,
             "state_slots": np.arange(rows, dtype=np.int32)}
     if device.sparse is not None:
         seqs = [SimpleNamespace(num_cached_tokens=0)] * rows
@@ -83,11 +88,24 @@ def build(config: dict, dtype_name: str, tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_ascend_step_passes_mindspore_inference(family, dtype, bucket, tmp_path, monkeypatch):
+    check_ascend_step(family, dtype, tmp_path, monkeypatch, *BUCKETS[bucket])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ascend_verify_step_passes_mindspore_inference(dtype, tmp_path, monkeypatch):
+    """The step that verifies draft chains (speculative decoding): decode rows of the last token
+    and its k drafts, 1 + k query tokens each over a cache that already holds 11, every
+    position's logits out."""
+    check_ascend_step("minicpm4", dtype, tmp_path, monkeypatch, 2, 1 + NUM_SPECULATIVE_TOKENS, cached=11)
+
+
+def check_ascend_step(family, dtype, tmp_path, monkeypatch, rows, width, cached=0):
+    """Compiles the ascend step on CPU: it may end only at kernel selection (UNSUPPORTED_ON_CPU)."""
     from mindcpm.ops import setup_runtime
     setup_runtime("cpu")
     monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "0")  # a cached graph would skip the inference
     device, model, compiled = build(FAMILIES[family], dtype, tmp_path)
-    inputs = step_inputs(device, model, *BUCKETS[bucket])
+    inputs = step_inputs(device, model, rows, width, cached)
     try:
         compiled(tuple(t.shape for t in inputs))(*inputs)
     except (RuntimeError, TypeError) as e:  # MindSpore raises kernel selection failures as either
