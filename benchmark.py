@@ -76,12 +76,15 @@ def parse_args(argv):
                         "lengths up to -p/-n through `batch` slots, so arriving prefills interleave with decodes; "
                         "repeat: as fixed, each prompt a random passage written twice (default fixed)")
     m.add_argument("--speculative-method", type=list_arg(bench.speculative_mode, "--speculative-method"),
-                   default=["off"], metavar="off,ngram,oracle",
+                   default=["off"], metavar="off,ngram,oracle,eagle",
                    help="speculative decoding: off, ngram (prompt-lookup drafts; try --workload repeat), or "
                         "oracle (the target's own greedy continuation, from an untimed run without drafts, "
-                        "each draft token made wrong with probability 1 - --oracle-acceptance)")
+                        "each draft token made wrong with probability 1 - --oracle-acceptance), or eagle (a draft "
+                        "head, --speculative-model)")
     m.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
                    help="draft tokens verified per step with a speculative method (default 4)")
+    m.add_argument("--speculative-model", default=None, metavar="DIR",
+                   help="eagle: the EAGLE / EAGLE-3 draft head's directory (its architecture picks which)")
     m.add_argument("--oracle-acceptance", type=list_arg(bench.acceptance_rate, "--oracle-acceptance"),
                    default=[1.0], metavar="R,..",
                    help="oracle: the chance (0..1) that each draft token is right; a row per rate (default 1.0)")
@@ -117,11 +120,14 @@ def cells_from_args(args) -> list[bench.Cell]:
             raise ValueError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
     if args.num_speculative_tokens < 1:
         raise ValueError(f"--num-speculative-tokens must be >= 1, got {args.num_speculative_tokens}")
+    if ("eagle" in args.speculative_method) != (args.speculative_model is not None):
+        raise ValueError("--speculative-method eagle and --speculative-model DIR go together")
     models = [bench.check_model(m) for m in args.models]
     return bench.expand_matrix(models, args.precision, args.batch, args.prompt_len, args.output_len, args.paged,
                                args.workload, args.context, args.sparse, args.kernels, args.speculative_method,
                                args.oracle_acceptance, repetitions=args.repetitions, block_size=args.block_size,
-                               seed=args.seed, num_speculative_tokens=args.num_speculative_tokens)
+                               seed=args.seed, num_speculative_tokens=args.num_speculative_tokens,
+                               speculative_model=args.speculative_model)
 
 
 def run_matrix(cells, progress: bool, timeout: float | None) -> list[dict]:

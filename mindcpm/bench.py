@@ -29,6 +29,7 @@ from importlib import metadata
 import numpy as np
 
 from .config import ModelConfig
+from .models.eagle import draft_method
 from .engine.spec_decode import NgramProposer, SpecStats, SpeculativeConfig, speculative_stats
 
 GIB = 2**30
@@ -134,7 +135,8 @@ class Cell:
     # cache, and of a chunked prefill of that many, instead of the throughput workload.
     context: int = 0
     sparse: str = "off"  # InfLLM-v2 sparse attention: off, current or june2025 (MiniCPM4)
-    speculative: str = "off"  # "ngram" / "oracle": num_speculative_tokens drafts a step
+    speculative: str = "off"  # "ngram" / "oracle" / "eagle": num_speculative_tokens drafts a step
+    speculative_model: str | None = None  # "eagle": the draft head's directory (EAGLE or EAGLE-3)
     num_speculative_tokens: int = 4
     # "oracle": the chance that each draft token is the target's own greedy token (else a wrong one).
     oracle_acceptance: float = 1.0
@@ -174,6 +176,9 @@ class Cell:
             # its verify rows of 1 + k tokens.
             kwargs["speculative_config"] = {"method": "ngram",
                                             "num_speculative_tokens": self.num_speculative_tokens}
+            if self.speculative == "eagle":
+                kwargs["speculative_config"].update(method=draft_method(self.speculative_model),
+                                                    model=self.speculative_model)
             # Each measured run follows a plain run of the same prompts (run_once): no prefix
             # cache, or it would skip the measured run's prefill.
             kwargs["enable_prefix_caching"] = False
@@ -226,7 +231,8 @@ def check_model(spec: str) -> str:
 # (n-gram) draft can copy from.
 WORKLOADS = ("fixed", "mixed", "repeat")
 # "oracle": drafts from the target's own greedy continuation, made wrong at a set rate (OracleProposer).
-SPECULATIVE_MODES = ("off", "ngram", "oracle")
+# "eagle": a draft head (--speculative-model).
+SPECULATIVE_MODES = ("off", "ngram", "oracle", "eagle")
 
 
 def speculative_mode(text: str) -> str:
@@ -462,9 +468,12 @@ def run_once(llm, cell: Cell, requests: list[tuple[list[int], int]]) -> tuple[Ru
     if cell.speculative == "off":
         return timed_run(llm, requests), None
     engine = llm.engine
-    engine.proposer = None
+    proposer, drafter = engine.proposer, engine.drafter
+    engine.proposer = engine.drafter = None
     plain = timed_run(llm, requests)
-    if cell.speculative == "oracle":
+    if cell.speculative == "eagle":
+        engine.proposer, engine.drafter = proposer, drafter
+    elif cell.speculative == "oracle":
         engine.proposer = OracleProposer([ids for ids, _ in requests], plain.outputs, cell.num_speculative_tokens,
                                          cell.oracle_acceptance, llm.config.vocab_size, cell.seed)
     else:

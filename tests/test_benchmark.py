@@ -388,3 +388,18 @@ def test_context_mode_end_to_end_json(tmp_path):
     m = rows[0]["metrics"]
     assert m["decode_step_ms"] > 0 and m["prefill_seconds"] > 0 and m["peak_memory_gib"] > 0
     assert "max_position_embeddings 1024" in rows[1]["reason"]
+
+
+def test_eagle_cell_drafts_with_its_head_after_a_paired_plain_run(tmp_path):
+    """An eagle cell loads the head named by --speculative-model; its plain run goes without
+    drafts (proposer and drafter put back after it), and greedy output is the same both ways."""
+    from mindcpm import LLM
+    from tests.models.test_eagle import make_draft
+    from tests.tiny import VOCAB, make_tiny_model
+    target, draft = make_tiny_model(str(tmp_path / "target")), str(tmp_path / "draft")
+    make_draft(draft, own_vocab=False)
+    cell = bench.Cell(target, batch=2, prompt_len=10, output_len=8, speculative="eagle", speculative_model=draft)
+    llm = LLM(model=target, **cell.llm_kwargs())
+    run, paired = bench.run_once(llm, cell, bench.workload(cell, np.random.default_rng(3), VOCAB))
+    assert run.outputs == paired.outputs and [len(o) for o in run.outputs] == [8, 8]
+    assert llm.engine.spec_stats.num_draft_tokens > 0 and llm.engine.drafter is not None
