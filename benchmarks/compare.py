@@ -5,10 +5,11 @@ weights, the same prompts, the same greedy workload, on this machine. Not a test
     python benchmarks/compare.py                                 # smollm2-135m shape, -p 128 -n 32
     python benchmarks/compare.py --model minicpm4-0.5b -p 256 -n 64 -r 3
     python benchmarks/compare.py --peers llama.cpp-f32,llama.cpp-f16
+    python benchmarks/compare.py --model minicpm4-0.5b --peers mindcpm-int8,mindcpm-int4,llama.cpp-q8_0,llama.cpp-q4_0
 
 The shape's weights are drawn once (N(0, 0.02^2), norms 1) and written as a Hugging Face
-checkpoint (safetensors; mindcpm and transformers read it) and as GGUF files at f32 and f16 (the
-`gguf` package; llama.cpp reads them). Each engine loads in its own process and warms up on one
+checkpoint (safetensors; mindcpm and transformers read it) and as GGUF files at f32, f16, q8_0 or
+q4_0 (the `gguf` package; llama.cpp reads them). Each engine loads in its own process and warms up on one
 request; then come -r rounds, in each of which every engine runs one request of -p random prompt
 tokens generating -n tokens (the same prompt for all, the order rotating from round to round).
 Other tenants of the machine move memory bandwidth by 10-15% within minutes, so mindcpm's ratio
@@ -36,8 +37,11 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PEERS = ("mindcpm", "mindcpm-bf16", "llama.cpp-f32", "llama.cpp-f16", "transformers")
-# mindcpm-bf16: the checkpoint's matrices kept in bf16 with fp32 activations (16-bit weights on CPU).
+PEERS = ("mindcpm", "mindcpm-bf16", "mindcpm-int8", "mindcpm-int4", "llama.cpp-f32", "llama.cpp-f16",
+         "llama.cpp-q8_0", "llama.cpp-q4_0", "transformers")
+# mindcpm-bf16: the checkpoint's matrices kept in bf16 with fp32 activations (16-bit weights on CPU);
+# mindcpm-int8 / -int4: quantized on load (--quantization); llama.cpp-q8_0 / -q4_0: every matrix
+# of the GGUF in that block type (gguf-py's quantizer, the same random weights).
 INSTALL = {"llama.cpp": "pip install llama-cpp-python", "transformers": "pip install torch transformers"}
 THREADS = int(os.environ.get("MINDCPM_COMPARE_THREADS", 0)) or os.cpu_count() or 1
 
@@ -102,9 +106,21 @@ def interleave_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(path: str, cfg: dict, weights: dict, tokenizer_dir: str, f16: bool) -> None:
-    """A GGUF file llama.cpp reads: arch llama, or minicpm with its μP scales and LongRoPE factors."""
+def gguf_types(label: str):
+    """(file type, matrix tensor type) of a GGUF weights label: f32, f16, q8_0 or q4_0."""
     import gguf
+
+    return {"f32": (gguf.LlamaFileType.ALL_F32, gguf.GGMLQuantizationType.F32),
+            "f16": (gguf.LlamaFileType.MOSTLY_F16, gguf.GGMLQuantizationType.F16),
+            "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+            "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0)}[label]
+
+
+def write_gguf(path: str, cfg: dict, weights: dict, tokenizer_dir: str, label: str) -> None:
+    """A GGUF file llama.cpp reads: arch llama, or minicpm with its μP scales and LongRoPE factors;
+    its matrices in the type of `label` (gguf_types), the norms and factors f32."""
+    import gguf
+    from gguf.quants import quantize
 
     minicpm = cfg["architectures"][0] == "MiniCPMForCausalLM"
     arch = "minicpm" if minicpm else "llama"
@@ -121,7 +137,8 @@ def write_gguf(path: str, cfg: dict, weights: dict, tokenizer_dir: str, f16: boo
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg.get("rope_theta", 10000.0))
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if f16 else gguf.LlamaFileType.ALL_F32)
+    file_type, matrix_type = gguf_types(label)
+    w.add_file_type(file_type)
     if minicpm:
         w.add_embedding_scale(cfg["scale_emb"])
         w.add_residual_scale(cfg["scale_depth"] / layers ** 0.5)
@@ -134,7 +151,10 @@ def write_gguf(path: str, cfg: dict, weights: dict, tokenizer_dir: str, f16: boo
         kind = gguf_name(name).split(".")[-2]
         if kind in ("attn_q", "attn_k"):
             value = interleave_rope_rows(value, heads if kind == "attn_q" else kv_heads)
-        w.add_tensor(gguf_name(name), value.astype(np.float16) if f16 and value.ndim == 2 else value)
+        if value.ndim == 2 and matrix_type != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gguf_name(name), quantize(value, matrix_type), raw_dtype=matrix_type)
+        else:
+            w.add_tensor(gguf_name(name), value)
     if minicpm:
         scaling = cfg["rope_scaling"]
         w.add_tensor("rope_factors_long.weight", np.asarray(scaling["long_factor"], np.float32))
@@ -187,7 +207,8 @@ def load_llamacpp(spec: dict):
     from llama_cpp import Llama
 
     n_ctx = spec["prompt_len"] + spec["output_len"] + 16
-    llm = Llama(spec["path"], n_ctx=n_ctx, n_batch=max(512, spec["prompt_len"]), n_threads=THREADS,
+    n_batch = spec.get("n_batch") or max(512, spec["prompt_len"])
+    llm = Llama(spec["path"], n_ctx=n_ctx, n_batch=n_batch, n_threads=THREADS,
                 n_threads_batch=THREADS, verbose=False)
 
     def run(prompt):
@@ -344,7 +365,7 @@ def missing_peers(peers: list[str]) -> dict[str, str]:
     """peer -> why it is skipped."""
     missing = {}
     for peer in peers:
-        module = {"llama.cpp-f32": "llama_cpp", "llama.cpp-f16": "llama_cpp", "transformers": "transformers"}.get(peer)
+        module = {"llama.cpp": "llama_cpp", "transformers": "transformers"}.get(engine_of(peer))
         if module and importlib.util.find_spec(module) is None:
             key = "llama.cpp" if module == "llama_cpp" else "transformers"
             missing[peer] = f"not installed ({INSTALL[key]})"
@@ -358,8 +379,12 @@ COLUMNS = ("engine", "weights", "prefill tok/s", "TTFT ms", "decode tok/s", "ITL
            "tokens/s", "peak mem GiB", "mindcpm decode x", "mindcpm TTFT x", "note")
 
 
-LABELS = {"mindcpm": "float32", "mindcpm-bf16": "bfloat16", "llama.cpp-f32": "f32", "llama.cpp-f16": "f16",
+LABELS = {"mindcpm": "float32", "mindcpm-bf16": "bfloat16", "mindcpm-int8": "int8", "mindcpm-int4": "int4",
+          "llama.cpp-f32": "f32", "llama.cpp-f16": "f16", "llama.cpp-q8_0": "q8_0", "llama.cpp-q4_0": "q4_0",
           "transformers": "float32"}
+# The mindcpm row a peer of these weights is compared with, when it ran (else plain mindcpm).
+COUNTERPART = {"f16": "mindcpm-bf16", "bfloat16": "mindcpm-bf16", "q8_0": "mindcpm-int8", "int8": "mindcpm-int8",
+               "q4_0": "mindcpm-int4", "int4": "mindcpm-int4"}
 
 
 def engine_of(peer: str) -> str:
@@ -367,10 +392,34 @@ def engine_of(peer: str) -> str:
 
 
 def baseline(peer: str, rows: dict) -> str | None:
-    """The mindcpm row a peer is compared with: mindcpm-bf16 for 16-bit peers when it ran."""
-    if LABELS[peer] in ("f16", "bfloat16") and "mindcpm-bf16" in rows:
-        return "mindcpm-bf16"
+    """The mindcpm row a peer is compared with: the one of the same bytes per weight when it ran
+    (COUNTERPART: bf16 for 16-bit peers, int8 for q8_0, int4 for q4_0), else fp32 mindcpm."""
+    ours = COUNTERPART.get(LABELS[peer])
+    if ours in rows:
+        return ours
     return "mindcpm" if "mindcpm" in rows else None
+
+
+def quantized_llamacpp(peer: str) -> bool:
+    return engine_of(peer) == "llama.cpp" and LABELS[peer].startswith("q")
+
+
+def start(peer: str, spec: dict, tmp: str, threads: int) -> tuple[Worker | None, str | None, str | None]:
+    """(worker, failure, note) for one peer. A llama.cpp peer of quantized blocks whose load or
+    warm-up crashed is started once more with n_batch 1: llama-cpp-python 0.3.36 segfaults in
+    batched prefill of quantized GGUFs on Intel CPUs with AMX, and token-by-token prefill decodes
+    fine; the note says so (its prefill numbers are then token by token)."""
+    worker = Worker(peer, spec, tmp, threads)
+    if worker.ready():
+        return worker, None, None
+    if not quantized_llamacpp(peer):
+        return None, worker.failure, None
+    log(f"{peer} crashed in batched prefill ({worker.failure}); again with n_batch 1")
+    first = worker.failure
+    worker = Worker(peer, dict(spec, n_batch=1), tmp, threads)
+    if worker.ready():
+        return worker, None, f"n_batch 1: batched prefill crashed ({first})"
+    return None, worker.failure, None
 
 
 def compare(args) -> list[dict]:
@@ -383,14 +432,14 @@ def compare(args) -> list[dict]:
         skipped["transformers"] = "transformers has no built-in MiniCPM class; use a Llama shape (smollm2-135m)"
     with tempfile.TemporaryDirectory(prefix="mindcpm-compare-") as tmp:
         checkpoint = os.path.join(tmp, "checkpoint")
-        log(f"writing {args.model} random weights (seed {args.seed}) as safetensors and GGUF f32/f16")
+        log(f"writing {args.model} random weights (seed {args.seed}) as safetensors and the peers' GGUFs")
         weights = random_weights(cfg, args.seed)
         write_checkpoint(checkpoint, args.model, weights)
         paths = {p: checkpoint for p in peers}
-        for peer, f16 in (("llama.cpp-f32", False), ("llama.cpp-f16", True)):
-            if peer in peers and peer not in skipped:
+        for peer in peers:
+            if engine_of(peer) == "llama.cpp" and peer not in skipped:
                 paths[peer] = os.path.join(tmp, f"{peer}.gguf")
-                write_gguf(paths[peer], cfg, weights, checkpoint, f16)
+                write_gguf(paths[peer], cfg, weights, checkpoint, LABELS[peer])
         del weights
         # Flush the files just written (GBs of dirty pages): their write-back would otherwise
         # slow down whichever engine runs first.
@@ -398,16 +447,18 @@ def compare(args) -> list[dict]:
         rng = np.random.default_rng(args.seed)
         prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
                    for _ in range(1 + args.repetitions)]  # the warm-up's, then one per round
-        workers, failed = {}, {}
+        workers, failed, notes = {}, {}, {}
         for peer in (p for p in peers if p not in skipped):
             log(f"loading {peer}")
             spec = {"engine": engine_of(peer), "path": paths[peer], "precision": LABELS[peer],
                     "prompts": prompts, "prompt_len": args.prompt_len, "output_len": args.output_len}
-            worker = Worker(peer, spec, tmp, args.threads)
-            if worker.ready():
+            worker, failure, note = start(peer, spec, tmp, args.threads)
+            if worker:
                 workers[peer] = worker
+                if note:
+                    notes[peer] = note
             else:
-                failed[peer] = worker.failure
+                failed[peer] = failure
         for r in range(1, args.repetitions + 1):
             live = [p for p in workers if p not in failed]
             for peer in live[r % len(live):] + live[:r % len(live)] if live else []:
@@ -424,7 +475,8 @@ def compare(args) -> list[dict]:
                 if peer in workers:
                     workers[peer].proc.kill()
             else:
-                row.update(status="ok", reason=None, metrics=workers[peer].finish(), runs=workers[peer].runs)
+                row.update(status="ok", reason=None, metrics=workers[peer].finish(), runs=workers[peer].runs,
+                           note=notes.get(peer))
             rows[peer] = row
     add_ratios(rows)
     for row in rows.values():
@@ -464,7 +516,7 @@ def table(rows: list[dict]) -> str:
             num(m.get(k)) if ok else "-" for k in ("prefill_tokens_per_second", "ttft_ms", "decode_tokens_per_second",
                                                    "itl_p50_ms", "itl_p99_ms", "tokens_per_second")]
             + [num(m.get("peak_memory_gib"), 2) if ok else "-", ratio(r, "decode"), ratio(r, "ttft"),
-               "" if ok else f"{r['status']}: {r['reason']}"])
+               (r.get("note") or "") if ok else f"{r['status']}: {r['reason']}"])
     return bench.format_table(COLUMNS, lines)
 
 
@@ -516,7 +568,8 @@ def main(argv=None) -> int:
         print(table(rows))
         print("mindcpm decode x: mindcpm's decode tok/s / the engine's; mindcpm TTFT x: the engine's TTFT / "
               "mindcpm's (> 1: mindcpm is faster); each is taken within a round, and the rounds' median (min-max) "
-              "is shown. 16-bit engines are compared with mindcpm-bf16 when it ran. prefill tok/s: prompt "
+              "is shown. 16-bit engines are compared with mindcpm-bf16, q8_0 with mindcpm-int8 and q4_0 with "
+              "mindcpm-int4 when they ran. prefill tok/s: prompt "
               "tokens / TTFT.")
     return 0
 

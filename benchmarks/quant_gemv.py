@@ -26,10 +26,12 @@ from mindcpm.ops.cpu_kernels import build  # noqa: E402
 FORMATS = {
     "bf16": None,
     "int8 per-channel": (8, 0, "float32", False),
+    "int8 per-channel f16 (--quantization int8)": (8, 0, "float16", False),
     "int8 g32 (Q8_0)": (8, 32, "float16", False),
     "int4 g32 (Q4_0)": (4, 32, "float16", False),
     "int4 g32 asym (Q4_1)": (4, 32, "float16", True),
     "int4 g128 asym bf16": (4, 128, "bfloat16", True),
+    "int4 g128 (--quantization int4)": (4, 128, "float16", False),
     "ternary 2-bit per-row": (2, 0, "bfloat16", False),
 }
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
@@ -123,11 +125,12 @@ def main() -> int:
             times[name].append((time.perf_counter() - start) / args.passes)
     print(f"quant ISA {quant.QuantLinearIsa().decode()}; {args.layers} layers of {shapes} [N, K]; rows {args.rows}; "
           f"threads {os.environ.get('MINDCPM_KERNEL_THREADS', 'all')}; median of {args.repeats}")
-    print(f"{'format':24s} {'MB a pass':>10s} {'ms a pass':>10s} {'GB/s':>7s} {'vs bf16':>8s}")
+    width = max(len(n) for n in names)
+    print(f"{'format':{width}s} {'MB a pass':>10s} {'ms a pass':>10s} {'GB/s':>7s} {'vs bf16':>8s}")
     base = statistics.median(times[names[0]])
     for name in names:
         t = statistics.median(times[name])
-        print(f"{name:24s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} {streamed[name] / t / 1e9:7.1f} "
+        print(f"{name:{width}s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} {streamed[name] / t / 1e9:7.1f} "
               f"{base / t:7.2f}x")
     return 0
 

@@ -113,11 +113,33 @@ def load_checkpoint(model: nn.Cell, path: str, dtype=ms.float32, progress: bool 
                                           leave=False):
             # A lazy slice: each tensor-parallel rank reads only the part it holds.
             name = _place(hf_name, handle.get_slice(hf_name), file, params, cells, owners, staged, filled)
+            if name is not None and hasattr(params[name], "load_quantized"):
+                release_read_pages([file])
             if name is not None and filled[name] == expected[name]:
                 _hand_over(params[name], staged.pop(name, None), name)
     for name, parts in filled.items():
         if parts != expected[name]:
             raise CheckpointError(f"{path}: missing tensor for parameter {name}")
+
+
+def release_read_pages(files) -> None:
+    """Drops this process's resident pages of the checkpoint files' memory maps (safetensors reads
+    through mmap, and every page read stays resident until the file is closed): a model quantized
+    on load would otherwise hold the whole fp32 checkpoint resident next to its codes by the end
+    of loading. Clean file pages: a later read faults them in again from the page cache. Linux
+    only; best effort."""
+    if not os.path.exists("/proc/self/maps"):
+        return
+    import ctypes
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    wanted = {os.path.realpath(f) for f in files}
+    with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() in wanted and "w" not in fields[1]:
+                start, end = (int(a, 16) for a in fields[0].split("-"))
+                madvise(start, end - start, 4)  # MADV_DONTNEED
 
 
 def _quant_slots(params: dict) -> dict:
@@ -199,7 +221,20 @@ def _hand_over(param, values: np.ndarray | None, name: str) -> None:
     this rank received none of its parts' values (zeros)."""
     if values is None:
         values = np.zeros(param.shape, np.float32)
+    if isinstance(values, dict):  # a quantized layer's parts (_quantized_rows), in order
+        _fill_slots({name: param}, {name: _padded(values, param, name)})
+        return
     _assign(param, values, name)
+
+
+def _padded(parts: dict, slot, name: str) -> dict:
+    """A quantized layer's parts, with zero rows after them where no tensor fills its last rows
+    (a vocab-parallel head's padding on the last rank)."""
+    missing = slot.shape[0] - sum(p.shape[0] for p in parts.values())
+    if missing > 0:
+        parts = dict(parts)
+        parts[max(parts) + 1] = slot.device.quantize(np.zeros((missing, slot.shape[1]), np.float32), name)
+    return parts
 
 
 def _assign(param, values: np.ndarray, name: str) -> None:
@@ -288,15 +323,36 @@ def _place(hf_name, tensor, file, params, cells, owners, staged, filled) -> str 
     if shard is None:  # another rank's expert
         filled[name].add(part)
         return name
-    # Zeros: a vocab-parallel table's padding rows on the last rank come from no tensor.
-    target = staged.setdefault(name, np.zeros(params[name].shape, dtype=np.float32))
     shape = tuple(tensor.get_shape())
     if shape != tuple(shard.full_shape):
         raise CheckpointError(f"{file}: tensor {hf_name} has shape {shape}, expected {tuple(shard.full_shape)}")
-    from safetensors import SafetensorError
-    try:
-        target[shard.dest] = tensor[shard.source].astype(np.float32)
-    except (SafetensorError, ValueError, TypeError, OSError) as e:  # a truncated file can fail only when read
-        raise CheckpointError(f"{file}: cannot read tensor {hf_name} ({e})") from None
+    def read(index) -> np.ndarray:
+        from safetensors import SafetensorError
+        try:
+            return tensor[index].astype(np.float32)
+        except (SafetensorError, ValueError, TypeError, OSError) as e:  # a truncated file can fail only when read
+            raise CheckpointError(f"{file}: cannot read tensor {hf_name} ({e})") from None
+
+    if hasattr(params[name], "load_quantized"):
+        staged.setdefault(name, {})[part or 0] = _quantized_rows(read, shard, params[name], hf_name)
+    else:
+        # Zeros: a vocab-parallel table's padding rows on the last rank come from no tensor.
+        target = staged.setdefault(name, np.zeros(params[name].shape, dtype=np.float32))
+        target[shard.dest] = read(shard.source)
     filled[name].add(part)
     return name
+
+
+QUANT_ROWS = 256  # rows of a checkpoint tensor read and quantized at once
+
+
+def _quantized_rows(read, shard: Shard, slot, hf_name: str):
+    """This rank's slice of a checkpoint tensor (read(index): its values at index, fp32) quantized
+    QUANT_ROWS rows at a time (quantization is row by row): a quantized layer never holds its
+    float weight, not even one part of it."""
+    from .quant.formats import concat_rows
+    source = tuple(shard.source) or (slice(None),)
+    start, stop, _ = source[0].indices(shard.full_shape[0])
+    pieces = [slot.device.quantize(read((slice(r, min(stop, r + QUANT_ROWS)),) + source[1:]), hf_name)
+              for r in range(start, stop, QUANT_ROWS)]
+    return concat_rows(pieces, hf_name)

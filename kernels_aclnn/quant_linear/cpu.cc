@@ -113,17 +113,23 @@ int parse(void **params, int *ndims, int64_t **shapes, const char **dtypes, int 
   return parse_weight(params, ndims, shapes, dtypes, w, K, &p->w, &p->N);
 }
 
-// Per row of x, the sum of its inputs over each group (the offsets' factor).
-const float *group_sums(const float *x, int64_t M, const QWeight &w) {
-  thread_local std::vector<float> sums;
-  sums.resize(M * w.groups);
+// Lanes of a group term: a vector of the widest instruction set with the term in lane 0, so
+// that the fused tile starts a group's dot product from it (its other lanes are 0).
+constexpr int kTermLanes = 16;
+
+// Per row of x and group of the weight, the group's term: the offsets multiply the sum of x over
+// the group (asymmetric); without offsets the codes' center does, -center * that sum.
+const float *group_terms(const float *x, int64_t M, const QWeight &w) {
+  thread_local std::vector<float> terms;
+  terms.assign(M * w.groups * kTermLanes, 0.f);
+  const float factor = w.offsets ? 1.f : -w.center;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < w.groups; ++g) {
       float s = 0.f;
       for (int64_t k = g * w.G; k < (g + 1) * w.G; ++k) s += x[m * w.K + k];
-      sums[m * w.groups + g] = s;
+      terms[(m * w.groups + g) * kTermLanes] = factor * s;
     }
-  return sums.data();
+  return terms.data();
 }
 
 }  // namespace
@@ -147,9 +153,7 @@ struct V {
     for (int64_t i = 0; i < n; ++i) out[i] = S::get(p + i);
   }
   template <int Bits> static F codes(const uint8_t *row, int64_t k) { return (float)code<Bits>(row, k); }
-  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[32]) {
-    for (int i = 0; i < 32; ++i) c[i] = (float)code<Bits>(row, k + i);
-  }
+  template <int Bits> static F vec(const uint8_t *row, int64_t k, int v) { return (float)code<Bits>(row, k + v); }
 };
 #include "../common/quant_gemv.inc"
 }  // namespace scalar_isa
@@ -188,24 +192,17 @@ struct V {
   static __m256i bytes8(const uint8_t *p) { return _mm256_cvtepu8_epi32(load8(p)); }
   template <int Bits> static F codes(const uint8_t *row, int64_t k) { return _mm256_cvtepi32_ps(bytes8(row + k)); }
   // Bytes are widened to 32-bit lanes straight from memory, then split into nibbles / bit pairs
-  // there: fewer shuffles than splitting bytes first (one widening per 8 bytes, not per 8 codes).
-  // 8-bit: 4 x 8 bytes. 4-bit: bytes 0-7 and 8-15 of the block, low nibbles (codes 0-15) then
-  // high (16-31). 2-bit: the block's 8 bytes, bit pair 0, 1, 2, 3 (codes 0-7, ..., 24-31).
-  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[4]) {
-    if (Bits == 8) {
-      for (int v = 0; v < 4; ++v) c[v] = _mm256_cvtepi32_ps(bytes8(row + k + 8 * v));
-    } else if (Bits == 4) {
-      const uint8_t *p = row + (k >> 5) * 16;
-      const __m256i b0 = bytes8(p), b1 = bytes8(p + 8), m = _mm256_set1_epi32(15);
-      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b0, m)), c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(b1, m));
-      c[2] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)), c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4));
-    } else {
-      const __m256i b = bytes8(row + (k >> 5) * 8), m = _mm256_set1_epi32(3);
-      c[0] = _mm256_cvtepi32_ps(_mm256_and_si256(b, m));
-      c[1] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 2), m));
-      c[2] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(b, 4), m));
-      c[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 6));
+  // there: fewer shuffles than splitting bytes first. 8-bit: 8 bytes a vector. 4-bit: bytes 0-7
+  // and 8-15 of the block, low nibbles (codes 0-15) then high (16-31). 2-bit: the block's 8
+  // bytes, bit pair v (codes 8v..8v+7). A block's bytes are loaded once a vector: L1 hits.
+  template <int Bits> static F vec(const uint8_t *row, int64_t k, int v) {
+    if (Bits == 8) return _mm256_cvtepi32_ps(bytes8(row + k + 8 * v));
+    if (Bits == 4) {
+      const __m256i b = bytes8(row + (k >> 5) * 16 + 8 * (v & 1));
+      return _mm256_cvtepi32_ps(v < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(15)) : _mm256_srli_epi32(b, 4));
     }
+    const __m256i b = _mm256_srli_epi32(bytes8(row + (k >> 5) * 8), 2 * v);
+    return _mm256_cvtepi32_ps(v < 3 ? _mm256_and_si256(b, _mm256_set1_epi32(3)) : b);
   }
 };
 #include "../common/quant_gemv.inc"
@@ -232,20 +229,16 @@ struct V {
   }
   // As AVX2's, 16 codes a vector. 2-bit: the block's 8 bytes in both halves, shifted by bit
   // pairs 0 | 1 (codes 0-15) and 2 | 3 (codes 16-31).
-  template <int Bits> static void block(const uint8_t *row, int64_t k, F c[2]) {
-    if (Bits == 8) {
-      c[0] = codes<8>(row, k), c[1] = codes<8>(row, k + 16);
-    } else if (Bits == 4) {
+  template <int Bits> static F vec(const uint8_t *row, int64_t k, int v) {
+    if (Bits == 8) return codes<8>(row, k + 16 * v);
+    if (Bits == 4) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i *>(row + (k >> 5) * 16)));
-      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-      c[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
-    } else {
-      const __m256i half = avx2_isa::V::bytes8(row + (k >> 5) * 8);
-      const __m512i b = _mm512_broadcast_i64x4(half), m = _mm512_set1_epi32(3);
-      const __m512i s01 = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
-      c[0] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, s01), m));
-      c[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(b, _mm512_add_epi32(s01, _mm512_set1_epi32(4))), m));
+      return _mm512_cvtepi32_ps(v == 0 ? _mm512_and_si512(b, _mm512_set1_epi32(15)) : _mm512_srli_epi32(b, 4));
     }
+    const __m512i b = _mm512_broadcast_i64x4(avx2_isa::V::bytes8(row + (k >> 5) * 8));
+    const __m512i shifts = _mm512_set_epi32(2, 2, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_cvtepi32_ps(
+        _mm512_and_si512(_mm512_srlv_epi32(b, _mm512_add_epi32(shifts, _mm512_set1_epi32(4 * v))), _mm512_set1_epi32(3)));
   }
 };
 #include "../common/quant_gemv.inc"
@@ -284,12 +277,12 @@ std::atomic<int> &chosen_isa() {
 
 // y = epi(x W^T) for M rows of x, on the chosen instruction set.
 int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
-  const float *xsum = group_sums(x, M, w);
+  const float *terms = group_terms(x, M, w);
   mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::run(x, xsum, w, M, epi);
-    case Isa::kAvx2: return avx2_isa::run(x, xsum, w, M, epi);
-    default: return scalar_isa::run(x, xsum, w, M, epi);
+    case Isa::kAvx512: return avx512_isa::run(x, terms, w, M, epi);
+    case Isa::kAvx2: return avx2_isa::run(x, terms, w, M, epi);
+    default: return scalar_isa::run(x, terms, w, M, epi);
   }
 }
 

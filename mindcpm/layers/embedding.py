@@ -5,6 +5,7 @@ from mindspore import nn, ops
 
 from ..ops.device import Device
 from ..parallel import Shard, tp_group, vocab_rows
+from .linear import QuantSlot
 from .params import zeros_parameter
 
 
@@ -39,7 +40,12 @@ class Embedding(nn.Cell):
 
 class LMHead(nn.Cell):
     """logits = h W^T in fp32; W is the embedding's when the checkpoint ties them. Tensor
-    parallel: each rank scores its vocabulary slice and the slices are gathered."""
+    parallel: each rank scores its vocabulary slice and the slices are gathered.
+
+    Quantized on load (Device.quantizes_head) the head keeps its own quantized weight: decode
+    streams the head every token, and a 73k-word fp32 head is as many bytes as all the int8
+    layers of MiniCPM4-0.5B. A tied head quantizes the embedding's values after loading
+    (quantize_tied, from Device.after_load); the embedding itself stays float for the lookup."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: Embedding | None, dtype=ms.float32,
                  device: Device | None = None):
@@ -47,20 +53,37 @@ class LMHead(nn.Cell):
         device = device or Device()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
+        self.quant_head = device.quantizes_head()
+        self.quantized = self.quant_head and not self.tied  # the loader fills it from lm_head.weight
+        local = -(-vocab_size // tp_group().size)
         if self.tied:
             self.embedding = tied_to
         else:
             self.full_shape = (vocab_size, hidden_size)
             self.rows = vocab_rows(vocab_size)
-            local = -(-vocab_size // tp_group().size)
-            self.weight = zeros_parameter((local, hidden_size), device.stored_dtype(dtype), "weight")
-        self.matmul = device.matmul()
+            if not self.quant_head:
+                self.weight = zeros_parameter((local, hidden_size), device.stored_dtype(dtype), "weight")
+        if self.quant_head:
+            self.in_features = hidden_size
+            self.quant = QuantSlot(self, device, (local, hidden_size))
+            self.matmul = device.quant_matmul("plain", hidden_size)
+        else:
+            self.matmul = device.matmul()
         self.tp_size = tp_group().size
         self.all_gather = ops.AllGather() if self.tp_size > 1 else None
 
+    def quantize_tied(self) -> None:
+        """A quantized tied head takes the embedding's values, quantized (after loading)."""
+        if self.tied and self.quant_head:
+            w = self.embedding.weight
+            values = (w.astype(ms.float32) if w.dtype != ms.float32 else w).asnumpy()
+            self.quant.load_float(values, "lm_head (the tied embedding)")
+
     def construct(self, h):
-        w = self.embedding.weight if self.tied else self.weight
-        logits = self.matmul(h, w).astype(ms.float32)
+        if self.quant_head:
+            logits = self.matmul(h, self.weight_packed, self.weight_scales, self.weight_offsets)
+        else:
+            logits = self.matmul(h, self.embedding.weight if self.tied else self.weight).astype(ms.float32)
         if self.all_gather is None:
             return logits
         n, local = logits.shape

@@ -182,6 +182,12 @@ class Device:
         """Whether a projection keeps its weight quantized (never an exact-dtype one: a router)."""
         return self.quant is not None and not exact_dtype
 
+    def quantizes_head(self) -> bool:
+        """Whether the LM head is quantized too: with int8 / int4 on load (as llama.cpp's q8_0 /
+        q4_0 files hold their output matrix). GGUF and GPTQ checkpoints have no codes for it and
+        a ternary checkpoint's head is not ternary: those keep it float."""
+        return self.quantization in ("int8", "int4")
+
     def quant_layout(self, k: int) -> tuple[int, int]:
         """(bits, group size) of a quantized weight with k inputs; QuantError when they do not fit."""
         from ..quant.formats import check_layout
@@ -356,8 +362,12 @@ class Device:
         self.fused_blocks = True
 
     def after_load(self, model) -> None:
-        """Ascend: stacked expert weights from the loader's [E, out, in] to GroupedMatmul's
-        [E, in, out], once (never per step)."""
+        """A quantized tied head quantizes the embedding (LMHead.quantize_tied). Ascend: stacked
+        expert weights from the loader's [E, out, in] to GroupedMatmul's [E, in, out], once
+        (never per step)."""
+        for _, cell in model.cells_and_names():
+            if hasattr(cell, "quantize_tied"):
+                cell.quantize_tied()
         if not self.ascend_kernels:
             return
         for _, cell in model.cells_and_names():

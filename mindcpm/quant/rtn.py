@@ -30,7 +30,28 @@ def quantize(weight: np.ndarray, bits: int, group_size: int | None = None, symme
     n, k = w.shape
     group_size = k if group_size is None else group_size
     check_layout(bits, k, group_size, name)
-    g = w.reshape(n, k // group_size, group_size)
+    groups = k // group_size
+    codes = np.empty((n, k), np.uint8)
+    scales = offsets = None
+    # A few rows at a time: the temporaries stay small next to the weight (peak memory on load).
+    for r in range(0, n, ROWS_AT_ONCE):
+        rows = slice(r, r + ROWS_AT_ONCE)
+        g = w[rows].reshape(-1, groups, group_size)
+        part = _quantize_groups(g, bits, symmetric, scale_dtype)
+        if scales is None:
+            scales = np.empty((n, groups), part[1].dtype)
+            offsets = None if symmetric else np.empty((n, groups), part[2].dtype)
+        codes[rows], scales[rows] = part[0].reshape(-1, k), part[1]
+        if offsets is not None:
+            offsets[rows] = part[2]
+    return QuantWeight(pack_codes(codes, bits), scales, offsets, bits, group_size, scale_dtype)
+
+
+ROWS_AT_ONCE = 256
+
+
+def _quantize_groups(g: np.ndarray, bits: int, symmetric: bool, scale_dtype: str):
+    """(codes uint8, scales, offsets or None) of groups g [rows, groups, G] (quantize's rules)."""
     top = (1 << bits) - 1
     if symmetric:
         center = 1 << (bits - 1)
@@ -44,5 +65,4 @@ def quantize(weight: np.ndarray, bits: int, group_size: int | None = None, symme
         s = stored_values(scales, scale_dtype)[:, :, None]
         m = stored_values(offsets, scale_dtype)[:, :, None]
         q = np.round(np.divide(g - m, s, out=np.zeros_like(g), where=s != 0))
-    codes = np.clip(q, 0, top).astype(np.uint8).reshape(n, k)
-    return QuantWeight(pack_codes(codes, bits), scales, offsets, bits, group_size, scale_dtype)
+    return np.clip(q, 0, top).astype(np.uint8), scales, offsets

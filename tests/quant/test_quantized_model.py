@@ -57,6 +57,10 @@ def dequantized_checkpoint(llm, src: str, out: str) -> None:
         if not getattr(cell, "quantized", False):
             continue
         w = decode_numpy(cell.weight_packed.asnumpy(), cell.weight_scales.asnumpy(), cell.in_features)
+        if name == "lm_head":  # quantized too (int8 / int4 on load)
+            assert not np.array_equal(tensors["lm_head.weight"], w), "lm_head not quantized"
+            tensors["lm_head.weight"] = w
+            continue
         parent, proj = name.rsplit(".", 1)
         for part, hf_proj in enumerate(FUSED.get(proj, (proj,))):
             hf_name = f"model.{parent}.{hf_proj}.weight"
