@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+from tests.paths import ROOT
 from tests.tiny import TINY_LLAMA, make_tiny_model, write_byte_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Weights dominate: 3 layers of hidden 1024 / intermediate 3072 (11.8 M weights a layer), a small vocabulary.
 BIG = dict(TINY_LLAMA, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=16,
            num_key_value_heads=4)
@@ -26,6 +26,7 @@ RUN = r"""
 import json, sys
 from mindcpm import LLM, SamplingParams
 from mindcpm.bench import peak_rss
+from tests.paths import ROOT
 llm = LLM(model=sys.argv[1], quantization="int4", quant_group_size=32, kernels="on", progress=False, max_model_len=64,
           block_size=16, kv_cache_gib=0.01, enable_prefix_caching=False)
 llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))

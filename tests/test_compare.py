@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from mindcpm import bench
+from tests.paths import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("mindcpm_script_compare_quant", os.path.join(ROOT, "benchmarks/compare.py"))
 compare = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(compare)
