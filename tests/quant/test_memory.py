@@ -26,7 +26,6 @@ RUN = r"""
 import json, sys
 from mindcpm import LLM, SamplingParams
 from mindcpm.bench import peak_rss
-from tests.paths import ROOT
 llm = LLM(model=sys.argv[1], quantization="int4", quant_group_size=32, kernels="on", progress=False, max_model_len=64,
           block_size=16, kv_cache_gib=0.01, enable_prefix_caching=False)
 llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))
