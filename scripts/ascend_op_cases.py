@@ -1,7 +1,7 @@
 """What each Ascend op mindcpm uses must compute: worked examples and numpy goldens.
 
 One list of op cases serves two checkers: scripts/validate_ascend.py runs them through the real
-kernels on an NPU, and tests/test_ascend_standins.py through the CPU stand-ins
+kernels on an NPU, and tests/ops/test_ascend_standins.py through the CPU stand-ins
 (tests/ascend_standins.py, tests/ascend_moe_standins.py) before any model-level test trusts them.
 
 Where the expectations come from (the data below is our own, generated with fixed seeds):

@@ -20,8 +20,8 @@
 
 Unverified on hardware (no NPU was available): the 2.10 docstrings list fp16 (and fp32 for the
 grouped form) for GroupedMatmul and MoeFinalizeRouting, not bf16, though their inference accepts
-bf16 (tests/test_ascend_vendor_checks.py compiles both dtypes through it). The CPU contract test
-(tests/test_minimax_ascend_contract.py) runs these exact calls through stand-ins written from
+bf16 (tests/ops/test_ascend_vendor_checks.py compiles both dtypes through it). The CPU contract test
+(tests/ops/test_ascend_moe.py) runs these exact calls through stand-ins written from
 the documentation (tests/ascend_moe_standins.py).
 
 The kernels are module-level names so that tests can replace them.

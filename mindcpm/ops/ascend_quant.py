@@ -4,8 +4,8 @@ scale and offset [N] (per output channel, antiquant_group_size 0) or [K / G, N] 
 in x's dtype (fp16 or bf16). A symmetric QuantWeight's codes c become weight = c - 128 and its
 offset zeros, so the product is the same dequantized weight the CPU kernel uses.
 
-Unverified on hardware (no NPU here): tests/test_ascend_vendor_checks.py compiles the call
-through MindSpore's own inference in fp16 and bf16, and tests/test_quant_ascend.py runs it
+Unverified on hardware (no NPU here): tests/ops/test_ascend_vendor_checks.py compiles the call
+through MindSpore's own inference in fp16 and bf16, and tests/ops/test_ascend_quant.py runs it
 through the stand-in of tests/ascend_moe_standins.py written from the documentation.
 The kernel is a module-level name so that tests can replace it."""
 from __future__ import annotations

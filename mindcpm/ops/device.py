@@ -37,8 +37,6 @@ QUANTIZATIONS = ("int8", "int4", "bitcpm") + PREQUANTIZED
 STEP_INPUTS = ("input_ids", "positions", "batch_valid_length", "q_seq_lens", "slot_mapping", "block_tables",
                "logits_rows")
 
-# The internal PagedAttention kernel's block sizes and its head_dim * block_size bound (ATB
-# PagedAttention operation doc); FlashAttentionScore's head_dim: a multiple of 16, at most 512.
 # Op by op (PyNative), a decode step of the default model costs ~37 ms more than its compiled
 # graph, and compiling that graph costs ~3.7 s (measured on this 2-core host, fp32, kernels on):
 # an answer shorter than ~100 tokens is done sooner without the graph. Compiling a decode bucket
@@ -46,6 +44,8 @@ STEP_INPUTS = ("input_ids", "positions", "batch_valid_length", "q_seq_lens", "sl
 # most ~2.4 s more than compiling at once (the ski-rental rule: never twice the better choice).
 EAGER_DECODE_STEPS = 64
 
+# The internal PagedAttention kernel's block sizes and its head_dim * block_size bound (ATB
+# PagedAttention operation doc); FlashAttentionScore's head_dim: a multiple of 16, at most 512.
 ASCEND_BLOCK_SIZES = (16, 32, 64, 128)
 ASCEND_MAX_BLOCK_ELEMENTS = 16384
 ASCEND_MAX_HEAD_DIM = 512

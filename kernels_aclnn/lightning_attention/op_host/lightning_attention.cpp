@@ -1,6 +1,6 @@
 // CANN glue of LightningDecode and LightningPrefill: op definitions, shape/dtype inference and the
 // TilingFunc, which only reads shapes and the core count and calls the plain-C++ tiling of
-// lightning_tiling.h (checked by tests/test_ascendc_lightning.py's grid without CANN).
+// lightning_tiling.h (checked by tests/ops/test_ascendc_lightning.py's grid without CANN).
 //
 //   LightningDecode(q, k, v [B, H, D] fp16|bf16, slopes [H] fp32, state_pool [S, H, D, D] fp32,
 //                   state_slots [B] int32, positions [B] int32) -> o [B, H*D] fp32
