@@ -234,7 +234,7 @@ def test_bad_input_subprocess_one_error_line(script, case, needles, tiny, bad_mo
     assert os.listdir(tmp_path) == []
 
 
-def _bad_args(case: str, tiny: str, tmp_path) -> tuple[list[str], list[str]]:
+def _bad_args(case: str, tiny: str, bad_models: dict, tmp_path) -> tuple[list[str], list[str]]:
     """(generate.py arguments, substrings the error line must contain)."""
     cases = {
         "missing_model": (["--model", str(tmp_path / "nowhere"), "x"], ["model not found", "nowhere"]),
@@ -282,8 +282,8 @@ BAD_CASES = ["missing_model", "too_long", "temperature", "top_p", "max_tokens", 
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
-def test_bad_input_gives_one_error_line_and_status_1(case, tiny, tmp_path, capsys):
-    args, needles = _bad_args(case, tiny, tmp_path)
+def test_bad_input_gives_one_error_line_and_status_1(case, tiny, bad_models, tmp_path, capsys):
+    args, needles = _bad_args(case, tiny, bad_models, tmp_path)
     status = generate.main(args)
     captured = capsys.readouterr()
     assert status == 1, (captured.out, captured.err)

@@ -59,6 +59,21 @@ def checkpoint(request, deep_model_dir, tmp_path):
     return path, write_checkpoint(deep_model_dir, path, "bfloat16", shards=3)
 
 
+def test_loading_bar_shows_how_many_tensors_there_are(deep_model_dir, capsys):
+    """The progress bar counts the checkpoint's tensors against their total (it used to read
+    '0tensor [00:00, ?tensor/s]', with no total)."""
+    from safetensors import safe_open
+    from mindcpm.config import ModelConfig
+    from mindcpm.loader import load_checkpoint
+    from mindcpm.models.minicpm import MiniCPMForCausalLM
+    from mindcpm.ops import Device
+    with safe_open(f"{deep_model_dir}/model.safetensors", "np") as f:
+        total = len(list(f.keys()))
+    model = MiniCPMForCausalLM(ModelConfig.from_dir(deep_model_dir), Device(block_size=4, cache_blocks=2))
+    load_checkpoint(model, deep_model_dir, ms.float32, progress=True)
+    assert f"loading weights:   0%|          | 0/{total} " in capsys.readouterr().err
+
+
 def test_checkpoint_staged_one_parameter_at_a_time(checkpoint):
     from mindcpm.config import ModelConfig
     from mindcpm.loader import load_checkpoint, loadable_parameters, our_name
