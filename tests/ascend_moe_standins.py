@@ -13,7 +13,8 @@ checks every stand-in against them and against the docstrings' worked examples):
 - MoeComputeExpertTokens: per expert the end of its rows (a cumulative count), (E,) entries;
 - GroupedMatmul (split_item 3, group_type 0): rows of group e times weight[e], weight [E, K, N];
 - MoeFinalizeRouting: x1 + x2 + sum_k scales * (expanded_x[expanded_row_idx[i + k*N]] + bias[e]);
-- WeightQuantBatchMatmul: x @ ((weight + antiquant_offset) * antiquant_scale).
+- WeightQuantBatchMatmul: x @ ((weight + antiquant_offset) * antiquant_scale), int8 or int4
+  (qint4x2) weights; also as the functional weight_quant_batch_matmul_standin.
 
 Refused as the real ops refuse them (MindSpore 2.10's own inference rejects the first two):
 GroupedMatmul with transpose_a/transpose_b (only a 310P with infer_boost may transpose; the 910B
@@ -243,7 +244,10 @@ class MoeFinalizeRoutingStandIn(nn.Cell):
 
 
 # WeightQuantBatchMatmul(transpose_x, transpose_weight, antiquant_group_size)(x, weight,
-#   antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias) -> y
+#   antiquant_scale, antiquant_offset, quant_scale, quant_offset, bias) -> y, and its functional
+#   form weight_quant_batch_matmul(x, ..., bias, transpose_x, transpose_weight, antiquant_group_size).
+# Limits from CANN's aclnnWeightQuantBatchMatmulV2 documentation (A2/A3); weight int8 [K, N] or
+# qint4x2 [K, N/2] (column 2j in the low nibble, as MindSpore's test_weight_quant_int4.py packs it).
 @constexpr
 def _check_wqbm(transpose_x, transpose_weight, group_size, x_shape, x_dtype, w_shape, w_dtype, s_shape, s_dtype,
                 o_shape, o_dtype, extras_none):
@@ -252,16 +256,51 @@ def _check_wqbm(transpose_x, transpose_weight, group_size, x_shape, x_dtype, w_s
     _require(not (transpose_x or transpose_weight), op, "the stand-in implements transpose_x = transpose_weight = False")
     _require(extras_none, op, "the stand-in implements no quant_scale / quant_offset / bias")
     _require(x_dtype in (ms.float16, ms.bfloat16), op, f"x must be float16 or bfloat16, got {x_dtype}")
-    _require(w_dtype == ms.int8, op, f"the stand-in implements int8 weights (W8A16), got {w_dtype}")
-    _require(len(x_shape) == 2 and len(w_shape) == 2 and x_shape[1] == w_shape[0], op,
-             f"x {x_shape} does not multiply weight {w_shape} ([K, N])")
-    k, n = w_shape
+    _require(w_dtype in (ms.int8, ms.qint4x2), op, f"the stand-in implements int8 and qint4x2 weights, got {w_dtype}")
+    k, n = w_shape[0], w_shape[1] * (2 if w_dtype == ms.qint4x2 else 1)
+    _require(len(x_shape) == 2 and len(w_shape) == 2 and x_shape[1] == k, op,
+             f"x {x_shape} does not multiply weight {w_shape} ([K, N], or [K, N/2] for qint4x2)")
+    _require(max(k, n) <= 65535, op, f"K={k} and N={n} must be at most 65535")
+    _require(not group_size or (group_size % 32 == 0 and 32 <= group_size < k and k % group_size == 0), op,
+             f"antiquant_group_size {group_size} must be 0 or a multiple of 32 below and dividing K={k}")
     want = (n,) if not group_size else (k // group_size, n)
-    _require(not group_size or k % group_size == 0, op, f"K={k} is not a multiple of antiquant_group_size {group_size}")
     _require(tuple(s_shape) == want and s_dtype == x_dtype, op, f"antiquant_scale must be {want} {x_dtype}, got {s_shape} {s_dtype}")
     _require(o_shape is None or (tuple(o_shape) == want and o_dtype == x_dtype), op,
              f"antiquant_offset must be {want} {x_dtype}, got {o_shape} {o_dtype}")
     return True
+
+
+def _weight_values(weight):
+    """The weight's signed values as fp32 [K, N]. A qint4x2 weight is read as its bytes, which
+    MindSpore 2.10 does op by op only (in a graph, ViewDtype's inference is "not impl")."""
+    if weight.dtype != ms.qint4x2:
+        return weight.astype(ms.float32)
+    byte = ops.bitwise_and(weight.view(ms.int8).astype(ms.int32), 255)
+    nibbles = ops.stack((byte % 16, byte // 16), -1)
+    nibbles = nibbles - 16 * (nibbles >= 8).astype(ms.int32)  # two's complement of 4 bits
+    return nibbles.reshape(weight.shape[0], -1).astype(ms.float32)
+
+
+def weight_quant_batch_matmul_standin(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
+                                      quant_offset=None, bias=None, transpose_x=False, transpose_weight=False,
+                                      antiquant_group_size=0):
+    """x @ ((weight + antiquant_offset) * antiquant_scale), in fp32, rounded to x's dtype once."""
+    _check_wqbm(transpose_x, transpose_weight, antiquant_group_size, x.shape, x.dtype, weight.shape,
+                weight.dtype, antiquant_scale.shape, antiquant_scale.dtype, *_shape_dtype(antiquant_offset),
+                quant_scale is None and quant_offset is None and bias is None)
+    w = _weight_values(weight)
+    if antiquant_offset is not None:
+        w = w + _per_row(antiquant_offset, antiquant_group_size)
+    w = w * _per_row(antiquant_scale, antiquant_group_size)
+    return ops.matmul(x.astype(ms.float32), w).astype(x.dtype)
+
+
+def _per_row(a, group_size):
+    """A per-channel (N,) or per-group (K/g, N) antiquant tensor spread over the K rows."""
+    a = a.astype(ms.float32)
+    if not group_size:
+        return a.reshape(1, -1)
+    return ops.repeat_interleave(a, group_size, 0)
 
 
 class WeightQuantBatchMatmulStandIn(nn.Cell):
@@ -271,21 +310,9 @@ class WeightQuantBatchMatmulStandIn(nn.Cell):
 
     def construct(self, x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None, quant_offset=None,
                   bias=None):
-        _check_wqbm(self.transpose_x, self.transpose_weight, self.group_size, x.shape, x.dtype, weight.shape,
-                    weight.dtype, antiquant_scale.shape, antiquant_scale.dtype, *_shape_dtype(antiquant_offset),
-                    quant_scale is None and quant_offset is None and bias is None)
-        w = weight.astype(ms.float32)
-        if antiquant_offset is not None:
-            w = w + self._per_row(antiquant_offset, w.shape[0])
-        w = w * self._per_row(antiquant_scale, w.shape[0])
-        return ops.matmul(x.astype(ms.float32), w).astype(x.dtype)
-
-    def _per_row(self, a, k):
-        """A per-channel (N,) or per-group (K/g, N) antiquant tensor spread over the K rows."""
-        a = a.astype(ms.float32)
-        if not self.group_size:
-            return a.reshape(1, -1)
-        return ops.repeat_interleave(a, self.group_size, 0)
+        return weight_quant_batch_matmul_standin(x, weight, antiquant_scale, antiquant_offset, quant_scale,
+                                                 quant_offset, bias, self.transpose_x, self.transpose_weight,
+                                                 self.group_size)
 
 
 STANDINS = {"MoeGatingTopKSoftmax": MoeGatingTopKSoftmaxStandIn, "MoeInitRouting": MoeInitRoutingStandIn,

@@ -151,8 +151,6 @@ class Device:
         elif quantization is not None:
             from ..quant.rtn import method_settings
             self.quant = method_settings(quantization, quant_group_size)
-            if self.ascend_kernels and quantization != "int8":
-                raise ValueError(f"quantization {quantization!r} is not wired on Ascend yet (int8 is)")
             if not (kernels or self.ascend_kernels):
                 raise ValueError(f"quantization {quantization!r} runs on the CPU kernels, which are off "
                                  "(--kernels off, no g++, or another device)")
@@ -208,14 +206,18 @@ class Device:
             from ..quant.bitcpm import ternary_weight
             return ternary_weight(values, "float32", name)
         bits, group = self.quant_layout(values.shape[1])
-        return quantize(values, bits, group, scale_dtype="float16")
+        return quantize(values, bits, group, scale_dtype=self._scale_dtype())
+
+    def _scale_dtype(self) -> str:
+        """fp16 scales, as GGUF and GPTQ store theirs; on Ascend the compute dtype's, which
+        WeightQuantBatchMatmul takes them in (so bf16 ones are not rounded again)."""
+        return "bfloat16" if self.ascend_kernels and self.dtype == ms.bfloat16 else "float16"
 
     def quant_matmul(self, epilogue: str, in_features: int):
         """x W^T with W as a quantized layer's three Parameters (quant_parameters)."""
         if self.ascend_kernels:
             from .ascend_quant import AscendQuantMatmul
-            bits, group = self.quant_layout(in_features)
-            return AscendQuantMatmul(epilogue, 0 if group == in_features else group)
+            return AscendQuantMatmul(epilogue)
         from ..quant.linear import KernelQuantMatmul
         return KernelQuantMatmul(epilogue)
 
@@ -225,8 +227,8 @@ class Device:
         bits, group = self.quant_layout(k)
         if self.ascend_kernels:
             from .ascend_quant import ascend_parameter_shapes
-            return {name: ms.Tensor(np.zeros(shape, dtype or np.float32), ms.int8 if dtype else self.dtype)
-                    for name, (shape, dtype) in ascend_parameter_shapes(n, k, group).items()}
+            return {name: ms.Tensor(np.zeros(shape, np.int8 if dtype else np.float32), dtype or self.dtype)
+                    for name, (shape, dtype) in ascend_parameter_shapes(n, k, group, bits).items()}
         return {"weight_packed": ms.Tensor(np.zeros((n, k * bits // 8), np.uint8)),
                 "weight_scales": ms.Tensor(np.zeros((n, k // group), np.float16)),
                 "weight_offsets": ms.Tensor(np.zeros(1, np.float32))}

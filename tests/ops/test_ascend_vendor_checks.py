@@ -40,6 +40,12 @@ FAMILIES = {
     # weight-only int8 projections: WeightQuantBatchMatmul (mindcpm/ops/ascend_quant.py)
     "llama-int8": dict(LLAMA, quantization_on_load="int8"),
 }
+# More WeightQuantBatchMatmul calls: groups of 32 (antiquant_group_size > 0) in int8 and int4
+# (qint4x2). Decode only: the op's inference does not depend on the number of rows.
+QUANT_FAMILIES = {
+    "llama-int8-g32": dict(LLAMA, quantization_on_load="int8", group_size_on_load=32),
+    "llama-int4-g32": dict(LLAMA, quantization_on_load="int4", group_size_on_load=32),
+}
 BUCKETS = {"prefill": (2, 16), "decode": (2, 1)}  # rows, tokens per row
 NUM_SPECULATIVE_TOKENS = 4
 
@@ -77,7 +83,7 @@ def build(config: dict, dtype_name: str, tmp_path):
         json.dump(config, f)
     cfg = ModelConfig.from_dir(str(tmp_path))
     device = Device("ascend", getattr(ms, dtype_name), sparse=cfg.sparse, block_size=BLOCK, cache_blocks=CACHE_BLOCKS,
-                    quantization=config.get("quantization_on_load"))
+                    quantization=config.get("quantization_on_load"), quant_group_size=config.get("group_size_on_load"))
     extra = {"num_state_slots": 3} if cfg.minimax is not None else {}
     model = model_class(cfg.architecture)(cfg, device, **extra)
     device.after_load(model)
@@ -89,6 +95,12 @@ def build(config: dict, dtype_name: str, tmp_path):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_ascend_step_passes_mindspore_inference(family, dtype, bucket, tmp_path, monkeypatch):
     check_ascend_step(family, dtype, tmp_path, monkeypatch, *BUCKETS[bucket])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", list(QUANT_FAMILIES))
+def test_quantized_ascend_step_passes_mindspore_inference(family, dtype, tmp_path, monkeypatch):
+    check_ascend_step(family, dtype, tmp_path, monkeypatch, *BUCKETS["decode"])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -104,7 +116,13 @@ def check_ascend_step(family, dtype, tmp_path, monkeypatch, rows, width, cached=
     from mindcpm.ops import setup_runtime
     setup_runtime("cpu")
     monkeypatch.setenv("MS_COMPILER_CACHE_ENABLE", "0")  # a cached graph would skip the inference
-    device, model, compiled = build(FAMILIES[family], dtype, tmp_path)
+    config = {**FAMILIES, **QUANT_FAMILIES}[family]
+    device, model, compiled = build(config, dtype, tmp_path)
+    quantization = config.get("quantization_on_load")
+    if quantization:  # the projections hold WeightQuantBatchMatmul's weights, int4 as qint4x2
+        import mindspore as ms
+        weights = {p.dtype for name, p in model.parameters_and_names() if name.endswith("weight_packed")}
+        assert weights == {ms.qint4x2 if quantization == "int4" else ms.int8}, weights
     inputs = step_inputs(device, model, rows, width, cached)
     try:
         compiled(tuple(t.shape for t in inputs))(*inputs)
