@@ -284,15 +284,22 @@ def _weight_values(weight):
 def weight_quant_batch_matmul_standin(x, weight, antiquant_scale, antiquant_offset=None, quant_scale=None,
                                       quant_offset=None, bias=None, transpose_x=False, transpose_weight=False,
                                       antiquant_group_size=0):
-    """x @ ((weight + antiquant_offset) * antiquant_scale), in fp32, rounded to x's dtype once."""
+    """x @ ((weight + antiquant_offset) * antiquant_scale): the sum and the product each rounded to
+    x's dtype, as MindSpore's per-channel int4 golden computes the dequantized weight (in fp16 numpy
+    arithmetic; within its 1e-3 the weight cannot be dequantized in fp32 instead), the matrix
+    product accumulated in fp32 and rounded to x's dtype once."""
     _check_wqbm(transpose_x, transpose_weight, antiquant_group_size, x.shape, x.dtype, weight.shape,
                 weight.dtype, antiquant_scale.shape, antiquant_scale.dtype, *_shape_dtype(antiquant_offset),
                 quant_scale is None and quant_offset is None and bias is None)
     w = _weight_values(weight)
     if antiquant_offset is not None:
-        w = w + _per_row(antiquant_offset, antiquant_group_size)
-    w = w * _per_row(antiquant_scale, antiquant_group_size)
+        w = _rounded(w + _per_row(antiquant_offset, antiquant_group_size), x.dtype)
+    w = _rounded(w * _per_row(antiquant_scale, antiquant_group_size), x.dtype)
     return ops.matmul(x.astype(ms.float32), w).astype(x.dtype)
+
+
+def _rounded(a, dtype):
+    return a.astype(dtype).astype(ms.float32)
 
 
 def _per_row(a, group_size):

@@ -17,10 +17,11 @@ values c - z; 2-bit codes (BitCPM's ternary weights) fit int4 exactly.
 - symmetric, w = s (c - z): offset zeros. Exact when the scales are stored in the compute dtype
   (quantize-on-load on Ascend stores them so); other scales are rounded to it.
 - asymmetric, w = s c + m (GGUF Q4_1, GPTQ zero points): offset o = (s z + m) / s', s' the scale
-  in the compute dtype, so that (c - z + o) s' is w up to rounding o to the compute dtype. s z + m
-  is the group's weight at code z, inside the group's range, so that error is at most half an ulp
-  of the group's largest |w|: no worse than keeping the dequantized weight in the compute dtype.
-  A group with s = 0 and m != 0, or whose o overflows fp16, has no such offset: refused.
+  in the compute dtype, so that (c - z + o) s' = s' (c - z) + (s z + m): w when s' = s, up to
+  rounding o to the compute dtype. s z + m is the group's weight at code z, inside the group's
+  range, so that rounding costs at most half an ulp of the group's largest |w|: no worse than
+  keeping the dequantized weight in the compute dtype. A group with s = 0 and m != 0, or whose o
+  overflows fp16, has no such offset: refused.
 
 Unverified on hardware (no NPU here): tests/ops/test_ascend_vendor_checks.py compiles these calls
 through MindSpore's own inference in fp16 and bf16, and tests/ops/test_ascend_quant.py runs them

@@ -169,6 +169,22 @@ def test_standin_reproduces_mindspores_int4_per_group_golden():
     np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), expect, rtol=3e-3)
 
 
+def test_standin_reproduces_mindspores_int4_per_channel_golden():
+    """The per-channel case of the same MindSpore test: 8 x 8, the linspace weight quantized as
+    round(w / s + o) clipped to [-8, 7] against random fp16 scale and offset per output column,
+    the op given antiquant_offset = -o, the expected output x @ fp16(s (q - o)), relative 1e-3."""
+    rng = np.random.default_rng(666)
+    x = rng.random((8, 8)).astype(np.float16)
+    w = np.linspace(-0.64, 0.64, 64).astype(np.float16).reshape(8, 8)
+    scale, offset = rng.random(8).astype(np.float16), rng.random(8).astype(np.float16)
+    q = np.clip(np.round(w / scale + offset), -8, 7).astype(np.int8)
+    packed = (q[:, 0::2] & 0xF) | (q[:, 1::2] << 4)
+    expect = x.astype(np.float32) @ (scale * (q - offset)).astype(np.float16).astype(np.float32)
+    got = weight_quant_batch_matmul_standin(ms.Tensor(x), ms.Tensor(packed.astype(np.int8), ms.qint4x2),
+                                            ms.Tensor(scale), ms.Tensor(-offset))
+    np.testing.assert_allclose(got.astype(ms.float32).asnumpy(), expect, rtol=1e-3)
+
+
 def test_layouts_ascend_does_not_take_are_one_line():
     from mindcpm.layers.linear import Linear
     from mindcpm.ops import Device
