@@ -22,6 +22,8 @@ values c - z; 2-bit codes (BitCPM's ternary weights) fit int4 exactly.
   range, so that rounding costs at most half an ulp of the group's largest |w|: no worse than
   keeping the dequantized weight in the compute dtype. A group with s = 0 and m != 0, or whose o
   overflows fp16, has no such offset: refused.
+The device rounds the sum and the product to the compute dtype as well (MindSpore's per-channel
+int4 golden dequantizes so, in fp16 arithmetic), each again within half an ulp of the group's |w|.
 
 Unverified on hardware (no NPU here): tests/ops/test_ascend_vendor_checks.py compiles these calls
 through MindSpore's own inference in fp16 and bf16, and tests/ops/test_ascend_quant.py runs them

@@ -196,7 +196,7 @@ class Device:
 
     def quantize(self, values: np.ndarray, name: str = "weight"):
         """A float weight [N, K] -> the QuantWeight the quantized matmul runs on: round to
-        nearest, symmetric, fp16 scales as GGUF and GPTQ store theirs; BitCPM: the exactly ternary
+        nearest, symmetric, scales as _scale_dtype says; BitCPM: the exactly ternary
         weight packed losslessly (QuantError naming `name` when it is not ternary)."""
         from ..quant.formats import QuantError
         from ..quant.rtn import quantize
