@@ -2,7 +2,10 @@
 x @ ((weight + antiquant_offset) * antiquant_scale) with weight [K, N] (not transposed), scale and
 offset [N] (per output channel, antiquant_group_size 0) or [K / G, N] (groups of G inputs), all in
 x's dtype (fp16 or bf16). The group size is read off the scale's shape when the graph is traced,
-so a checkpoint's own group (GGUF's 32, a GPTQ file's) needs nothing fixed when the model is built.
+so a checkpoint's own group (GGUF's 32, a GPTQ file's) needs nothing fixed when the model is built;
+it goes to the functional form, whose group is an input that MindSpore's Ascend kernel reads at
+launch like the primitive's (weight_quant_batch_matmul_aclnn_kernel.cc, read in the
+mindspore-ai/mindspore_test mirror).
 
 Vendor limits (CANN's aclnnWeightQuantBatchMatmulV2 documentation, Atlas A2/A3): G a multiple of
 32 below K (a whole row is the per-channel mode instead), K and N at most 65535, and an int4
