@@ -24,9 +24,15 @@ from tests.reference.hf_llama import ROOT  # noqa: E402
 from tests.test_gguf import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, gguf_names, hf_weights, llama_cpp_permute  # noqa: E402
 from tests.tiny import SPECIALS, VOCAB, make_llm  # noqa: E402
 
-TYPES = ("Q8_0", "Q4_0", "Q4_1")
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
 STEPS = 8  # greedy tokens decoded through the engine
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# file -> GGUF type of each projection kind: one type throughout, or a mix of the three (each
+# fused group, q|k|v and gate|up, in one type; the MLP block op then takes two formats)
+FILES = {t: dict.fromkeys(PROJECTIONS, t) for t in ("Q8_0", "Q4_0", "Q4_1")}
+FILES["mixed"] = dict(attn_q="Q8_0", attn_k="Q8_0", attn_v="Q8_0", attn_output="Q4_0", ffn_gate="Q4_1",
+                      ffn_up="Q4_1", ffn_down="Q8_0")
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 # (bits of a code, whether blocks carry an offset) as the kernel holds each type
 LAYOUT = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True)}
 
@@ -39,13 +45,20 @@ def llama_weights(seed: int = 0) -> dict[str, np.ndarray]:
             for name, w in hf_weights(VOCAB, seed).items()}
 
 
+def file_tensors(weights: dict, types: dict) -> dict[str, tuple[str, str, np.ndarray]]:
+    """GGUF name -> (Hugging Face name, GGUF type, weight in Hugging Face row order): norms F32,
+    the (tied) embedding F16, each projection the type `types` gives its kind."""
+    tensors = {}
+    for gguf_name, hf_name in gguf_names(weights).items():
+        kind, w = gguf_name.split(".")[-2], weights[hf_name]
+        tensors[gguf_name] = hf_name, types.get(kind, "F16" if w.ndim == 2 else "F32"), w
+    return tensors
+
+
 def stored(weight: np.ndarray, type_name: str) -> np.ndarray:
-    """What the GGUF file holds for `weight`, decoded by gguf-py as fp32 (norms stay F32, the
-    embedding F16, every projection `type_name`)."""
-    if weight.ndim == 1:
-        return weight
-    if weight.shape[0] == VOCAB:
-        return weight.astype(np.float16).astype(np.float32)
+    """What a tensor of this type stands for, decoded by gguf-py as fp32."""
+    if type_name in FLOAT_TYPES:
+        return weight.astype(FLOAT_TYPES[type_name]).astype(np.float32)
     qtype = gguf.GGMLQuantizationType[type_name]
     return gguf.quants.dequantize(gguf.quants.quantize(weight, qtype), qtype).reshape(weight.shape)
 
@@ -59,7 +72,7 @@ def byte_vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def write_llama_gguf(path: str, weights: dict, type_name: str) -> None:
+def write_llama_gguf(path: str, tensors: dict) -> None:
     """A llama-architecture GGUF as llama.cpp's converter lays it out (q/k rows permuted)."""
     writer = gguf.GGUFWriter(path, arch="llama")
     writer.add_block_count(LAYERS)
@@ -76,17 +89,14 @@ def write_llama_gguf(path: str, weights: dict, type_name: str) -> None:
     writer.add_token_types(types)
     writer.add_bos_token_id(256)
     writer.add_eos_token_id(257)
-    qtype = gguf.GGMLQuantizationType[type_name]
-    for gguf_name, hf_name in gguf_names(weights).items():
-        w = weights[hf_name]
+    for gguf_name, (_, type_name, w) in tensors.items():
         kind = gguf_name.split(".")[-2]
         if kind in ("attn_q", "attn_k"):
             w = llama_cpp_permute(w, HEADS if kind == "attn_q" else KV_HEADS)
-        if w.ndim == 1:
-            writer.add_tensor(gguf_name, w)
-        elif gguf_name == "token_embd.weight":
-            writer.add_tensor(gguf_name, w.astype(np.float16))
+        if type_name in FLOAT_TYPES:
+            writer.add_tensor(gguf_name, w.astype(FLOAT_TYPES[type_name]))
         else:
+            qtype = gguf.GGMLQuantizationType[type_name]
             writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -94,7 +104,7 @@ def write_llama_gguf(path: str, weights: dict, type_name: str) -> None:
     writer.close()
 
 
-def write_reference_checkpoint(out: str, weights: dict, type_name: str) -> None:
+def write_reference_checkpoint(out: str, tensors: dict) -> None:
     """The weights the file stands for as a transformers Llama checkpoint, written without mindcpm."""
     os.makedirs(out)
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN,
@@ -104,8 +114,8 @@ def write_reference_checkpoint(out: str, weights: dict, type_name: str) -> None:
                   bos_token_id=256, eos_token_id=257, torch_dtype="float32")
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f)
-    save_file({name: stored(w, type_name) for name, w in weights.items()}, os.path.join(out, "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file({hf_name: stored(w, type_name) for hf_name, type_name, w in tensors.values()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
 
 # tests/reference/hf_llama.py's logits + greedy run, once per model directory, in one interpreter
@@ -120,8 +130,8 @@ for model_dir, out in zip(pairs[::2], pairs[1::2]):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """type -> (GGUF file, {"logits": per prompt, "greedy": per prompt}) of transformers on the
-    dequantized weights."""
+    """FILES name -> (GGUF file, its types, {"logits": per prompt, "greedy": per prompt} of
+    transformers on the dequantized weights)."""
     from mindcpm.ops.cpu_kernels import kernels_available
     if not kernels_available():
         pytest.skip("no g++ to build the CPU kernels: GGUF blocks run only there")
@@ -132,41 +142,43 @@ def models(tmp_path_factory):
     with open(prompts, "w") as f:
         json.dump(PROMPTS, f)
     args = []
-    for type_name in TYPES:
-        write_llama_gguf(str(root / f"tiny-{type_name}.gguf"), weights, type_name)
-        write_reference_checkpoint(str(root / f"ref-{type_name}"), weights, type_name)
-        args += [str(root / f"ref-{type_name}"), str(root / f"ref-{type_name}.npz")]
+    for name, types in FILES.items():
+        tensors = file_tensors(weights, types)
+        write_llama_gguf(str(root / f"tiny-{name}.gguf"), tensors)
+        write_reference_checkpoint(str(root / f"ref-{name}"), tensors)
+        args += [str(root / f"ref-{name}"), str(root / f"ref-{name}.npz")]
     proc = subprocess.run([sys.executable, "-c", REFERENCE, prompts, str(STEPS), *args], capture_output=True,
                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, f"reference failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     result = {}
-    for type_name in TYPES:
-        data = np.load(root / f"ref-{type_name}.npz")
-        result[type_name] = (str(root / f"tiny-{type_name}.gguf"),
-                             {"logits": [data[f"logits{i}"] for i in range(len(PROMPTS))],
-                              "greedy": [data[f"greedy{i}"].tolist() for i in range(len(PROMPTS))]})
+    for name, types in FILES.items():
+        data = np.load(root / f"ref-{name}.npz")
+        result[name] = (str(root / f"tiny-{name}.gguf"), types,
+                        {"logits": [data[f"logits{i}"] for i in range(len(PROMPTS))],
+                         "greedy": [data[f"greedy{i}"].tolist() for i in range(len(PROMPTS))]})
     return result
 
 
 # fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by
-# layer (the plain / swiglu / residual entries; once, with Q4_1's offsets)
-CASES = [(t, True) for t in TYPES] + [("Q4_1", False)]
+# layer (the plain / swiglu / residual entries; once, on the mixed file)
+CASES = [(name, True) for name in FILES] + [("mixed", False)]
 
 
-@pytest.mark.parametrize("type_name,fused", CASES)
-def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(models, monkeypatch, type_name,
-                                                                               fused):
+@pytest.mark.parametrize("name,fused", CASES)
+def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(models, monkeypatch, name, fused):
     from mindcpm import SamplingParams
     from mindcpm.ops.device import Device
     if not fused:
         monkeypatch.setattr(Device, "fuse_blocks", lambda self, model: None)
-    path, ref = models[type_name]
+    path, types, ref = models[name]
     llm = make_llm(path, kernels="on", enable_prefix_caching=False)
     assert llm.quantization == "gguf"  # the file's blocks run, not its dequantized fp32 copy
     layer = llm.engine.runner.model.layers[0]
     assert (type(layer).__name__ == "KernelQuantDecoderLayer") == fused
-    bits, has_offsets = LAYOUT[type_name]
-    for proj in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+    projections = {"attn_q": layer.self_attn.qkv_proj, "attn_output": layer.self_attn.o_proj,
+                   "ffn_gate": layer.mlp.gate_up_proj, "ffn_down": layer.mlp.down_proj}
+    for kind, proj in projections.items():
+        bits, has_offsets = LAYOUT[types[kind]]
         assert proj.quantized and proj.weight_packed.dtype == ms.uint8
         assert proj.weight_packed.shape[1] * 8 == proj.in_features * bits
         assert proj.weight_scales.shape[1] * 32 == proj.in_features  # one fp16 d per block of 32 inputs
