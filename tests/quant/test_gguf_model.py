@@ -33,6 +33,8 @@ FILES = {t: dict.fromkeys(PROJECTIONS, t) for t in ("Q8_0", "Q4_0", "Q4_1")}
 FILES["mixed"] = dict(attn_q="Q8_0", attn_k="Q8_0", attn_v="Q8_0", attn_output="Q4_0", ffn_gate="Q4_1",
                       ffn_up="Q4_1", ffn_down="Q8_0")
 FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
+# q Q8_0 beside k|v Q4_0: one fused q|k|v matrix cannot hold both, so the model runs dequantized
+QKV_MIXED = dict(FILES["Q4_0"], attn_q="Q8_0")
 # (bits of a code, whether blocks carry an offset) as the kernel holds each type
 LAYOUT = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True)}
 
@@ -142,7 +144,7 @@ def models(tmp_path_factory):
     with open(prompts, "w") as f:
         json.dump(PROMPTS, f)
     args = []
-    for name, types in FILES.items():
+    for name, types in {**FILES, "qkv_mixed": QKV_MIXED}.items():
         tensors = file_tensors(weights, types)
         write_llama_gguf(str(root / f"tiny-{name}.gguf"), tensors)
         write_reference_checkpoint(str(root / f"ref-{name}"), tensors)
@@ -151,7 +153,7 @@ def models(tmp_path_factory):
                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, f"reference failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     result = {}
-    for name, types in FILES.items():
+    for name, types in {**FILES, "qkv_mixed": QKV_MIXED}.items():
         data = np.load(root / f"ref-{name}.npz")
         result[name] = (str(root / f"tiny-{name}.gguf"), types,
                         {"logits": [data[f"logits{i}"] for i in range(len(PROMPTS))],
@@ -190,3 +192,18 @@ def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(m
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == ref["greedy"]
+
+
+def test_gguf_mixing_types_in_a_fused_projection_runs_dequantized(models, caplog):
+    """A file whose q, k and v differ in type (llama.cpp runs it) runs its dequantized fp32 weights
+    with a notice naming the tensors, rather than failing to fuse them; asked to keep them, it is an error."""
+    path, _, ref = models["qkv_mixed"]
+    with caplog.at_level("WARNING", "mindcpm"):
+        llm = make_llm(path, kernels="on", enable_prefix_caching=False)
+    assert llm.quantization is None
+    (notice,) = [r.getMessage() for r in caplog.records if "dequantized fp32" in r.getMessage()]
+    assert "blk.0.attn_q/attn_k/attn_v have GGUF types Q8_0/Q4_0/Q4_0" in notice
+    for mine, theirs in zip(prefill_logits(llm, PROMPTS), ref["logits"]):
+        np.testing.assert_allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
+    with pytest.raises(ValueError, match="cannot keep this GGUF model quantized: blk.0.attn_q/attn_k/attn_v"):
+        make_llm(path, quantization="gguf")
