@@ -21,7 +21,8 @@ from safetensors.numpy import save_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
 from tests.reference.hf_llama import ROOT  # noqa: E402
-from tests.test_gguf import FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, gguf_names, hf_weights, llama_cpp_permute  # noqa: E402
+from tests.test_gguf import (FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, gguf_names, hf_weights,  # noqa: E402
+                             llama_cpp_permute, tiny_writer)
 from tests.tiny import SPECIALS, VOCAB, make_llm  # noqa: E402
 
 PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))]
@@ -76,15 +77,7 @@ def byte_vocab() -> tuple[list[str], list[int]]:
 
 def write_llama_gguf(path: str, tensors: dict) -> None:
     """A llama-architecture GGUF as llama.cpp's converter lays it out (q/k rows permuted)."""
-    writer = gguf.GGUFWriter(path, arch="llama")
-    writer.add_block_count(LAYERS)
-    writer.add_context_length(4096)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
-    writer.add_head_count(HEADS)
-    writer.add_head_count_kv(KV_HEADS)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_freq_base(10000.0)
+    writer = tiny_writer(path, "llama")
     tokens, types = byte_vocab()
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(tokens)
