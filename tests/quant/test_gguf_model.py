@@ -33,9 +33,9 @@ PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up"
 FILES = {t: dict.fromkeys(PROJECTIONS, t) for t in ("Q8_0", "Q4_0", "Q4_1")}
 FILES["mixed"] = dict(attn_q="Q8_0", attn_k="Q8_0", attn_v="Q8_0", attn_output="Q4_0", ffn_gate="Q4_1",
                       ffn_up="Q4_1", ffn_down="Q8_0")
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 # q Q8_0 beside k|v Q4_0: one fused q|k|v matrix cannot hold both, so the model runs dequantized
-QKV_MIXED = dict(FILES["Q4_0"], attn_q="Q8_0")
+ALL_FILES = dict(FILES, qkv_mixed=dict(FILES["Q4_0"], attn_q="Q8_0"))
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 # (bits of a code, whether blocks carry an offset) as the kernel holds each type
 LAYOUT = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True)}
 
@@ -125,7 +125,7 @@ for model_dir, out in zip(pairs[::2], pairs[1::2]):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """FILES name -> (GGUF file, its types, {"logits": per prompt, "greedy": per prompt} of
+    """ALL_FILES name -> (GGUF file, its types, {"logits": per prompt, "greedy": per prompt} of
     transformers on the dequantized weights)."""
     from mindcpm.ops.cpu_kernels import kernels_available
     if not kernels_available():
@@ -137,7 +137,7 @@ def models(tmp_path_factory):
     with open(prompts, "w") as f:
         json.dump(PROMPTS, f)
     args = []
-    for name, types in {**FILES, "qkv_mixed": QKV_MIXED}.items():
+    for name, types in ALL_FILES.items():
         tensors = file_tensors(weights, types)
         write_llama_gguf(str(root / f"tiny-{name}.gguf"), tensors)
         write_reference_checkpoint(str(root / f"ref-{name}"), tensors)
@@ -146,12 +146,19 @@ def models(tmp_path_factory):
                           text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, f"reference failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
     result = {}
-    for name, types in {**FILES, "qkv_mixed": QKV_MIXED}.items():
+    for name, types in ALL_FILES.items():
         data = np.load(root / f"ref-{name}.npz")
         result[name] = (str(root / f"tiny-{name}.gguf"), types,
                         {"logits": [data[f"logits{i}"] for i in range(len(PROMPTS))],
                          "greedy": [data[f"greedy{i}"].tolist() for i in range(len(PROMPTS))]})
     return result
+
+
+def assert_prompt_logits_match(llm, ref: dict) -> None:
+    """Two fp32 layers summed in another order: seen up to 2e-6 on logits of magnitude ~2.5 (8e-7
+    relative), where the unquantized weights would move them by 4e-2 (Q8_0) to 0.6 (Q4_0)."""
+    for mine, theirs in zip(prefill_logits(llm, PROMPTS), ref["logits"]):
+        np.testing.assert_allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
 
 
 # fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by
@@ -178,10 +185,7 @@ def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(m
         assert proj.weight_packed.shape[1] * 8 == proj.in_features * bits
         assert proj.weight_scales.shape[1] * 32 == proj.in_features  # one fp16 d per block of 32 inputs
         assert (proj.weight_offsets.shape == proj.weight_scales.shape) == has_offsets
-    # Two fp32 layers summed in another order: seen up to 2e-6 on logits of magnitude ~2.5 (8e-7
-    # relative), where the unquantized weights would move them by 4e-2 (Q8_0) to 0.6 (Q4_0).
-    for mine, theirs in zip(prefill_logits(llm, PROMPTS), ref["logits"]):
-        np.testing.assert_allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
+    assert_prompt_logits_match(llm, ref)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
                         SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True))
     assert [o.outputs[0].token_ids for o in outs] == ref["greedy"]
@@ -196,7 +200,6 @@ def test_gguf_mixing_types_in_a_fused_projection_runs_dequantized(models, caplog
     assert llm.quantization is None
     (notice,) = [r.getMessage() for r in caplog.records if "dequantized fp32" in r.getMessage()]
     assert "blk.0.attn_q/attn_k/attn_v have GGUF types Q8_0/Q4_0/Q4_0" in notice
-    for mine, theirs in zip(prefill_logits(llm, PROMPTS), ref["logits"]):
-        np.testing.assert_allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max(), rtol=0)
+    assert_prompt_logits_match(llm, ref)
     with pytest.raises(ValueError, match="cannot keep this GGUF model quantized: blk.0.attn_q/attn_k/attn_v"):
         make_llm(path, quantization="gguf")
