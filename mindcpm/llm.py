@@ -130,7 +130,7 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: i
         info = json.load(f)
     from .quant.gguf_blocks import BLOCK_TYPES, kept_quantized
     types = "/".join(t for t in info["projection_types"] if not kept_quantized(t))
-    why = None if info["kept"] else \
+    why = None if info["kept"] else info.get("mixed_fused") or \
         f"its projections' GGUF type {types} has no quantized kernel ({', '.join(BLOCK_TYPES)})"
     if why is None and not kernels:
         why = "the CPU kernels are off"

@@ -182,11 +182,11 @@ def hf_weights(vocab_size, seed=0):
 TENSOR_TYPES = {"token_embd": "F16", "attn_q": "Q8_0", "attn_v": "BF16", "ffn_down": "Q4_1", "ffn_up": "Q4_0"}
 
 
-def write_tiny_minicpm(path, model_path, weights):
+def tiny_writer(path, arch):
+    """A GGUFWriter for `arch` with the tiny model's shape metadata written."""
     import gguf
 
-    tokens, scores, types = sentencepiece_vocab(model_path)
-    writer = gguf.GGUFWriter(str(path), arch="minicpm")
+    writer = gguf.GGUFWriter(str(path), arch=arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(4096)
     writer.add_embedding_length(HIDDEN)
@@ -195,6 +195,14 @@ def write_tiny_minicpm(path, model_path, weights):
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
+    return writer
+
+
+def write_tiny_minicpm(path, model_path, weights):
+    import gguf
+
+    tokens, scores, types = sentencepiece_vocab(model_path)
+    writer = tiny_writer(path, "minicpm")
     # The values llama.cpp's MiniCPMModel.set_gguf_parameters writes.
     writer.add_embedding_scale(SCALE_EMB)
     writer.add_residual_scale(SCALE_DEPTH / math.sqrt(LAYERS))
