@@ -159,7 +159,8 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 def load_gptq(path: str, params: dict) -> set[str]:
     """Fills quantized layers from a GPTQ checkpoint's qweight / qzeros / scales / g_idx (the
-    settings from quant/gptq.read_config); returns the names of the parameters filled."""
+    settings from quant/gptq.read_config), each rank with its shard of the unpacked codes;
+    returns the names of the parameters filled."""
     from .quant import gptq
     slots = _quant_slots(params)
     config = gptq.read_config(path) if slots else None
@@ -192,8 +193,9 @@ def gptq_tensor(hf_name: str) -> bool:
 
 def load_prequantized(path: str, params: dict) -> set[str]:
     """Fills quantized layers from the checkpoint's QUANTIZED_FILE (a GGUF file's own blocks, see
-    gguf.py), if it has one and the model keeps its projections quantized; returns the names of
-    the parameters filled, whose float tensors are then skipped."""
+    gguf.py), if it has one and the model keeps its projections quantized, each rank with its
+    shard of the blocks; returns the names of the parameters filled, whose float tensors are then
+    skipped."""
     from .gguf import QUANTIZED_FILE
     file = os.path.join(path, QUANTIZED_FILE)
     slots = _quant_slots(params)

@@ -51,7 +51,7 @@ class Linear(nn.Cell):
         self.in_features = self.in_shard.stop - self.in_shard.start
         shape = (sum(self.output_sizes), self.in_features)
         self.quantized = device.quantized(exact_dtype)
-        if self.quantized and parallel == "row":
+        if self.quantized and parallel == "row" and tp_group().size > 1:
             _check_row_shard(device, in_features, self.in_features)
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         if self.quantized:
