@@ -176,8 +176,8 @@ def gguf_blocks_model(src: str, out: str) -> str:
 def test_quantized_two_ranks_match_transformers_on_dequantized_shards(tmp_path):
     """One launch, four models of 2 ranks, each against transformers (fp32) on the dequantized
     weights the ranks hold together; the tolerance is the kernels' fp32 accumulation order.
-    - int8 per channel, tied head of an odd vocabulary: o_proj / down get each rank's own scale
-      per row (the reference quantizes their input halves apart);
+    - int8 per channel, tied head of an odd vocabulary, one KV head copied to both ranks: o_proj /
+      down get each rank's own scale per row (the reference quantizes their input halves apart);
     - int4 in groups of 32: every shard holds whole groups, so the codes are the 1-rank model's;
     - GGUF Q4_1 / Q8_0 blocks kept quantized: rows and whole 32-blocks cut out, never re-quantized;
     - GPTQ 4-bit, groups of 32, desc_act false: the same cuts of the unpacked codes."""
@@ -187,7 +187,8 @@ def test_quantized_two_ranks_match_transformers_on_dequantized_shards(tmp_path):
     if not kernels_available():
         pytest.skip("no g++ to build the CPU kernels")
     llama = dict(LLAMA, model_type="llama")  # transformers reads the references
-    tied = write_checkpoint(str(tmp_path / "tied"), dict(llama, tie_word_embeddings=True, vocab_size=261))
+    tied = write_checkpoint(str(tmp_path / "tied"), dict(llama, tie_word_embeddings=True, vocab_size=261,
+                                                         num_key_value_heads=1))
     llama = write_checkpoint(str(tmp_path / "llama"), llama)
     write_gptq(llama, str(tmp_path / "gptq"), GPTQ, str(tmp_path / "gptq_ref"))
     cases = {"int8": ({"model": tied, "quantization": "int8"}, rtn_reference(tied, str(tmp_path / "int8_ref"), 8, None)),
