@@ -107,7 +107,7 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: s
     return dtype, None  # fp16 compute with MindSpore's own CPU ops
 
 
-def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: int) -> str | None:
+def resolve_quantization(asked: str | None, path: str, kernels: bool) -> str | None:
     """The quantization the model runs: "gptq" for a GPTQ checkpoint; `asked`; or for an imported GGUF whose projections are
     all in block types with a kernel (Q8_0 / Q4_0 / Q4_1), "gguf" (its blocks kept as they are).
     Otherwise the dequantized fp32 weights, with a one-line notice saying why."""
@@ -116,8 +116,8 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: i
     if read_config(path) is not None:  # a GPTQ checkpoint runs as it is quantized, or not at all
         if asked not in (None, "gptq"):
             raise ValueError(f"{path} is a GPTQ checkpoint, already quantized; leave quantization unset")
-        if not kernels or tp_size > 1:
-            raise ValueError("GPTQ checkpoints run on the CPU kernels, on one device (kernels off or --tp > 1)")
+        if not kernels:
+            raise ValueError("GPTQ checkpoints run on the CPU kernels, which are off")
         return "gptq"
     if asked == "gptq":
         raise ValueError(f"quantization 'gptq': {path} has no quantization_config or quantize_config.json")
@@ -134,8 +134,6 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool, tp_size: i
         f"its projections' GGUF type {types} has no quantized kernel ({', '.join(BLOCK_TYPES)})"
     if why is None and not kernels:
         why = "the CPU kernels are off"
-    if why is None and tp_size > 1:
-        why = "tensor parallelism does not split GGUF blocks yet"
     if why is None:
         return "gguf"
     if asked == "gguf":
@@ -197,7 +195,7 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
-            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels, tp.size)
+            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels)
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             if speculative is not None and speculative.num_speculative_tokens >= max_model_len:

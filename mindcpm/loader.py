@@ -159,7 +159,8 @@ GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 def load_gptq(path: str, params: dict) -> set[str]:
     """Fills quantized layers from a GPTQ checkpoint's qweight / qzeros / scales / g_idx (the
-    settings from quant/gptq.read_config); returns the names of the parameters filled."""
+    settings from quant/gptq.read_config), each rank with its shard of the unpacked codes;
+    returns the names of the parameters filled."""
     from .quant import gptq
     slots = _quant_slots(params)
     config = gptq.read_config(path) if slots else None
@@ -180,7 +181,8 @@ def load_gptq(path: str, params: dict) -> set[str]:
                 found = [handle.get_tensor(f"{base}.{t}") if f"{base}.{t}" in keys else None for t in GPTQ_TENSORS]
                 if found[1] is None or found[2] is None:
                     raise CheckpointError(f"{file}: {base} has a qweight but no qzeros or scales in the same file")
-                parts.setdefault(name, {})[part or 0] = gptq.from_gptq(*found, config, base)
+                parts.setdefault(name, {})[part or 0] = slots[name].rank_part(gptq.from_gptq(*found, config, base),
+                                                                              part, base)
     return _fill_slots(slots, parts)
 
 
@@ -191,8 +193,9 @@ def gptq_tensor(hf_name: str) -> bool:
 
 def load_prequantized(path: str, params: dict) -> set[str]:
     """Fills quantized layers from the checkpoint's QUANTIZED_FILE (a GGUF file's own blocks, see
-    gguf.py), if it has one and the model keeps its projections quantized; returns the names of
-    the parameters filled, whose float tensors are then skipped."""
+    gguf.py), if it has one and the model keeps its projections quantized, each rank with its
+    shard of the blocks; returns the names of the parameters filled, whose float tensors are then
+    skipped."""
     from .gguf import QUANTIZED_FILE
     file = os.path.join(path, QUANTIZED_FILE)
     slots = _quant_slots(params)
@@ -209,9 +212,9 @@ def load_prequantized(path: str, params: dict) -> set[str]:
                 raise CheckpointError(f"{file}: unexpected quantized tensor {hf_name}")
             packed, scales = handle.get_tensor(key), handle.get_tensor(f"{hf_name}.scales")
             offsets = handle.get_tensor(f"{hf_name}.offsets") if f"{hf_name}.offsets" in keys else None
-            k = slots[name].shape[1]
-            parts.setdefault(name, {})[part or 0] = QuantWeight(packed, scales, offsets, packed.shape[1] * 8 // k,
-                                                                k // scales.shape[1], "float16")
+            k = slots[name].full_shape(part)[1]  # all ranks' inputs: the file holds whole tensors
+            whole = QuantWeight(packed, scales, offsets, packed.shape[1] * 8 // k, k // scales.shape[1], "float16")
+            parts.setdefault(name, {})[part or 0] = slots[name].rank_part(whole, part, hf_name)
     return _fill_slots(slots, parts)
 
 

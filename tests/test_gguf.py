@@ -321,11 +321,11 @@ def test_gguf_type_without_a_kernel_runs_dequantized_with_a_notice(tiny_minicpm,
     path = gguf_to_hf_dir(tiny_minicpm[0])
     assert not os.path.exists(os.path.join(path, QUANTIZED_FILE))
     with caplog.at_level("WARNING", "mindcpm"):
-        assert resolve_quantization(None, path, True, 1) is None
+        assert resolve_quantization(None, path, True) is None
     (notice,) = [r.getMessage() for r in caplog.records]
     assert "dequantized fp32" in notice and "GGUF type BF16/F32 has no quantized kernel" in notice
     with pytest.raises(ValueError, match="cannot keep this GGUF model quantized: its projections' GGUF type BF16"):
-        resolve_quantization("gguf", path, True, 1)
+        resolve_quantization("gguf", path, True)
 
 
 def test_tiny_minicpm_tokenizer_matches_sentencepiece(tiny_minicpm, cache, tmp_path):

@@ -101,6 +101,129 @@ def test_two_ranks_equal_one(tmp_path, cfg, kernels):
     assert json.loads(str(ranks["tokens"])) == ref_tokens
 
 
+# -- quantized weights split across ranks ---------------------------------------------------------
+ROW_PARALLEL = ("o_proj", "down_proj")  # split by inputs: each rank quantizes its share of every row
+GGUF_TYPES = {"q_proj": "Q4_1", "k_proj": "Q4_1", "v_proj": "Q4_1", "o_proj": "Q4_1",
+              "gate_proj": "Q8_0", "up_proj": "Q8_0", "down_proj": "Q8_0"}
+
+
+def rtn_numpy(w: np.ndarray, bits: int, group: int | None, shards: int = 1) -> np.ndarray:
+    """What symmetric round-to-nearest codes with fp16 scales stand for, from the math: per group
+    s = fp16(max|w| / (2^(bits-1) - 1)), c = round(w / s), w' = s c. shards > 1: the inputs cut
+    into that many parts quantized apart, as the ranks of a row-parallel projection do."""
+    if shards > 1:
+        return np.concatenate([rtn_numpy(part, bits, group) for part in np.split(w, shards, axis=1)], axis=1)
+    n, k = w.shape
+    group, center = group or k, 1 << (bits - 1)
+    g = w.reshape(n, k // group, group)
+    s = (np.abs(g).max(-1, keepdims=True) / np.float32(center - 1)).astype(np.float16).astype(np.float32)
+    codes = np.clip(np.round(g / s), -center, center - 1)
+    return (s * codes).reshape(n, k)
+
+
+def copy_model(src: str, out: str, tensors: dict, **config) -> str:
+    """src's config (updated by `config`) and tokenizer with `tensors` as its weights."""
+    from safetensors.numpy import save_file as save
+    os.makedirs(out)
+    with open(os.path.join(src, "config.json")) as f:
+        cfg = dict(json.load(f), **config)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    write_byte_tokenizer(out)
+    save(tensors, os.path.join(out, "model.safetensors"))
+    return out
+
+
+def rtn_reference(src: str, out: str, bits: int, group: int | None) -> str:
+    """src's weights as a quantized-on-load model of 2 ranks holds them, dequantized: rows are
+    quantized alone (a column shard = those rows of the whole weight's codes), row-parallel
+    inputs by rank; the head (the tied embedding's, quantized) by vocab rows."""
+    from safetensors.numpy import load_file
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight"):
+            tensors[name] = rtn_numpy(w, bits, group, 2 if name.split(".")[-2] in ROW_PARALLEL else 1)
+    head = tensors.get("lm_head.weight", tensors["model.embed_tokens.weight"])
+    tensors["lm_head.weight"] = rtn_numpy(head, bits, group)
+    return copy_model(src, out, tensors, tie_word_embeddings=False)
+
+
+def gguf_blocks_model(src: str, out: str) -> str:
+    """src as mindcpm's import of a GGUF file whose projections are Q4_1 / Q8_0 (GGUF_TYPES): their
+    blocks (mindcpm/gguf.py's QUANTIZED_FILE), and as model.safetensors the float values gguf-py
+    dequantizes them to, which transformers runs as the reference."""
+    import gguf
+    from safetensors.numpy import load_file, save_file as save
+    from mindcpm.gguf import QUANTIZATION_INFO, QUANTIZED_FILE
+    from mindcpm.quant.gguf_blocks import from_gguf
+    tensors, blocks = load_file(os.path.join(src, "model.safetensors")), {}
+    for name, w in tensors.items():
+        if name.endswith("_proj.weight"):
+            kind = gguf.GGMLQuantizationType[GGUF_TYPES[name.split(".")[-2]]]
+            raw = gguf.quants.quantize(w, kind)
+            tensors[name] = gguf.quants.dequantize(raw, kind).reshape(w.shape)
+            qw = from_gguf(raw, kind.name, w.shape, name)
+            blocks.update({f"{name}.packed": qw.packed, f"{name}.scales": qw.scales})
+            if qw.offsets is not None:
+                blocks[f"{name}.offsets"] = qw.offsets
+    copy_model(src, out, tensors)
+    save(blocks, os.path.join(out, QUANTIZED_FILE))
+    with open(os.path.join(out, QUANTIZATION_INFO), "w") as f:
+        json.dump({"projection_types": sorted(set(GGUF_TYPES.values())), "kept": True}, f)
+    return out
+
+
+def test_quantized_two_ranks_match_transformers_on_dequantized_shards(tmp_path):
+    """One launch, four models of 2 ranks, each against transformers (fp32) on the dequantized
+    weights the ranks hold together; the tolerance is the kernels' fp32 accumulation order.
+    - int8 per channel, tied head of an odd vocabulary, one KV head copied to both ranks: o_proj /
+      down get each rank's own scale per row (the reference quantizes their input halves apart);
+    - int4 in groups of 32: every shard holds whole groups, so the codes are the 1-rank model's;
+    - GGUF Q4_1 / Q8_0 blocks kept quantized: rows and whole 32-blocks cut out, never re-quantized;
+    - GPTQ 4-bit, groups of 32, desc_act false: the same cuts of the unpacked codes."""
+    from mindcpm.ops.cpu_kernels import kernels_available
+    from tests.quant.test_quantized_model import GPTQ, write_gptq
+    from tests.reference.hf_llama import reference_logits_each
+    if not kernels_available():
+        pytest.skip("no g++ to build the CPU kernels")
+    llama = dict(LLAMA, model_type="llama")  # transformers reads the references
+    tied = write_checkpoint(str(tmp_path / "tied"), dict(llama, tie_word_embeddings=True, vocab_size=261,
+                                                         num_key_value_heads=1))
+    llama = write_checkpoint(str(tmp_path / "llama"), llama)
+    write_gptq(llama, str(tmp_path / "gptq"), GPTQ, str(tmp_path / "gptq_ref"))
+    cases = {"int8": ({"model": tied, "quantization": "int8"}, rtn_reference(tied, str(tmp_path / "int8_ref"), 8, None)),
+             "int4": ({"model": llama, "quantization": "int4", "quant_group_size": 32},
+                      rtn_reference(llama, str(tmp_path / "int4_ref"), 4, 32)),
+             "gguf": ({"model": gguf_blocks_model(llama, str(tmp_path / "gguf"))}, str(tmp_path / "gguf")),
+             "gptq": ({"model": str(tmp_path / "gptq")}, str(tmp_path / "gptq_ref"))}
+    with open(tmp_path / "cases.json", "w") as f:
+        json.dump({name: options for name, (options, _) in cases.items()}, f)
+    proc, out, _ = run_ranks(str(tmp_path / "cases.json"), str(tmp_path), kernels="on")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = np.load(out)
+    references = reference_logits_each([ref_dir for _, ref_dir in cases.values()], PROMPTS, str(tmp_path), 8)
+    for name, (ref_logits, ref_tokens) in zip(cases, references):
+        assert str(ranks[f"{name}/quantization"]) == name  # kept quantized, not run as dequantized floats
+        for i, ref in enumerate(ref_logits):
+            np.testing.assert_allclose(ranks[f"{name}/logits{i}"], ref, atol=1e-4, rtol=0, err_msg=name)
+        assert json.loads(str(ranks[f"{name}/tokens"])) == ref_tokens, name
+
+
+def test_row_parallel_shard_of_part_of_a_group_is_refused_in_one_line(monkeypatch):
+    """int4 in groups of 64 over 2 ranks: a row-parallel projection's 64 inputs give each rank
+    32, half a group, which it cannot quantize on its own (column shards keep every input)."""
+    from mindcpm import parallel
+    from mindcpm.layers.linear import Linear
+    from mindcpm.ops.device import Device
+    from mindcpm.quant import QuantError
+    monkeypatch.setattr(parallel, "_group", parallel.TPGroup(0, 2))
+    device = Device(kernels=True, quantization="int4", quant_group_size=64)
+    with pytest.raises(QuantError) as error:
+        Linear(64, 64, parallel="row", device=device)
+    assert str(error.value) == ("int4 quantization: group size 64 does not divide the input dimension 32 "
+                                "(tensor_parallel_size 2 gives each rank 32 of a row-parallel projection's 64 inputs)")
+
+
 @pytest.fixture(scope="module")
 def minimax_reference(tmp_path_factory):
     """A tiny MiniMax and its single-process logits and tokens (one reference for both splits)."""

@@ -24,6 +24,11 @@ class Linear(nn.Cell):
     own row numbers; an even split by default), "row" keeps its columns and sums the partial
     products of all ranks.
 
+    Quantized, a rank quantizes (or, from a GGUF / GPTQ checkpoint, cuts out) its own shard.
+    Rows are quantized independently, so a column shard holds the same codes as those rows of
+    the whole weight. A row shard must hold whole groups; per-channel int8 (one group a row)
+    gets each shard's own scale per row, not the whole row's.
+
     device: where the op comes from (the default: MindSpore's own ops).
     """
 
@@ -45,8 +50,10 @@ class Linear(nn.Cell):
         self.output_sizes = [s.stop - s.start for s in self.part_shards]
         self.in_features = self.in_shard.stop - self.in_shard.start
         shape = (sum(self.output_sizes), self.in_features)
-        self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         self.quantized = device.quantized(exact_dtype)
+        if self.quantized and parallel == "row" and tp_group().size > 1:
+            _check_row_shard(device, in_features, self.in_features)
+        self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         if self.quantized:
             self.quant = QuantSlot(self, device, shape)
             self.matmul = device.quant_matmul(epilogue, self.in_features)
@@ -71,6 +78,17 @@ class Linear(nn.Cell):
         return Shard(self.full_shapes[part], (self.part_shards[part], self.in_shard), (self.part_rows(part),))
 
 
+def _check_row_shard(device: Device, full_inputs: int, inputs: int) -> None:
+    """A row-parallel rank quantizes its share of the inputs on its own: one line when that share
+    does not hold whole groups (the split is by tensor_parallel_size, not by the group)."""
+    from ..quant.formats import QuantError
+    try:
+        device.quant_layout(inputs)
+    except QuantError as e:
+        raise QuantError(f"{e} (tensor_parallel_size {tp_group().size} gives each rank {inputs} of a "
+                         f"row-parallel projection's {full_inputs} inputs)") from None
+
+
 class QuantSlot:
     """Where the loader puts a quantized Linear's float weight: it has the weight's shape, and
     load_float() quantizes the values into the layer's weight_packed / weight_scales / weight_offsets
@@ -84,6 +102,19 @@ class QuantSlot:
 
     def load_float(self, values: np.ndarray, name: str = "weight") -> None:
         self.load_quantized(self.device.quantize(values, name))
+
+    def full_shape(self, part: int | None) -> tuple[int, int]:
+        """The checkpoint tensor's shape of part `part` (all ranks' shards together)."""
+        return tuple(self._layer.checkpoint_shard(part).full_shape)
+
+    def rank_part(self, qw, part: int | None, name: str):
+        """This rank's shard of part `part`, from the checkpoint's whole QuantWeight (GGUF blocks,
+        GPTQ): whole rows, and whole groups of inputs (QuantError naming `name` otherwise)."""
+        shard = self._layer.checkpoint_shard(part)
+        if qw.shape != tuple(shard.full_shape):
+            raise ValueError(f"{name}: a quantized weight of shape {qw.shape}, expected {tuple(shard.full_shape)}")
+        rows, inputs = (tuple(shard.source) + (slice(None), slice(None)))[:2]
+        return qw.take_rows(rows).take_inputs(inputs, name)
 
     def load_quantized(self, qw) -> None:
         """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own

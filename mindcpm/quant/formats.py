@@ -118,6 +118,24 @@ class QuantWeight:
                            offsets if offsets is None else np.ascontiguousarray(offsets), self.bits, self.group_size,
                            self.scale_dtype, self.input_perm)
 
+    def take_inputs(self, inputs: slice, name: str = "weight") -> "QuantWeight":
+        """The weight of the inputs `inputs` (a row-parallel tensor-parallel shard). Codes are
+        never re-quantized, so the slice must hold whole groups, which for 4 and 2 bits are whole
+        packing blocks too; QuantError (one line naming `name`) otherwise."""
+        n, k = self.shape
+        start, stop, step = inputs.indices(k)
+        if (start, stop, step) == (0, k, 1):
+            return self
+        if step != 1 or start % self.group_size or stop % self.group_size:
+            raise QuantError(f"{name}: inputs {start}:{stop} of {k} do not hold whole groups of {self.group_size} "
+                             f"(a tensor-parallel rank's share of a row-parallel projection's inputs)")
+        if self.input_perm is not None:
+            raise QuantError(f"{name}: a weight with permuted inputs (act-order) cannot be split by its inputs")
+        codes = slice(start * self.bits // 8, stop * self.bits // 8)
+        groups = slice(start // self.group_size, stop // self.group_size)
+        offsets = None if self.offsets is None else np.ascontiguousarray(self.offsets[:, groups])
+        return QuantWeight(np.ascontiguousarray(self.packed[:, codes]), np.ascontiguousarray(self.scales[:, groups]),
+                           offsets, self.bits, self.group_size, self.scale_dtype)
 
     def dequantize(self) -> np.ndarray:
         """The fp32 weight [N, K] the codes stand for (in the kernel's input order)."""

@@ -126,6 +126,22 @@ def test_fused_rows_and_shards():
         concat_rows([q, rtn.quantize(rng.standard_normal((2, 64)), 8)], "qkv")
 
 
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1"])
+def test_input_shards_are_whole_groups_of_the_blocks(type_name):
+    """A row-parallel shard of GGUF blocks (8-bit and 4-bit asymmetric) dequantizes like those
+    columns of gguf-py's dequantized weight; a cut through a block is refused by name."""
+    rng = np.random.default_rng(8)
+    n, k = 5, 128
+    raw = gguf_bytes(rng.standard_normal((n, k)).astype(np.float32), type_name)
+    want = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name]).reshape(n, k)
+    qw = gguf_blocks.from_gguf(raw, type_name, (n, k))
+    for inputs in (slice(0, 64), slice(64, 128), slice(32, 96)):
+        np.testing.assert_array_equal(qw.take_inputs(inputs).dequantize(), want[:, inputs])
+    with pytest.raises(QuantError, match="down: inputs 48:96 of 128 do not hold whole groups of 32"):
+        qw.take_inputs(slice(48, 96), "down")
+
+
 # -- round to nearest --------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits,group", [(8, None), (8, 64), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("symmetric", [True, False])

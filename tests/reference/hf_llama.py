@@ -35,12 +35,19 @@ def make_checkpoint(config: dict, out_dir: str, seed: int = 0) -> None:
 def reference_logits(model_dir: str, prompts: list[list[int]], tmp: str, greedy_steps: int = 0,
                      gguf_file: str = ""):
     """Per prompt: the logits of every prompt position, and the greedy continuation."""
+    return reference_logits_each([model_dir], prompts, tmp, greedy_steps, gguf_file)[0]
+
+
+def reference_logits_each(model_dirs: list[str], prompts: list[list[int]], tmp: str, greedy_steps: int = 0,
+                          gguf_file: str = ""):
+    """reference_logits of each checkpoint, all in one subprocess (torch starts once)."""
     pj, out = os.path.join(tmp, "prompts.json"), os.path.join(tmp, "ref.npz")
     with open(pj, "w") as f:
         json.dump(prompts, f)
-    run("logits", model_dir, pj, out, str(greedy_steps), gguf_file)
+    run("logits", os.pathsep.join(model_dirs), pj, out, str(greedy_steps), gguf_file)
     data = np.load(out)
-    return [data[f"logits{i}"] for i in range(len(prompts))], [data[f"greedy{i}"].tolist() for i in range(len(prompts))]
+    return [([data[f"{j}/logits{i}"] for i in range(len(prompts))],
+             [data[f"{j}/greedy{i}"].tolist() for i in range(len(prompts))]) for j in range(len(model_dirs))]
 
 
 def _make(config_path: str, out_dir: str, seed: str) -> None:
@@ -56,13 +63,21 @@ def _make(config_path: str, out_dir: str, seed: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _logits(model_dir: str, prompts_path: str, out: str, steps: str, gguf_file: str = "") -> None:
+def _logits(model_dirs: str, prompts_path: str, out: str, steps: str, gguf_file: str = "") -> None:
+    """model_dirs: one or more, separated by os.pathsep; checkpoint j's arrays under "j/"."""
+    with open(prompts_path) as f:
+        prompts = json.load(f)
+    result = {}
+    for j, model_dir in enumerate(model_dirs.split(os.pathsep)):
+        result.update({f"{j}/{key}": value for key, value in _run(model_dir, prompts, steps, gguf_file).items()})
+    np.savez(out, **result)
+
+
+def _run(model_dir: str, prompts: list[list[int]], steps: str, gguf_file: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, **extra).eval()
-    with open(prompts_path) as f:
-        prompts = json.load(f)
     result = {}
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
@@ -75,7 +90,7 @@ def _logits(model_dir: str, prompts_path: str, out: str, steps: str, gguf_file: 
                                      pad_token_id=0)
                 greedy = gen[0, len(prompt):].tolist()
             result[f"greedy{i}"] = np.asarray(greedy, np.int64)
-    np.savez(out, **result)
+    return result
 
 
 if __name__ == "__main__":
