@@ -19,10 +19,16 @@
 //     rmsnorm(x) = x / sqrt(mean(x^2) + eps[0]) * g (the norm before q|k|v and gate|up, fused)
 //   QuantRmsNormSwigluMlp(x, g, eps, gate|up weight x 3, down weight x 3, r, scale, y)
 //                                       y = r + scale[0] swiglu(rmsnorm(x) Wgu^T) Wd^T   [M, K]
+//   QuantRmsNormAttentionBlock(x, g, eps, q|k|v weight x 3, cos, sin, positions, slot_mapping,
+//                              block_tables, k_cache, v_cache, meta, o weight x 3, r, scale, y)
+//                                       y = r + scale[0] attention(rmsnorm(x) Wqkv^T) Wo^T  [M, K]
+//     attention: RoPE, the KV-cache write and causal paged attention, as RopePagedAttention
+//     (kernels_aclnn/paged_attention/cpu.cc documents those inputs)
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
 // narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
 #include "../common/gemv.h"
+#include "../common/paged_attention.h"
 
 #include <immintrin.h>
 
@@ -380,4 +386,34 @@ extern "C" int QuantRmsNormSwigluMlp(int nparam, void **params, int *ndims, int6
   return execute(hidden.data(), p.M, down,
                  {Epilogue::kResidual, static_cast<float *>(params[11]), K, static_cast<const float *>(params[9]),
                   *static_cast<const float *>(params[10])});
+}
+
+// A whole attention block: the q|k|v projection with its norm, RoPE + the cache write + paged
+// attention, and o_proj with its residual, in one op (as the float layers' RmsNormAttentionBlock):
+// each op a decode step launches costs MindSpore's runtime more host time than a small GEMV.
+//   QuantRmsNormAttentionBlock(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions,
+//                              slot_mapping, block_tables, k_cache, v_cache, meta, o_packed, o_scales,
+//                              o_offsets, r, scale, y)
+extern "C" int QuantRmsNormAttentionBlock(int nparam, void **params, int *ndims, int64_t **shapes,
+                                          const char **dtypes, void *, void *) {
+  if (nparam != 20 || !paged::all_fp32(dtypes, {6, 7, 11, 12, 13, 17, 18})) return kBadOther;
+  Problem p;
+  if (int err = parse(params, ndims, shapes, dtypes, 3, &p)) return err;
+  if (int err = normalise(params, ndims, shapes, dtypes, &p)) return err;
+  const paged::CacheArgs cache(params, shapes, 6);
+  const int64_t H = p.w.K, width = p.N, attended_width = width - 2 * cache.Hkv * cache.D;
+  QWeight o;
+  int64_t n_o = 0;
+  if (attended_width <= 0) return kBadPacked;
+  if (int err = parse_weight(params, ndims, shapes, dtypes, 14, attended_width, &o, &n_o)) return err;
+  if (n_o != H || cache.B * cache.L != p.M || numel(ndims[17], shapes[17]) != p.M * H ||
+      numel(ndims[19], shapes[19]) != p.M * H)
+    return kBadOther;
+  thread_local std::vector<float> qkv, attended;  // reused across calls
+  qkv.resize(p.M * width), attended.resize(p.M * attended_width);
+  if (int err = execute(p.x, p.M, p.w, {Epilogue::kPlain, qkv.data(), width, nullptr, 0.f})) return err;
+  paged::rope_paged_attention(qkv.data(), width, cache, attended.data());
+  return execute(attended.data(), p.M, o,
+                 {Epilogue::kResidual, static_cast<float *>(params[19]), H, static_cast<const float *>(params[17]),
+                  *static_cast<const float *>(params[18])});
 }

@@ -163,27 +163,60 @@ def set_kernel_isa(name: str) -> None:
                          f"auto, {', '.join(ISAS)})")
 
 
+def _block_shape(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,
+                 k_cache, v_cache, meta, o_packed, o_scales, o_offsets, r, scale):
+    qkv = _check_shapes("norm plain", x, g, eps, qkv_packed, qkv_scales, qkv_offsets)
+    kv_width = 2 * k_cache[-2] * k_cache[-1]
+    attended = list(qkv[:-1]) + [qkv[-1] - kv_width]
+    return _check_shapes("residual", attended, o_packed, o_scales, o_offsets, r, scale)
+
+
+def _block_dtype(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, *rest):
+    o_packed, o_scales = rest[8], rest[9]
+    _check_dtypes("plain", x, o_packed, o_scales)
+    return _check_dtypes("norm plain", x, g, eps, qkv_packed, qkv_scales)
+
+
+class KernelQuantAttentionBlock(nn.Cell):
+    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel, the projections kept
+    quantized: ops/cpu.py's KernelAttentionBlock for quantized layers. `attend` is the layer's
+    KernelAttention (its RoPE tables and [scale, block size] input)."""
+
+    def __init__(self, attend, norm_eps: float, scale: float):
+        super().__init__()
+        self.attend = attend
+        self.eps = Tensor(np.array([norm_eps], np.float32))
+        self.scale = Tensor(np.array([scale], np.float32))
+        self.op = aot_op(OP, "QuantRmsNormAttentionBlock", _block_shape, _block_dtype)
+
+    def construct(self, x, norm_weight, qkv_packed, qkv_scales, qkv_offsets, k_cache, v_cache, positions,
+                  slot_mapping, block_tables, block_size, o_packed, o_scales, o_offsets, residual):
+        rotary = self.attend.rotary
+        return self.op(x, norm_weight, self.eps, qkv_packed, qkv_scales, qkv_offsets, rotary.cos, rotary.sin,
+                       positions, slot_mapping, block_tables, k_cache, v_cache, self.attend.meta(block_size),
+                       o_packed, o_scales, o_offsets, residual, self.scale)
+
+
 class KernelQuantDecoderLayer(nn.Cell):
     """A built pre-norm decoder layer with quantized projections, as ops/cpu.py's
-    KernelDecoderLayer is for float ones (Device.fuse_blocks): the norm fused into q|k|v, the
-    attention kernel, o_proj with its residual, then the whole MLP block as one op. It keeps the
-    layer's own cells under their names, so the Parameters and checkpoint names stay the layer's."""
+    KernelDecoderLayer is for float ones (Device.fuse_blocks): the attention block (norm, q|k|v,
+    attention, o_proj and its residual) as one op, then the whole MLP block as one op. It keeps
+    the layer's own cells under their names, so the Parameters and checkpoint names stay the
+    layer's."""
 
     def __init__(self, layer):
         super().__init__()
         self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
         self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
         scale = layer.residual_scale
-        self.qkv = KernelQuantMatmul("plain", norm_eps=layer.input_layernorm.eps)
-        self.o_proj = KernelQuantMatmul("residual", scale)
+        self.attention_block = KernelQuantAttentionBlock(layer.self_attn.attend, layer.input_layernorm.eps, scale)
         self.mlp_block = KernelQuantSwigluMlp(layer.post_attention_layernorm.eps, scale)
 
     def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
         attn, qkv, o = self.self_attn, self.self_attn.qkv_proj, self.self_attn.o_proj
-        x = self.qkv(h, qkv.weight_packed, qkv.weight_scales, qkv.weight_offsets, None, None,
-                     self.input_layernorm.weight)
-        x = attn.attend(x, attn.k_cache, attn.v_cache, positions, slot_mapping, block_tables, block_size)
-        h = self.o_proj(x, o.weight_packed, o.weight_scales, o.weight_offsets, h)
+        h = self.attention_block(h, self.input_layernorm.weight, qkv.weight_packed, qkv.weight_scales,
+                                 qkv.weight_offsets, attn.k_cache, attn.v_cache, positions, slot_mapping,
+                                 block_tables, block_size, o.weight_packed, o.weight_scales, o.weight_offsets, h)
         gu, down = self.mlp.gate_up_proj, self.mlp.down_proj
         return self.mlp_block(h, self.post_attention_layernorm.weight, gu.weight_packed, gu.weight_scales,
                               gu.weight_offsets, down.weight_packed, down.weight_scales, down.weight_offsets, h)
