@@ -53,7 +53,7 @@ class LMHead(nn.Cell):
         device = device or Device()
         self.vocab_size = vocab_size
         self.tied = tied_to is not None
-        self.quant_head = device.quantizes_head()
+        self.quant_head = device.quantizes_head(vocab_size)
         self.quantized = self.quant_head and not self.tied  # the loader fills it from lm_head.weight
         local = -(-vocab_size // tp_group().size)
         if self.tied:

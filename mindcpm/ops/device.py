@@ -180,10 +180,15 @@ class Device:
         """Whether a projection keeps its weight quantized (never an exact-dtype one: a router)."""
         return self.quant is not None and not exact_dtype
 
-    def quantizes_head(self) -> bool:
+    def quantizes_head(self, vocab_size: int) -> bool:
         """Whether the LM head is quantized too: with int8 / int4 on load (as llama.cpp's q8_0 /
         q4_0 files hold their output matrix). GGUF and GPTQ checkpoints have no codes for it and
-        a ternary checkpoint's head is not ternary: those keep it float."""
+        a ternary checkpoint's head is not ternary: those keep it float. On Ascend a vocabulary
+        wider than WeightQuantBatchMatmul's N limit (MiniCPM4's 73448 words) keeps it float too."""
+        if self.ascend_kernels:
+            from .ascend_quant import MAX_DIM
+            if vocab_size > MAX_DIM:
+                return False
         return self.quantization in ("int8", "int4")
 
     def quant_layout(self, k: int) -> tuple[int, int]:

@@ -199,6 +199,19 @@ def test_layouts_ascend_does_not_take_are_one_line():
         check_ascend_layout(8, 73448, 1024, 1024, "lm_head")
 
 
+def test_a_vocabulary_wider_than_the_op_keeps_the_head_float_on_ascend():
+    """MiniCPM4's 73448-word head exceeds WeightQuantBatchMatmul's N limit: on Ascend an int8/int4
+    model keeps that head float (and still builds) instead of refusing; a narrower head and the
+    CPU quantize it."""
+    from mindcpm.layers.embedding import LMHead
+    from mindcpm.ops import Device
+    ascend = Device("ascend", ms.float16, quantization="int8")
+    assert not ascend.quantizes_head(73448) and ascend.quantizes_head(32000)
+    assert Device(kernels=True, quantization="int8").quantizes_head(73448)
+    head = LMHead(73448, 64, None, ms.float16, device=ascend)
+    assert not head.quant_head and tuple(head.weight.shape) == (73448, 64)
+
+
 def test_an_asymmetric_group_without_an_offset_is_refused():
     """s = 0 with m != 0 (a constant group) has no (q + o) * s form: one line naming it."""
     from mindcpm.ops.ascend_quant import ascend_tensors
