@@ -196,8 +196,9 @@ class LLM:
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
         default; quant_group_size picks another): the projections' weights are quantized group-wise
         by round-to-nearest as they load, one at a time, and run on the CPU kernels. "bitcpm": a
-        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints and
-        GGUF files whose projections are Q8_0 / Q4_0 / Q4_1 run their own codes without asking."""
+        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints, BitCPM
+        checkpoints (layer 0's q_proj exactly ternary) and GGUF files whose projections are Q8_0 /
+        Q4_0 / Q4_1 run their own codes without asking."""
         from .ops.device import QUANTIZATIONS
         if quantization not in (None, *QUANTIZATIONS):  # an unknown name fails before any work
             raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -220,8 +221,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
-            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels, tp.size,
-                                                                           load_format == "auto")
+            self.quantization = quantization = resolve_quantization(
+                quantization, path, self.kernels, tp.size, detect=load_format == "auto")
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             if speculative is not None and speculative.num_speculative_tokens >= max_model_len:
