@@ -108,8 +108,8 @@ def add_model_args(parser: argparse.ArgumentParser, max_num_seqs_help: str) -> N
     g.add_argument("--quantization", default=None, metavar="METHOD",
                    help="quantize the projections' weights as they load (CPU kernels): int8 (per output "
                         "channel) or int4 (groups of 128 inputs) from fp32/bf16 checkpoints; bitcpm: a BitCPM "
-                        "ternary checkpoint packed to 2 bits. GPTQ checkpoints and Q8_0/Q4_0/Q4_1 GGUF files "
-                        "run quantized without it")
+                        "ternary checkpoint packed to 2 bits. GPTQ and BitCPM checkpoints and Q8_0/Q4_0/Q4_1 "
+                        "GGUF files run quantized without it")
     g.add_argument("--quant-group-size", type=int, default=None, metavar="G",
                    help="inputs per quantization group (must divide each projection's inputs; a multiple of 32 "
                         "for int4)")

@@ -107,10 +107,12 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, kernels: bool = False, device: s
     return dtype, None  # fp16 compute with MindSpore's own CPU ops
 
 
-def resolve_quantization(asked: str | None, path: str, kernels: bool) -> str | None:
+def resolve_quantization(asked: str | None, path: str, kernels: bool, detect: bool = True) -> str | None:
     """The quantization the model runs: "gptq" for a GPTQ checkpoint; `asked`; or for an imported GGUF whose projections are
     all in block types with a kernel (Q8_0 / Q4_0 / Q4_1), "gguf" (its blocks kept as they are).
-    Otherwise the dequantized fp32 weights, with a one-line notice saying why."""
+    Otherwise the dequantized fp32 weights, with a one-line notice saying why. Unasked, a
+    checkpoint whose first projection is ternary runs as "bitcpm" (detect: probe the checkpoint;
+    False when its weights are not loaded)."""
     from .gguf import QUANTIZATION_INFO
     from .quant.gptq import read_config
     if read_config(path) is not None:  # a GPTQ checkpoint runs as it is quantized, or not at all
@@ -125,7 +127,10 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool) -> str | N
     if asked not in (None, "gguf") or not os.path.isfile(info_file):
         if asked == "gguf":
             raise ValueError(f"quantization 'gguf' needs a .gguf model; {path} is not one")
-        return asked
+        if asked == "bitcpm" and not kernels:
+            raise ValueError("quantization 'bitcpm' runs on the CPU kernels, which are off "
+                             "(--kernels off, no g++, or another device)")
+        return detect_bitcpm(path, kernels) if asked is None and detect else asked
     with open(info_file, encoding="utf-8") as f:
         info = json.load(f)
     from .quant.gguf_blocks import BLOCK_TYPES, kept_quantized
@@ -140,6 +145,23 @@ def resolve_quantization(asked: str | None, path: str, kernels: bool) -> str | N
         raise ValueError(f"cannot keep this GGUF model quantized: {why}")
     logger.warning("running the GGUF model's dequantized fp32 weights: %s", why)
     return None
+
+
+def detect_bitcpm(path: str, kernels: bool) -> str | None:
+    """"bitcpm" for a checkpoint that looks like BitCPM (quant/bitcpm.probe_checkpoint), with a
+    one-line notice; its float weights where the kernels that run 2-bit codes are off."""
+    from .quant.bitcpm import probe_checkpoint
+    found = probe_checkpoint(path)
+    if found is None:
+        return None
+    name, group = found
+    if not kernels:
+        logger.warning("%s is ternary (BitCPM) but runs as float weights: the CPU kernels that run "
+                       "2-bit codes are off", name)
+        return None
+    logger.warning("%s is ternary in groups of %d: running the checkpoint as BitCPM, its projections "
+                   "packed to 2 bits (quantization='bitcpm')", name, group)
+    return "bitcpm"
 
 
 class LLM:
@@ -171,8 +193,9 @@ class LLM:
         quantization: "int8" (per output channel by default) or "int4" (groups of 128 inputs by
         default; quant_group_size picks another): the projections' weights are quantized group-wise
         by round-to-nearest as they load, one at a time, and run on the CPU kernels. "bitcpm": a
-        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints and
-        GGUF files whose projections are Q8_0 / Q4_0 / Q4_1 run their own codes without asking."""
+        BitCPM checkpoint's ternary weights, verified and packed to 2 bits. GPTQ checkpoints, BitCPM
+        checkpoints (layer 0's q_proj exactly ternary) and GGUF files whose projections are Q8_0 /
+        Q4_0 / Q4_1 run their own codes without asking."""
         from .ops.device import QUANTIZATIONS
         if quantization not in (None, *QUANTIZATIONS):  # an unknown name fails before any work
             raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
@@ -195,7 +218,8 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(path)
             self.kernels = resolve_kernels(kernels, device) and (attention or "native") == "native"
             self.dtype, self.weight_dtype = resolve_dtype(dtype, self.config, self.kernels, device)
-            self.quantization = quantization = resolve_quantization(quantization, path, self.kernels)
+            self.quantization = quantization = resolve_quantization(
+                quantization, path, self.kernels, detect=load_format == "auto")
             max_model_len = self._max_model_len(max_model_len, block_size, kv_cache_gib)
             self.config = self.config.with_max_model_len(max_model_len)
             if speculative is not None and speculative.num_speculative_tokens >= max_model_len:

@@ -57,12 +57,16 @@ def _quantize_groups(g: np.ndarray, bits: int, symmetric: bool, scale_dtype: str
         center = 1 << (bits - 1)
         scales = to_stored(np.abs(g).max(-1) / (center - 1), scale_dtype)
         s = stored_values(scales, scale_dtype)[:, :, None]
-        q = np.round(np.divide(g, s, out=np.zeros_like(g), where=s != 0)) + center
+        q = np.divide(g, s, out=np.zeros_like(g), where=s != 0)
+        np.round(q, out=q)
+        q += center
         offsets = None
     else:
         lo, hi = g.min(-1), g.max(-1)
         scales, offsets = to_stored((hi - lo) / top, scale_dtype), to_stored(lo, scale_dtype)
         s = stored_values(scales, scale_dtype)[:, :, None]
         m = stored_values(offsets, scale_dtype)[:, :, None]
-        q = np.round(np.divide(g - m, s, out=np.zeros_like(g), where=s != 0))
-    return np.clip(q, 0, top).astype(np.uint8), scales, offsets
+        q = np.divide(g - m, s, out=np.zeros_like(g), where=s != 0)
+        np.round(q, out=q)
+    # In place: loading holds as few fp32 copies of a slab as it can.
+    return np.clip(q, 0, top, out=q).astype(np.uint8), scales, offsets

@@ -1,10 +1,11 @@
 """Peak resident memory of a model quantized on load: an int4 model's peak RSS exceeds a tiny
-model's run by little more than what it must hold, its parameters as held (packed codes, scales,
-norms, embedding; both runs int4 in groups of 32 with the same small KV cache): no full-precision
-copy of the weights is resident, not even while loading (1.5x; the issue's 1.15x is not met, see
-the test). Each run is a process of its own; the peak is the kernel's VmHWM (a child's ru_maxrss
-would inherit the parent's). The checkpoint's fp32 matrices (~140 MB) are ~7x the
-int4 codes and scales, so a copy of them, or of one layer's worth too many, breaks the bound."""
+model's run by at most 1.15x what it must hold, its parameters as held (packed codes, scales,
+norms, embedding, KV cache; both runs int4 in groups of 32 with the same small KV cache): no
+full-precision copy of the weights is resident, not even while loading, nor after it (the RSS
+once loaded, before generating, is bound the same way). Each run is a process of its own; the
+peak is the kernel's VmHWM (a child's ru_maxrss would inherit the parent's). The checkpoint's fp32
+matrices (~140 MB) are ~7x the int4 codes and scales, so a copy of them, or of one layer's worth
+too many, breaks the bound."""
 from __future__ import annotations
 
 import json
@@ -16,11 +17,15 @@ import numpy as np
 import pytest
 
 from tests.paths import ROOT
-from tests.tiny import TINY_LLAMA, make_tiny_model, write_byte_tokenizer
+from tests.tiny import TINY_LLAMA, write_byte_tokenizer
 
 # Weights dominate: 3 layers of hidden 1024 / intermediate 3072 (11.8 M weights a layer), a small vocabulary.
 BIG = dict(TINY_LLAMA, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3, num_attention_heads=16,
            num_key_value_heads=4)
+# The baseline has as many layers: running costs ~5.5 MiB a decoder layer whatever its width (its
+# compiled graphs; measured peaks of the tiny model: 448 MiB with 2 layers, 454 with 3, 470 with 6),
+# which a shallower baseline would charge to the weights.
+TINY = dict(TINY_LLAMA, num_hidden_layers=BIG["num_hidden_layers"])
 
 RUN = r"""
 import json, sys
@@ -28,8 +33,10 @@ from mindcpm import LLM, SamplingParams
 from mindcpm.bench import peak_rss
 llm = LLM(model=sys.argv[1], quantization="int4", quant_group_size=32, kernels="on", progress=False, max_model_len=64,
           block_size=16, kv_cache_gib=0.01, enable_prefix_caching=False)
+loaded = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:")][0]
 llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))
-print(json.dumps({"peak": peak_rss(), "held": sum(p.nbytes for _, p in llm.engine.runner.model.parameters_and_names())}))
+print(json.dumps({"peak": peak_rss(), "loaded": loaded,
+                  "held": sum(p.nbytes for _, p in llm.engine.runner.model.parameters_and_names())}))
 """
 
 
@@ -60,8 +67,8 @@ def write_llama(path: str, cfg: dict) -> str:
 
 
 def measure(path: str) -> dict:
-    """{"peak": peak RSS, "held": bytes of the model's parameters} of an int4 run (groups of 32, a
-    small KV cache) in a process of its own."""
+    """{"peak": peak RSS, "loaded": RSS once loaded, "held": bytes of the model's parameters} of an
+    int4 run (groups of 32, a small KV cache) in a process of its own."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), GLOG_v="3")
     out = subprocess.run([sys.executable, "-c", RUN, path], capture_output=True, text=True, env=env, cwd=ROOT,
                          timeout=300)
@@ -75,14 +82,16 @@ def test_int4_peak_memory_is_its_packed_weights_and_cache(tmp_path):
         pytest.skip("no g++ to build the CPU kernels")
     big_dir = write_llama(str(tmp_path / "big"), BIG)
     fp32_bytes = os.path.getsize(os.path.join(big_dir, "model.safetensors"))
-    tiny, big = measure(make_tiny_model(str(tmp_path / "tiny"))), measure(big_dir)
-    grown = big["peak"] - tiny["peak"]
-    assert big["held"] < fp32_bytes / 5, (big["held"], fp32_bytes)  # the matrices are held as int4
-    # Issue 15 asks for 1.15x; measured here 1.17-1.26x (4 layers: 44 MiB for 35 held). Loading keeps no
-    # float copy (no fp32 staging; the checkpoint's mmap pages dropped as they are read: before that the
-    # peak grew 342 MiB); what is left is ~20 MiB of freed glibc heap not returned after loading
-    # (malloc_trim returns it) and ~10 MiB more generation workspace for the wider model. A full fp32
-    # copy of the matrices would be 5x.
-    assert grown <= 1.5 * big["held"], (f"peak RSS grew {grown / 2**20:.0f} MiB over the tiny model's run; "
-                                         f"the int4 model holds {big['held'] / 2**20:.0f} MiB "
-                                         f"(fp32 checkpoint {fp32_bytes / 2**20:.0f} MiB)")
+    tiny, big = measure(write_llama(str(tmp_path / "tiny"), TINY)), measure(big_dir)
+    held = big["held"]
+    assert held < fp32_bytes / 5, (held, fp32_bytes)  # the matrices are held as int4
+    # Measured here: the peak grows 0.92-0.94x what is held (the KV cache is counted whole but only
+    # its written pages are resident), once loaded 0.9x. Before each slab's checkpoint pages were
+    # dropped as read and glibc's freed heap returned after each quantized parameter, once loaded
+    # was 1.57x (the holes the slab temporaries left between the codes). A full fp32 copy of the
+    # matrices would be 5x.
+    for what in ("peak", "loaded"):
+        grown = big[what] - tiny[what]
+        assert grown <= 1.15 * held, (f"{what} RSS grew {grown / 2**20:.1f} MiB over the tiny model's run; "
+                                      f"the int4 model holds {held / 2**20:.1f} MiB "
+                                      f"(fp32 checkpoint {fp32_bytes / 2**20:.0f} MiB)")

@@ -196,10 +196,15 @@ def write_ternary(src: str, out: str, spoil: str | None = None) -> None:
     save_file(tensors, os.path.join(out, "model.safetensors"))
 
 
-def test_bitcpm_ternary_checkpoint_matches_transformers(tiny_dir, tmp_path):
+def test_bitcpm_ternary_checkpoint_matches_transformers(tiny_dir, tmp_path, caplog):
+    """Unasked: the ternary checkpoint is detected (one notice) and runs packed."""
     out = str(tmp_path / "ternary")
     write_ternary(tiny_dir, out)
-    llm = make_llm(out, **KERNELS_ON, quantization="bitcpm")
+    with caplog.at_level("WARNING", "mindcpm"):
+        llm = make_llm(out, **KERNELS_ON)
+    assert llm.quantization == "bitcpm"
+    (notice,) = [r.getMessage() for r in caplog.records if "ternary" in r.getMessage()]
+    assert "layers.0.self_attn.q_proj.weight is ternary in groups of 32" in notice, notice
     gate_up = llm.engine.runner.model.layers[0].mlp.gate_up_proj
     assert gate_up.weight_packed.shape[1] * 4 == gate_up.in_features  # 2 bits a weight, losslessly
     ref, _ = reference_logits(out, PROMPTS, str(tmp_path))
@@ -208,10 +213,12 @@ def test_bitcpm_ternary_checkpoint_matches_transformers(tiny_dir, tmp_path):
 
 
 def test_non_ternary_checkpoint_names_the_tensor(tiny_dir, tmp_path, capsys):
+    """Unasked: layer 0's q_proj is ternary, so the checkpoint is taken for BitCPM, and a later
+    projection that is not stops the load (quantization='bitcpm' asked is the same load)."""
     from tests.test_cli import assert_one_error_line, generate
     out = str(tmp_path / "ternary")
     write_ternary(tiny_dir, out, spoil="model.layers.1.self_attn.o_proj.weight")
-    status = generate.main(["--model", out, "--quantization", "bitcpm", "x"])
+    status = generate.main(["--model", out, "x"])
     captured = capsys.readouterr()
     assert status != 0 and captured.out == "", (captured.out, captured.err)
     assert_one_error_line(captured.err, "layers.1.self_attn.o_proj.weight is not ternary")
