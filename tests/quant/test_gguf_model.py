@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ gguf = pytest.importorskip("gguf")
 from safetensors.numpy import save_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
-from tests.reference.hf_llama import ROOT  # noqa: E402
+from tests.reference.hf_llama import reference_logits_each  # noqa: E402
 from tests.test_gguf import (FFN, HEADS, HIDDEN, KV_HEADS, LAYERS, gguf_names, hf_weights,  # noqa: E402
                              llama_cpp_permute, tiny_writer)
 from tests.tiny import SPECIALS, VOCAB, make_llm  # noqa: E402
@@ -113,16 +111,6 @@ def write_reference_checkpoint(out: str, tensors: dict) -> None:
               os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
 
-# tests/reference/hf_llama.py's logits + greedy run, once per model directory, in one interpreter
-REFERENCE = """
-import sys
-from tests.reference.hf_llama import _logits
-prompts, steps, *pairs = sys.argv[1:]
-for model_dir, out in zip(pairs[::2], pairs[1::2]):
-    _logits(model_dir, prompts, out, steps)
-"""
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """ALL_FILES name -> (GGUF file, its types, {"logits": per prompt, "greedy": per prompt} of
@@ -133,25 +121,17 @@ def models(tmp_path_factory):
     pytest.importorskip("transformers")
     root = tmp_path_factory.mktemp("gguf_model")
     weights = llama_weights()
-    prompts = str(root / "prompts.json")
-    with open(prompts, "w") as f:
-        json.dump(PROMPTS, f)
-    args = []
+    files, refs = {}, []
     for name, types in ALL_FILES.items():
         tensors = file_tensors(weights, types)
-        write_llama_gguf(str(root / f"tiny-{name}.gguf"), tensors)
-        write_reference_checkpoint(str(root / f"ref-{name}"), tensors)
-        args += [str(root / f"ref-{name}"), str(root / f"ref-{name}.npz")]
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, prompts, str(STEPS), *args], capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 0, f"reference failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    result = {}
-    for name, types in ALL_FILES.items():
-        data = np.load(root / f"ref-{name}.npz")
-        result[name] = (str(root / f"tiny-{name}.gguf"), types,
-                        {"logits": [data[f"logits{i}"] for i in range(len(PROMPTS))],
-                         "greedy": [data[f"greedy{i}"].tolist() for i in range(len(PROMPTS))]})
-    return result
+        files[name] = str(root / f"tiny-{name}.gguf")
+        write_llama_gguf(files[name], tensors)
+        refs.append(str(root / f"ref-{name}"))
+        write_reference_checkpoint(refs[-1], tensors)
+    # All reference checkpoints in one transformers subprocess (torch starts once).
+    outputs = reference_logits_each(refs, PROMPTS, str(root), STEPS)
+    return {name: (files[name], types, {"logits": logits, "greedy": greedy})
+            for (name, types), (logits, greedy) in zip(ALL_FILES.items(), outputs)}
 
 
 def assert_prompt_logits_match(llm, ref: dict) -> None:
