@@ -21,7 +21,9 @@
 //                                       y = r + scale[0] swiglu(rmsnorm(x) Wgu^T) Wd^T   [M, K]
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
-// narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
+// narrower one. Decode (fewer than kGemmRows rows of x) on AVX2 and AVX-512 multiplies 4- and 8-bit
+// codes by x rounded to int16 per 32 inputs (vpmaddwd; the error bound is in quant_gemv.inc);
+// prefill and the scalar path keep x fp32. No VNNI/AMX path yet (AVX-512 runs the int16 decode on ymm).
 #include "../common/gemv.h"
 #include "../common/vec.h"
 
