@@ -357,12 +357,11 @@ std::atomic<int> &chosen_isa() {
 
 // y = epi(x W^T) for M rows of x, on the chosen instruction set.
 int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
-  const float *terms = group_terms(x, M, w);
   mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::run(x, terms, w, M, epi);
-    case Isa::kAvx2: return avx2_isa::run(x, terms, w, M, epi);
-    default: return scalar_isa::run(x, terms, w, M, epi);
+    case Isa::kAvx512: return avx512_isa::run(x, w, M, epi);
+    case Isa::kAvx2: return avx2_isa::run(x, w, M, epi);
+    default: return scalar_isa::run(x, w, M, epi);
   }
 }
 
