@@ -124,6 +124,17 @@ def test_swiglu_and_residual_epilogues(isa, bits, k, group, m):
     assert_close((got - r) / 0.37, x, w, magnitude)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_with_a_short_last_block_of_rows(isa, bits):
+    """Prefill walks x in blocks of rows that fit L2 (15 rows at K = 8192); a last block of fewer than
+    4 rows takes the decode tile, with fp32 x."""
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits)
+    tensors, w, magnitude = make_weight(rng, 5, 8192, bits, 32, True, "float16")
+    x = rng.standard_normal((16, 8192)).astype(np.float32)
+    assert_close(KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy(), x, w, magnitude)
+
+
 def test_act_order_permutation_is_applied():
     from mindcpm.quant.linear import KernelQuantMatmul
     rng = np.random.default_rng(5)
