@@ -7,6 +7,7 @@ interleaved, repeat after repeat, so a busy machine slows them alike; medians ar
 
     python benchmarks/quant_gemv.py                     # MiniCPM4-0.5B: H 1024, I 4096, 24 layers
     python benchmarks/quant_gemv.py --rows 16 --repeats 5
+    python benchmarks/quant_gemv.py --quant-lib saved/quant_linear.so   # an earlier build, for before/after
 """
 from __future__ import annotations
 
@@ -89,6 +90,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--passes", type=int, default=5, help="passes over all layers a repeat")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of: " + ", ".join(FORMATS))
+    ap.add_argument("--quant-lib", help="a saved build of the quant_linear kernel to time instead of this tree's "
+                                        "(a before/after comparison of a kernel change)")
     args = ap.parse_args()
     names = [f.strip() for f in args.formats.split(",")]
     unknown = [f for f in names if f not in FORMATS]
@@ -96,7 +99,10 @@ def main() -> int:
         print(f"error: unknown format {unknown[0]!r}; choose from {', '.join(FORMATS)}", file=sys.stderr)
         return 2
     linear = ctypes.CDLL(build("linear"))
-    quant = ctypes.CDLL(build("quant_linear"))
+    if args.quant_lib and not os.path.isfile(args.quant_lib):
+        print(f"error: no kernel library at {args.quant_lib}", file=sys.stderr)
+        return 2
+    quant = ctypes.CDLL(args.quant_lib or build("quant_linear"))
     quant.QuantLinearIsa.restype = ctypes.c_char_p
     rng = np.random.default_rng(0)
     shapes = layer_shapes(args.hidden, args.intermediate, args.heads, args.kv_heads)

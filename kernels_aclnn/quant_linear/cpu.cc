@@ -26,12 +26,16 @@
 //     (kernels_aclnn/paged_attention/cpu.cc documents those inputs)
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
-// narrower one. No VNNI/AMX path: those multiply integer or bf16 activations, and these stay fp32.
+// narrower one. Decode (fewer than kGemmRows rows of x) on AVX2 and AVX-512 multiplies 4- and 8-bit
+// codes by x rounded to int16 per 32 inputs (vpmaddwd; the error bound is in quant_gemv.inc);
+// prefill and the scalar path keep x fp32. No VNNI/AMX path yet (AVX-512 runs the int16 decode on ymm).
 #include "../common/gemv.h"
 #include "../common/paged_attention.h"
+#include "../common/vec.h"
 
 #include <immintrin.h>
 
+#include <limits>
 #include <type_traits>
 
 using namespace mindcpm;
@@ -149,6 +153,7 @@ namespace scalar_isa {
 struct V {
   using F = float;
   static constexpr int L = 1;
+  using Dot = void;  // the reference: fp32 activations throughout
   static F zero() { return 0.f; }
   static F set1(float v) { return v; }
   static F load(const float *p) { return *p; }
@@ -167,9 +172,83 @@ struct V {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 namespace avx2_isa {
+// The integer dot products of the int16-activation decode path (quant_gemv.inc): a step is 32
+// bytes of codes (4-bit: two 32-input blocks; 8-bit: one) against 32 or 64 int16 inputs laid out
+// by slot(), each product pair summed by vpmaddwd into 8 int32 lanes (4-bit: lanes 0-3 block 0,
+// 4-7 block 1). The codes are split into 16-bit lanes by and/shift only, no shuffles: the
+// activations are permuted to match instead, once a call. Used by the AVX-512 path too (ymm).
+struct Int16Dot {
+  using F = __m256;
+  static constexpr int L = 8;  // int32 lanes of a step's sums
+  template <int Bits> static constexpr int blocks() { return Bits == 4 ? 2 : 1; }
+  // Where input kk of a block (block h of its step) goes among the step's int16 inputs.
+  // 8-bit: word i of the codes is bytes 2i, 2i+1: even inputs then odd ones. 4-bit: word i of
+  // half h is bytes 2i, 2i+1 of block h, holding inputs 2i, 2i+16 (byte 2i) and 2i+1, 2i+17.
+  template <int Bits> static int64_t slot(int64_t h, int64_t kk) {
+    if (Bits == 8) return (kk & 1) * 16 + (kk >> 1);
+    return ((kk & 1) | ((kk >> 4) & 1) << 1) * 16 + h * 8 + ((kk & 15) >> 1);
+  }
+  // One block of 32 inputs x rounded to int16, x^ = d round(x / d) with d = max|x| / 32767, into their
+  // slots (block h of its step); returns the sum of the rounded values, d in *d.
+  template <int Bits> static int round_block(const float *x, int64_t h, int16_t *q, float *d) {
+    const __m256 sign = _mm256_set1_ps(-0.f);
+    __m256 v[4], mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+      nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[i], v[i], _CMP_UNORD_Q));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4))), inv = m > 0.f ? 32767.f / m : 0.f;
+    // A NaN input makes d NaN, so the outputs are NaN as with fp32 x (an infinite one: 0 * inf).
+    *d = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : m / 32767.f;
+    alignas(32) int32_t r[32];
+    __m256i sum = _mm256_setzero_si256();
+    for (int i = 0; i < 4; ++i) {  // round to nearest even (MXCSR's default)
+      const __m256i ri = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], _mm256_set1_ps(inv)));
+      _mm256_store_si256(reinterpret_cast<__m256i *>(r + 8 * i), ri);
+      sum = _mm256_add_epi32(sum, ri);
+    }
+    for (int kk = 0; kk < 32; ++kk) q[slot<Bits>(h, kk)] = (int16_t)r[kk];
+    const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
+  }
+  static __m256i madd(__m256i a, const int16_t *x) {
+    return _mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+  }
+  // A step's int32 sums; `half`: a lone last 4-bit block, only its 16 bytes read.
+  template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool half) {
+    const __m256i v = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(codes)))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
+    if (Bits == 8) {
+      const __m256i even = _mm256_and_si256(v, _mm256_set1_epi16(0xff)), odd = _mm256_srli_epi16(v, 8);
+      return _mm256_cvtepi32_ps(_mm256_add_epi32(madd(even, x), madd(odd, x + 16)));
+    }
+    const __m256i m = _mm256_set1_epi16(15);
+    const __m256i lo_even = _mm256_and_si256(v, m), lo_odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m);
+    const __m256i hi_even = _mm256_and_si256(_mm256_srli_epi16(v, 4), m), hi_odd = _mm256_srli_epi16(v, 12);
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(madd(lo_even, x), madd(lo_odd, x + 16)),
+                                               _mm256_add_epi32(madd(hi_even, x + 32), madd(hi_odd, x + 48))));
+  }
+  // Lane scales of a step from a row's fp32 group scales: 4-bit groups of 32, the two blocks' own.
+  static F pair_scales(const float *s) {
+    const __m256 two = _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s))));
+    return _mm256_permutevar8x32_ps(two, _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+  }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float v) { return _mm256_set1_ps(v); }
+  static F load(const float *p) { return _mm256_loadu_ps(p); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return mindcpm::hsum(v); }
+};
+
 struct V {
   using F = __m256;
   static constexpr int L = 8;
+  using Dot = Int16Dot;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float *p) { return _mm256_loadu_ps(p); }
@@ -221,6 +300,7 @@ namespace avx512_isa {
 struct V {
   using F = __m512;
   static constexpr int L = 16;
+  using Dot = avx2_isa::Int16Dot;  // 16-bit integer lanes of zmm need AVX-512BW; ymm ones do not
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float *p) { return _mm512_loadu_ps(p); }
@@ -283,12 +363,11 @@ std::atomic<int> &chosen_isa() {
 
 // y = epi(x W^T) for M rows of x, on the chosen instruction set.
 int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
-  const float *terms = group_terms(x, M, w);
   mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::run(x, terms, w, M, epi);
-    case Isa::kAvx2: return avx2_isa::run(x, terms, w, M, epi);
-    default: return scalar_isa::run(x, terms, w, M, epi);
+    case Isa::kAvx512: return avx512_isa::run(x, w, M, epi);
+    case Isa::kAvx2: return avx2_isa::run(x, w, M, epi);
+    default: return scalar_isa::run(x, w, M, epi);
   }
 }
 

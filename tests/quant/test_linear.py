@@ -15,6 +15,7 @@ ms = pytest.importorskip("mindspore")
 from mindspore import Tensor  # noqa: E402
 
 from mindcpm.ops import cpu_kernels  # noqa: E402
+from tests.quant.rounding import x_rounding_bound  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="no g++ to build the CPU kernels")
 
@@ -121,6 +122,17 @@ def test_swiglu_and_residual_epilogues(isa, bits, k, group, m):
     r = rng.standard_normal((1, m, 2 * n)).astype(np.float32)
     got = KernelQuantMatmul("residual", 0.37)(Tensor(x), *tensors, Tensor(r)).asnumpy()
     assert_close((got - r) / 0.37, x, w, magnitude)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_prefill_with_a_short_last_block_of_rows(isa, bits):
+    """Prefill walks x in blocks of rows that fit L2 (15 rows at K = 8192); a last block of fewer than
+    4 rows takes the decode tile, with fp32 x."""
+    from mindcpm.quant.linear import KernelQuantMatmul
+    rng = np.random.default_rng(bits)
+    tensors, w, magnitude = make_weight(rng, 5, 8192, bits, 32, True, "float16")
+    x = rng.standard_normal((16, 8192)).astype(np.float32)
+    assert_close(KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy(), x, w, magnitude)
 
 
 def test_act_order_permutation_is_applied():
@@ -230,3 +242,36 @@ def test_mlp_block_matches_numpy(isa, m):
     want = r + 0.5 * hidden @ wd.T
     got = KernelQuantSwigluMlp(1e-5, 0.5)(Tensor(x), Tensor(g), *gate_up, *down, Tensor(r)).asnumpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+
+# 4-bit groups of 32 (an odd number of blocks: a lone last block), 64 and 128; 8-bit groups of 32
+# and per channel.
+@pytest.mark.parametrize("bits,k,group,asym", [(4, 96, 32, False), (4, 160, 32, True), (4, 192, 64, False),
+                                               (4, 384, 128, True), (8, 96, 32, False), (8, 128, 128, True)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_decode_int16_activations_within_bound(bits, k, group, asym, m):
+    """Decode on the SIMD paths multiplies the codes by x rounded to int16 per 32-input block: against
+    the scalar path (fp32 x) it may differ by the rounding bound and no more; for normal x that bound is
+    below what rounding x to fp16 could cost, and it holds with an outlier too."""
+    from mindcpm.quant import linear
+    from mindcpm.quant.linear import KernelQuantMatmul
+    simd = [isa for isa in runnable_isas() if isa != "scalar"]
+    if not simd:
+        pytest.skip("this CPU has no SIMD path")
+    rng = np.random.default_rng(bits + k + group + m)
+    tensors, w, magnitude = make_weight(rng, 37, k, bits, group, asym, "float16")
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    assert np.all(x_rounding_bound(x, w) < 2.0 ** -11 * (np.abs(x.astype(np.float64)) @ np.abs(w).T))
+    x[:, 40] *= 50  # an outlier: its block's other inputs round coarsely (more than fp16 would)
+    try:
+        linear.set_kernel_isa("scalar")
+        want = KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy().astype(np.float64)
+        slack = 2e-5 * (np.abs(x.astype(np.float64)) @ magnitude.T) + 1e-6  # two fp32 evaluations
+        bound = x_rounding_bound(x, w)
+        for isa in simd:
+            linear.set_kernel_isa(isa)
+            got = KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy()
+            assert np.all(np.abs(got - want) <= bound + slack), (isa, np.max(np.abs(got - want) / (bound + slack)))
+    finally:
+        linear.set_kernel_isa("auto")
