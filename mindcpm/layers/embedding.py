@@ -66,7 +66,7 @@ class LMHead(nn.Cell):
         if self.quant_head:
             self.in_features = hidden_size
             self.quant = QuantSlot(self, device, (local, hidden_size))
-            self.matmul = device.quant_matmul("plain", hidden_size)
+            self.matmul = device.quant_matmul("plain")
         else:
             self.matmul = device.matmul()
         self.tp_size = tp_group().size

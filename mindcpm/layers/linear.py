@@ -56,7 +56,7 @@ class Linear(nn.Cell):
         self.all_reduce = ops.AllReduce() if parallel == "row" and tp_group().size > 1 else None
         if self.quantized:
             self.quant = QuantSlot(self, device, shape)
-            self.matmul = device.quant_matmul(epilogue, self.in_features)
+            self.matmul = device.quant_matmul(epilogue)
             return
         stored = dtype if exact_dtype else device.stored_dtype(dtype)
         self.weight = zeros_parameter(shape, stored, "weight")

@@ -218,7 +218,7 @@ class Device:
         WeightQuantBatchMatmul takes them in (so bf16 ones are not rounded again)."""
         return "bfloat16" if self.ascend_kernels and self.dtype == ms.bfloat16 else "float16"
 
-    def quant_matmul(self, epilogue: str, in_features: int):
+    def quant_matmul(self, epilogue: str):
         """x W^T with W as a quantized layer's three Parameters (quant_parameters)."""
         if self.ascend_kernels:
             from .ascend_quant import AscendQuantMatmul

@@ -130,7 +130,6 @@ def test_fused_rows_and_shards():
         concat_rows([q, rtn.quantize(rng.standard_normal((2, 64)), 8)], "qkv")
 
 
-
 @pytest.mark.parametrize("type_name", ["Q8_0", "Q4_1"])
 def test_input_shards_are_whole_groups_of_the_blocks(type_name):
     """A row-parallel shard of GGUF blocks (8-bit and 4-bit asymmetric) dequantizes like those
