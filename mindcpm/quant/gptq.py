@@ -6,9 +6,12 @@ into QuantWeight. Per linear layer with K inputs, N outputs, b bits, p = 32 / b 
     g_idx   [K] int32          the group of input k (k // G unless act-order reordered them)
     w[n, k] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
 The stored zero is z - 1 in the original ("gptq", v1) checkpoint format and z in "gptq_v2".
-Supported: bits 4 and 8; sym true or false; desc_act true or false (act-order: the inputs are
-permuted so that each group is contiguous, QuantWeight.input_perm); group_size -1 (whole rows)
-or a divisor of K (a multiple of 32 for 4-bit). Anything else is refused in one line."""
+Supported: bits 4 and 8; sym true or false; checkpoint_format "gptq" or "gptq_v2"; group_size -1
+(whole rows) or a divisor of K (a multiple of 32 for 4-bit); desc_act true or false. Act-order
+(desc_act true, g_idx not k // G): the codes are sorted by group so that each group is contiguous,
+and QuantWeight.input_perm says which input each sorted position is; layers/linear.py gathers x
+into that order. g_idx must give every group exactly G inputs (GPTQ always does). Anything else
+is refused in one line naming the setting or the tensor."""
 from __future__ import annotations
 
 import json
