@@ -204,8 +204,6 @@ def load_gptq(path: str, params: dict) -> set[str]:
     config = gptq.read_config(path) if slots else None
     if config is None:
         return set()
-    if config["desc_act"]:
-        raise CheckpointError(f"{path}: GPTQ desc_act=true (act-order) checkpoints are not supported yet")
     parts: dict[str, dict] = {}
     with contextlib.ExitStack() as stack:
         for file, indexed in checkpoint_files(path).items():

@@ -224,6 +224,29 @@ def test_row_parallel_shard_of_part_of_a_group_is_refused_in_one_line(monkeypatc
                                 "(tensor_parallel_size 2 gives each rank 32 of a row-parallel projection's 64 inputs)")
 
 
+def test_act_order_weight_shards_by_outputs_and_refuses_a_split_of_its_inputs(monkeypatch):
+    """A GPTQ act-order weight over 2 ranks: a column-parallel rank keeps its rows and the whole
+    input order; a row-parallel rank's half of the inputs lies in every group: one line."""
+    from mindcpm import parallel
+    from mindcpm.layers.linear import Linear
+    from mindcpm.ops.device import Device
+    from mindcpm.quant import QuantError
+    from mindcpm.quant.rtn import quantize
+    monkeypatch.setattr(parallel, "_group", parallel.TPGroup(1, 2))
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(64)
+    qw = quantize(rng.standard_normal((64, 64)).astype(np.float32), 4, 32)
+    qw.input_perm = perm
+    device = Device(kernels=True, quantization="gptq")
+    column = Linear(64, 64, parallel="column", device=device).quant.rank_part(qw, None, "q_proj")
+    np.testing.assert_array_equal(column.dequantize(), qw.dequantize()[32:])
+    np.testing.assert_array_equal(column.input_perm, perm)
+    with pytest.raises(QuantError) as error:
+        Linear(64, 64, parallel="row", device=device).quant.rank_part(qw, None, "model.layers.0.mlp.down_proj")
+    assert str(error.value) == ("model.layers.0.mlp.down_proj: a GPTQ act-order (desc_act) weight cannot be split by "
+                                "its inputs, as a row-parallel projection is for tensor parallelism; run it on one rank")
+
+
 @pytest.fixture(scope="module")
 def minimax_reference(tmp_path_factory):
     """A tiny MiniMax and its single-process logits and tokens (one reference for both splits)."""

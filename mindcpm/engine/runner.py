@@ -149,11 +149,11 @@ class ModelRunner:
         if cfg.hidden_out or cfg.aux_hidden_layers:
             extra.update(hidden_out=cfg.hidden_out, aux_hidden_layers=cfg.aux_hidden_layers)
         self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
-        self.device.fuse_blocks(self.model)
         self.step_inputs = self.device.step_input_names(self.model)
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
             self.device.after_load(self.model)
+        self.device.fuse_blocks(self.model)  # after loading: which layers fuse depends on their weights
         self.channel = StepChannel() if self.tp.size > 1 else None
         self.steps: dict[tuple, _CompiledStep | _EagerStep] = {}  # input shapes -> its step
         self.sampler = Sampler(eos_token_ids)

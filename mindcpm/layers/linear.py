@@ -27,7 +27,9 @@ class Linear(nn.Cell):
     Quantized, a rank quantizes (or, from a GGUF / GPTQ checkpoint, cuts out) its own shard.
     Rows are quantized independently, so a column shard holds the same codes as those rows of
     the whole weight. A row shard must hold whole groups; per-channel int8 (one group a row)
-    gets each shard's own scale per row, not the whole row's.
+    gets each shard's own scale per row, not the whole row's. A GPTQ act-order weight holds its
+    inputs in group order (QuantWeight.input_perm): x is gathered into that order first, on the
+    device, inside the compiled step; such a weight cannot be split by its inputs.
 
     device: where the op comes from (the default: MindSpore's own ops).
     """
@@ -57,6 +59,7 @@ class Linear(nn.Cell):
         if self.quantized:
             self.quant = QuantSlot(self, device, shape)
             self.matmul = device.quant_matmul(epilogue)
+            self.input_perm = None  # GPTQ act-order: set by QuantSlot.load_quantized
             return
         stored = dtype if exact_dtype else device.stored_dtype(dtype)
         self.weight = zeros_parameter(shape, stored, "weight")
@@ -64,6 +67,8 @@ class Linear(nn.Cell):
 
     def construct(self, x):
         if self.quantized:
+            if self.input_perm is not None:  # a constant of the compiled graph: None or not
+                x = ops.gather(x, self.input_perm, x.ndim - 1)
             y = self.matmul(x, self.weight_packed, self.weight_scales, self.weight_offsets)
         else:
             y = self.matmul(x, self.weight)
@@ -122,9 +127,25 @@ class QuantSlot:
         before any graph is compiled."""
         if qw.shape != self.shape:
             raise ValueError(f"a quantized weight of shape {qw.shape} for a layer of shape {self.shape}")
+        self._load_input_perm(qw.input_perm)
         for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), self.device.quant_tensors(qw)):
             param = getattr(self._layer, attr)
             if param.shape == values.shape and param.dtype == values.dtype:
                 param.set_data(values)
             else:
                 setattr(self._layer, attr, Parameter(values, name=param.name, requires_grad=False))
+
+    def _load_input_perm(self, perm) -> None:
+        """The order a GPTQ act-order weight reads its inputs in, as an int32 Parameter the layer
+        gathers x with; None for a weight in the layer's own input order."""
+        from ..quant.formats import QuantError
+        if perm is None:
+            if getattr(self._layer, "input_perm", None) is not None:
+                self._layer.input_perm = None
+            return
+        if not hasattr(self._layer, "input_perm"):
+            raise QuantError(f"{type(self._layer).__name__} takes no weight with permuted inputs (act-order)")
+        prefix = self._layer.weight_packed.name.rpartition(".")[0]
+        self._layer.input_perm = Parameter(ms.Tensor(np.asarray(perm, np.int32)),
+                                           name=f"{prefix}.input_perm" if prefix else "input_perm",
+                                           requires_grad=False)

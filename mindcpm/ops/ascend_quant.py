@@ -57,10 +57,9 @@ def check_ascend_layout(bits: int, n: int, k: int, group: int, name: str = "weig
 
 
 def ascend_tensors(qw, dtype, name: str = "weight") -> tuple[Tensor, Tensor, Tensor]:
-    """(weight int8 [K, N] or qint4x2 [K, N / 2], antiquant_scale, antiquant_offset) of a QuantWeight."""
-    from ..quant.formats import QuantError, stored_values
-    if qw.input_perm is not None:
-        raise QuantError(f"{name}: act-order (desc_act) weights are not wired to WeightQuantBatchMatmul")
+    """(weight int8 [K, N] or qint4x2 [K, N / 2], antiquant_scale, antiquant_offset) of a QuantWeight,
+    its K in the QuantWeight's input order (a GPTQ act-order weight's: Linear gathers x into it)."""
+    from ..quant.formats import stored_values
     n, k = qw.shape
     check_ascend_layout(qw.bits, n, k, qw.group_size, name)
     center = 1 << (qw.bits - 1)

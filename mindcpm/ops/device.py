@@ -363,7 +363,10 @@ class Device:
         """CPU kernels: each pre-norm decoder layer (h += s*attn(norm(h)); h += s*mlp(norm(h)))
         becomes two kernel ops over the same Parameters (checkpoint names unchanged), unless
         tensor parallelism splits o_proj/down, whose partial sums are reduced before the residual.
-        Quantized projections: the quantized kernels' version of the same layer."""
+        Quantized projections: the quantized kernels' version of the same layer, except in a
+        layer with GPTQ act-order weights, whose inputs are gathered into each weight's own order
+        between the ops (the fused kernels read them in the layer's order), so it runs after the
+        weights are loaded."""
         if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
             return
         if self.quant is not None:
@@ -371,8 +374,9 @@ class Device:
         else:
             from .cpu import KernelDecoderLayer as fused
         for i, layer in enumerate(model.layers):
-            model.layers[i] = fused(layer)
-        self.fused_blocks = True
+            if not _gathers_inputs(layer):
+                model.layers[i] = fused(layer)
+                self.fused_blocks = True
 
     def after_load(self, model) -> None:
         """A quantized tied head quantizes the embedding (LMHead.quantize_tied). Ascend: stacked
@@ -388,6 +392,11 @@ class Device:
                 w = cell.weight
                 cell.weight = ms.Parameter(ms.Tensor(np.ascontiguousarray(np.swapaxes(_as_numpy(w), 1, 2)), w.dtype),
                                            name=w.name, requires_grad=False)
+
+
+def _gathers_inputs(layer) -> bool:
+    """Whether a projection of the layer reads its inputs in another order (GPTQ act-order)."""
+    return any(getattr(cell, "input_perm", None) is not None for _, cell in layer.cells_and_names())
 
 
 def _as_numpy(param) -> np.ndarray:

@@ -126,11 +126,12 @@ class QuantWeight:
         start, stop, step = inputs.indices(k)
         if (start, stop, step) == (0, k, 1):
             return self
+        if self.input_perm is not None:  # a rank's inputs would be scattered over every group
+            raise QuantError(f"{name}: a GPTQ act-order (desc_act) weight cannot be split by its inputs, as a "
+                             f"row-parallel projection is for tensor parallelism; run it on one rank")
         if step != 1 or start % self.group_size or stop % self.group_size:
             raise QuantError(f"{name}: inputs {start}:{stop} of {k} do not hold whole groups of {self.group_size} "
                              f"(a tensor-parallel rank's share of a row-parallel projection's inputs)")
-        if self.input_perm is not None:
-            raise QuantError(f"{name}: a weight with permuted inputs (act-order) cannot be split by its inputs")
         codes = slice(start * self.bits // 8, stop * self.bits // 8)
         groups = slice(start // self.group_size, stop // self.group_size)
         offsets = None if self.offsets is None else np.ascontiguousarray(self.offsets[:, groups])
@@ -159,10 +160,12 @@ def concat_rows(parts: list[QuantWeight], name: str = "weight") -> QuantWeight:
         perms = (part.input_perm is None and first.input_perm is None) or \
             (part.input_perm is not None and first.input_perm is not None and
              np.array_equal(part.input_perm, first.input_perm))
-        if not (same and perms):
+        if not same:
             raise QuantError(f"{name}: the parts to fuse are quantized differently ({first.bits}-bit group "
                              f"{first.group_size} {first.scale_dtype} vs {part.bits}-bit group {part.group_size} "
-                             f"{part.scale_dtype}, or another input order)")
+                             f"{part.scale_dtype})")
+        if not perms:  # GPTQ orders a layer's inputs by their statistics: q/k/v (gate/up) read the same ones
+            raise QuantError(f"{name}: the parts to fuse read their inputs in different act-order (g_idx) orders")
     offsets = None if first.offsets is None else np.concatenate([p.offsets for p in parts])
     return QuantWeight(np.concatenate([p.packed for p in parts]), np.concatenate([p.scales for p in parts]), offsets,
                        first.bits, first.group_size, first.scale_dtype, first.input_perm)

@@ -6,9 +6,12 @@ into QuantWeight. Per linear layer with K inputs, N outputs, b bits, p = 32 / b 
     g_idx   [K] int32          the group of input k (k // G unless act-order reordered them)
     w[n, k] = scales[g, n] * (q[k, n] - z[g, n]),  g = g_idx[k]
 The stored zero is z - 1 in the original ("gptq", v1) checkpoint format and z in "gptq_v2".
-Supported: bits 4 and 8; sym true or false; desc_act true or false (act-order: the inputs are
-permuted so that each group is contiguous, QuantWeight.input_perm); group_size -1 (whole rows)
-or a divisor of K (a multiple of 32 for 4-bit). Anything else is refused in one line."""
+Supported: bits 4 and 8; sym true or false; checkpoint_format "gptq" or "gptq_v2"; group_size -1
+(whole rows) or a divisor of K (a multiple of 32 for 4-bit); desc_act true or false. Act-order
+(desc_act true, g_idx not k // G): the codes are sorted by group so that each group is contiguous,
+and QuantWeight.input_perm says which input each sorted position is; layers/linear.py gathers x
+into that order. g_idx must give every group exactly G inputs (GPTQ always does). Anything else
+is refused in one line naming the setting or the tensor."""
 from __future__ import annotations
 
 import json
@@ -68,6 +71,25 @@ def unpack_int32(packed: np.ndarray, bits: int, axis: int) -> np.ndarray:
     return codes.reshape(shape).astype(np.uint8)
 
 
+def check_g_idx(g_idx, k: int, groups: int, name: str) -> np.ndarray:
+    """g_idx as int64 when it assigns each of the k inputs to one of the groups, group_size = k /
+    groups inputs each (as GPTQ, act-order or not, always does); QuantError naming the tensor."""
+    g_idx = np.asarray(g_idx)
+    if g_idx.shape != (k,) or g_idx.dtype.kind not in "iu":
+        raise QuantError(f"{name}.g_idx is {g_idx.dtype} {list(g_idx.shape)}, not one integer group index per "
+                         f"input ({k})")
+    g_idx = g_idx.astype(np.int64)
+    outside = (g_idx < 0) | (g_idx >= groups)
+    if outside.any():
+        raise QuantError(f"{name}.g_idx puts input {np.argmax(outside)} in group {g_idx[outside][0]}; "
+                         f"the scales have groups 0..{groups - 1}")
+    counts = np.bincount(g_idx, minlength=groups)
+    if np.any(counts != k // groups):
+        group = int(np.argmax(counts != k // groups))
+        raise QuantError(f"{name}.g_idx gives group {group} {counts[group]} inputs, not {k // groups}")
+    return g_idx
+
+
 def from_gptq(qweight, qzeros, scales, g_idx, config: dict, name: str = "layer") -> QuantWeight:
     """One layer's GPTQ tensors (numpy) -> QuantWeight [N, K]. Symmetric checkpoints keep their
     fp16 scales; asymmetric ones get fp32 scales and offsets m = -s z, both exact (an fp16 scale
@@ -86,13 +108,11 @@ def from_gptq(qweight, qzeros, scales, g_idx, config: dict, name: str = "layer")
     zeros = zeros[:, :n]
     group_size = k // groups
     perm = None
-    g_idx = np.arange(k) // group_size if g_idx is None else np.asarray(g_idx).astype(np.int64)
+    g_idx = np.arange(k) // group_size if g_idx is None else check_g_idx(g_idx, k, groups, name)
     if np.any(g_idx != np.arange(k) // group_size):
         if not config["desc_act"]:
-            raise QuantError(f"{name}: g_idx reorders the inputs but desc_act is false")
-        perm = np.argsort(g_idx, kind="stable")
-        if np.any(np.bincount(g_idx, minlength=groups) != group_size):
-            raise QuantError(f"{name}: g_idx groups are not all {group_size} inputs")
+            raise QuantError(f"{name}.g_idx reorders the inputs but desc_act is false")
+        perm = np.argsort(g_idx, kind="stable")  # the inputs of group 0, then group 1, ...
         codes = codes[:, perm]
     check_layout(bits, k, group_size, name)
     center = 1 << (bits - 1)

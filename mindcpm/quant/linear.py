@@ -8,7 +8,8 @@
                                                # the RMSNorm before the projection, in the same op
 
 The same epilogues as ops/cpu.py KernelMatmul; the weight is three tensors instead of one.
-A QuantWeight with input_perm (GPTQ act-order) also passes kernel_perm(qw) as `perm`.
+x is in the weight's input order: a QuantWeight with input_perm (GPTQ act-order) gets x gathered
+by it first (layers/linear.py's Linear does, on every device).
 
     mlp = KernelQuantSwigluMlp(norm_eps=1e-5, scale=1.0)     # a decoder layer's whole MLP block
     y = mlp(x, g, *kernel_tensors(gate_up), *kernel_tensors(down), r)   # r + down(swiglu(gate_up(rmsnorm x)))
@@ -20,7 +21,7 @@ import functools
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from ..ops.cpu_kernels import aot_op, build
 from .formats import QuantWeight, bf16_values
@@ -40,10 +41,6 @@ def kernel_tensors(qw: QuantWeight) -> tuple[Tensor, Tensor, Tensor]:
         return Tensor(values, MS_DTYPES[qw.scale_dtype])
     offsets = Tensor(np.zeros(1, np.float32)) if qw.offsets is None else stored(qw.offsets)
     return Tensor(qw.packed, ms.uint8), stored(qw.scales), offsets
-
-
-def kernel_perm(qw: QuantWeight) -> Tensor | None:
-    return None if qw.input_perm is None else Tensor(qw.input_perm.astype(np.int32))
 
 
 def _check_shapes(epilogue: str, x, *inputs) -> list:
@@ -104,11 +101,7 @@ class KernelQuantMatmul(nn.Cell):
             self.norm_op = aot_op(OP, NORM_ENTRY[epilogue], functools.partial(_check_shapes, "norm " + epilogue),
                                   functools.partial(_check_dtypes, "norm " + epilogue))
 
-    def construct(self, x, packed, scales, offsets, residual=None, perm=None, norm_weight=None):
-        if perm is not None:  # RMSNorm commutes with permuting x and its weight alike
-            x = ops.gather(x, perm, x.ndim - 1)
-            if norm_weight is not None:
-                norm_weight = ops.gather(norm_weight, perm, 0)
+    def construct(self, x, packed, scales, offsets, residual=None, norm_weight=None):
         if self.eps is not None:
             return self.norm_op(x, norm_weight, self.eps, packed, scales, offsets)
         if self.epilogue == "residual":
@@ -129,7 +122,8 @@ def _mlp_dtype(x, g, eps, gu_packed, gu_scales, gu_offsets, d_packed, d_scales, 
 class KernelQuantSwigluMlp(nn.Cell):
     """r + scale * down(silu(gate) * up) of rmsnorm(x) in one kernel, the weights kept quantized
     (each in its own format): a decoder layer's MLP block is one op, like ops/cpu.py's
-    KernelSwigluMlp. Weights with an input_perm (GPTQ act-order) need the separate ops."""
+    KernelSwigluMlp. Weights with an input_perm (GPTQ act-order) take the separate ops instead
+    (Device.fuse_blocks leaves their layers unfused)."""
 
     def __init__(self, norm_eps: float, scale: float = 1.0):
         super().__init__()

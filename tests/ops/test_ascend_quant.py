@@ -146,6 +146,29 @@ def test_gguf_blocks_run_on_ascend_like_gguf_py_dequantizes_them(standin, type_n
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
 
 
+@pytest.mark.parametrize("bits,sym", [(4, False), (8, True)])
+def test_gptq_act_order_runs_on_ascend_through_the_same_gather(standin, bits, sym):
+    """A GPTQ act-order layer (g_idx a shuffled assignment to groups) on Ascend: Linear gathers x
+    into the weight's group order before WeightQuantBatchMatmul; against x @ the weight the GPTQ
+    tensors stand for in the layer's own input order (tests/quant/test_formats.py's gptq_layer)."""
+    from mindcpm.layers.linear import Linear
+    from mindcpm.ops import Device
+    from mindcpm.quant import gptq
+    from tests.quant.test_formats import gptq_layer
+    rng = np.random.default_rng(5)
+    n, k = 16, 128
+    *tensors, w = gptq_layer(rng, n, k, bits, 32, sym, True, "gptq")
+    config = gptq.check_config({"bits": bits, "group_size": 32, "sym": sym, "desc_act": True})
+    layer = Linear(k, n, ms.float16, device=Device("ascend", ms.float16, quantization="gptq"))
+    layer.quant.load_quantized(gptq.from_gptq(*tensors, config, "q_proj"))
+    assert layer.input_perm is not None
+    x = round_to(rng.standard_normal((3, k)), "float16")
+    want = x @ w.T
+    got = layer(ms.Tensor(x, ms.float16)).astype(ms.float32).asnumpy()
+    tol = TOL["float16"] * 2  # asymmetric offsets rounded to fp16, on top of the output's rounding
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
+
+
 def test_standin_reproduces_mindspores_int4_per_group_golden():
     """MindSpore's own Ascend ST test of the op with int4 and antiquant_group_size
     (tests/st/ops/ascend/test_weight_quant_int4.py in the mindspore-ai/mindspore_test mirror; the

@@ -45,6 +45,8 @@ FAMILIES = {
 QUANT_FAMILIES = {
     "llama-int8-g32": dict(LLAMA, quantization_on_load="int8", group_size_on_load=32),
     "llama-int4-g32": dict(LLAMA, quantization_on_load="int4", group_size_on_load=32),
+    # GPTQ act-order: each projection gathers x into its weight's input order first
+    "llama-int4-g32-act-order": dict(LLAMA, quantization_on_load="int4", group_size_on_load=32, act_order=True),
 }
 BUCKETS = {"prefill": (2, 16), "decode": (2, 1)}  # rows, tokens per row
 NUM_SPECULATIVE_TOKENS = 4
@@ -86,8 +88,20 @@ def build(config: dict, dtype_name: str, tmp_path):
                     quantization=config.get("quantization_on_load"), quant_group_size=config.get("group_size_on_load"))
     extra = {"num_state_slots": 3} if cfg.minimax is not None else {}
     model = model_class(cfg.architecture)(cfg, device, **extra)
+    if config.get("act_order"):
+        reverse_input_orders(model, device)
     device.after_load(model)
     return device, model, lambda shapes: _CompiledStep(model, shapes, device.jit_options())
+
+
+def reverse_input_orders(model, device) -> None:
+    """Every projection's weight as an act-order one reading its inputs in reverse."""
+    import dataclasses
+    for _, cell in model.cells_and_names():
+        if getattr(cell, "input_perm", False) is None:
+            n, k = cell.quant.shape
+            qw = device.quantize(np.zeros((n, k), np.float32))
+            cell.quant.load_quantized(dataclasses.replace(qw, input_perm=np.arange(k)[::-1].copy()))
 
 
 @pytest.mark.parametrize("bucket", list(BUCKETS))
@@ -123,6 +137,8 @@ def check_ascend_step(family, dtype, tmp_path, monkeypatch, rows, width, cached=
         import mindspore as ms
         weights = {p.dtype for name, p in model.parameters_and_names() if name.endswith("weight_packed")}
         assert weights == {ms.qint4x2 if quantization == "int4" else ms.int8}, weights
+    gathers = [name for name, cell in model.cells_and_names() if getattr(cell, "input_perm", None) is not None]
+    assert len(gathers) == (4 if config.get("act_order") else 0), gathers  # q|k|v, o, gate|up, down
     inputs = step_inputs(device, model, rows, width, cached)
     try:
         compiled(tuple(t.shape for t in inputs))(*inputs)

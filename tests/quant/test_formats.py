@@ -252,7 +252,7 @@ def test_gptq_act_order_without_desc_act_is_refused():
     rng = np.random.default_rng(0)
     layer = gptq_layer(rng, 8, 64, 4, 32, True, True, "gptq")
     config = gptq.check_config({"bits": 4, "group_size": 32, "desc_act": False})
-    with pytest.raises(QuantError, match="q_proj: g_idx reorders the inputs but desc_act is false"):
+    with pytest.raises(QuantError, match="q_proj.g_idx reorders the inputs but desc_act is false"):
         gptq.from_gptq(*layer[:4], config, "q_proj")
 
 

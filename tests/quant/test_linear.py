@@ -135,14 +135,36 @@ def test_prefill_with_a_short_last_block_of_rows(isa, bits):
     assert_close(KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy(), x, w, magnitude)
 
 
-def test_act_order_permutation_is_applied():
-    from mindcpm.quant.linear import KernelQuantMatmul
+@pytest.mark.parametrize("epilogue", ["plain", "swiglu"])
+def test_act_order_linear_gathers_x_into_the_weight_order(epilogue):
+    """A GPTQ act-order weight (kernel input k = layer input perm[k]) in a Linear: W[:, k]
+    multiplies x[:, perm[k]]; loaded again without the order, the layer drops it."""
+    from mindcpm.layers.linear import Linear
+    from mindcpm.ops.device import Device
+    from mindcpm.quant.formats import QuantWeight
     rng = np.random.default_rng(5)
-    tensors, w, magnitude = make_weight(rng, 5, 64, 4, 32, False, "float32")
+    n = 6
+    tensors, w, magnitude = make_weight(rng, n, 64, 4, 32, False, "float32")
     perm = rng.permutation(64)
-    x = rng.standard_normal((2, 64)).astype(np.float32)
-    got = KernelQuantMatmul("plain")(Tensor(x), *tensors, None, Tensor(perm.astype(np.int32))).asnumpy()
-    assert_close(got, x[:, perm], w, magnitude)
+    layer = Linear(64, [n // 2, n // 2] if epilogue == "swiglu" else n, epilogue=epilogue,
+                   device=Device(kernels=True, quantization="gptq"))
+    x = rng.standard_normal((1, 3, 64)).astype(np.float32)
+
+    def check(order):
+        got = layer(Tensor(x)).asnumpy()[0]
+        y = assert_close(got, x[0][:, order], w, magnitude) if epilogue == "plain" else x[0][:, order] @ w.T
+        if epilogue == "swiglu":
+            gate, up = y[:, :n // 2], y[:, n // 2:]
+            np.testing.assert_allclose(got, gate / (1 + np.exp(-gate)) * up, rtol=1e-4,
+                                       atol=1e-4 * np.abs(y).max() ** 2)  # as the norm-fused swiglu test
+
+    qw = QuantWeight(tensors[0].asnumpy(), tensors[1].asnumpy(), None, 4, 32, "float32", perm)
+    layer.quant.load_quantized(qw)
+    assert layer.input_perm.name.endswith("input_perm")
+    check(perm)
+    layer.quant.load_quantized(QuantWeight(qw.packed, qw.scales, None, 4, 32, "float32"))
+    assert layer.input_perm is None
+    check(np.arange(64))
 
 
 @pytest.mark.parametrize("packed,scales,offsets,match", [
@@ -207,10 +229,6 @@ def test_norm_fused_into_the_projection(isa, bits, k, group, m):
     xn = x / np.sqrt((x.astype(np.float64) ** 2).mean(-1, keepdims=True) + 1e-5) * g
     got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
     assert_close(got, xn, w, magnitude)
-    perm = rng.permutation(k)  # act-order: x and the norm weight permuted alike
-    got = KernelQuantMatmul("plain", norm_eps=1e-5)(Tensor(x), *tensors, perm=Tensor(perm.astype(np.int32)),
-                                                    norm_weight=Tensor(g)).asnumpy()
-    assert_close(got, xn[:, perm], w, magnitude)
     small = KernelQuantMatmul("swiglu", norm_eps=1e-5)(Tensor(x), *tensors, norm_weight=Tensor(g)).asnumpy()
     y = xn @ w.T
     np.testing.assert_allclose(small, y[:, :n] / (1 + np.exp(-y[:, :n])) * y[:, n:], rtol=1e-4,

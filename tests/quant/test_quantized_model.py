@@ -16,6 +16,7 @@ ms = pytest.importorskip("mindspore")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
+from tests.quant.test_formats import pack_int32_here  # noqa: E402
 from tests.reference.hf_llama import reference_logits  # noqa: E402
 from tests.tiny import make_llm, make_tiny_model  # noqa: E402
 
@@ -111,47 +112,99 @@ def test_bad_quantization_is_one_error_line(tiny_dir, args, capsys):
 
 
 # -- GPTQ checkpoints, written here with numpy from the format (quant/gptq.py's docstring) ------------
-def gptq_pack(w: np.ndarray, bits: int, group: int) -> tuple[dict, np.ndarray]:
-    """A float weight [N, K] -> GPTQ (v1, symmetric) qweight / qzeros / scales / g_idx, and the
-    fp32 weight those stand for."""
-    n, k = w.shape
-    per, center = 32 // bits, 1 << (bits - 1)
-    scales = (np.abs(w.reshape(n, k // group, group)).max(-1) / (center - 1)).astype(np.float16)  # [N, groups]
-    s = scales.astype(np.float32).repeat(group, axis=1)
-    q = np.clip(np.round(w / s) + center, 0, 2 * center - 1).astype(np.uint32)  # [N, K]
-    qweight = np.zeros((k // per, n), np.uint32)
-    for i in range(per):  # input k: bits b*(k % per) of word k // per
-        qweight |= q.T[i::per] << np.uint32(bits * i)
-    zero = np.uint32(0)
-    for i in range(per):  # v1 stores each zero minus one
-        zero |= np.uint32(center - 1) << np.uint32(bits * i)
-    tensors = {"qweight": qweight.view(np.int32), "qzeros": np.full((k // group, n // per), zero).view(np.int32),
-               "scales": np.ascontiguousarray(scales.T), "g_idx": (np.arange(k) // group).astype(np.int32)}
-    return tensors, s * (q.astype(np.float32) - center)
+def unpack_int32_here(words: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """int32 words -> their 32 / bits codes along `axis`, code j of a word at bits j * bits."""
+    w = np.moveaxis(words.view(np.uint32), axis, 0)
+    per = 32 // bits
+    codes = np.stack([(w >> np.uint32(bits * j)) & np.uint32((1 << bits) - 1) for j in range(per)], 1)
+    return np.moveaxis(codes.reshape((-1,) + w.shape[1:]).astype(np.int64), 0, axis)
 
 
-def write_gptq(src: str, out: str, quantization_config: dict, ref: str) -> None:
-    """src as a GPTQ checkpoint under `out`, and its dequantized weights (fp32) under `ref`."""
+def gptq_pack(w: np.ndarray, config: dict, order: np.ndarray | None) -> dict:
+    """A float weight [N, K] -> GPTQ qweight / qzeros / scales / g_idx. order (act-order): the
+    inputs in the order GPTQ quantized them, its j-th input in group j // G, so g_idx[order[j]] = j // G."""
+    bits, group, n, k = config["bits"], config["group_size"], *w.shape
+    top, center = (1 << bits) - 1, 1 << (bits - 1)
+    g_idx = np.arange(k) // group
+    if order is not None:
+        g_idx[order] = np.arange(k) // group
+    lo = np.stack([w[:, g_idx == g].min(1) for g in range(k // group)])  # [groups, N]
+    hi = np.stack([w[:, g_idx == g].max(1) for g in range(k // group)])
+    if config["sym"]:
+        scales = (np.maximum(-lo, hi) / (center - 1)).astype(np.float16)
+        zeros = np.full(scales.shape, center)
+    else:
+        scales = ((hi - lo) / top).astype(np.float16)
+        zeros = np.clip(np.round(-lo / scales.astype(np.float32)), 0, top).astype(np.int64)
+    s = scales.astype(np.float32)[g_idx]  # [K, N]
+    q = np.clip(np.round(w.T / s) + zeros[g_idx], 0, top)
+    stored = (zeros - 1) % (1 << bits) if config.get("checkpoint_format", "gptq") == "gptq" else zeros
+    fields = {"qweight": pack_int32_here(q, bits, 0), "qzeros": pack_int32_here(stored, bits, 1), "scales": scales,
+              "g_idx": g_idx.astype(np.int32)}
+    return {name: np.ascontiguousarray(v) for name, v in fields.items()}  # as safetensors writes them
+
+
+def gptq_dequantize(t: dict, config: dict, honour_g_idx: bool = True) -> np.ndarray:
+    """The fp32 weight [N, K] GPTQ tensors stand for: w[n, k] = scale[g, n] (q[k, n] - zero[g, n]),
+    g = g_idx[k] (k // G when not honour_g_idx: what a loader ignoring act-order would compute)."""
+    bits = config["bits"]
+    q, zeros = unpack_int32_here(t["qweight"], bits, 0), unpack_int32_here(t["qzeros"], bits, 1)
+    if config.get("checkpoint_format", "gptq") == "gptq":
+        zeros = (zeros + 1) % (1 << bits)
+    k = q.shape[0]
+    g = t["g_idx"] if honour_g_idx else np.arange(k) // (k // t["scales"].shape[0])
+    w = t["scales"].astype(np.float32)[g] * (q - zeros[g, :q.shape[1]]).astype(np.float32)
+    return np.ascontiguousarray(w.T)  # safetensors writes an array's memory as it lies
+
+
+def input_orders(tensors: dict, seed: int) -> dict:
+    """Act-order: a random order of each projection's inputs, shared by the projections that read
+    the same input (q/k/v, gate/up), as GPTQ orders them by that input's statistics."""
+    rng, orders = np.random.default_rng(seed), {}
+    for name, w in sorted(tensors.items()):
+        if name.endswith("_proj.weight"):
+            reads = name.rsplit(".", 2)[0] + {"o_proj": ".o", "down_proj": ".down"}.get(name.split(".")[-2], ".in")
+            orders[name] = orders.setdefault(reads, rng.permutation(w.shape[1]))
+    return orders
+
+
+def write_gptq(src: str, out: str, quantization_config: dict, ref: str, ignored_g_idx: str | None = None) -> None:
+    """src as a GPTQ checkpoint under `out` (act-order when desc_act), and the weights its
+    tensors stand for (fp32) under `ref`; under ignored_g_idx, those read with g_idx ignored."""
     config = json.load(open(os.path.join(src, "config.json")))
-    for d in (out, ref):
+    refs = [d for d in (ref, ignored_g_idx) if d]
+    for d in (out, *refs):
         os.makedirs(d)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(src, name), d)
-    json.dump(config, open(os.path.join(ref, "config.json"), "w"))
+    for d in refs:
+        json.dump(config, open(os.path.join(d, "config.json"), "w"))
     json.dump(dict(config, quantization_config=quantization_config), open(os.path.join(out, "config.json"), "w"))
     tensors = load_file(os.path.join(src, "model.safetensors"))
-    packed, dequantized = {}, dict(tensors)
+    orders = input_orders(tensors, 7) if quantization_config["desc_act"] else {}
+    packed, dequantized = {}, [dict(tensors) for _ in refs]
     for name, w in tensors.items():
-        if name.endswith("_proj.weight"):
-            fields, dequantized[name] = gptq_pack(w, quantization_config["bits"], quantization_config["group_size"])
-            packed.update({f"{name[:-len('weight')]}{f}": v for f, v in fields.items()})
-        else:
+        if not name.endswith("_proj.weight"):
             packed[name] = w
+            continue
+        fields = gptq_pack(w, quantization_config, orders.get(name))
+        packed.update({f"{name[:-len('weight')]}{f}": v for f, v in fields.items()})
+        for d, honour in zip(dequantized, (True, False)):
+            d[name] = gptq_dequantize(fields, quantization_config, honour)
+        # packer and unpacker agree: w back within half a step, or a step and a bit where an
+        # asymmetric group's extreme is clipped (its scale rounded down to fp16)
+        step = fields["scales"].astype(np.float32)[fields["g_idx"]].T
+        assert np.all(np.abs(dequantized[0][name] - w) <= (0.51 if quantization_config["sym"] else 1.2) * step), name
     save_file(packed, os.path.join(out, "model.safetensors"))
-    save_file(dequantized, os.path.join(ref, "model.safetensors"))
+    for d, values in zip(refs, dequantized):
+        save_file(values, os.path.join(d, "model.safetensors"))
 
 
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_act": False}
+# act-order: 4-bit symmetric in the original ("gptq") format; 8-bit asymmetric in gptq_v2
+ACT_ORDER = {"int4-sym": dict(GPTQ, desc_act=True),
+             "int8-asym": dict(GPTQ, desc_act=True, bits=8, sym=False, checkpoint_format="gptq_v2")}
+STEPS = 4  # greedy tokens compared
 
 
 def test_gptq_checkpoint_matches_transformers_on_dequantized_weights(tiny_dir, tmp_path):
@@ -165,14 +218,68 @@ def test_gptq_checkpoint_matches_transformers_on_dequantized_weights(tiny_dir, t
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", list(ACT_ORDER))
+def test_gptq_act_order_matches_transformers_on_dequantized_weights(tiny_dir, tmp_path, variant):
+    """desc_act: each projection's g_idx a shuffled assignment of its inputs to groups. The model
+    gathers x into each weight's group order; its layers run the separate ops. Against the
+    weights dequantized honouring g_idx, and (sensitivity) not like those read with it ignored."""
+    from mindcpm import SamplingParams
+    from tests.reference.hf_llama import reference_logits_each
+    out, ref_dir, ignored = (str(tmp_path / d) for d in ("gptq", "ref", "ignored"))
+    write_gptq(tiny_dir, out, ACT_ORDER[variant], ref_dir, ignored)
+    llm = make_llm(out, **KERNELS_ON)
+    assert llm.quantization == "gptq"
+    layer = llm.engine.runner.model.layers[0]
+    assert type(layer).__name__ != "KernelQuantDecoderLayer"
+    assert layer.self_attn.qkv_proj.input_perm is not None and layer.mlp.down_proj.input_perm is not None
+    (ref, ref_tokens), (wrong, _) = reference_logits_each([ref_dir, ignored], PROMPTS, str(tmp_path), STEPS)
+    for ours, theirs, other in zip(prefill_logits(llm, PROMPTS), ref, wrong):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+        assert np.abs(ours - other).max() > 100 * 1e-4
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref_tokens
+
+
+def broken_g_idx(tensors: dict) -> dict:
+    """Ways to break the act-order checkpoint's g_idx (tensor names without "model.layers.0.")."""
+    def set_value(name, index, value):
+        tensors[name][index] = value
+    q, k = "model.layers.0.self_attn.q_proj.g_idx", "model.layers.0.self_attn.k_proj.g_idx"
+    return {
+        "out of range": (lambda: set_value(q, 3, 2), [f"{q[6:]} puts input 3 in group 2; the scales have groups 0..1"]),
+        "negative": (lambda: set_value(q, 0, -1), ["q_proj.g_idx puts input 0 in group -1"]),
+        "too short": (lambda: tensors.update({q: tensors[q][:-1]}), ["q_proj.g_idx is int32 [63], not one integer"]),
+        "uneven": (lambda: set_value(q, np.flatnonzero(tensors[q] == 1)[0], 0), ["q_proj.g_idx gives group 0 33 inputs"]),
+        "q and k differ": (lambda: tensors.update({k: np.ascontiguousarray(tensors[k][::-1])}),
+                           ["qkv_proj.weight: the parts to fuse read their inputs in different act-order"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["out of range", "negative", "too short", "uneven", "q and k differ"])
+def test_bad_g_idx_is_one_error_line_naming_the_tensor(tiny_dir, tmp_path, capsys, case):
+    from tests.test_cli import assert_one_error_line, generate
+    out = str(tmp_path / "gptq")
+    write_gptq(tiny_dir, out, ACT_ORDER["int4-sym"], str(tmp_path / "ref"))
+    file = os.path.join(out, "model.safetensors")
+    tensors = load_file(file)
+    spoil, needles = broken_g_idx(tensors)[case]
+    spoil()
+    save_file(tensors, file)
+    status = generate.main(["--model", out, "x"])
+    captured = capsys.readouterr()
+    assert status != 0 and captured.out == "", (captured.out, captured.err)
+    assert_one_error_line(captured.err, *needles)
+
+
 @pytest.mark.parametrize("change,needles", [
-    ({"desc_act": True}, ["desc_act=true", "not supported"]),
+    ({"desc_act": False}, ["g_idx reorders the inputs but desc_act is false"]),
     ({"bits": 3}, ["GPTQ bits=3 is not supported"]),
 ])
 def test_unsupported_gptq_variant_is_one_error_line(tiny_dir, tmp_path, capsys, change, needles):
     from tests.test_cli import assert_one_error_line, generate
     out = str(tmp_path / "gptq")
-    write_gptq(tiny_dir, out, GPTQ, str(tmp_path / "ref"))
+    write_gptq(tiny_dir, out, ACT_ORDER["int4-sym"], str(tmp_path / "ref"))
     config = json.load(open(os.path.join(out, "config.json")))
     config["quantization_config"].update(change)
     json.dump(config, open(os.path.join(out, "config.json"), "w"))
