@@ -24,6 +24,10 @@
 //                                       y = r + scale[0] attention(rmsnorm(x) Wqkv^T) Wo^T  [M, K]
 //     attention: RoPE, the KV-cache write and causal paged attention, as RopePagedAttention
 //     (kernels_aclnn/paged_attention/cpu.cc documents those inputs)
+//   QuantRmsNormDecoderLayer(x, the attention block's inputs g .. o weight x 3, scale, g2, eps2,
+//                            gate|up weight x 3, down weight x 3, y)
+//                                       a whole pre-norm layer: the attention block (r = x), then
+//                                       the MLP block on its output                        [M, K]
 // The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
 // narrower one. Decode (fewer than kGemmRows rows of x) on AVX2 and AVX-512 multiplies 4- and 8-bit

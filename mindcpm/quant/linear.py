@@ -177,26 +177,6 @@ def _block_dtype(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, *rest):
     return _check_dtypes("norm plain", x, g, eps, qkv_packed, qkv_scales)
 
 
-class KernelQuantAttentionBlock(nn.Cell):
-    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel, the projections kept
-    quantized: ops/cpu.py's KernelAttentionBlock for quantized layers. `attend` is the layer's
-    KernelAttention (its RoPE tables and [scale, block size] input)."""
-
-    def __init__(self, attend, norm_eps: float, scale: float):
-        super().__init__()
-        self.attend = attend
-        self.eps = Tensor(np.array([norm_eps], np.float32))
-        self.scale = Tensor(np.array([scale], np.float32))
-        self.op = aot_op(OP, "QuantRmsNormAttentionBlock", _block_shape, _block_dtype)
-
-    def construct(self, x, norm_weight, qkv_packed, qkv_scales, qkv_offsets, k_cache, v_cache, positions,
-                  slot_mapping, block_tables, block_size, o_packed, o_scales, o_offsets, residual):
-        rotary = self.attend.rotary
-        return self.op(x, norm_weight, self.eps, qkv_packed, qkv_scales, qkv_offsets, rotary.cos, rotary.sin,
-                       positions, slot_mapping, block_tables, k_cache, v_cache, self.attend.meta(block_size),
-                       o_packed, o_scales, o_offsets, residual, self.scale)
-
-
 def _layer_shape(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,
                  k_cache, v_cache, meta, o_packed, o_scales, o_offsets, scale, g2, eps2, *mlp_weights):
     attended = _block_shape(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping,
@@ -213,10 +193,11 @@ def _layer_dtype(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, pos
 
 class KernelQuantDecoderLayer(nn.Cell):
     """A built pre-norm decoder layer with quantized projections, as ops/cpu.py's
-    KernelDecoderLayer is for float ones (Device.fuse_blocks): the attention block (norm, q|k|v,
-    attention, o_proj and its residual) as one op, then the whole MLP block as one op. It keeps
-    the layer's own cells under their names, so the Parameters and checkpoint names stay the
-    layer's."""
+    KernelDecoderLayer is for float ones (Device.fuse_blocks), as one op: the attention block
+    (norm, q|k|v, RoPE + cache write + paged attention, o_proj and its residual), then the MLP
+    block (norm, gate|up, SwiGLU, down and its residual). Each op of a decode step costs
+    MindSpore's runtime host time, more than a small GEMV. It keeps the layer's own cells under
+    their names, so the Parameters and checkpoint names stay the layer's."""
 
     def __init__(self, layer):
         super().__init__()
