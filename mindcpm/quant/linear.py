@@ -171,46 +171,45 @@ def _block_dtype(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, *rest):
     return _check_dtypes("norm plain", x, g, eps, qkv_packed, qkv_scales)
 
 
-class KernelQuantAttentionBlock(nn.Cell):
-    """r + scale * o_proj(attention(qkv_proj(rmsnorm(x)))) in one kernel, the projections kept
-    quantized: ops/cpu.py's KernelAttentionBlock for quantized layers. `attend` is the layer's
-    KernelAttention (its RoPE tables and [scale, block size] input)."""
+def _layer_shape(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,
+                 k_cache, v_cache, meta, o_packed, o_scales, o_offsets, scale, g2, eps2, *mlp_weights):
+    attended = _block_shape(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping,
+                            block_tables, k_cache, v_cache, meta, o_packed, o_scales, o_offsets, x, scale)
+    return _mlp_shape(attended, g2, eps2, *mlp_weights, attended, scale)
 
-    def __init__(self, attend, norm_eps: float, scale: float):
-        super().__init__()
-        self.attend = attend
-        self.eps = Tensor(np.array([norm_eps], np.float32))
-        self.scale = Tensor(np.array([scale], np.float32))
-        self.op = aot_op(OP, "QuantRmsNormAttentionBlock", _block_shape, _block_dtype)
 
-    def construct(self, x, norm_weight, qkv_packed, qkv_scales, qkv_offsets, k_cache, v_cache, positions,
-                  slot_mapping, block_tables, block_size, o_packed, o_scales, o_offsets, residual):
-        rotary = self.attend.rotary
-        return self.op(x, norm_weight, self.eps, qkv_packed, qkv_scales, qkv_offsets, rotary.cos, rotary.sin,
-                       positions, slot_mapping, block_tables, k_cache, v_cache, self.attend.meta(block_size),
-                       o_packed, o_scales, o_offsets, residual, self.scale)
+def _layer_dtype(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,
+                 k_cache, v_cache, meta, o_packed, o_scales, o_offsets, scale, g2, eps2, *mlp_weights):
+    _block_dtype(x, g1, eps1, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,
+                 k_cache, v_cache, meta, o_packed, o_scales, o_offsets, x, scale)
+    return _mlp_dtype(x, g2, eps2, *mlp_weights, x, scale)
 
 
 class KernelQuantDecoderLayer(nn.Cell):
     """A built pre-norm decoder layer with quantized projections, as ops/cpu.py's
-    KernelDecoderLayer is for float ones (Device.fuse_blocks): the attention block (norm, q|k|v,
-    attention, o_proj and its residual) as one op, then the whole MLP block as one op. It keeps
-    the layer's own cells under their names, so the Parameters and checkpoint names stay the
-    layer's."""
+    KernelDecoderLayer is for float ones (Device.fuse_blocks), as one op: the attention block
+    (norm, q|k|v, RoPE + cache write + paged attention, o_proj and its residual), then the MLP
+    block (norm, gate|up, SwiGLU, down and its residual). Each op of a decode step costs
+    MindSpore's runtime host time, more than a small GEMV. It keeps the layer's own cells under
+    their names, so the Parameters and checkpoint names stay the layer's."""
 
     def __init__(self, layer):
         super().__init__()
         self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
         self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
-        scale = layer.residual_scale
-        self.attention_block = KernelQuantAttentionBlock(layer.self_attn.attend, layer.input_layernorm.eps, scale)
-        self.mlp_block = KernelQuantSwigluMlp(layer.post_attention_layernorm.eps, scale)
+        self.attend = layer.self_attn.attend
+        self.eps = Tensor(np.array([layer.input_layernorm.eps], np.float32))
+        self.post_eps = Tensor(np.array([layer.post_attention_layernorm.eps], np.float32))
+        self.scale = Tensor(np.array([layer.residual_scale], np.float32))
+        self.op = aot_op(OP, "QuantRmsNormDecoderLayer", _layer_shape, _layer_dtype)
 
     def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
         attn, qkv, o = self.self_attn, self.self_attn.qkv_proj, self.self_attn.o_proj
-        h = self.attention_block(h, self.input_layernorm.weight, qkv.weight_packed, qkv.weight_scales,
-                                 qkv.weight_offsets, attn.k_cache, attn.v_cache, positions, slot_mapping,
-                                 block_tables, block_size, o.weight_packed, o.weight_scales, o.weight_offsets, h)
         gu, down = self.mlp.gate_up_proj, self.mlp.down_proj
-        return self.mlp_block(h, self.post_attention_layernorm.weight, gu.weight_packed, gu.weight_scales,
-                              gu.weight_offsets, down.weight_packed, down.weight_scales, down.weight_offsets, h)
+        rotary = self.attend.rotary
+        return self.op(h, self.input_layernorm.weight, self.eps, qkv.weight_packed, qkv.weight_scales,
+                       qkv.weight_offsets, rotary.cos, rotary.sin, positions, slot_mapping, block_tables,
+                       attn.k_cache, attn.v_cache, self.attend.meta(block_size), o.weight_packed, o.weight_scales,
+                       o.weight_offsets, self.scale, self.post_attention_layernorm.weight, self.post_eps,
+                       gu.weight_packed, gu.weight_scales, gu.weight_offsets, down.weight_packed, down.weight_scales,
+                       down.weight_offsets)
