@@ -32,7 +32,9 @@
 // environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
 // narrower one. Decode (fewer than kGemmRows rows of x) on AVX2 and AVX-512 multiplies 4- and 8-bit
 // codes by x rounded to int16 per 32 inputs (vpmaddwd; the error bound is in quant_gemv.inc);
-// prefill and the scalar path keep x fp32. No VNNI/AMX path yet (AVX-512 runs the int16 decode on ymm).
+// prefill and batched decode do too when MINDCPM_QUANT_GEMM=int16 (or QuantLinearSetGemm) asks
+// for it, else keep x fp32, as the scalar path always does. No VNNI/AMX path yet (AVX-512 runs
+// the int16 paths on ymm).
 #include "../common/gemv.h"
 #include "../common/paged_attention.h"
 #include "../common/vec.h"
@@ -192,9 +194,9 @@ struct Int16Dot {
     if (Bits == 8) return (kk & 1) * 16 + (kk >> 1);
     return ((kk & 1) | ((kk >> 4) & 1) << 1) * 16 + h * 8 + ((kk & 15) >> 1);
   }
-  // One block of 32 inputs x rounded to int16, x^ = d round(x / d) with d = max|x| / 32767, into their
-  // slots (block h of its step); returns the sum of the rounded values, d in *d.
-  template <int Bits> static int round_block(const float *x, int64_t h, int16_t *q, float *d) {
+  // One block of 32 inputs x rounded to int16, x^ = d round(x / d) with d = max|x| / 32767, input kk
+  // into q[slot(kk)]; returns the sum of the rounded values, d in *d.
+  template <class Slot> static int round_block(const float *x, Slot slot, int16_t *q, float *d) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     __m256 v[4], mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     for (int i = 0; i < 4; ++i) {
@@ -214,7 +216,7 @@ struct Int16Dot {
       _mm256_store_si256(reinterpret_cast<__m256i *>(r + 8 * i), ri);
       sum = _mm256_add_epi32(sum, ri);
     }
-    for (int kk = 0; kk < 32; ++kk) q[slot<Bits>(h, kk)] = (int16_t)r[kk];
+    for (int kk = 0; kk < 32; ++kk) q[slot(kk)] = (int16_t)r[kk];
     const __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
     return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
@@ -240,6 +242,56 @@ struct Int16Dot {
   static F pair_scales(const float *s) {
     const __m256 two = _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s))));
     return _mm256_permutevar8x32_ps(two, _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+  }
+  // The GEMM's integer layer (quant_gemv.inc, int_gemm_tile): a span is 8 blocks of 32 inputs
+  // as 16 vectors of int16, vector t holding inputs 2t, 2t+1 of block l in int32 lane l, so a
+  // lane's sums stay within one block (one scale of x, one of the weight) across the span.
+  using I = __m256i;
+  static I izero() { return _mm256_setzero_si256(); }
+  static I iload(const int16_t *p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i *>(p)); }
+  // acc += vpmaddwd(x, w), written as asm so that GCC keeps each accumulator in one register and
+  // x, w in registers: from intrinsics it folds every load into each vpmaddwd using it (the
+  // loads, two 256-bit a cycle, then bound the tile) or, kept in registers, spills an accumulator.
+  static I madd_add(I acc, I x, I w) {
+    I product;
+    __asm__("vpmaddwd %2, %3, %1\n\tvpaddd %1, %0, %0" : "+x"(acc), "=&x"(product) : "x"(w), "x"(x));
+    return acc;
+  }
+  static F cvt(I v) { return _mm256_cvtepi32_ps(v); }
+  // Where input kk of block l of a span goes among its 256 int16.
+  static int64_t span_slot(int64_t l, int64_t kk) { return (kk >> 1) * 16 + 2 * l + (kk & 1); }
+  // A span's codes (8 blocks from `codes`: 32 bytes a block 8-bit, 16 4-bit) minus their center,
+  // as int16 in span_slot order: each block's 16 code pairs (words) become a row of an 8 x 16
+  // word matrix, transposed in 128-bit halves (pairs 0-7 | 8-15), then sign-extended.
+  template <int Bits> static void widen_span(const uint8_t *codes, int16_t *out) {
+    __m256i b[8];
+    if (Bits == 8) {  // c - 128 as int8 is c with its top bit flipped
+      for (int l = 0; l < 8; ++l)
+        b[l] = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes + 32 * l)),
+                                _mm256_set1_epi8(-128));
+    } else {  // two blocks a load; a block's low nibbles are its codes 0-15, the high ones 16-31
+      const __m256i nibble = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+      for (int l = 0; l < 8; l += 2) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes + 16 * l));
+        const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, nibble), eight);
+        const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), nibble), eight);
+        b[l] = _mm256_permute2x128_si256(lo, hi, 0x20), b[l + 1] = _mm256_permute2x128_si256(lo, hi, 0x31);
+      }
+    }
+    __m256i s[8], u[8];
+    for (int l = 0; l < 8; l += 2)
+      s[l] = _mm256_unpacklo_epi16(b[l], b[l + 1]), s[l + 1] = _mm256_unpackhi_epi16(b[l], b[l + 1]);
+    for (int h = 0; h < 8; h += 4)
+      for (int i = 0; i < 2; ++i) {
+        u[h + 2 * i] = _mm256_unpacklo_epi32(s[h + i], s[h + i + 2]);
+        u[h + 2 * i + 1] = _mm256_unpackhi_epi32(s[h + i], s[h + i + 2]);
+      }
+    for (int c = 0; c < 8; ++c) {  // pair c of every block: low half, pair c + 8: high half
+      const __m256i o = c & 1 ? _mm256_unpackhi_epi64(u[c / 2], u[c / 2 + 4]) : _mm256_unpacklo_epi64(u[c / 2], u[c / 2 + 4]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 16 * c), _mm256_cvtepi8_epi16(_mm256_castsi256_si128(o)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i *>(out + 16 * (c + 8)),
+                          _mm256_cvtepi8_epi16(_mm256_extracti128_si256(o, 1)));
+    }
   }
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
@@ -365,13 +417,28 @@ std::atomic<int> &chosen_isa() {
   return isa;
 }
 
+// The activations of the GEMM (kGemmRows rows of x or more) on the SIMD paths: "fp32", or
+// "int16" (rounded as decode rounds them; faster, within the bound in quant_gemv.inc, but
+// beyond fp32 accumulation order: the whole-model tests' fp32 tolerance does not hold for it).
+// MINDCPM_QUANT_GEMM=int16 at start-up, or QuantLinearSetGemm.
+const char *const kGemmNames[] = {"fp32", "int16"};
+
+std::atomic<int> &gemm_activations() {
+  static std::atomic<int> chosen([] {
+    const char *env = std::getenv("MINDCPM_QUANT_GEMM");
+    return env && std::strcmp(env, "int16") == 0 ? 1 : 0;
+  }());
+  return chosen;
+}
+
 // y = epi(x W^T) for M rows of x, on the chosen instruction set.
 int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
   mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
+  const bool int_gemm = gemm_activations().load(std::memory_order_relaxed) == 1;
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
-    case Isa::kAvx512: return avx512_isa::run(x, w, M, epi);
-    case Isa::kAvx2: return avx2_isa::run(x, w, M, epi);
-    default: return scalar_isa::run(x, w, M, epi);
+    case Isa::kAvx512: return avx512_isa::run(x, w, M, epi, int_gemm);
+    case Isa::kAvx2: return avx2_isa::run(x, w, M, epi, int_gemm);
+    default: return scalar_isa::run(x, w, M, epi, false);
   }
 }
 
@@ -411,6 +478,16 @@ extern "C" int QuantLinearSetIsa(const char *name) {
   if (isa < 0) return 1;
   chosen_isa().store(isa);
   return 0;
+}
+
+// The GEMM's activations ("fp32" | "int16").
+extern "C" const char *QuantLinearGemm() { return kGemmNames[gemm_activations().load()]; }
+
+// Uses GEMM activations `name` ("fp32" | "int16") from now on; 0 on success, 1 for another name.
+extern "C" int QuantLinearSetGemm(const char *name) {
+  for (int i = 0; i < 2; ++i)
+    if (std::strcmp(name, kGemmNames[i]) == 0) return gemm_activations().store(i), 0;
+  return 1;
 }
 
 extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,

@@ -141,6 +141,8 @@ def _library() -> ctypes.CDLL:
     lib = ctypes.CDLL(build(OP))  # the same file MindSpore loads, so the same process-wide choice
     lib.QuantLinearIsa.restype = ctypes.c_char_p
     lib.QuantLinearSetIsa.argtypes = [ctypes.c_char_p]
+    lib.QuantLinearGemm.restype = ctypes.c_char_p
+    lib.QuantLinearSetGemm.argtypes = [ctypes.c_char_p]
     return lib
 
 
@@ -155,6 +157,19 @@ def set_kernel_isa(name: str) -> None:
     if _library().QuantLinearSetIsa(name.encode()) != 0:
         raise ValueError(f"instruction set {name!r} is unknown or this CPU lacks it (choose from "
                          f"auto, {', '.join(ISAS)})")
+
+
+def gemm_activations() -> str:
+    """What the kernel's GEMM (4+ rows of x) multiplies 4- and 8-bit codes by on AVX2/AVX-512: "fp32"
+    x, or "int16" (x rounded per 32 inputs as decode does: faster, within the documented bound but
+    not within fp32 accumulation order); MINDCPM_QUANT_GEMM=int16 picks int16 at start-up."""
+    return _library().QuantLinearGemm().decode()
+
+
+def set_gemm_activations(name: str) -> None:
+    """Runs the kernel's GEMM with activations `name` ("fp32" | "int16") from now on."""
+    if _library().QuantLinearSetGemm(name.encode()) != 0:
+        raise ValueError(f"unknown GEMM activations {name!r}; choose fp32 or int16")
 
 
 def _block_shape(x, g, eps, qkv_packed, qkv_scales, qkv_offsets, cos, sin, positions, slot_mapping, block_tables,

@@ -1,5 +1,7 @@
-"""The documented error of the quantized kernel's decode path (kernels_aclnn/common/quant_gemv.inc):
-on the SIMD paths, x is rounded to int16 per block of 32 inputs before it meets the codes."""
+"""The documented error of the quantized kernel's int16 paths (kernels_aclnn/common/quant_gemv.inc):
+on the SIMD paths, decode (and the GEMM, with int16 activations asked for) rounds x to int16 per block
+of 32 inputs before it meets the codes. Both round the same blocks the same way and sum the products
+exactly in int32, so one bound covers both."""
 from __future__ import annotations
 
 import numpy as np

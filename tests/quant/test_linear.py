@@ -262,34 +262,94 @@ def test_mlp_block_matches_numpy(isa, m):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+# (bits, K, group, asymmetric, scale dtype): int8 per channel, int8 grouped, Q8_0, Q4_0, Q4_1, int4 g128
+# symmetric / asymmetric. K = 352 is 11 blocks: a span and a short one (3 blocks: GEMM), a lone last
+# 4-bit block (decode); N = 37 leaves a last unit of 1 row (plain) and 2 rows (SwiGLU's 2 x 37 rows).
+INT16_FORMATS = [(8, 352, 352, False, "float32"), (8, 384, 64, True, "bfloat16"), (8, 352, 32, False, "float16"),
+                 (4, 352, 32, False, "float16"), (4, 160, 32, True, "float16"), (4, 384, 128, False, "bfloat16"),
+                 (4, 384, 128, True, "float32")]
 
-# 4-bit groups of 32 (an odd number of blocks: a lone last block), 64 and 128; 8-bit groups of 32
-# and per channel.
-@pytest.mark.parametrize("bits,k,group,asym", [(4, 96, 32, False), (4, 160, 32, True), (4, 192, 64, False),
-                                               (4, 384, 128, True), (8, 96, 32, False), (8, 128, 128, True)])
-@pytest.mark.parametrize("m", [1, 3])
-def test_decode_int16_activations_within_bound(bits, k, group, asym, m):
-    """Decode on the SIMD paths multiplies the codes by x rounded to int16 per 32-input block: against
-    the scalar path (fp32 x) it may differ by the rounding bound and no more; for normal x that bound is
-    below what rounding x to fp16 could cost, and it holds with an outlier too."""
+
+def int16_case(bits, k, group, asym, dtype, m, seed=0):
+    """Tensors, dense weight, magnitude and x (with an outlier: its block rounds coarsely) of a case."""
+    rng = np.random.default_rng(bits + k + group + m + seed)
+    tensors, w, magnitude = make_weight(rng, 2 * 37, k, bits, group, asym, dtype)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, 40] *= 50
+    return tensors, w, magnitude, x
+
+
+def run_on(isa, epilogue, x, tensors, r=None):
     from mindcpm.quant import linear
     from mindcpm.quant.linear import KernelQuantMatmul
+    linear.set_kernel_isa(isa)
+    extra = () if r is None else (Tensor(r),)
+    return KernelQuantMatmul(epilogue, 0.37)(Tensor(x), *tensors, *extra).asnumpy().astype(np.float64)
+
+
+def within_int16_bound(got, want, x, w, magnitude):
+    """|got - want| <= the documented rounding bound + two fp32 evaluations' slack (plain outputs)."""
+    slack = 2e-5 * (np.abs(x.astype(np.float64)) @ magnitude.T) + 1e-6
+    return np.abs(got - want) <= x_rounding_bound(x, w) + slack
+
+
+@pytest.fixture
+def simd_int16():
+    """The SIMD paths this CPU runs, with the GEMM's int16 activations on; restored after."""
+    from mindcpm.quant import linear
     simd = [isa for isa in runnable_isas() if isa != "scalar"]
     if not simd:
         pytest.skip("this CPU has no SIMD path")
-    rng = np.random.default_rng(bits + k + group + m)
-    tensors, w, magnitude = make_weight(rng, 37, k, bits, group, asym, "float16")
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    assert np.all(x_rounding_bound(x, w) < 2.0 ** -11 * (np.abs(x.astype(np.float64)) @ np.abs(w).T))
-    x[:, 40] *= 50  # an outlier: its block's other inputs round coarsely (more than fp16 would)
-    try:
-        linear.set_kernel_isa("scalar")
-        want = KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy().astype(np.float64)
-        slack = 2e-5 * (np.abs(x.astype(np.float64)) @ magnitude.T) + 1e-6  # two fp32 evaluations
-        bound = x_rounding_bound(x, w)
-        for isa in simd:
-            linear.set_kernel_isa(isa)
-            got = KernelQuantMatmul("plain")(Tensor(x), *tensors).asnumpy()
-            assert np.all(np.abs(got - want) <= bound + slack), (isa, np.max(np.abs(got - want) / (bound + slack)))
-    finally:
-        linear.set_kernel_isa("auto")
+    linear.set_gemm_activations("int16")
+    yield simd
+    linear.set_gemm_activations("fp32")
+    linear.set_kernel_isa("auto")
+
+
+@pytest.mark.parametrize("bits,k,group,asym,dtype", INT16_FORMATS)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 7, 16, 17, 130])
+def test_int16_activations_within_bound(simd_int16, bits, k, group, asym, dtype, m):
+    """Decode (m < 4) and the int16 GEMM multiply the codes by x rounded to int16 per 32-input block:
+    against the scalar path (fp32 x) each SIMD path may differ by the rounding bound
+    (tests/quant/rounding.py) and no more, in every epilogue. For normal x that bound is below what
+    rounding x to fp16 could cost; it holds with an outlier too."""
+    tensors, w, magnitude, x = int16_case(bits, k, group, asym, dtype, m)
+    normal = x.copy()
+    normal[:, 40] /= 50
+    assert np.all(x_rounding_bound(normal, w) < 2.0 ** -11 * (np.abs(normal.astype(np.float64)) @ np.abs(w).T))
+    r = np.random.default_rng(m).standard_normal((m, 2 * 37)).astype(np.float32)
+    # SwiGLU's gate and up rows: first-order error of silu(g) u, |silu'| <= 1.1
+    bound = x_rounding_bound(x, w) + 2e-5 * (np.abs(x.astype(np.float64)) @ magnitude.T) + 1e-6
+    y = x.astype(np.float64) @ w.T
+    gate, up, bg, bu = y[:, :37], y[:, 37:], bound[:, :37], bound[:, 37:]
+    swiglu_bound = 1.1 * bg * (np.abs(up) + bu) + np.abs(gate) * bu + 1e-4 * np.abs(gate * up) + 1e-4
+    want = {e: run_on("scalar", e, x, tensors, r if e == "residual" else None) for e in ("plain", "swiglu", "residual")}
+    for isa in simd_int16:
+        got = run_on(isa, "plain", x, tensors)
+        assert np.all(within_int16_bound(got, want["plain"], x, w, magnitude)), isa
+        got = run_on(isa, "swiglu", x, tensors)
+        assert np.all(np.abs(got - want["swiglu"]) <= swiglu_bound), isa
+        got = run_on(isa, "residual", x, tensors, r)
+        assert np.all(np.abs(got - want["residual"]) <= 0.37 * bound + 1e-6 * np.abs(r)), isa
+
+
+@pytest.mark.parametrize("bits,k,group,asym,dtype", [INT16_FORMATS[0], INT16_FORMATS[3], INT16_FORMATS[4]])
+@pytest.mark.parametrize("m", [1, 17])
+def test_int16_bound_catches_a_flipped_code_and_a_wrong_scale(simd_int16, bits, k, group, asym, dtype, m):
+    """The same tolerance is tight enough to see a weight that is wrong by one code's top bit (at x's
+    largest input) or by one group's scale off by 5%: the bound does not hide such errors."""
+    tensors, w, magnitude, x = int16_case(bits, k, group, asym, dtype, m, seed=1)
+    want = run_on("scalar", "plain", x, tensors)
+    packed, scales, offsets = (t.asnumpy() for t in tensors)
+    col = int(np.argmax(np.abs(x).max(0)))
+    flipped = packed.copy()
+    byte = col if bits == 8 else (col // 32) * 16 + col % 16
+    flipped[:, byte] ^= 0x80 if bits == 8 else (0x80 if col % 32 >= 16 else 0x08)
+    wrong = scales.astype(np.float32).copy()
+    wrong[:, col // group] *= 1.05
+    bad_weights = [(Tensor(flipped), *tensors[1:]),
+                   (tensors[0], Tensor(wrong, MS_DTYPES[dtype]), tensors[2])]
+    for isa in simd_int16:
+        assert np.all(within_int16_bound(run_on(isa, "plain", x, tensors), want, x, w, magnitude))
+        for bad in bad_weights:
+            assert not np.all(within_int16_bound(run_on(isa, "plain", x, bad), want, x, w, magnitude)), isa
