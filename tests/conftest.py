@@ -49,3 +49,15 @@ def tiny_config(tmp_path_factory):
     from mindcpm.config import ModelConfig
     from tests.tiny import make_tiny_model
     return ModelConfig.from_dir(make_tiny_model(str(tmp_path_factory.mktemp("tiny"))))
+
+
+@pytest.fixture
+def fp32_gemm():
+    """Prefill's GEMM with x as it is (MINDCPM_QUANT_GEMM=fp32): then only fp32 accumulation order
+    separates a quantized model from transformers on its dequantized weights. The default rounds x
+    to int16 (tests/quant/test_quantized_model.py: test_int16_activations_...)."""
+    from mindcpm.quant import linear
+    before = linear.gemm_activations()
+    linear.set_gemm_activations("fp32")
+    yield
+    linear.set_gemm_activations(before)

@@ -21,7 +21,7 @@ def llm():
     return LLM(progress=False, max_model_len=256, max_num_seqs=2)
 
 
-def test_default_model_matches_transformers_gguf(llm, tmp_path):
+def test_default_model_matches_transformers_gguf(llm, tmp_path, fp32_gemm):
     for package in ("transformers", "torch", "accelerate"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (test requirement)")
@@ -33,7 +33,8 @@ def test_default_model_matches_transformers_gguf(llm, tmp_path):
     ref_logits, ref_greedy = reference_logits(os.path.dirname(gguf), [prompt], str(tmp_path), greedy_steps=16,
                                               gguf_file=os.path.basename(gguf))
     ours = prefill_logits(llm, [prompt])[0]
-    # 30 fp32 layers: differences of a few 1e-6 relative to the largest logit (seen: 1.1e-4 at 37.6).
+    # 30 fp32 layers (prefill's x kept fp32: fp32_gemm): differences of a few 1e-6 relative to the
+    # largest logit (seen: 1.1e-4 at 37.6).
     scale = np.abs(ref_logits[0]).max()
     np.testing.assert_allclose(ours, ref_logits[0], atol=1e-5 * scale, rtol=0)
     out = llm.generate({"prompt_token_ids": prompt},

@@ -160,9 +160,9 @@ def set_kernel_isa(name: str) -> None:
 
 
 def gemm_activations() -> str:
-    """What the kernel's GEMM (4+ rows of x) multiplies 4- and 8-bit codes by on AVX2/AVX-512: "fp32"
-    x, or "int16" (x rounded per 32 inputs as decode does: faster, within the documented bound but
-    not within fp32 accumulation order); MINDCPM_QUANT_GEMM=int16 picks int16 at start-up."""
+    """What the kernel's GEMM (4+ rows of x) multiplies 4- and 8-bit codes by on AVX2/AVX-512: "int16"
+    (the default: x rounded per 32 inputs as decode does, within the documented bound, faster) or
+    "fp32" (x as it is); MINDCPM_QUANT_GEMM=fp32 picks fp32 at start-up."""
     return _library().QuantLinearGemm().decode()
 
 

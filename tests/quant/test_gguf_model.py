@@ -147,7 +147,8 @@ CASES = [(name, True) for name in FILES] + [("mixed", False)]
 
 
 @pytest.mark.parametrize("name,fused", CASES)
-def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(models, monkeypatch, name, fused):
+def test_gguf_model_kept_quantized_matches_transformers_on_dequantized_weights(models, monkeypatch, fp32_gemm, name,
+                                                                              fused):
     from mindcpm import SamplingParams
     from mindcpm.ops.device import Device
     if not fused:

@@ -300,9 +300,10 @@ def simd_int16():
     simd = [isa for isa in runnable_isas() if isa != "scalar"]
     if not simd:
         pytest.skip("this CPU has no SIMD path")
+    before = linear.gemm_activations()
     linear.set_gemm_activations("int16")
     yield simd
-    linear.set_gemm_activations("fp32")
+    linear.set_gemm_activations(before)
     linear.set_kernel_isa("auto")
 
 

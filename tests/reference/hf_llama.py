@@ -39,12 +39,16 @@ def reference_logits(model_dir: str, prompts: list[list[int]], tmp: str, greedy_
 
 
 def reference_logits_each(model_dirs: list[str], prompts: list[list[int]], tmp: str, greedy_steps: int = 0,
-                          gguf_file: str = ""):
-    """reference_logits of each checkpoint, all in one subprocess (torch starts once)."""
-    pj, out = os.path.join(tmp, "prompts.json"), os.path.join(tmp, "ref.npz")
+                          gguf_file: str = "", fp16_inputs: list[list[str] | None] | None = None):
+    """reference_logits of each checkpoint, all in one subprocess (torch starts once).
+    fp16_inputs[j]: Linear modules of checkpoint j whose input is rounded to fp16 first (the A16
+    of W8A16 / W4A16: what fp16 activations would cost)."""
+    pj, out, fj = (os.path.join(tmp, name) for name in ("prompts.json", "ref.npz", "fp16_inputs.json"))
     with open(pj, "w") as f:
         json.dump(prompts, f)
-    run("logits", os.pathsep.join(model_dirs), pj, out, str(greedy_steps), gguf_file)
+    with open(fj, "w") as f:
+        json.dump([names or [] for names in fp16_inputs or [None] * len(model_dirs)], f)
+    run("logits", os.pathsep.join(model_dirs), pj, out, str(greedy_steps), gguf_file, fj)
     data = np.load(out)
     return [([data[f"{j}/logits{i}"] for i in range(len(prompts))],
              [data[f"{j}/greedy{i}"].tolist() for i in range(len(prompts))]) for j in range(len(model_dirs))]
@@ -63,21 +67,31 @@ def _make(config_path: str, out_dir: str, seed: str) -> None:
     model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _logits(model_dirs: str, prompts_path: str, out: str, steps: str, gguf_file: str = "") -> None:
+def _logits(model_dirs: str, prompts_path: str, out: str, steps: str, gguf_file: str = "",
+            fp16_path: str = "") -> None:
     """model_dirs: one or more, separated by os.pathsep; checkpoint j's arrays under "j/"."""
     with open(prompts_path) as f:
         prompts = json.load(f)
+    dirs = model_dirs.split(os.pathsep)
+    fp16 = [[]] * len(dirs)
+    if fp16_path:
+        with open(fp16_path) as f:
+            fp16 = json.load(f)
     result = {}
-    for j, model_dir in enumerate(model_dirs.split(os.pathsep)):
-        result.update({f"{j}/{key}": value for key, value in _run(model_dir, prompts, steps, gguf_file).items()})
+    for j, model_dir in enumerate(dirs):
+        result.update({f"{j}/{key}": value
+                       for key, value in _run(model_dir, prompts, steps, gguf_file, fp16[j]).items()})
     np.savez(out, **result)
 
 
-def _run(model_dir: str, prompts: list[list[int]], steps: str, gguf_file: str) -> dict:
+def _run(model_dir: str, prompts: list[list[int]], steps: str, gguf_file: str, fp16_inputs: list[str]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, **extra).eval()
+    modules = dict(model.named_modules())
+    for name in fp16_inputs:
+        modules[name].register_forward_pre_hook(lambda module, args: (args[0].half().float(),) + args[1:])
     result = {}
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
