@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from tests.engine_probe import prefill_logits  # noqa: E402
 from tests.quant.test_formats import pack_int32_here  # noqa: E402
-from tests.quant.rounding import quantized_projections  # noqa: E402
+from tests.quant.rounding import HF_PARTS, quantized_projections  # noqa: E402
 from tests.reference.hf_llama import reference_logits, reference_logits_each  # noqa: E402
 from tests.tiny import make_llm, make_tiny_model  # noqa: E402
 
@@ -26,7 +26,6 @@ KERNELS_ON = dict(kernels="on", enable_prefix_caching=False)  # the quantized ke
 # (method, group size): int8 per output channel, int4 in groups of 32 of the tiny model's 64 / 128 inputs
 # fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by layer
 METHODS = [("int8", None, True), ("int4", 32, True), ("int8", 64, True), ("int4", 32, False)]
-FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def dequantized_checkpoint(llm, src: str, out: str) -> None:
             tensors["lm_head.weight"] = w
             continue
         parent, proj = name.rsplit(".", 1)
-        for part, hf_proj in enumerate(FUSED.get(proj, (proj,))):
+        for part, hf_proj in enumerate(HF_PARTS.get(proj, (proj,))):
             hf_name = f"model.{parent}.{hf_proj}.weight"
             assert tensors[hf_name].shape == w[cell.part_rows(part)].shape, hf_name
             assert not np.array_equal(tensors[hf_name], w[cell.part_rows(part)]), f"{hf_name} not quantized"
