@@ -1,7 +1,7 @@
 """The documented error of the quantized kernel's int16 paths (kernels_aclnn/common/quant_gemv.inc):
 on the SIMD paths, decode and (by default) the GEMM round x to int16 per block of 32 inputs before
-it meets the codes. Both round the same blocks the same way and sum the products
-exactly in int32, so one bound covers both."""
+it meets the codes. Both round the same blocks the same way and sum the products exactly in
+int32, so one bound covers both."""
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +18,6 @@ def x_rounding_bound(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     block_max = np.abs(x).reshape(m, k // 32, 32).max(-1)
     block_w = np.abs(np.asarray(w, np.float64)).reshape(w.shape[0], k // 32, 32).sum(-1)
     return block_max @ block_w.T / 65534
-
 
 
 # mindcpm's fused projections and the transformers modules that read the same input
