@@ -221,8 +221,13 @@ struct Int16Dot {
     const __m128i s2 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
     return _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32(s2, 0xb1)));
   }
+  // vpmaddwd with x read from memory (L1) by the instruction itself, as asm: from intrinsics GCC
+  // loads a step's x once into four registers for all the tile's rows, which spills the
+  // accumulators around every group.
   static __m256i madd(__m256i a, const int16_t *x) {
-    return _mm256_madd_epi16(a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+    __m256i r;
+    __asm__("vpmaddwd %1, %2, %0" : "=x"(r) : "m"(*reinterpret_cast<const __m256i *>(x)), "x"(a));
+    return r;
   }
   // A step's int32 sums; `half`: a lone last 4-bit block, only its 16 bytes read.
   template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool half) {
@@ -238,10 +243,42 @@ struct Int16Dot {
     return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(madd(lo_even, x), madd(lo_odd, x + 16)),
                                                _mm256_add_epi32(madd(hi_even, x + 32), madd(hi_odd, x + 48))));
   }
-  // Lane scales of a step from a row's fp32 group scales: 4-bit groups of 32, the two blocks' own.
-  static F pair_scales(const float *s) {
-    const __m256 two = _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s))));
-    return _mm256_permutevar8x32_ps(two, _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+  // The weight's scales (and offsets) are read in their own dtype S where the tiles use them:
+  // widening a row's first (row_scales) waits on its cache miss before the tile starts.
+  template <class S> static float scale(const typename S::T *p) {
+    if constexpr (std::is_same<S, F16>::value) return _cvtsh_ss(*p);
+    else return S::get(p);
+  }
+  // Lane scales of a step from two consecutive group scales: 4-bit groups of 32, the two blocks' own.
+  template <class S> static F pair_scales(const typename S::T *s) {
+    __m128 two;
+    if constexpr (std::is_same<S, F32>::value) {
+      two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s)));
+    } else {
+      const __m128i h = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t *>(s));  // both 16-bit scales
+      if constexpr (std::is_same<S, F16>::value) two = _mm_cvtph_ps(h);
+      else two = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+  }
+  // sum_g s_g sums_g over n groups.
+  template <class S> static float scaled_sum(const typename S::T *s, const float *sums, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= n; g += 8) {
+      __m256 v;
+      if constexpr (std::is_same<S, F32>::value) {
+        v = _mm256_loadu_ps(s + g);
+      } else {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + g));
+        if constexpr (std::is_same<S, F16>::value) v = _mm256_cvtph_ps(h);
+        else v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      }
+      acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(sums + g), acc);
+    }
+    float total = mindcpm::hsum(acc);
+    for (; g < n; ++g) total += scale<S>(s + g) * sums[g];
+    return total;
   }
   // The GEMM's integer layer (quant_gemv.inc, int_gemm_tile): a span is 8 blocks of 32 inputs
   // as 16 vectors of int16, vector t holding inputs 2t, 2t+1 of block l in int32 lane l, so a
