@@ -255,7 +255,9 @@ struct Int16Dot {
     if constexpr (std::is_same<S, F32>::value) {
       two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s)));
     } else {
-      const __m128i h = _mm_cvtsi32_si128(*reinterpret_cast<const int32_t *>(s));  // both 16-bit scales
+      int32_t both;  // the two 16-bit scales
+      std::memcpy(&both, s, sizeof both);
+      const __m128i h = _mm_cvtsi32_si128(both);
       if constexpr (std::is_same<S, F16>::value) two = _mm_cvtph_ps(h);
       else two = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
     }
