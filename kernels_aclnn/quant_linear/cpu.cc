@@ -263,21 +263,21 @@ struct Int16Dot {
     }
     return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
   }
+  // 8 values of type S as fp32.
+  template <class S> static F load8(const typename S::T *p) {
+    if constexpr (std::is_same<S, F32>::value) {
+      return _mm256_loadu_ps(p);
+    } else {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p));
+      if constexpr (std::is_same<S, F16>::value) return _mm256_cvtph_ps(h);
+      else return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
   // sum_g s_g sums_g over n groups.
   template <class S> static float scaled_sum(const typename S::T *s, const float *sums, int64_t n) {
     __m256 acc = _mm256_setzero_ps();
     int64_t g = 0;
-    for (; g + 8 <= n; g += 8) {
-      __m256 v;
-      if constexpr (std::is_same<S, F32>::value) {
-        v = _mm256_loadu_ps(s + g);
-      } else {
-        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(s + g));
-        if constexpr (std::is_same<S, F16>::value) v = _mm256_cvtph_ps(h);
-        else v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-      }
-      acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(sums + g), acc);
-    }
+    for (; g + 8 <= n; g += 8) acc = _mm256_fmadd_ps(load8<S>(s + g), _mm256_loadu_ps(sums + g), acc);
     float total = mindcpm::hsum(acc);
     for (; g < n; ++g) total += scale<S>(s + g) * sums[g];
     return total;
@@ -356,16 +356,7 @@ struct V {
   }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(p + i));
-      if constexpr (std::is_same<S, F32>::value) {
-        _mm256_storeu_ps(out + i, _mm256_loadu_ps(reinterpret_cast<const float *>(p + i)));
-      } else if constexpr (std::is_same<S, F16>::value) {
-        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
-      } else {
-        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-      }
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, Int16Dot::load8<S>(p + i));
     for (; i < n; ++i) out[i] = S::get(p + i);
   }
   static __m128i load8(const uint8_t *p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i *>(p)); }
