@@ -97,13 +97,16 @@ def _check_row_shard(device: Device, full_inputs: int, inputs: int) -> None:
 class QuantSlot:
     """Where the loader puts a quantized Linear's float weight: it has the weight's shape, and
     load_float() quantizes the values into the layer's weight_packed / weight_scales / weight_offsets
-    Parameters (sized here, so a bad group size fails when the model is built, not when loaded)."""
+    (sized here, so a bad group size fails when the model is built, not when loaded). They are
+    Parameters, or constants of the compiled graphs where the device says so
+    (Device.quant_weights_constant)."""
 
     def __init__(self, layer: Linear, device: Device, shape: tuple[int, int]):
         self.shape, self.dtype, self.device = shape, ms.float32, device
         self._layer = layer
+        self.constant = device.quant_weights_constant()
         for name, zeros in device.quant_parameters(*shape).items():
-            setattr(layer, name, Parameter(zeros, name=name, requires_grad=False))
+            setattr(layer, name, zeros if self.constant else Parameter(zeros, name=name, requires_grad=False))
 
     def load_float(self, values: np.ndarray, name: str = "weight") -> None:
         self.load_quantized(self.device.quantize(values, name))
@@ -123,21 +126,23 @@ class QuantSlot:
 
     def load_quantized(self, qw) -> None:
         """Takes a QuantWeight of this shape in any layout the kernel runs (a GGUF file's own
-        blocks may differ from the layout sized at build): Parameters of another shape are replaced,
+        blocks may differ from the layout sized at build): tensors of another shape are replaced,
         before any graph is compiled."""
         if qw.shape != self.shape:
             raise ValueError(f"a quantized weight of shape {qw.shape} for a layer of shape {self.shape}")
         self._load_input_perm(qw.input_perm)
         for attr, values in zip(("weight_packed", "weight_scales", "weight_offsets"), self.device.quant_tensors(qw)):
-            param = getattr(self._layer, attr)
-            if param.shape == values.shape and param.dtype == values.dtype:
-                param.set_data(values)
+            held = getattr(self._layer, attr)
+            if self.constant:
+                setattr(self._layer, attr, values)
+            elif held.shape == values.shape and held.dtype == values.dtype:
+                held.set_data(values)
             else:
-                setattr(self._layer, attr, Parameter(values, name=param.name, requires_grad=False))
+                setattr(self._layer, attr, Parameter(values, name=held.name, requires_grad=False))
 
     def _load_input_perm(self, perm) -> None:
-        """The order a GPTQ act-order weight reads its inputs in, as an int32 Parameter the layer
-        gathers x with; None for a weight in the layer's own input order."""
+        """The order a GPTQ act-order weight reads its inputs in, as an int32 tensor (held like the
+        weight) the layer gathers x with; None for a weight in the layer's own input order."""
         from ..quant.formats import QuantError
         if perm is None:
             if getattr(self._layer, "input_perm", None) is not None:
@@ -145,6 +150,9 @@ class QuantSlot:
             return
         if not hasattr(self._layer, "input_perm"):
             raise QuantError(f"{type(self._layer).__name__} takes no weight with permuted inputs (act-order)")
+        if self.constant:
+            self._layer.input_perm = ms.Tensor(np.asarray(perm, np.int32))
+            return
         prefix = self._layer.weight_packed.name.rpartition(".")[0]
         self._layer.input_perm = Parameter(ms.Tensor(np.asarray(perm, np.int32)),
                                            name=f"{prefix}.input_perm" if prefix else "input_perm",

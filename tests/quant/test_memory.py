@@ -31,12 +31,18 @@ RUN = r"""
 import json, sys
 from mindcpm import LLM, SamplingParams
 from mindcpm.bench import peak_rss
+from mindcpm.layers.linear import QuantSlot
 llm = LLM(model=sys.argv[1], quantization="int4", quant_group_size=32, kernels="on", progress=False, max_model_len=64,
           block_size=16, kv_cache_gib=0.01, enable_prefix_caching=False)
 loaded = [int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmRSS:")][0]
 llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0.0))
-print(json.dumps({"peak": peak_rss(), "loaded": loaded,
-                  "held": sum(p.nbytes for _, p in llm.engine.runner.model.parameters_and_names())}))
+model = llm.engine.runner.model
+# Parameters, and the quantized layers' tensors the CPU holds as graph constants instead.
+held = {id(p): p.nbytes for _, p in model.parameters_and_names()}
+for _, cell in model.cells_and_names():
+    if isinstance(getattr(cell, "quant", None), QuantSlot):
+        held.update({id(t): t.nbytes for t in (cell.weight_packed, cell.weight_scales, cell.weight_offsets)})
+print(json.dumps({"peak": peak_rss(), "loaded": loaded, "held": sum(held.values())}))
 """
 
 
