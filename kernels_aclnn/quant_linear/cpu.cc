@@ -28,18 +28,31 @@
 //                            gate|up weight x 3, down weight x 3, y)
 //                                       a whole pre-norm layer: the attention block (r = x), then
 //                                       the MLP block on its output                        [M, K]
-// The instruction set is chosen at run time: AVX-512F, else AVX2+FMA, else scalar; the
-// environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512 (or QuantLinearSetIsa) picks a
-// narrower one. Decode (fewer than kGemmRows rows of x) on AVX2 and AVX-512 multiplies 4- and 8-bit
-// codes by x rounded to int16 per 32 inputs (vpmaddwd; the error bound is in quant_gemv.inc);
-// prefill and batched decode do too unless MINDCPM_QUANT_GEMM=fp32 (or QuantLinearSetGemm) asks
-// for fp32 x, which the scalar path always keeps. No VNNI/AMX path yet (AVX-512 runs
-// the int16 paths on ymm).
+// The instruction set is chosen at run time: AVX-512 VNNI (with VL), else AVX-512F, else
+// AVX2+FMA, else scalar; the environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512|avx512vnni
+// (or QuantLinearSetIsa) picks a narrower one. Decode (fewer than kGemmRows rows of x) on the SIMD
+// paths multiplies 4- and 8-bit codes by x rounded to int16 per 32 inputs (vpmaddwd, or VNNI's
+// vpdpwssd; the error bound is in quant_gemv.inc); prefill and batched decode do too unless
+// MINDCPM_QUANT_GEMM=fp32 (or QuantLinearSetGemm) asks for fp32 x, which the scalar path always
+// keeps. The AVX-512 paths run the int16 products on ymm; there is no AMX path.
+// Built with -DMINDCPM_EMULATE_AVX512 (tests only, on CPUs without AVX-512), the AVX-512 paths
+// take their intrinsics from SIMDe's portable implementations, so their text is checked against
+// the scalar path on any x86-64 with AVX2 (tests/quant/test_emulated_isas.py).
 #include "../common/gemv.h"
 #include "../common/paged_attention.h"
 #include "../common/vec.h"
 
 #include <immintrin.h>
+#ifdef MINDCPM_EMULATE_AVX512
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+// The one intrinsic used here that SIMDe 0.8 lacks: 16 bytes zero-extended to 16 int32 lanes.
+inline simde__m512i emulated_cvtepu8_epi32(__m128i a) {
+  return simde_mm512_inserti64x4(simde_mm512_castsi256_si512(_mm256_cvtepu8_epi32(a)),
+                                 _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(a, a)), 1);
+}
+#define _mm512_cvtepu8_epi32 emulated_cvtepu8_epi32
+#endif
 
 #include <limits>
 #include <type_traits>
@@ -380,8 +393,10 @@ struct V {
 }  // namespace avx2_isa
 #pragma GCC pop_options
 
+#ifndef MINDCPM_EMULATE_AVX512
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512vl,avx2,fma,f16c")
+#endif
 namespace avx512_isa {
 struct V {
   using F = __m512;
@@ -392,7 +407,10 @@ struct V {
   static F load(const float *p) { return _mm512_loadu_ps(p); }
   static void store(float *p, F v) { _mm512_storeu_ps(p, v); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static float hsum(F v) { return _mm512_reduce_add_ps(v); }
+  static float hsum(F v) {
+    const __m256 high = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1));
+    return avx2_isa::V::hsum(_mm256_add_ps(_mm512_castps512_ps256(v), high));
+  }
   template <class S> static void widen(const typename S::T *p, int64_t n, float *out) {
     avx2_isa::V::widen<S>(p, n, out);  // scales are widened once a row: not worth 16 lanes
   }
@@ -415,25 +433,69 @@ struct V {
 };
 #include "../common/quant_gemv.inc"
 }  // namespace avx512_isa
+#ifndef MINDCPM_EMULATE_AVX512
 #pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512vnni,avx2,fma,f16c")
+#endif
+
+// AVX-512 VNNI: the AVX-512 path with vpdpwssd (multiply int16 pairs, add to int32: one
+// instruction for AVX2's vpmaddwd + vpaddd) on ymm, with AVX-512VL's encoding.
+namespace avx512vnni_isa {
+struct VnniDot : avx2_isa::Int16Dot {
+  using I = __m256i;
+  static I dpwssd(I acc, I a, const int16_t *x) {
+    return _mm256_dpwssd_epi32(acc, a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
+  }
+  // As Int16Dot::dot, the products accumulated in two chains (vpdpwssd's latency).
+  template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool half) {
+    const I v = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(codes)))
+                     : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
+    const I zero = _mm256_setzero_si256();
+    if (Bits == 8) {
+      const I even = _mm256_and_si256(v, _mm256_set1_epi16(0xff)), odd = _mm256_srli_epi16(v, 8);
+      return _mm256_cvtepi32_ps(dpwssd(dpwssd(zero, even, x), odd, x + 16));
+    }
+    const I m = _mm256_set1_epi16(15);
+    const I lo_even = _mm256_and_si256(v, m), lo_odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m);
+    const I hi_even = _mm256_and_si256(_mm256_srli_epi16(v, 4), m), hi_odd = _mm256_srli_epi16(v, 12);
+    return _mm256_cvtepi32_ps(
+        _mm256_add_epi32(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 32), dpwssd(dpwssd(zero, lo_odd, x + 16), hi_odd, x + 48)));
+  }
+  static I madd_add(I acc, I x, I w) { return _mm256_dpwssd_epi32(acc, x, w); }
+};
+struct V : avx512_isa::V {
+  using Dot = VnniDot;
+};
+#include "../common/quant_gemv.inc"
+}  // namespace avx512vnni_isa
+#ifndef MINDCPM_EMULATE_AVX512
+#pragma GCC pop_options
+#endif
 
 namespace {
 
-enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-const char *const kIsaNames[] = {"scalar", "avx2", "avx512"};
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Vnni = 3 };
+const char *const kIsaNames[] = {"scalar", "avx2", "avx512", "avx512vnni"};
+constexpr int kIsas = 4;
 
 Isa best_isa() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#ifdef MINDCPM_EMULATE_AVX512
+  if (avx2) return Isa::kAvx512Vnni;  // SIMDe stands in for the AVX-512 instructions
+#endif
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512vnni"))
+    return Isa::kAvx512Vnni;
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
     return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return Isa::kAvx2;
-  return Isa::kScalar;
+  return avx2 ? Isa::kAvx2 : Isa::kScalar;
 }
 
 // The ISA named `name` if this CPU has it, else -1.
 int isa_named(const char *name) {
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kIsas; ++i)
     if (std::strcmp(name, kIsaNames[i]) == 0) return i <= (int)best_isa() ? i : -1;
   return -1;
 }
@@ -466,6 +528,7 @@ int execute(const float *x, int64_t M, const QWeight &w, const Epilogue &epi) {
   mindcpm_prefer_huge_pages(w.packed, epi.ldy * epi.rows_per_unit() * w.row_bytes);
   const bool int_gemm = gemm_activations().load(std::memory_order_relaxed) == 1;
   switch ((Isa)chosen_isa().load(std::memory_order_relaxed)) {
+    case Isa::kAvx512Vnni: return avx512vnni_isa::run(x, w, M, epi, int_gemm);
     case Isa::kAvx512: return avx512_isa::run(x, w, M, epi, int_gemm);
     case Isa::kAvx2: return avx2_isa::run(x, w, M, epi, int_gemm);
     default: return scalar_isa::run(x, w, M, epi, false);
@@ -498,7 +561,7 @@ int run_problem(void **params, int *ndims, int64_t **shapes, const char **dtypes
 
 }  // namespace
 
-// The instruction set in use ("scalar" | "avx2" | "avx512").
+// The instruction set in use ("scalar" | "avx2" | "avx512" | "avx512vnni").
 extern "C" const char *QuantLinearIsa() { return kIsaNames[chosen_isa().load()]; }
 
 // Uses instruction set `name` from now on ("auto": the best this CPU has); 0 on success,

@@ -56,10 +56,26 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# Tests only: MINDCPM_EMULATE_AVX512=1 builds these ops' AVX-512 paths on SIMDe's portable
+# intrinsics (the simde-py package's headers), so a CPU with AVX2 only runs and checks them.
+EMULATED_AVX512_OPS = ("quant_linear",)
+
+
 @functools.lru_cache(maxsize=None)
-def compile_flags() -> tuple[str, ...]:
+def compile_flags(op_name: str = "") -> tuple[str, ...]:
     simd = SIMD_FLAGS if {"avx2", "fma", "f16c"} <= _cpu_flags() else ()
-    return BASE_FLAGS + simd
+    return BASE_FLAGS + simd + (_emulation_flags() if simd and op_name in EMULATED_AVX512_OPS else ())
+
+
+def _emulation_flags() -> tuple[str, ...]:
+    if os.environ.get("MINDCPM_EMULATE_AVX512") != "1":
+        return ()
+    try:
+        import simde_py
+    except ImportError:
+        raise KernelBuildError("MINDCPM_EMULATE_AVX512=1 needs the simde-py package (requirements-test.txt)") \
+            from None
+    return ("-DMINDCPM_EMULATE_AVX512", "-I" + simde_py.get_include(), "-Wno-psabi")
 
 
 @functools.lru_cache(maxsize=None)
@@ -112,7 +128,7 @@ def _compile(src: str, name: str, libs: list[str]) -> str:
     for path in (src, *_common_files()):
         with open(path, "rb") as f:
             source += f.read()
-    flags = compile_flags()
+    flags = compile_flags(name)
     key = hashlib.sha256(source + "\0".join(flags + tuple(libs)).encode() + version.encode()).hexdigest()[:16]
     lib = os.path.join(cache_dir(), f"{name}-{key}.so")
     if os.path.isfile(lib):

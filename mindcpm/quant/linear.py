@@ -30,7 +30,7 @@ OP = "quant_linear"
 ENTRY = {"plain": "QuantLinear", "swiglu": "QuantLinearSwiglu", "residual": "QuantLinearResidual"}
 NORM_ENTRY = {"plain": "QuantRmsNormLinear", "swiglu": "QuantRmsNormLinearSwiglu"}
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
-ISAS = ("scalar", "avx2", "avx512")
+ISAS = ("scalar", "avx2", "avx512", "avx512vnni")
 
 
 def kernel_tensors(qw: QuantWeight) -> tuple[Tensor, Tensor, Tensor]:
@@ -147,8 +147,8 @@ def _library() -> ctypes.CDLL:
 
 
 def kernel_isa() -> str:
-    """The instruction set the kernel runs ("scalar" | "avx2" | "avx512"); the environment variable
-    MINDCPM_QUANT_ISA picks a narrower one at start-up."""
+    """The instruction set the kernel runs ("scalar" | "avx2" | "avx512" | "avx512vnni"); the
+    environment variable MINDCPM_QUANT_ISA picks a narrower one at start-up."""
     return _library().QuantLinearIsa().decode()
 
 

@@ -1,7 +1,8 @@
 """The quantized linear kernel (kernels_aclnn/quant_linear/cpu.cc) against numpy written from the
 format: random codes, scales and offsets made here, packed here byte by byte from the layout,
 y = x W^T in float64 with W dequantized here. Every instruction set this CPU runs (scalar, AVX2,
-AVX-512) on odd sizes: groups not a multiple of the vector width, N odd, 1 and many rows."""
+AVX-512, AVX-512 VNNI) on odd sizes: groups not a multiple of the vector width, N odd, 1 and many
+rows. test_emulated_isas.py runs the AVX-512 ones here on CPUs without them."""
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ from tests.quant.rounding import x_rounding_bound  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="no g++ to build the CPU kernels")
 
-ISAS = ["scalar", "avx2", "avx512"]
+ISAS = ["scalar", "avx2", "avx512", "avx512vnni"]
 MS_DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
