@@ -8,6 +8,8 @@ interleaved, repeat after repeat, so a busy machine slows them alike; medians ar
     python benchmarks/quant_gemv.py                     # MiniCPM4-0.5B: H 1024, I 4096, 24 layers
     python benchmarks/quant_gemv.py --rows 16 --repeats 5
     python benchmarks/quant_gemv.py --quant-lib saved/quant_linear.so   # an earlier build, for before/after
+    python benchmarks/quant_gemv.py --isa avx2,avx512vnni --rows 16     # instruction sets side by side
+    MINDCPM_KERNEL_THREADS=1 python benchmarks/quant_gemv.py --layers 1  # one core, a weight set in L2/L3
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--passes", type=int, default=5, help="passes over all layers a repeat")
     ap.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of: " + ", ".join(FORMATS))
+    ap.add_argument("--isa", default="auto", help="comma-separated instruction sets of the quantized kernel to "
+                                                  "interleave (auto, scalar, avx2, avx512, avx512vnni)")
     ap.add_argument("--quant-lib", help="a saved build of the quant_linear kernel to time instead of this tree's "
                                         "(a before/after comparison of a kernel change)")
     args = ap.parse_args()
@@ -104,6 +108,11 @@ def main() -> int:
         return 2
     quant = ctypes.CDLL(args.quant_lib or build("quant_linear"))
     quant.QuantLinearIsa.restype = ctypes.c_char_p
+    isas = [i.strip() for i in args.isa.split(",")]
+    for isa in isas:
+        if quant.QuantLinearSetIsa(isa.encode()) != 0:
+            print(f"error: instruction set {isa!r} is unknown or this CPU lacks it", file=sys.stderr)
+            return 2
     rng = np.random.default_rng(0)
     shapes = layer_shapes(args.hidden, args.intermediate, args.heads, args.kv_heads)
     calls, streamed = {}, {}
@@ -118,26 +127,33 @@ def main() -> int:
                 y = np.empty((args.rows, n), np.float32)
                 calls[name].append(Call(fn, [x, *inputs, y], ["float32", *dtypes, "float32"]))
                 streamed[name] += nbytes
+    # Each row: a format on an instruction set (the bf16 kernel has one).
+    rows = [(name, isa) for name in names for isa in (isas if FORMATS[name] else ["-"])]
     for name in names:  # warm-up: huge pages, the pool, page faults
         for call in calls[name]:
             call()
-    times = {name: [] for name in names}
+    times = {row: [] for row in rows}
     for _ in range(args.repeats):
-        for name in names:
+        for row in rows:
+            if row[1] != "-":
+                quant.QuantLinearSetIsa(row[1].encode())
             start = time.perf_counter()
             for _ in range(args.passes):
-                for call in calls[name]:
+                for call in calls[row[0]]:
                     call()
-            times[name].append((time.perf_counter() - start) / args.passes)
-    print(f"quant ISA {quant.QuantLinearIsa().decode()}; {args.layers} layers of {shapes} [N, K]; rows {args.rows}; "
+            times[row].append((time.perf_counter() - start) / args.passes)
+    macs = args.rows * args.layers * sum(n * k for n, k in shapes)
+    print(f"{args.layers} layers of {shapes} [N, K]; rows {args.rows}; "
           f"threads {os.environ.get('MINDCPM_KERNEL_THREADS', 'all')}; median of {args.repeats}")
     width = max(len(n) for n in names)
-    print(f"{'format':{width}s} {'MB a pass':>10s} {'ms a pass':>10s} {'GB/s':>7s} {'vs bf16':>8s}")
-    base = statistics.median(times[names[0]])
-    for name in names:
-        t = statistics.median(times[name])
-        print(f"{name:{width}s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} {streamed[name] / t / 1e9:7.1f} "
-              f"{base / t:7.2f}x")
+    print(f"{'format':{width}s} {'ISA':>15s} {'MB a pass':>10s} {'ms a pass':>10s} {'GB/s':>7s} {'GMAC/s':>7s} "
+          f"{'vs first':>8s}")
+    base = statistics.median(times[rows[0]])
+    for name, isa in rows:
+        t = statistics.median(times[(name, isa)])
+        shown = isa if isa != "auto" else "auto:" + quant.QuantLinearIsa().decode()
+        print(f"{name:{width}s} {shown:>15s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} "
+              f"{streamed[name] / t / 1e9:7.1f} {macs / t / 1e9:7.1f} {base / t:7.2f}x")
     return 0
 
 
