@@ -449,7 +449,8 @@ struct VnniDot : avx2_isa::Int16Dot {
   static I dpwssd(I acc, I a, const int16_t *x) {
     return _mm256_dpwssd_epi32(acc, a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
   }
-  // As Int16Dot::dot, the products accumulated in two chains (vpdpwssd's latency).
+  // As Int16Dot::dot, the products accumulated in one chain: no add to join two (the rows of a
+  // tile are independent chains; 4-bit decode 1.03-1.2x two chains, benchmarks/quant_gemv.py).
   template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool half) {
     const I v = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(codes)))
                      : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
@@ -461,8 +462,7 @@ struct VnniDot : avx2_isa::Int16Dot {
     const I m = _mm256_set1_epi16(15);
     const I lo_even = _mm256_and_si256(v, m), lo_odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m);
     const I hi_even = _mm256_and_si256(_mm256_srli_epi16(v, 4), m), hi_odd = _mm256_srli_epi16(v, 12);
-    return _mm256_cvtepi32_ps(
-        _mm256_add_epi32(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 32), dpwssd(dpwssd(zero, lo_odd, x + 16), hi_odd, x + 48)));
+    return _mm256_cvtepi32_ps(dpwssd(dpwssd(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 32), lo_odd, x + 16), hi_odd, x + 48));
   }
   // acc += the pair products of x and w, as asm natively for AVX2's reason (Int16Dot::madd_add):
   // from the intrinsic GCC copies every accumulator between registers each step.
