@@ -108,11 +108,12 @@ def main() -> int:
         return 2
     quant = ctypes.CDLL(args.quant_lib or build("quant_linear"))
     quant.QuantLinearIsa.restype = ctypes.c_char_p
-    isas = [i.strip() for i in args.isa.split(",")]
+    isas, shown = [i.strip() for i in args.isa.split(",")], {}
     for isa in isas:
         if quant.QuantLinearSetIsa(isa.encode()) != 0:
             print(f"error: instruction set {isa!r} is unknown or this CPU lacks it", file=sys.stderr)
             return 2
+        shown[isa] = isa if isa != "auto" else "auto:" + quant.QuantLinearIsa().decode()
     rng = np.random.default_rng(0)
     shapes = layer_shapes(args.hidden, args.intermediate, args.heads, args.kv_heads)
     calls, streamed = {}, {}
@@ -151,8 +152,7 @@ def main() -> int:
     base = statistics.median(times[rows[0]])
     for name, isa in rows:
         t = statistics.median(times[(name, isa)])
-        shown = isa if isa != "auto" else "auto:" + quant.QuantLinearIsa().decode()
-        print(f"{name:{width}s} {shown:>15s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} "
+        print(f"{name:{width}s} {shown.get(isa, isa):>15s} {streamed[name] / 1e6:10.1f} {t * 1e3:10.2f} "
               f"{streamed[name] / t / 1e9:7.1f} {macs / t / 1e9:7.1f} {base / t:7.2f}x")
     return 0
 
