@@ -7,7 +7,9 @@ Runs at import, before anything imports mindspore:
 - MindSpore 2.10's compile cache keys graphs by compile order, not by shapes or model, and
   silently loads wrong graphs (docs/mindspore_cpu.md#compile-cache): forced off, whatever the
   caller exported.
-- Every MINDCPM_* variable of the caller is dropped (tests that want one set it themselves).
+- Every MINDCPM_* variable of the caller is dropped (tests that want one set it themselves),
+  except those a test's child process is given by name in MINDCPM_TEST_KEEP (comma-separated):
+  test_emulated_isas.py's child keeps MINDCPM_EMULATE_AVX512.
 - MINDCPM_CACHE points at ONE fresh temporary directory for the whole session: GGUF imports and
   kernel builds start cold, so a change to gguf.py or a kernel is always exercised, and the
   kernels are built once per session, not once per test. Tests of cache behaviour take the
@@ -20,7 +22,8 @@ import tempfile
 
 import pytest
 
-for _name in [n for n in os.environ if n.startswith("MINDCPM_")]:
+_KEEP = set(os.environ.get("MINDCPM_TEST_KEEP", "").split(","))
+for _name in [n for n in os.environ if n.startswith("MINDCPM_") and n not in _KEEP]:
     del os.environ[_name]
 os.environ.pop("MS_COMPILER_CACHE_PATH", None)
 os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"

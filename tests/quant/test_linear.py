@@ -184,6 +184,14 @@ def test_bad_shapes_name_the_argument(packed, scales, offsets, match):
         KernelQuantMatmul("plain")(x, *args)
 
 
+def test_emulation_reaches_the_build():
+    """In test_emulated_isas.py's child process, MINDCPM_EMULATE_AVX512=1 survives conftest.py and
+    reaches the kernel's compiler flags, so the AVX-512 tests there run on SIMDe's intrinsics."""
+    if os.environ.get("MINDCPM_EMULATE_AVX512") != "1":
+        pytest.skip("runs in test_emulated_isas.py's child process")
+    assert "-DMINDCPM_EMULATE_AVX512" in cpu_kernels.compile_flags("quant_linear")
+
+
 def test_environment_picks_the_instruction_set():
     code = "from mindcpm.quant.linear import kernel_isa; print(kernel_isa())"
     env = dict(os.environ, MINDCPM_QUANT_ISA="scalar")
