@@ -28,13 +28,14 @@
 //                            gate|up weight x 3, down weight x 3, y)
 //                                       a whole pre-norm layer: the attention block (r = x), then
 //                                       the MLP block on its output                        [M, K]
-// The instruction set is chosen at run time: AVX-512 VNNI (with VL), else AVX-512F, else
+// The instruction set is chosen at run time: AVX-512 VNNI (with VL and BW), else AVX-512F, else
 // AVX2+FMA, else scalar; the environment variable MINDCPM_QUANT_ISA=scalar|avx2|avx512|avx512vnni
 // (or QuantLinearSetIsa) picks a narrower one. Decode (fewer than kGemmRows rows of x) on the SIMD
 // paths multiplies 4- and 8-bit codes by x rounded to int16 per 32 inputs (vpmaddwd, or VNNI's
 // vpdpwssd; the error bound is in quant_gemv.inc); prefill and batched decode do too unless
 // MINDCPM_QUANT_GEMM=fp32 (or QuantLinearSetGemm) asks for fp32 x, which the scalar path always
-// keeps. The AVX-512 paths run the int16 products on ymm; there is no AMX path.
+// keeps. The AVX-512 paths run the int16 products on ymm, but VNNI's decode on zmm; there is no
+// AMX path.
 // Built with -DMINDCPM_EMULATE_AVX512 (tests only, on CPUs without AVX-512), the AVX-512 paths
 // take their intrinsics from SIMDe's portable implementations, so their text is checked against
 // the scalar path on any x86-64 with AVX2 (tests/quant/test_emulated_isas.py).
@@ -173,6 +174,7 @@ struct V {
   using F = float;
   static constexpr int L = 1;
   using Dot = void;  // the reference: fp32 activations throughout
+  using WideDot = void;
   static F zero() { return 0.f; }
   static F set1(float v) { return v; }
   static F load(const float *p) { return *p; }
@@ -262,19 +264,29 @@ struct Int16Dot {
     if constexpr (std::is_same<S, F16>::value) return _cvtsh_ss(*p);
     else return S::get(p);
   }
-  // Lane scales of a step from two consecutive group scales: 4-bit groups of 32, the two blocks' own.
-  template <class S> static F pair_scales(const typename S::T *s) {
-    __m128 two;
+  // P consecutive scales of type S (2 or 4) as fp32, in the low lanes.
+  template <class S, int P> static __m128 first_scales(const typename S::T *s) {
+    static_assert(P == 2 || P == 4, "two or four groups a step");
     if constexpr (std::is_same<S, F32>::value) {
-      two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s)));
+      return P == 4 ? _mm_loadu_ps(s) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double *>(s)));
     } else {
-      int32_t both;  // the two 16-bit scales
-      std::memcpy(&both, s, sizeof both);
-      const __m128i h = _mm_cvtsi32_si128(both);
-      if constexpr (std::is_same<S, F16>::value) two = _mm_cvtph_ps(h);
-      else two = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
+      __m128i h;
+      if constexpr (P == 4) {
+        h = _mm_loadl_epi64(reinterpret_cast<const __m128i *>(s));
+      } else {
+        int32_t both;  // the two 16-bit scales
+        std::memcpy(&both, s, sizeof both);
+        h = _mm_cvtsi32_si128(both);
+      }
+      if constexpr (std::is_same<S, F16>::value) return _mm_cvtph_ps(h);
+      else return _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16));
     }
-    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
+  }
+  // Lane scales of a step holding P groups, each group's scale in its blocks' lanes: here 4-bit
+  // groups of 32, the step's two blocks' own.
+  template <class S, int P> static F step_scales(const typename S::T *s) {
+    static_assert(P == 2, "a step holds two blocks");
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(first_scales<S, 2>(s)), _mm256_set_epi32(1, 1, 1, 1, 0, 0, 0, 0));
   }
   // 8 values of type S as fp32.
   template <class S> static F load8(const typename S::T *p) {
@@ -358,6 +370,7 @@ struct V {
   using F = __m256;
   static constexpr int L = 8;
   using Dot = Int16Dot;
+  using WideDot = Int16Dot;
   static F zero() { return _mm256_setzero_ps(); }
   static F set1(float v) { return _mm256_set1_ps(v); }
   static F load(const float *p) { return _mm256_loadu_ps(p); }
@@ -403,6 +416,7 @@ struct V {
   using F = __m512;
   static constexpr int L = 16;
   using Dot = avx2_isa::Int16Dot;  // 16-bit integer lanes of zmm need AVX-512BW; ymm ones do not
+  using WideDot = avx2_isa::Int16Dot;
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float v) { return _mm512_set1_ps(v); }
   static F load(const float *p) { return _mm512_loadu_ps(p); }
@@ -437,7 +451,7 @@ struct V {
 #ifndef MINDCPM_EMULATE_AVX512
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512vl,avx512vnni,avx2,fma,f16c")
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512vnni,avx2,fma,f16c")
 #endif
 
 // AVX-512 VNNI: the AVX-512 path with vpdpwssd (multiply int16 pairs, add to int32: one
@@ -475,8 +489,59 @@ struct VnniDot : avx2_isa::Int16Dot {
 #endif
   }
 };
+// Decode's dot products on zmm: a step is 64 bytes of codes (4-bit: four blocks, 8-bit: two)
+// against 32 int16 inputs a vector, block h of a 4-bit step in 128-bit quarter h (lanes 4h..4h+3),
+// of an 8-bit step in 256-bit half h. Zen 4 splits each zmm instruction into two ymm halves, so
+// the multiplies a cycle are the ymm path's, but a step takes half the instructions: 4-bit decode
+// from L2 was bound by them, not by the multiplies (1.3x, benchmarks/quant_gemv.py --isa). The
+// GEMM stays on VnniDot's ymm spans. Weights whose K or groups do not fit these steps
+// (int_path) take VnniDot's decode.
+struct Vnni512Dot : avx2_isa::Int16Dot {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int L = 16;
+  template <int Bits> static constexpr int blocks() { return Bits == 4 ? 4 : 2; }
+  // As Int16Dot::slot, with vectors of 32 inputs.
+  template <int Bits> static int64_t slot(int64_t h, int64_t kk) {
+    if (Bits == 8) return (kk & 1) * 32 + h * 16 + (kk >> 1);
+    return ((kk & 1) | ((kk >> 4) & 1) << 1) * 32 + h * 8 + ((kk & 15) >> 1);
+  }
+  static F zero() { return _mm512_setzero_ps(); }
+  static F set1(float v) { return _mm512_set1_ps(v); }
+  static F load(const float *p) { return _mm512_loadu_ps(p); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static float hsum(F v) { return avx512_isa::V::hsum(v); }
+  static I dpwssd(I acc, I a, const int16_t *x) { return _mm512_dpwssd_epi32(acc, a, _mm512_loadu_si512(x)); }
+  // A step's int32 sums, as VnniDot::dot (one chain). Steps are always whole (int_path).
+  template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool) {
+    I v = _mm512_loadu_si512(codes);
+    // One load into a register: GCC would fold it into each of the and/shifts below, and four
+    // 64-byte loads a step, each taking both load ports, bound the loop (measured 1.0x ymm's).
+#ifndef MINDCPM_EMULATE_AVX512
+    __asm__("" : "+v"(v));
+#endif
+    const I zero = _mm512_setzero_si512();
+    if (Bits == 8) {
+      const I even = _mm512_and_si512(v, _mm512_set1_epi16(0xff)), odd = _mm512_srli_epi16(v, 8);
+      return _mm512_cvtepi32_ps(dpwssd(dpwssd(zero, even, x), odd, x + 32));
+    }
+    const I m = _mm512_set1_epi16(15);
+    const I lo_even = _mm512_and_si512(v, m), lo_odd = _mm512_and_si512(_mm512_srli_epi16(v, 8), m);
+    const I hi_even = _mm512_and_si512(_mm512_srli_epi16(v, 4), m), hi_odd = _mm512_srli_epi16(v, 12);
+    return _mm512_cvtepi32_ps(dpwssd(dpwssd(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 64), lo_odd, x + 32), hi_odd, x + 96));
+  }
+  // Lane scales of a step holding P groups (2 or 4), each group's in its blocks' lanes.
+  template <class S, int P> static F step_scales(const typename S::T *s) {
+    const I lane_group = P == 2 ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)
+                                : _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    const __m128 scales = first_scales<S, P>(s);
+    return _mm512_permutexvar_ps(lane_group, _mm512_castps128_ps512(scales));
+  }
+};
 struct V : avx512_isa::V {
   using Dot = VnniDot;
+  using WideDot = Vnni512Dot;
 };
 #include "../common/quant_gemv.inc"
 }  // namespace avx512vnni_isa
@@ -497,7 +562,7 @@ Isa best_isa() {
   if (avx2) return Isa::kAvx512Vnni;  // SIMDe stands in for the AVX-512 instructions
 #endif
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-      __builtin_cpu_supports("avx512vnni"))
+      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
     return Isa::kAvx512Vnni;
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"))
     return Isa::kAvx512;
