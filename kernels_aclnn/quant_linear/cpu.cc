@@ -492,10 +492,12 @@ struct VnniDot : avx2_isa::Int16Dot {
 // Decode's dot products on zmm: a step is 64 bytes of codes (4-bit: four blocks, 8-bit: two)
 // against 32 int16 inputs a vector, block h of a 4-bit step in 128-bit quarter h (lanes 4h..4h+3),
 // of an 8-bit step in 256-bit half h. Zen 4 splits each zmm instruction into two ymm halves, so
-// the multiplies a cycle are the ymm path's, but a step takes half the instructions: 4-bit decode
-// from L2 was bound by them, not by the multiplies (1.3x, benchmarks/quant_gemv.py --isa). The
-// GEMM stays on VnniDot's ymm spans. Weights whose K or groups do not fit these steps
-// (int_path) take VnniDot's decode.
+// the multiplies a cycle are the ymm path's (2 vpdpwssd ymm a cycle from registers), but a step
+// takes half the instructions, and ymm decode reached only ~30% of that multiply rate: bound by
+// instructions and loads. Measured on Zen 4 against ymm steps, all 24 MiniCPM4-0.5B layers from
+// DRAM (benchmarks/quant_gemv.py --rows 1 --quant-lib, alternated): int4 g128 1.15x, int8 per
+// channel 1.10x. The GEMM stays on VnniDot's ymm spans. Weights whose K or groups do not fit
+// these steps (int_path) take VnniDot's decode.
 struct Vnni512Dot : avx2_isa::Int16Dot {
   using F = __m512;
   using I = __m512i;
