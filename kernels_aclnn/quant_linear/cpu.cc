@@ -457,26 +457,41 @@ struct V {
 // AVX-512 VNNI: the AVX-512 path with vpdpwssd (multiply int16 pairs, add to int32: one
 // instruction for AVX2's vpmaddwd + vpaddd) on ymm, with AVX-512VL's encoding.
 namespace avx512vnni_isa {
+// A step's int32 sums of codes v against x, for the ymm and zmm dots (D: VnniDot, Vnni512Dot; W
+// int16 a vector): 16-bit lanes split from the codes by and/shift, the products in one chain of
+// vpdpwssd, no add to join two (the rows of a tile are independent chains; 4-bit decode
+// 1.03-1.2x two chains, benchmarks/quant_gemv.py).
+template <int Bits, class D>
+inline typename D::F codes_dot(typename D::I v, const int16_t *x) {
+  using I = typename D::I;
+  constexpr int W = D::kWords;
+  const I zero = D::izero();
+  if (Bits == 8) {
+    const I even = D::band(v, D::words(0xff)), odd = D::template shr<8>(v);
+    return D::cvt(D::dpwssd(D::dpwssd(zero, even, x), odd, x + W));
+  }
+  const I m = D::words(15);
+  const I lo_even = D::band(v, m), lo_odd = D::band(D::template shr<8>(v), m);
+  const I hi_even = D::band(D::template shr<4>(v), m), hi_odd = D::template shr<12>(v);
+  return D::cvt(D::dpwssd(D::dpwssd(D::dpwssd(D::dpwssd(zero, lo_even, x), hi_even, x + 2 * W), lo_odd, x + W),
+                          hi_odd, x + 3 * W));
+}
+
 struct VnniDot : avx2_isa::Int16Dot {
   using I = __m256i;
   static constexpr int kTileRows = 4;  // 4 x 4 tiles: 16 accumulators of 32 registers (measured 1.1x 2 x 4's)
   static I dpwssd(I acc, I a, const int16_t *x) {
     return _mm256_dpwssd_epi32(acc, a, _mm256_loadu_si256(reinterpret_cast<const __m256i *>(x)));
   }
-  // As Int16Dot::dot, the products accumulated in one chain: no add to join two (the rows of a
-  // tile are independent chains; 4-bit decode 1.03-1.2x two chains, benchmarks/quant_gemv.py).
+  static constexpr int kWords = 16;
+  static I band(I a, I b) { return _mm256_and_si256(a, b); }
+  static I words(int16_t w) { return _mm256_set1_epi16(w); }
+  template <int N> static I shr(I v) { return _mm256_srli_epi16(v, N); }
+  // As Int16Dot::dot, on vpdpwssd (codes_dot).
   template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool half) {
     const I v = half ? _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i *>(codes)))
                      : _mm256_loadu_si256(reinterpret_cast<const __m256i *>(codes));
-    const I zero = _mm256_setzero_si256();
-    if (Bits == 8) {
-      const I even = _mm256_and_si256(v, _mm256_set1_epi16(0xff)), odd = _mm256_srli_epi16(v, 8);
-      return _mm256_cvtepi32_ps(dpwssd(dpwssd(zero, even, x), odd, x + 16));
-    }
-    const I m = _mm256_set1_epi16(15);
-    const I lo_even = _mm256_and_si256(v, m), lo_odd = _mm256_and_si256(_mm256_srli_epi16(v, 8), m);
-    const I hi_even = _mm256_and_si256(_mm256_srli_epi16(v, 4), m), hi_odd = _mm256_srli_epi16(v, 12);
-    return _mm256_cvtepi32_ps(dpwssd(dpwssd(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 32), lo_odd, x + 16), hi_odd, x + 48));
+    return codes_dot<Bits, VnniDot>(v, x);
   }
   // acc += the pair products of x and w, as asm natively for AVX2's reason (Int16Dot::madd_add):
   // from the intrinsic GCC copies every accumulator between registers each step.
@@ -515,23 +530,21 @@ struct Vnni512Dot : avx2_isa::Int16Dot {
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float hsum(F v) { return avx512_isa::V::hsum(v); }
   static I dpwssd(I acc, I a, const int16_t *x) { return _mm512_dpwssd_epi32(acc, a, _mm512_loadu_si512(x)); }
-  // A step's int32 sums, as VnniDot::dot (one chain). Steps are always whole (int_path).
+  static constexpr int kWords = 32;
+  static I izero() { return _mm512_setzero_si512(); }
+  static I band(I a, I b) { return _mm512_and_si512(a, b); }
+  static I words(int16_t w) { return _mm512_set1_epi16(w); }
+  template <int N> static I shr(I v) { return _mm512_srli_epi16(v, N); }
+  static F cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  // A step's int32 sums (codes_dot). Steps are always whole (int_path).
   template <int Bits> static F dot(const uint8_t *codes, const int16_t *x, bool) {
     I v = _mm512_loadu_si512(codes);
-    // One load into a register: GCC would fold it into each of the and/shifts below, and four
-    // 64-byte loads a step, each taking both load ports, bound the loop (measured 1.0x ymm's).
+    // One load into a register: GCC would fold it into each of the and/shifts, and four 64-byte
+    // loads a step, each taking both load ports, bound the loop (measured 1.0x ymm's).
 #ifndef MINDCPM_EMULATE_AVX512
     __asm__("" : "+v"(v));
 #endif
-    const I zero = _mm512_setzero_si512();
-    if (Bits == 8) {
-      const I even = _mm512_and_si512(v, _mm512_set1_epi16(0xff)), odd = _mm512_srli_epi16(v, 8);
-      return _mm512_cvtepi32_ps(dpwssd(dpwssd(zero, even, x), odd, x + 32));
-    }
-    const I m = _mm512_set1_epi16(15);
-    const I lo_even = _mm512_and_si512(v, m), lo_odd = _mm512_and_si512(_mm512_srli_epi16(v, 8), m);
-    const I hi_even = _mm512_and_si512(_mm512_srli_epi16(v, 4), m), hi_odd = _mm512_srli_epi16(v, 12);
-    return _mm512_cvtepi32_ps(dpwssd(dpwssd(dpwssd(dpwssd(zero, lo_even, x), hi_even, x + 64), lo_odd, x + 32), hi_odd, x + 96));
+    return codes_dot<Bits, Vnni512Dot>(v, x);
   }
   // Lane scales of a step holding P groups (2 or 4), each group's in its blocks' lanes.
   template <class S, int P> static F step_scales(const typename S::T *s) {
