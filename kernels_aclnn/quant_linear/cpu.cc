@@ -455,7 +455,8 @@ struct V {
 #endif
 
 // AVX-512 VNNI: the AVX-512 path with vpdpwssd (multiply int16 pairs, add to int32: one
-// instruction for AVX2's vpmaddwd + vpaddd) on ymm, with AVX-512VL's encoding.
+// instruction for AVX2's vpmaddwd + vpaddd), the GEMM on ymm with AVX-512VL's encoding, decode on
+// zmm where the weight allows (Vnni512Dot).
 namespace avx512vnni_isa {
 // A step's int32 sums of codes v against x, for the ymm and zmm dots (D: VnniDot, Vnni512Dot; W
 // int16 a vector): 16-bit lanes split from the codes by and/shift, the products in one chain of
