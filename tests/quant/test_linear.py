@@ -275,7 +275,7 @@ def test_mlp_block_matches_numpy(isa, m):
 # symmetric / asymmetric. K = 352 is 11 blocks: a span and a short one (3 blocks: GEMM), a lone last
 # 4-bit block (decode); N = 37 leaves a last unit of 1 row (plain) and 2 rows (SwiGLU's 2 x 37 rows).
 # VNNI's decode takes zmm steps of 128 inputs (4-bit) or 64 (8-bit) where K and the groups fit
-# them, else ymm steps: the K = 352 / 160 cases take ymm; the last four take zmm with four (Q4_0)
+# them, else ymm steps: the K = 352 / 160 cases take ymm; the last four take zmm with four (Q4_1)
 # or two (int4 g64, Q8_0) groups a step and several steps a group (int8 per channel).
 INT16_FORMATS = [(8, 352, 352, False, "float32"), (8, 384, 64, True, "bfloat16"), (8, 352, 32, False, "float16"),
                  (4, 352, 32, False, "float16"), (4, 160, 32, True, "float16"), (4, 384, 128, False, "bfloat16"),
