@@ -98,10 +98,15 @@ inline void rope_paged_attention(const float *qkv, int64_t width, const CacheArg
   // re-reads the head's keys and values, which a decode step's cache holds in L2/L3.
   const int64_t pairs = T * Hkv;
   const int64_t parts = std::min<int64_t>(G, std::max<int64_t>(1, (2 * num_threads() + pairs - 1) / pairs));
+  // A unit's query heads walk the keys in blocks of kKeyBlock: a block's K (then V) rows are read
+  // from memory once and stay in L2 for all of them, instead of each head streaming the whole
+  // context (at 3000 keys a kv head's K and V exceed L2, and its 8 query heads read them 8 times).
+  // Up to kKeyBlock keys the order of every sum is the single pass's.
+  constexpr int64_t kKeyBlock = 256;
   parallel_chunks(pairs * parts, 1, [&](int64_t u0, int64_t u1) {
-    thread_local std::vector<float> q, scores;
+    thread_local std::vector<float> q, scores;  // per query head of the unit: its rotated q, its scores
     thread_local std::vector<int64_t> offsets;  // key j's K/V row: kc / vc + offsets[j]
-    q.resize(D), scores.resize(max_keys), offsets.resize(max_keys);
+    q.resize(G * D), scores.resize(G * max_keys), offsets.resize(max_keys);
     for (int64_t unit = u0; unit < u1; ++unit) {
       const int64_t pair = unit / parts, part = unit % parts;
       const int64_t t = pair / Hkv, h = pair % Hkv, b = t / L;
@@ -117,12 +122,16 @@ inline void rope_paged_attention(const float *qkv, int64_t width, const CacheArg
       const int32_t *table = tables + b * nb;
       const int64_t n = pos + 1;
       for (int64_t j = 0; j < n; ++j) offsets[j] = (((int64_t)table[j / bs] * bs + j % bs) * Hkv + h) * D;
-      for (int64_t g = g0; g < g1; ++g) {
-        rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, q.data());
-        scores_of(q.data(), kc, offsets.data(), n, D, scale, scores.data());
-        vec::softmax(scores.data(), n);
-        vec::weighted_sum(scores.data(), [&](int64_t j) { return vc + offsets[j]; }, n, D, 0.f, o + g * D);
-      }
+      for (int64_t g = g0; g < g1; ++g) rope(row + (h * G + g) * D, cos + pos * R, sin + pos * R, R, D, q.data() + g * D);
+      for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock)
+        for (int64_t g = g0; g < g1; ++g)
+          scores_of(q.data() + g * D, kc, offsets.data() + j0, std::min(kKeyBlock, n - j0), D, scale,
+                    scores.data() + g * max_keys + j0);
+      for (int64_t g = g0; g < g1; ++g) vec::softmax(scores.data() + g * max_keys, n);
+      for (int64_t j0 = 0; j0 < n; j0 += kKeyBlock)
+        for (int64_t g = g0; g < g1; ++g)
+          vec::weighted_sum(scores.data() + g * max_keys + j0, [&](int64_t j) { return vc + offsets[j0 + j]; },
+                            std::min(kKeyBlock, n - j0), D, j0 == 0 ? 0.f : 1.f, o + g * D);
     }
   });
 }

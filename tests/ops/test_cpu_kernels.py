@@ -229,10 +229,12 @@ def _attention_case(seed, b, l, hq, hkv, d, bs, nb, num_blocks):
                                                   (2, 5, 6, 3, 8, 4, 4, None), (3, 7, 2, 1, 32, 16, 1, None),
                                                   (2, 3, 4, 2, 32, 4, 3, 16),  # MiniMax's partial RoPE
                                                   (2, 2, 4, 2, 12, 8, 6, None),  # D % 8 != 0, 8-key blocks
-                                                  (1, 1, 8, 1, 136, 16, 3, None)])  # D > 64: two value blocks
+                                                  (1, 1, 8, 1, 136, 16, 3, None),  # D > 64: two value blocks
+                                                  # contexts past 256 keys: the kernel's key blocks
+                                                  (3, 1, 8, 2, 16, 16, 64, None), (2, 4, 4, 2, 16, 32, 24, None)])
 def test_paged_attention_matches_numpy(b, l, hq, hkv, d, bs, nb, r, ran):
     from mindcpm.ops.cpu import KernelAttention
-    rotary, (cos, sin) = _rotary(d, rotary_dim=r)
+    rotary, (cos, sin) = _rotary(d, max_pos=max(64, nb * bs), rotary_dim=r)
     num_blocks = b * nb + 1
     qkv, k_cache, v_cache, positions, slots, tables = _attention_case(b * 100 + l, b, l, hq, hkv, d, bs, nb,
                                                                       num_blocks)
