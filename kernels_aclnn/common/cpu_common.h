@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 #include <sched.h>
@@ -110,17 +111,19 @@ class Pool {
  public:
   static Pool &get() { return mindcpm_shared_pool(); }
   explicit Pool(int n) {
-    for (int t = 1; t < n; ++t) workers_.emplace_back([this] { loop(); });
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { loop(t - 1); });
   }
   int size() const { return (int)workers_.size() + 1; }
 
   // Runs fn() on the caller and on every worker that joins before the caller is done;
-  // fn must claim its own work (see parallel_chunks).
+  // fn must claim its own work (see parallel_chunks). Called outside a launched task while one
+  // runs, it first waits for that task (sync).
   void run(const std::function<void()> &fn) {
     if (workers_.empty()) {
       fn();
       return;
     }
+    if (!in_task() && task_running_.load(std::memory_order_acquire)) sync();
     std::lock_guard<std::mutex> serial(call_mutex_);  // one parallel region at a time
     Job job{&fn};
     {
@@ -139,7 +142,57 @@ class Pool {
     }
   }
 
+  // An asynchronous task: launch() hands task() to the first worker and returns at once; its
+  // parallel regions are helped by the other workers and by a thread waiting in sync(). One task
+  // at a time: launch() syncs the previous one first. A decode step's layer ops return this way
+  // so that MindSpore's host work between two ops (~30 us an op once the layer's weights have
+  // flushed its data from the caches) overlaps the layer's compute instead of idling the workers.
+  // Without workers the task runs before launch() returns. Its return value is kept for sync().
+  void launch(std::function<int()> task) {
+    if (int err = sync()) task_error_ = err;  // kept for the next sync
+    if (workers_.empty()) {
+      if (int err = task()) task_error_ = err;
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      task_ = std::move(task);
+      task_posted_ = true;
+      task_running_.store(true, std::memory_order_release);
+      epoch_.fetch_add(1, std::memory_order_release);
+    }
+    cv_.notify_all();
+  }
+
+  // Waits until the launched task (if any) is done, working on its parallel regions meanwhile;
+  // returns the first non-zero value a task returned since the last sync (0: none).
+  int sync() {
+    uint64_t joined = 0;  // the epoch of the last region this thread joined or found empty
+    for (int spins = 0; task_running_.load(std::memory_order_acquire); ++spins) {
+      Job *job = nullptr;
+      if (epoch_.load(std::memory_order_acquire) != joined) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        joined = epoch_.load(std::memory_order_acquire);
+        job = current_;
+        if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
+      }
+      if (job) {
+        (*job->fn)();
+        job->refs.fetch_sub(1, std::memory_order_acq_rel);
+        spins = 0;
+      } else if (spins < 4096) {
+        cpu_relax();
+      } else {
+        sched_yield();
+      }
+    }
+    const int err = task_error_;
+    task_error_ = 0;
+    return err;
+  }
+
   ~Pool() {
+    sync();
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
@@ -159,18 +212,34 @@ class Pool {
     _mm_pause();
 #endif
   }
-  void loop() {
+  static bool &in_task() {
+    thread_local bool flag = false;  // this thread is running a launched task
+    return flag;
+  }
+  void loop(int index) {
     uint64_t seen = 0;
     for (;;) {
       for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen && spins < 20000; ++spins) cpu_relax();
       Job *job;
+      std::function<int()> task;
       {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
         seen = epoch_.load(std::memory_order_acquire);
         if (stop_) return;
-        job = current_;
+        if (index == 0 && task_posted_) {
+          task_posted_ = false;
+          task = std::move(task_);
+        }
+        job = task ? nullptr : current_;
         if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
+      }
+      if (task) {
+        in_task() = true;
+        if (int err = task()) task_error_ = err;
+        in_task() = false;
+        task_running_.store(false, std::memory_order_release);
+        continue;
       }
       if (job) {
         (*job->fn)();
@@ -185,7 +254,47 @@ class Pool {
   std::atomic<uint64_t> epoch_{0};
   Job *current_ = nullptr;
   bool stop_ = false;
+  std::function<int()> task_;  // posted by launch(), taken by the first worker
+  bool task_posted_ = false;
+  std::atomic<bool> task_running_{false};
+  int task_error_ = 0;  // written by the task's thread before task_running_ is released
 };
+
+// An op's entry point, run as the pool's task (Pool::launch) on a copy of its arguments: MindSpore
+// owns the arrays it passes only for the call. Returns once launched; the task's failure is
+// returned by the next op's sync.
+using OpEntry = int (*)(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes);
+
+struct OpArgs {
+  std::vector<void *> params;
+  std::vector<int> ndims;
+  std::vector<std::vector<int64_t>> shape_values;
+  std::vector<int64_t *> shapes;
+  std::vector<std::string> dtype_names;
+  std::vector<const char *> dtypes;
+  void assign(int n, void **p, const int *nd, int64_t **sh, const char **dt) {
+    params.assign(p, p + n), ndims.assign(nd, nd + n);
+    shape_values.resize(n), shapes.resize(n), dtype_names.resize(n), dtypes.resize(n);
+    for (int i = 0; i < n; ++i) {
+      shape_values[i].assign(sh[i], sh[i] + nd[i]);
+      shapes[i] = shape_values[i].data();
+      dtype_names[i] = dt[i];
+      dtypes[i] = dtype_names[i].c_str();
+    }
+  }
+};
+
+inline int launch_op(OpEntry entry, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  static OpArgs args;  // the one task's: launch waits for the last task before it is overwritten
+  static std::mutex launching;
+  std::lock_guard<std::mutex> lock(launching);
+  if (int err = Pool::get().sync()) return err;
+  args.assign(nparam, params, ndims, shapes, dtypes);
+  Pool::get().launch([entry] {
+    return entry((int)args.params.size(), args.params.data(), args.ndims.data(), args.shapes.data(), args.dtypes.data());
+  });
+  return 0;
+}
 
 // fn(begin, end) over [0, n), claimed dynamically by the pool's threads in guided chunks: each
 // claim takes 1/(2 x threads) of what is left, rounded down to a multiple of `chunk` and at least

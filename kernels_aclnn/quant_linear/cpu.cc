@@ -771,8 +771,8 @@ extern "C" int QuantRmsNormAttentionBlock(int nparam, void **params, int *ndims,
 //                            slot_mapping, block_tables, k_cache, v_cache, meta, o_packed, o_scales,
 //                            o_offsets, scale, g2, eps2, gu_packed, gu_scales, gu_offsets,
 //                            d_packed, d_scales, d_offsets, y)
-extern "C" int QuantRmsNormDecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
-                                        void *, void *) {
+namespace {
+int decoder_layer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 27 || std::strcmp(dtypes[0], "float32") != 0 || numel(ndims[26], shapes[26]) != numel(ndims[0], shapes[0]))
     return kBadOther;
   thread_local std::vector<float> attended;  // the attention block's output: the MLP's x and residual
@@ -796,4 +796,32 @@ extern "C" int QuantRmsNormDecoderLayer(int nparam, void **params, int *ndims, i
                      {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 0, 17, kAttended}))
     return err;
   return call(QuantRmsNormSwigluMlp, {kAttended, 18, 19, 20, 21, 22, 23, 24, 25, kAttended, 17, 26});
+}
+
+}  // namespace
+
+extern "C" int QuantRmsNormDecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                                        void *, void *) {
+  if (int err = Pool::get().sync()) return err;  // a launched layer's failure surfaces here
+  return decoder_layer(nparam, params, ndims, shapes, dtypes);
+}
+
+namespace {
+std::atomic<bool> early_returns{false};
+}
+
+// Whether QuantRmsNormDecoderLayerAsync may return before its work is done: only while a compiled
+// graph runs (engine/runner.py), whose constants and intermediate buffers outlive the op's call
+// until a later op of the graph. An op run on its own (PyNative) may see its inputs freed, and
+// their memory handed to the next tensor, as soon as it returns.
+extern "C" void QuantLinearAllowEarlyReturns(int on) { early_returns.store(on != 0); }
+
+// The same layer, returned from before its work is done (Pool::launch) when allowed: for a layer
+// whose output only the next layer's op reads, which waits for it. Its errors surface from the
+// next op.
+extern "C" int QuantRmsNormDecoderLayerAsync(int nparam, void **params, int *ndims, int64_t **shapes,
+                                             const char **dtypes, void *, void *) {
+  if (!early_returns.load(std::memory_order_relaxed))
+    return QuantRmsNormDecoderLayer(nparam, params, ndims, shapes, dtypes, nullptr, nullptr);
+  return launch_op(decoder_layer, nparam, params, ndims, shapes, dtypes);
 }

@@ -15,6 +15,7 @@ weights as [E, in, out] for GroupedMatmul (no transpose).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -353,6 +354,14 @@ class Device:
             return {"jit_level": "O0", "infer_boost": "on"}
         return {"infer_boost": "on"}
 
+    def compiled_run(self):
+        """The context a compiled step's graph runs in: with fused quantized layers, the one in
+        which they may return before their work is done (quant/linear.py early_returns)."""
+        if self.fused_blocks and self.quant is not None:
+            from ..quant.linear import early_returns
+            return early_returns()
+        return contextlib.nullcontext()
+
     def eager_steps(self, decode_row: bool) -> float:
         """How many steps of a new shape bucket run op by op before its graph is compiled: 0
         (compile at once), a count, or inf (never). compile_prefill=False, with the CPU kernels'
@@ -377,17 +386,24 @@ class Device:
         Quantized projections: the quantized kernels' version of the same layer, except in a
         layer with GPTQ act-order weights, whose inputs are gathered into each weight's own order
         between the ops (the fused kernels read them in the layer's order), so it runs after the
-        weights are loaded."""
+        weights are loaded. A fused quantized layer whose output only the next fused layer reads
+        returns before its work is done (KernelQuantDecoderLayer's returns_early); the residual
+        stream a draft head keeps (aux_hidden_layers) is also read by MindSpore's own ops."""
         if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
             return
-        if self.quant is not None:
-            from ..quant.linear import KernelQuantDecoderLayer as fused
-        else:
-            from .cpu import KernelDecoderLayer as fused
+        fusing = [not _gathers_inputs(layer) for layer in model.layers]
+        kept = set(getattr(model, "aux_hidden_layers", ()))
         for i, layer in enumerate(model.layers):
-            if not _gathers_inputs(layer):
-                model.layers[i] = fused(layer)
-                self.fused_blocks = True
+            if not fusing[i]:
+                continue
+            if self.quant is not None:
+                from ..quant.linear import KernelQuantDecoderLayer
+                next_reads_alone = i + 1 < len(fusing) and fusing[i + 1] and i + 1 not in kept
+                model.layers[i] = KernelQuantDecoderLayer(layer, returns_early=next_reads_alone)
+            else:
+                from .cpu import KernelDecoderLayer
+                model.layers[i] = KernelDecoderLayer(layer)
+            self.fused_blocks = True
 
     def after_load(self, model) -> None:
         """A quantized tied head quantizes the embedding (LMHead.quantize_tied). Ascend: stacked

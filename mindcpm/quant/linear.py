@@ -16,6 +16,7 @@ by it first (layers/linear.py's Linear does, on every device).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 
@@ -143,7 +144,20 @@ def _library() -> ctypes.CDLL:
     lib.QuantLinearSetIsa.argtypes = [ctypes.c_char_p]
     lib.QuantLinearGemm.restype = ctypes.c_char_p
     lib.QuantLinearSetGemm.argtypes = [ctypes.c_char_p]
+    lib.QuantLinearAllowEarlyReturns.argtypes = [ctypes.c_int]
     return lib
+
+
+@contextlib.contextmanager
+def early_returns():
+    """Within: fused layers built with returns_early return before their work is done. Only
+    around a compiled graph's run: an op run on its own may see its inputs freed as it returns."""
+    lib = _library()
+    lib.QuantLinearAllowEarlyReturns(1)
+    try:
+        yield
+    finally:
+        lib.QuantLinearAllowEarlyReturns(0)
 
 
 def kernel_isa() -> str:
@@ -206,9 +220,14 @@ class KernelQuantDecoderLayer(nn.Cell):
     (norm, q|k|v, RoPE + cache write + paged attention, o_proj and its residual), then the MLP
     block (norm, gate|up, SwiGLU, down and its residual). Each op of a decode step costs
     MindSpore's runtime host time, more than a small GEMV. It keeps the layer's own cells under
-    their names, so the Parameters and checkpoint names stay the layer's."""
+    their names, so the Parameters and checkpoint names stay the layer's.
 
-    def __init__(self, layer):
+    With returns_early, the op returns before its work is done and the next op that uses the CPU
+    kernels waits for it (Pool::launch in cpu_common.h): MindSpore's host work between two ops
+    then overlaps the layer. Only for a layer whose output the next fused layer alone reads
+    (Device.fuse_blocks): MindSpore's own ops do not wait."""
+
+    def __init__(self, layer, returns_early: bool = False):
         super().__init__()
         self.input_layernorm, self.self_attn = layer.input_layernorm, layer.self_attn
         self.post_attention_layernorm, self.mlp = layer.post_attention_layernorm, layer.mlp
@@ -216,7 +235,9 @@ class KernelQuantDecoderLayer(nn.Cell):
         self.eps = Tensor(np.array([layer.input_layernorm.eps], np.float32))
         self.post_eps = Tensor(np.array([layer.post_attention_layernorm.eps], np.float32))
         self.scale = Tensor(np.array([layer.residual_scale], np.float32))
-        self.op = aot_op(OP, "QuantRmsNormDecoderLayer", _layer_shape, _layer_dtype)
+        self.returns_early = returns_early
+        entry = "QuantRmsNormDecoderLayerAsync" if returns_early else "QuantRmsNormDecoderLayer"
+        self.op = aot_op(OP, entry, _layer_shape, _layer_dtype)
 
     def construct(self, h, positions, slot_mapping, block_tables, block_size, *extra):
         attn, qkv, o = self.self_attn, self.self_attn.qkv_proj, self.self_attn.o_proj

@@ -78,8 +78,11 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tm
     if not fused:
         monkeypatch.setattr(Device, "fuse_blocks", lambda self, model: None)
     llm = make_llm(tiny_dir, **KERNELS_ON, quantization=method, quant_group_size=group)
-    layer_type = type(llm.engine.runner.model.layers[0]).__name__
+    layers = llm.engine.runner.model.layers
+    layer_type = type(layers[0]).__name__
     assert (layer_type == "KernelQuantDecoderLayer") == fused, layer_type
+    if fused:  # every layer but the last returns before its work is done; the next one waits
+        assert [layer.returns_early for layer in layers] == [True] * (len(layers) - 1) + [False]
     qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
     assert qkv.quantized and qkv.weight_packed.dtype == ms.uint8
     bits = 8 if method == "int8" else 4
