@@ -123,7 +123,7 @@ class Pool {
       fn();
       return;
     }
-    if (!in_task() && task_running_.load(std::memory_order_acquire)) sync();
+    if (task_running_.load(std::memory_order_acquire) && std::this_thread::get_id() != workers_[0].get_id()) sync();
     std::lock_guard<std::mutex> serial(call_mutex_);  // one parallel region at a time
     Job job{&fn};
     {
@@ -212,10 +212,6 @@ class Pool {
     _mm_pause();
 #endif
   }
-  static bool &in_task() {
-    thread_local bool flag = false;  // this thread is running a launched task
-    return flag;
-  }
   void loop(int index) {
     uint64_t seen = 0;
     for (;;) {
@@ -235,9 +231,7 @@ class Pool {
         if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
       }
       if (task) {
-        in_task() = true;
         if (int err = task()) task_error_ = err;
-        in_task() = false;
         task_running_.store(false, std::memory_order_release);
         continue;
       }
