@@ -798,16 +798,13 @@ int decoder_layer(int nparam, void **params, int *ndims, int64_t **shapes, const
   return call(QuantRmsNormSwigluMlp, {kAttended, 18, 19, 20, 21, 22, 23, 24, 25, kAttended, 17, 26});
 }
 
+std::atomic<bool> early_returns{false};  // QuantLinearAllowEarlyReturns
 }  // namespace
 
 extern "C" int QuantRmsNormDecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                         void *, void *) {
   if (int err = Pool::get().sync()) return err;  // a launched layer's failure surfaces here
   return decoder_layer(nparam, params, ndims, shapes, dtypes);
-}
-
-namespace {
-std::atomic<bool> early_returns{false};
 }
 
 // Whether QuantRmsNormDecoderLayerAsync may return before its work is done: only while a compiled

@@ -391,18 +391,18 @@ class Device:
         stream a draft head keeps (aux_hidden_layers) is also read by MindSpore's own ops."""
         if not (self.kernels and self.sparse is None and self.tp.size == 1 and model.PRENORM_LAYERS):
             return
+        from .cpu import KernelDecoderLayer
+        from ..quant.linear import KernelQuantDecoderLayer
         fusing = [not _gathers_inputs(layer) for layer in model.layers]
         kept = set(getattr(model, "aux_hidden_layers", ()))
         for i, layer in enumerate(model.layers):
             if not fusing[i]:
                 continue
-            if self.quant is not None:
-                from ..quant.linear import KernelQuantDecoderLayer
+            if self.quant is None:
+                model.layers[i] = KernelDecoderLayer(layer)
+            else:
                 next_reads_alone = i + 1 < len(fusing) and fusing[i + 1] and i + 1 not in kept
                 model.layers[i] = KernelQuantDecoderLayer(layer, returns_early=next_reads_alone)
-            else:
-                from .cpu import KernelDecoderLayer
-                model.layers[i] = KernelDecoderLayer(layer)
             self.fused_blocks = True
 
     def after_load(self, model) -> None:

@@ -222,9 +222,9 @@ class KernelQuantDecoderLayer(nn.Cell):
     MindSpore's runtime host time, more than a small GEMV. It keeps the layer's own cells under
     their names, so the Parameters and checkpoint names stay the layer's.
 
-    With returns_early, the op returns before its work is done and the next op that uses the CPU
-    kernels waits for it (Pool::launch in cpu_common.h): MindSpore's host work between two ops
-    then overlaps the layer. Only for a layer whose output the next fused layer alone reads
+    With returns_early, the op returns before its work is done (Pool::launch in cpu_common.h)
+    while a compiled step runs, and the next fused layer's op waits for it: MindSpore's host work
+    between two ops then overlaps the layer. Only for a layer whose output the next fused layer alone reads
     (Device.fuse_blocks): MindSpore's own ops do not wait."""
 
     def __init__(self, layer, returns_early: bool = False):
