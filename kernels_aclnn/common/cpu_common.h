@@ -8,7 +8,9 @@
 #include <cstring>
 #include <atomic>
 #include <condition_variable>
+#include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -143,26 +145,33 @@ class Pool {
   }
 
   // An asynchronous task: launch() hands task() to the first worker and returns at once; its
-  // parallel regions are helped by the other workers and by a thread waiting in sync(). One task
-  // at a time: launch() syncs the previous one first. A decode step's layer ops return this way
-  // so that MindSpore's host work between two ops (~30 us an op once the layer's weights have
-  // flushed its data from the caches) overlaps the layer's compute instead of idling the workers.
-  // Without workers the task runs before launch() returns. Its return value is kept for sync().
+  // parallel regions are helped by the other workers and by a thread waiting in sync(). launch()
+  // syncs the previous tasks first; enqueue() does not: its task runs after them, on the same
+  // worker. A decode step's layer ops return this way so that MindSpore's host work between two
+  // ops (~30 us an op once the layer's weights have flushed its data from the caches) overlaps the
+  // layer's compute instead of idling the workers. Without workers the task runs before launch()
+  // returns. Its return value is kept for sync().
   void launch(std::function<int()> task) {
     if (int err = sync()) task_error_ = err;  // kept for the next sync
+    enqueue(std::move(task));
+  }
+
+  void enqueue(std::function<int()> task) {
     if (workers_.empty()) {
       if (int err = task()) task_error_ = err;
       return;
     }
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      task_ = std::move(task);
-      task_posted_ = true;
+      tasks_.push_back(std::move(task));
       task_running_.store(true, std::memory_order_release);
       epoch_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
   }
+
+  // Whether a launched task has not finished yet.
+  bool task_pending() const { return task_running_.load(std::memory_order_acquire); }
 
   // Waits until the launched task (if any) is done, working on its parallel regions meanwhile;
   // returns the first non-zero value a task returned since the last sync (0: none).
@@ -214,25 +223,31 @@ class Pool {
   }
   void loop(int index) {
     uint64_t seen = 0;
+    bool queued = false;  // the first worker: tasks were left in the queue
     for (;;) {
-      for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen && spins < 20000; ++spins) cpu_relax();
+      for (int spins = 0; !queued && epoch_.load(std::memory_order_acquire) == seen && spins < 20000; ++spins)
+        cpu_relax();
       Job *job;
       std::function<int()> task;
       {
         std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+        const auto has_task = [&] { return index == 0 && !tasks_.empty(); };
+        cv_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen || has_task(); });
         seen = epoch_.load(std::memory_order_acquire);
         if (stop_) return;
-        if (index == 0 && task_posted_) {
-          task_posted_ = false;
-          task = std::move(task_);
+        if (has_task()) {
+          task = std::move(tasks_.front());
+          tasks_.pop_front();
         }
         job = task ? nullptr : current_;
         if (job) job->refs.fetch_add(1, std::memory_order_acq_rel);
       }
       if (task) {
-        if (int err = task()) task_error_ = err;
-        task_running_.store(false, std::memory_order_release);
+        const int err = task();
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (err && !task_error_) task_error_ = err;
+        queued = !tasks_.empty();
+        if (!queued) task_running_.store(false, std::memory_order_release);
         continue;
       }
       if (job) {
@@ -248,10 +263,9 @@ class Pool {
   std::atomic<uint64_t> epoch_{0};
   Job *current_ = nullptr;
   bool stop_ = false;
-  std::function<int()> task_;  // posted by launch(), taken by the first worker
-  bool task_posted_ = false;
-  std::atomic<bool> task_running_{false};
-  int task_error_ = 0;  // written by the task's thread before task_running_ is released
+  std::deque<std::function<int()>> tasks_;  // posted by launch() / enqueue(), run in order by the first worker
+  std::atomic<bool> task_running_{false};   // until the queue is empty and its last task done
+  int task_error_ = 0;  // the first failure, written by the tasks' thread before task_running_ is released
 };
 
 // An op's entry point, run as the pool's task (Pool::launch) on a copy of its arguments: MindSpore
@@ -259,6 +273,8 @@ class Pool {
 // returned by the next op's sync.
 using OpEntry = int (*)(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes);
 
+// Reused from task to task: a decode step's ops must not allocate (a 4 KiB malloc in a step measured
+// ~50 us: glibc first consolidates the small chunks MindSpore's runtime has freed).
 struct OpArgs {
   std::vector<void *> params;
   std::vector<int> ndims;
@@ -266,6 +282,8 @@ struct OpArgs {
   std::vector<int64_t *> shapes;
   std::vector<std::string> dtype_names;
   std::vector<const char *> dtypes;
+  std::vector<std::vector<char>> copies;  // inputs copied at the call (own_input)
+  size_t copied = 0;
   void assign(int n, void **p, const int *nd, int64_t **sh, const char **dt) {
     params.assign(p, p + n), ndims.assign(nd, nd + n);
     shape_values.resize(n), shapes.resize(n), dtype_names.resize(n), dtypes.resize(n);
@@ -275,18 +293,45 @@ struct OpArgs {
       dtype_names[i] = dt[i];
       dtypes[i] = dtype_names[i].c_str();
     }
+    copied = 0;
   }
+  // The task reads its own copy of input i ([bytes]): for an input whose memory MindSpore may
+  // hand to a later op's output before the task has read it.
+  void own_input(int i, size_t bytes) {
+    if (copies.size() == copied) copies.emplace_back();
+    const char *from = static_cast<const char *>(params[i]);
+    copies[copied].assign(from, from + bytes);
+    params[i] = copies[copied++].data();
+  }
+  int run(OpEntry entry) { return entry((int)params.size(), params.data(), ndims.data(), shapes.data(), dtypes.data()); }
 };
 
-inline int launch_op(OpEntry entry, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
-  static OpArgs args;  // the one task's: launch waits for the last task before it is overwritten
+// Runs the op as the pool's task: after waiting for the tasks before it, or (wait_for_previous
+// false) queued behind them. `prepare` may copy inputs (OpArgs::own_input) before the op returns.
+inline int launch_op(OpEntry entry, int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                     bool wait_for_previous = true, void (*prepare)(OpArgs &) = nullptr) {
+  static std::shared_ptr<OpArgs> slots[4];  // a slot is free when no queued task holds it
   static std::mutex launching;
   std::lock_guard<std::mutex> lock(launching);
-  if (int err = Pool::get().sync()) return err;
-  args.assign(nparam, params, ndims, shapes, dtypes);
-  Pool::get().launch([entry] {
-    return entry((int)args.params.size(), args.params.data(), args.ndims.data(), args.shapes.data(), args.dtypes.data());
-  });
+  if (wait_for_previous) {
+    if (int err = Pool::get().sync()) return err;
+  }
+  std::shared_ptr<OpArgs> *slot = nullptr;
+  for (auto &s : slots) {
+    if (!s) s = std::make_shared<OpArgs>();
+    if (s.use_count() == 1) {
+      slot = &s;
+      break;
+    }
+  }
+  if (!slot) {  // four tasks queued: wait for them
+    if (int err = Pool::get().sync()) return err;
+    slot = &slots[0];
+  }
+  std::shared_ptr<OpArgs> args = *slot;
+  args->assign(nparam, params, ndims, shapes, dtypes);
+  if (prepare) prepare(*args);
+  Pool::get().enqueue([entry, args] { return args->run(entry); });
   return 0;
 }
 

@@ -675,11 +675,68 @@ extern "C" int QuantLinearSetGemm(const char *name) {
   return 1;
 }
 
-extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
-                           void *) {
+namespace {
+std::atomic<bool> early_returns{false};  // QuantLinearAllowEarlyReturns
+
+int plain_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5) return kBadOther;
   return run_problem(params, ndims, shapes, dtypes, 1, false, 4, {Epilogue::kPlain, nullptr, 0, nullptr, 0.f});
 }
+
+// ids[m] = the first index of the largest value of row m of x [M, N] (a NaN counts as the
+// largest, as in numpy).
+int argmax_rows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
+  if (nparam != 2 || ndims[0] != 2 || std::strcmp(dtypes[0], "float32") != 0 ||
+      std::strcmp(dtypes[1], "int32") != 0 || numel(ndims[1], shapes[1]) != shapes[0][0] || shapes[0][1] < 1)
+    return kBadOther;
+  const int64_t N = shapes[0][1];
+  const float *x = static_cast<const float *>(params[0]);
+  int32_t *ids = static_cast<int32_t *>(params[1]);
+  parallel_chunks(shapes[0][0], 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float *row = x + m * N;
+      float top = row[0];
+      bool nan = false;
+      for (int64_t j = 0; j < N; ++j) top = row[j] > top ? row[j] : top, nan |= row[j] != row[j];
+      int64_t j = 0;
+      while (nan ? row[j] == row[j] : row[j] != top) ++j;
+      ids[m] = (int32_t)j;
+    }
+  });
+  return kOk;
+}
+}  // namespace
+
+extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                           void *) {
+  return plain_linear(nparam, params, ndims, shapes, dtypes);
+}
+
+// The same projection, returned from before its work is done (Pool::launch) inside a compiled
+// step (QuantLinearAllowEarlyReturns): for the LM head, whose logits only ArgmaxRows and the
+// step's outputs read; engine code waits (QuantLinearWait) before it reads them. The task reads
+// its own copy of x, whose memory MindSpore may give to a later op's output (an EAGLE-3
+// concatenation) once this op has returned.
+extern "C" int QuantLinearAsync(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                                void *) {
+  if (!early_returns.load(std::memory_order_relaxed) || nparam != 5 || std::strcmp(dtypes[0], "float32") != 0)
+    return plain_linear(nparam, params, ndims, shapes, dtypes);
+  return launch_op(plain_linear, nparam, params, ndims, shapes, dtypes, true,
+                   [](OpArgs &a) { a.own_input(0, numel(a.ndims[0], a.shapes[0]) * sizeof(float)); });
+}
+
+// ids [M] int32 = each row's arg-max of x [M, N] fp32 (argmax_rows). Behind a launched task (the
+// LM head's) it is queued after it and returns at once.
+extern "C" int ArgmaxRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
+                          void *) {
+  if (early_returns.load(std::memory_order_relaxed) && Pool::get().task_pending())
+    return launch_op(argmax_rows, nparam, params, ndims, shapes, dtypes, false);
+  if (int err = Pool::get().sync()) return err;
+  return argmax_rows(nparam, params, ndims, shapes, dtypes);
+}
+
+// Waits for the launched tasks; returns the first failure's error code since the last wait (0: none).
+extern "C" int QuantLinearWait() { return Pool::get().sync(); }
 
 extern "C" int QuantLinearSwiglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
                                  void *, void *) {
@@ -797,8 +854,6 @@ int decoder_layer(int nparam, void **params, int *ndims, int64_t **shapes, const
     return err;
   return call(QuantRmsNormSwigluMlp, {kAttended, 18, 19, 20, 21, 22, 23, 24, 25, kAttended, 17, 26});
 }
-
-std::atomic<bool> early_returns{false};  // QuantLinearAllowEarlyReturns
 }  // namespace
 
 extern "C" int QuantRmsNormDecoderLayer(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,

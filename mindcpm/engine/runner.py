@@ -12,13 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
 from ..config import ModelConfig
 from ..loader import load_checkpoint, load_dummy_weights
 from ..models.registry import model_class
 from ..layers.sparse import sparse_step_metadata
 from ..ops.device import Device
+from ..ops.native import NativeArgmax
 from ..parallel import StepChannel, tp_group
 from ..sampling import SamplingParams
 from .sampler import SampleRequest, Sampler, topk_logprobs
@@ -86,9 +87,11 @@ class _CompiledStep(nn.Cell):
 
     due_for_compile = False
 
-    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None, run_context=None):
+    def __init__(self, model: nn.Cell, shapes: tuple, jit_options: dict | None = None, run_context=None,
+                 argmax: nn.Cell | None = None):
         super().__init__()
         self.model = model
+        self.argmax = argmax or NativeArgmax()
         self.shapes = shapes
         self.run_context = run_context or contextlib.nullcontext  # a fresh context manager per run
         self.phase = "increment"
@@ -106,7 +109,7 @@ class _CompiledStep(nn.Cell):
     def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
                   logits_rows, *extra):
         return _with_argmax(self.model(input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping,
-                                       block_tables, logits_rows, *extra))
+                                       block_tables, logits_rows, *extra), self.argmax)
 
 
 class _EagerStep:
@@ -114,9 +117,10 @@ class _EagerStep:
     yet (Device.eager_steps); the same results as _CompiledStep. After `runs` calls it is due to
     be replaced by its bucket's compiled step."""
 
-    def __init__(self, model: nn.Cell, runs: float):
+    def __init__(self, model: nn.Cell, runs: float, argmax: nn.Cell):
         self.model = model
         self.runs_left = runs
+        self.argmax = argmax
 
     @property
     def due_for_compile(self) -> bool:
@@ -124,14 +128,14 @@ class _EagerStep:
 
     def __call__(self, *inputs):
         self.runs_left -= 1
-        return _with_argmax(self.model(*inputs))
+        return _with_argmax(self.model(*inputs), self.argmax)
 
 
-def _with_argmax(outputs):
+def _with_argmax(outputs, argmax):
     """(logits, arg-max ids, then the model's other outputs: hidden states for a draft head)."""
     if isinstance(outputs, tuple):
-        return (outputs[0], ops.argmax(outputs[0], dim=-1).astype(ms.int32)) + outputs[1:]
-    return outputs, ops.argmax(outputs, dim=-1).astype(ms.int32)
+        return (outputs[0], argmax(outputs[0])) + outputs[1:]
+    return outputs, argmax(outputs)
 
 
 class ModelRunner:
@@ -153,6 +157,7 @@ class ModelRunner:
             extra.update(hidden_out=cfg.hidden_out, aux_hidden_layers=cfg.aux_hidden_layers)
         self.model = model_class(model_cfg.architecture)(model_cfg, self.device, **extra)
         self.step_inputs = self.device.step_input_names(self.model)
+        self.argmax = self.device.argmax()
         if checkpoint_dir is not None:
             load_checkpoint(self.model, checkpoint_dir, cfg.dtype, progress and self.tp.rank == 0)
             self.device.after_load(self.model)
@@ -291,11 +296,12 @@ class ModelRunner:
             width = inputs[0].shape[1]
             runs = self.device.eager_steps(decode_row=width <= max(1, self.verify_width))
             if runs:
-                step = self.steps[key] = _EagerStep(self.model, runs)
+                step = self.steps[key] = _EagerStep(self.model, runs, self.argmax)
         if step is not None and not step.due_for_compile:
             return step(*inputs)
         start = time.perf_counter()
-        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options(), self.device.compiled_run)
+        step = self.steps[key] = _CompiledStep(self.model, key, self.device.jit_options(), self.device.compiled_run,
+                                               self.argmax)
         outputs = step(*inputs)
         outputs[1].asnumpy()  # count the compile apart from later runs
         self.compile_seconds += time.perf_counter() - start

@@ -66,7 +66,9 @@ class LMHead(nn.Cell):
         if self.quant_head:
             self.in_features = hidden_size
             self.quant = QuantSlot(self, device, (local, hidden_size))
-            self.matmul = device.quant_matmul("plain")
+            # Only the step's arg-max and outputs read its logits, unless the ranks' slices are
+            # gathered: then it waits as any op.
+            self.matmul = device.quant_matmul("plain", returns_early=tp_group().size == 1)
         else:
             self.matmul = device.matmul()
         self.tp_size = tp_group().size

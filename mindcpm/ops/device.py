@@ -21,8 +21,9 @@ import os
 
 import numpy as np
 import mindspore as ms
+from mindspore import nn
 
-from .native import NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNorm, SplitRopeAttention
+from .native import NativeArgmax, NativeAttention, NativeEmbedding, NativeMatmul, NativeRMSNorm, SplitRopeAttention
 
 DEVICES = ("cpu", "ascend")
 ATTENTION_BACKENDS = ("native", "ascend")
@@ -219,13 +220,23 @@ class Device:
         WeightQuantBatchMatmul takes them in (so bf16 ones are not rounded again)."""
         return "bfloat16" if self.ascend_kernels and self.dtype == ms.bfloat16 else "float16"
 
-    def quant_matmul(self, epilogue: str):
-        """x W^T with W as a quantized layer's three tensors (quant_parameters)."""
+    def quant_matmul(self, epilogue: str, returns_early: bool = False):
+        """x W^T with W as a quantized layer's three tensors (quant_parameters). returns_early: a
+        plain projection whose output only argmax() and the step's outputs read (the LM head);
+        on CPU it returns before its work is done inside compiled_run, which waits at its end."""
         if self.ascend_kernels:
             from .ascend_quant import AscendQuantMatmul
             return AscendQuantMatmul(epilogue)
         from ..quant.linear import KernelQuantMatmul
-        return KernelQuantMatmul(epilogue)
+        return KernelQuantMatmul(epilogue, returns_early=returns_early)
+
+    def argmax(self) -> nn.Cell:
+        """Each logits row's arg-max as int32 (ties: the lowest id). With quantized weights on CPU
+        the kernel's, which does not wait for an LM head that returned early (quant_matmul)."""
+        if self.quant is not None and not self.ascend_kernels:
+            from ..quant.linear import KernelArgmaxRows
+            return KernelArgmaxRows()
+        return NativeArgmax()
 
     def quant_parameters(self, n: int, k: int) -> dict:
         """Name -> zeros of a quantized [n, k] layer's Parameters, in this device's layout: the CPU

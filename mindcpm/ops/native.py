@@ -125,3 +125,10 @@ class NativeEmbedding(nn.Cell):
     def construct(self, ids, table):
         # gather, not nn.Embedding: the latter's op has no CPU kernel.
         return ops.gather(table, ids, 0) * self.scale
+
+
+class NativeArgmax(nn.Cell):
+    """Each row's arg-max over the last axis as int32 (ties: the lowest index)."""
+
+    def construct(self, x):
+        return ops.argmax(x, dim=-1).astype(ms.int32)

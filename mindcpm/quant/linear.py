@@ -87,13 +87,19 @@ def _check_dtypes(epilogue: str, x, *inputs):
 class KernelQuantMatmul(nn.Cell):
     """y = epilogue(x W^T) with W kept quantized (see mindcpm/quant/formats.py)."""
 
-    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None):
+    def __init__(self, epilogue: str = "plain", scale: float = 1.0, norm_eps: float | None = None,
+                 returns_early: bool = False):
         super().__init__()
         if epilogue not in ENTRY:
             raise ValueError(f"unknown linear epilogue {epilogue!r}; choose {', '.join(ENTRY)}")
+        if returns_early and (epilogue != "plain" or norm_eps is not None):
+            raise ValueError("only a plain projection returns early")
         self.epilogue = epilogue
-        self.op = aot_op(OP, ENTRY[epilogue], functools.partial(_check_shapes, epilogue),
-                         functools.partial(_check_dtypes, epilogue))
+        self.returns_early = returns_early
+        # returns_early (the LM head): inside a compiled step the op returns before its work is
+        # done, and the step's run waits for it at its end (early_returns).
+        self.op = aot_op(OP, "QuantLinearAsync" if returns_early else ENTRY[epilogue],
+                         functools.partial(_check_shapes, epilogue), functools.partial(_check_dtypes, epilogue))
         self.scale = Tensor(np.array([scale], np.float32))
         self.eps = None if norm_eps is None else Tensor(np.array([norm_eps], np.float32))
         if norm_eps is not None:
@@ -150,14 +156,37 @@ def _library() -> ctypes.CDLL:
 
 @contextlib.contextmanager
 def early_returns():
-    """Within: fused layers built with returns_early return before their work is done. Only
-    around a compiled graph's run: an op run on its own may see its inputs freed as it returns."""
+    """Within: fused layers and LM heads built with returns_early return before their work is
+    done; on leaving, waits until it is. Only around a compiled graph's run: an op run on its own
+    may see its inputs freed as it returns."""
     lib = _library()
     lib.QuantLinearAllowEarlyReturns(1)
     try:
         yield
     finally:
         lib.QuantLinearAllowEarlyReturns(0)
+        err = lib.QuantLinearWait()
+    if err:
+        raise RuntimeError(f"a quantized layer's kernel failed with error code {err} (kernels_aclnn/quant_linear)")
+
+
+class KernelArgmaxRows(nn.Cell):
+    """ids [M] int32 = the first index of each row's largest value of x [M, N] fp32 (a NaN counts
+    as the largest, as numpy's). Behind an LM head that returned early it is queued after the head
+    and returns early too."""
+
+    def __init__(self):
+        super().__init__()
+        self.op = aot_op(OP, "ArgmaxRows", _argmax_shape, lambda x: ms.int32)
+
+    def construct(self, x):
+        return self.op(x)
+
+
+def _argmax_shape(x) -> list:
+    if len(x) != 2:
+        raise ValueError(f"argmax rows: x {list(x)} is not [M, N]")
+    return [x[0]]
 
 
 def kernel_isa() -> str:

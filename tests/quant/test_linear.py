@@ -5,6 +5,7 @@ AVX-512, AVX-512 VNNI) on odd sizes: groups not a multiple of the vector width, 
 rows. test_emulated_isas.py runs the AVX-512 ones here on CPUs without them."""
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -367,3 +368,55 @@ def test_int16_bound_catches_a_flipped_code_and_a_wrong_scale(simd_int16, bits, 
         assert np.all(within_int16_bound(run_on(isa, "plain", x, tensors), want, x, w, magnitude))
         for bad in bad_weights:
             assert not np.all(within_int16_bound(run_on(isa, "plain", x, bad), want, x, w, magnitude)), isa
+
+
+def test_argmax_rows_matches_numpy_with_ties_and_nans():
+    from mindcpm.quant.linear import KernelArgmaxRows
+    rng = np.random.default_rng(11)
+    x = rng.integers(-3, 4, (6, 1001)).astype(np.float32)  # many ties for the largest value
+    x[1] = -np.inf
+    x[2, [7, 500]] = np.nan
+    x[3, 1000] = 99.0
+    got = KernelArgmaxRows()(Tensor(x)).asnumpy()
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))  # the first largest, or the first NaN
+
+
+def _call_kernel(lib, name: str, *arrays) -> int:
+    """Calls the kernel entry point `name` as MindSpore's aot runtime does, on numpy arrays."""
+    n = len(arrays)
+    shapes = [(ctypes.c_int64 * max(a.ndim, 1))(*a.shape) for a in arrays]
+    return getattr(lib, name)(n, (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays]),
+                              (ctypes.c_int * n)(*[a.ndim for a in arrays]),
+                              (ctypes.POINTER(ctypes.c_int64) * n)(*[ctypes.cast(s, ctypes.POINTER(ctypes.c_int64))
+                                                                     for s in shapes]),
+                              (ctypes.c_char_p * n)(*[str(a.dtype).encode() for a in arrays]), None, None)
+
+
+def test_head_that_returns_early_is_complete_after_the_wait():
+    """With early returns allowed (a compiled step's run) the LM head's op returns at once and the
+    arg-max op is queued behind it: ids read straight after the calls are not yet written (64
+    rows against a 24000 x 1024 weight take milliseconds); after QuantLinearWait (the end of
+    early_returns) both outputs are complete. The head reads its own copy of x."""
+    from mindcpm.quant.linear import _library
+    lib = _library()
+    rng = np.random.default_rng(12)
+    (packed, scales, offsets), w, magnitude = make_weight(rng, 24000, 1024, 8, 1024, False, "float16")
+    packed, scales, offsets = packed.asnumpy(), scales.asnumpy(), offsets.asnumpy()
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    x_in = x.copy()
+    logits = np.full((64, 24000), np.nan, np.float32)
+    ids = np.full(64, -1, np.int32)
+    lib.QuantLinearAllowEarlyReturns(1)
+    try:
+        assert _call_kernel(lib, "QuantLinearAsync", x_in, packed, scales, offsets, logits) == 0
+        x_in[:] = 0  # MindSpore may hand x's memory to a later op's output once the op returned
+        assert _call_kernel(lib, "ArgmaxRows", logits, ids) == 0
+        unwritten = int((ids == -1).sum())
+    finally:
+        lib.QuantLinearAllowEarlyReturns(0)
+        assert lib.QuantLinearWait() == 0
+    assert unwritten == 64, "the ops did not return before their work was done"
+    want = assert_close(logits, x, w, magnitude)
+    np.testing.assert_array_equal(ids, np.argmax(logits, axis=-1))
+    assert np.abs(want[np.arange(64), ids] - want.max(-1)).max() <= 1e-4 * np.abs(want).max()

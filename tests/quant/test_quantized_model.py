@@ -25,6 +25,7 @@ PROMPTS = [[256, 5, 9, 33, 7], list(range(2, 40)), [256] + list(range(100, 117))
 KERNELS_ON = dict(kernels="on", enable_prefix_caching=False)  # the quantized kernels, every prompt computed
 # (method, group size): int8 per output channel, int4 in groups of 32 of the tiny model's 64 / 128 inputs
 # fused: each decoder layer as the quantized kernels' block ops (Device.fuse_blocks), or layer by layer
+STEPS = 4  # greedy tokens compared
 METHODS = [("int8", None, True), ("int4", 32, True), ("int8", 64, True), ("int4", 32, False)]
 
 
@@ -74,6 +75,7 @@ def dequantized_checkpoint(llm, src: str, out: str) -> None:
 @pytest.mark.parametrize("method,group,fused", METHODS)
 def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tmp_path, monkeypatch, fp32_gemm,
                                                                    method, group, fused):
+    from mindcpm import SamplingParams
     from mindcpm.ops.device import Device
     if not fused:
         monkeypatch.setattr(Device, "fuse_blocks", lambda self, model: None)
@@ -90,9 +92,16 @@ def test_quantized_logits_match_transformers_on_dequantized_weights(tiny_dir, tm
     assert qkv.weight_scales.shape[1] == qkv.in_features // (group or qkv.in_features)
     ref_dir = str(tmp_path / "dequantized")
     dequantized_checkpoint(llm, tiny_dir, ref_dir)
-    ref, _ = reference_logits(ref_dir, PROMPTS, str(tmp_path))
+    ((ref, ref_tokens),) = reference_logits_each([ref_dir], PROMPTS, str(tmp_path), STEPS)
     for ours, theirs in zip(prefill_logits(llm, PROMPTS), ref):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    # Greedy decode in compiled steps: the LM head returns before its work is done, the kernel's
+    # arg-max is queued behind it, and the step waits for both before its ids are read.
+    assert llm.engine.runner.model.lm_head.matmul.returns_early
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                        SamplingParams(temperature=0.0, max_tokens=STEPS, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == ref_tokens
+    assert any(shapes[0][1] == 1 for shapes in llm.engine.runner.compiled_shapes), "no compiled decode step"
 
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 32)])
@@ -227,7 +236,6 @@ GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True, "desc_
 # act-order: 4-bit symmetric in the original ("gptq") format; 8-bit asymmetric in gptq_v2
 ACT_ORDER = {"int4-sym": dict(GPTQ, desc_act=True),
              "int8-asym": dict(GPTQ, desc_act=True, bits=8, sym=False, checkpoint_format="gptq_v2")}
-STEPS = 4  # greedy tokens compared
 
 
 def test_gptq_checkpoint_matches_transformers_on_dequantized_weights(tiny_dir, tmp_path, fp32_gemm):
