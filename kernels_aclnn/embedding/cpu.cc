@@ -24,6 +24,9 @@ void gather(const int32_t *ids, int64_t T, const typename W::T *table, int64_t V
 extern "C" int Embedding(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                          void *) {
   if (nparam != 4 || std::strcmp(dtypes[0], "int32") != 0) return 1;
+  // The ids may be the previous step's arg-max, still being written by a task of the kernels' pool
+  // (a chained decode step: engine/runner.py _launch_next).
+  if (int err = Pool::get().sync()) return err;
   const int32_t *ids = static_cast<const int32_t *>(params[0]);
   const int64_t T = numel(ndims[0], shapes[0]), V = shapes[1][0], H = shapes[1][1];
   const float scale = *static_cast<const float *>(params[2]);

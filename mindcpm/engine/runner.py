@@ -93,17 +93,19 @@ class _CompiledStep(nn.Cell):
         self.model = model
         self.argmax = argmax or NativeArgmax()
         self.shapes = shapes
-        self.run_context = run_context or contextlib.nullcontext  # a fresh context manager per run
+        self.run_context = run_context or (lambda wait: contextlib.nullcontext())  # a fresh one per run
         self.phase = "increment"
         jit_options = jit_options or {}
         if jit_options:
             self.set_jit_config(ms.JitConfig(**jit_options))
         self.construct = types.MethodType(ms.jit(type(self).construct, **jit_options), self)
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs, wait: bool = True):
+        """wait=False: ops that return before their work is done may still run when this returns
+        (Device.compiled_run); the next step's graph waits for them, or Device.wait."""
         if tuple(t.shape for t in inputs) != self.shapes:
             raise ValueError(f"a step compiled for input shapes {self.shapes} got {[t.shape for t in inputs]}")
-        with self.run_context():
+        with self.run_context(wait):
             return super().__call__(*inputs)
 
     def construct(self, input_ids, positions, batch_valid_length, q_seq_lens, slot_mapping, block_tables,
@@ -138,6 +140,28 @@ def _with_argmax(outputs, argmax):
     return outputs, argmax(outputs)
 
 
+@dataclass
+class _ChainedStep:
+    """A decode step launched on the previous step's arg-max ids before they were read
+    (ModelRunner._launch_next). Its outputs are the batch's next step's if the batch comes back
+    unchanged: the same sequences, each having appended exactly that id."""
+    seqs: list[Sequence]
+    arrays: list[np.ndarray]  # its inputs as prepared, input_ids (at ids_at) a placeholder
+    ids_at: int
+    input_ids: Tensor         # the ids it read: the previous step's arg-max, [rows, 1]
+    outputs: tuple
+
+    def computes(self, seqs: list[Sequence], arrays: list[np.ndarray]) -> bool:
+        if len(seqs) != len(self.seqs) or any(a is not b for a, b in zip(seqs, self.seqs)):
+            return False
+        if any(a.shape != b.shape for a, b in zip(arrays, self.arrays)):
+            return False
+        fed = self.input_ids.asnumpy().reshape(-1)[:len(seqs)]
+        appended = np.array([seq.token_ids[-1] for seq in seqs])
+        return np.array_equal(fed, appended) and all(
+            np.array_equal(a, b) for i, (a, b) in enumerate(zip(arrays, self.arrays)) if i != self.ids_at)
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: RunnerConfig, checkpoint_dir: str | None,
                  eos_token_ids=(), progress: bool = True):
@@ -164,8 +188,14 @@ class ModelRunner:
         self.device.fuse_blocks(self.model)  # after loading: which layers fuse depends on their weights
         self.channel = StepChannel() if self.tp.size > 1 else None
         self.steps: dict[tuple, _CompiledStep | _EagerStep] = {}  # input shapes -> its step
+        self.chained: _ChainedStep | None = None  # the batch's next decode step, launched early
+        self.chain_counts = {"used": 0, "discarded": 0}  # chained steps whose outputs served, or not
         self.sampler = Sampler(eos_token_ids)
         self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
+        # Not for a draft head's target (it reads each step's hidden states and verifies chains)
+        # nor linear attention (a discarded step would have moved its sequences' states).
+        self.chain_decode = (self.device.chains_decode_steps and not self.num_state_slots and not self.verify_width
+                             and not (cfg.hidden_out or cfg.aux_hidden_layers))
         self.compile_seconds = 0.0
         self.last_hidden = None
 
@@ -185,6 +215,13 @@ class ModelRunner:
         return min(bucket(-(-num_tokens // bs), minimum=max(1, 128 // bs)), bucket(max_blocks))
 
     def prepare(self, seqs: list[Sequence], num_new: list[int], all_rows: bool):
+        """The step's input tensors, in the device's order; the logits row of each sequence's last
+        token; the row width."""
+        arrays, last_rows, width = self._step_arrays(seqs, num_new, all_rows)
+        # from_numpy shares the fresh arrays instead of copying them (1.5 us a tensor against Tensor()'s 9).
+        return [ms.from_numpy(a) for a in arrays], last_rows, width
+
+    def _step_arrays(self, seqs: list[Sequence], num_new: list[int], all_rows: bool):
         bs = self.cfg.block_size
         rows = bucket(len(seqs))
         verifying = any(s.spec_token_ids for s in seqs)
@@ -223,9 +260,7 @@ class ModelRunner:
                 "state_slots": state_slots}
         if self.device.sparse is not None:
             meta.update(sparse_step_metadata(seqs, num_new, tables, width, self.pad_block))
-        # The device names the step's inputs, in order. from_numpy shares the fresh arrays instead
-        # of copying them (1.5 us a tensor against Tensor()'s 9).
-        return [ms.from_numpy(meta[name]) for name in self.step_inputs], last_rows, width
+        return [meta[name] for name in self.step_inputs], last_rows, width  # the device names them, in order
 
     # -- one step -------------------------------------------------------------------------
     def run(self, seqs: list[Sequence], num_new: list[int]) -> list[list[int] | None]:
@@ -234,8 +269,21 @@ class ModelRunner:
         target's next token for a verified draft chain, None for a prefill chunk that is not the last."""
         want_prompt_lp = [s.params.prompt_logprobs is not None and len(s.prompt_logprobs) < s.num_prompt_tokens
                           for s in seqs]
-        inputs, last_rows, width = self.prepare(seqs, num_new, any(want_prompt_lp))
-        logits, greedy_ids, *hidden = self._run_step(inputs)
+        arrays, last_rows, width = self._step_arrays(seqs, num_new, any(want_prompt_lp))
+        chained, self.chained = self.chained, None
+        if chained is not None and chained.computes(seqs, arrays):
+            outputs = chained.outputs  # complete once the next step's graph has started, or waited for
+            self.chain_counts["used"] += 1
+        else:
+            if chained is not None:
+                self.device.wait()  # its head may still write outputs that are about to be freed
+                self.chain_counts["discarded"] += 1
+            outputs = self._run_step([ms.from_numpy(a) for a in arrays])
+        logits, greedy_ids, *hidden = outputs
+        if self.chain_decode and self._chainable(seqs, num_new, want_prompt_lp):
+            self.chained = self._launch_next(seqs, greedy_ids)
+        if chained is not None and self.chained is None:
+            self.device.wait()
         # Every position's final hidden state [rows * width, H] and the row width, for a draft head.
         self.last_hidden = (hidden[0], width) if hidden else None
         if any(want_prompt_lp):
@@ -280,6 +328,47 @@ class ModelRunner:
                                                    out.top_logprobs[r][:n]))
         return appended
 
+    # -- decode steps chained on the device -------------------------------------------------
+    def _chainable(self, seqs, num_new, want_prompt_lp) -> bool:
+        """Whether to launch this batch's next decode step before its tokens are read: every
+        sequence's next token will be the arg-max (greedy, no penalties, no banned stop ids before
+        min_tokens: Sampler), it will still run after this step's token, and it already holds the
+        cache slot of the next one."""
+        if any(want_prompt_lp) or any(n != 1 for n in num_new):
+            return False
+        bs, limit = self.cfg.block_size, self.cfg.max_model_len
+        for seq in seqs:
+            params, done = seq.params, seq.num_completion_tokens + 1  # with this step's token
+            if (params.temperature != 0.0 or params.uses_penalties or done < params.min_tokens or seq.spec_token_ids
+                    or done >= params.max_tokens or seq.num_tokens + 1 >= limit
+                    or seq.num_tokens // bs >= len(seq.block_table)):
+                return False
+        return True
+
+    def _launch_next(self, seqs, greedy_ids) -> "_ChainedStep | None":
+        """Runs the batch's next decode step with this step's arg-max ids as its input tokens,
+        read on the device: the graph returns before its LM head is done (Device.compiled_run),
+        so the host's work until the step after it (reading this step's tokens, scheduling,
+        preparing and launching) overlaps the head. None when that step has no compiled graph."""
+        for seq in seqs:  # as if each had appended its token (any id: the graph reads greedy_ids)
+            seq.token_ids.append(0)
+            seq.num_cached_tokens += 1
+        try:
+            arrays, _, _ = self._step_arrays(seqs, [1] * len(seqs), False)
+        finally:
+            for seq in seqs:
+                seq.token_ids.pop()
+                seq.num_cached_tokens -= 1
+        step = self.steps.get(tuple(a.shape for a in arrays))
+        if not isinstance(step, _CompiledStep):
+            return None
+        at = self.step_inputs.index("input_ids")
+        if greedy_ids.shape != arrays[at].shape:
+            return None
+        inputs = [ms.from_numpy(a) for a in arrays]
+        inputs[at] = greedy_ids
+        return _ChainedStep(list(seqs), arrays, at, greedy_ids, step(*inputs, wait=False))
+
     def forward(self, inputs):
         """The logits of the step's inputs (see _run_step)."""
         return self._run_step(inputs)[0]
@@ -318,7 +407,10 @@ class ModelRunner:
             self.forward([Tensor(a) for a in arrays])
 
     def close(self) -> None:
-        """Rank 0: release the other ranks from serve()."""
+        """Rank 0: release the other ranks from serve(). Waits for a chained step's last ops."""
+        if self.chained is not None:
+            self.device.wait()
+            self.chained = None
         if self.tp.rank == 0 and self.channel is not None:
             self.channel.close()
             self.channel = None

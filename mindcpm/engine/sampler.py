@@ -270,7 +270,7 @@ class Sampler:
 
         if all(greedy) and not mods:
             ids = argmax_ids if argmax_ids is not None else _argmax_fn()(logits)
-            token_ids = ids.asnumpy()[:n].astype(np.int64)
+            token_ids = ids.asnumpy().reshape(-1)[:n].astype(np.int64)  # [N] or [N, 1]
         else:
             token_ids = self._generic(logits, requests, banned, greedy, mods, n_rows, vocab)
 

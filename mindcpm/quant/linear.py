@@ -155,25 +155,32 @@ def _library() -> ctypes.CDLL:
 
 
 @contextlib.contextmanager
-def early_returns():
+def early_returns(wait: bool = True):
     """Within: fused layers and LM heads built with returns_early return before their work is
-    done; on leaving, waits until it is. Only around a compiled graph's run: an op run on its own
-    may see its inputs freed as it returns."""
+    done; on leaving, waits until it is (unless not `wait`: then the next compiled step's
+    embedding, or wait_for_kernels, does). Only around a compiled graph's run: an op run on its
+    own may see its inputs freed as it returns."""
     lib = _library()
     lib.QuantLinearAllowEarlyReturns(1)
     try:
         yield
     finally:
         lib.QuantLinearAllowEarlyReturns(0)
-        err = lib.QuantLinearWait()
+    if wait:
+        wait_for_kernels()
+
+
+def wait_for_kernels() -> None:
+    """Waits for the kernels' ops that returned early; RuntimeError if one failed."""
+    err = _library().QuantLinearWait()
     if err:
         raise RuntimeError(f"a quantized layer's kernel failed with error code {err} (kernels_aclnn/quant_linear)")
 
 
 class KernelArgmaxRows(nn.Cell):
-    """ids [M] int32 = the first index of each row's largest value of x [M, N] fp32 (a NaN counts
-    as the largest, as numpy's). Behind an LM head that returned early it is queued after the head
-    and returns early too."""
+    """ids [M, 1] int32 = the first index of each row's largest value of x [M, N] fp32 (a NaN
+    counts as the largest, as numpy's): shaped as a decode step's input_ids. Behind an LM head
+    that returned early it is queued after the head and returns early too."""
 
     def __init__(self):
         super().__init__()
@@ -186,7 +193,7 @@ class KernelArgmaxRows(nn.Cell):
 def _argmax_shape(x) -> list:
     if len(x) != 2:
         raise ValueError(f"argmax rows: x {list(x)} is not [M, N]")
-    return [x[0]]
+    return [x[0], 1]
 
 
 def kernel_isa() -> str:
