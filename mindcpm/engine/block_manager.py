@@ -106,6 +106,15 @@ class BlockManager:
         needed = self._blocks_with_lookahead(seq, lookahead) - len(seq.block_table)
         seq.block_table += [self._take_fresh() for _ in range(needed)]
 
+    def reserve_next_slot(self, seq: Sequence) -> bool:
+        """Make the block table cover the token after `seq`'s last one, if a block is free: the
+        block the next decode step's may_append would take, taken a step early (a chained decode
+        step, engine/runner.py, writes that slot before its token is appended)."""
+        if not self.can_append(seq, 1):
+            return False
+        self.may_append(seq, 1)
+        return True
+
     def trim(self, seq: Sequence) -> None:
         """Free the tail blocks that only held rejected draft tokens. They were never registered:
         registration covers computed tokens of token_ids only."""

@@ -71,6 +71,7 @@ class LLMEngine:
         self.runner = runner
         self.scheduler = scheduler
         self.tokenizer = tokenizer
+        runner.reserve_next_slot = scheduler.block_manager.reserve_next_slot  # for chained decode steps
         self.requests: dict[int, RequestState] = {}
         self.stats = StepStats()
         self.proposer = make_proposer(speculative, runner)

@@ -190,6 +190,7 @@ class ModelRunner:
         self.steps: dict[tuple, _CompiledStep | _EagerStep] = {}  # input shapes -> its step
         self.chained: _ChainedStep | None = None  # the batch's next decode step, launched early
         self.chain_counts = {"used": 0, "discarded": 0}  # chained steps whose outputs served, or not
+        self.reserve_next_slot = lambda seq: False  # the engine's: BlockManager.reserve_next_slot
         self.sampler = Sampler(eos_token_ids)
         self.verify_width = 1 + cfg.num_speculative_tokens if cfg.num_speculative_tokens else 0
         # Not for a draft head's target (it reads each step's hidden states and verifies chains)
@@ -332,18 +333,18 @@ class ModelRunner:
     def _chainable(self, seqs, num_new, want_prompt_lp) -> bool:
         """Whether to launch this batch's next decode step before its tokens are read: every
         sequence's next token will be the arg-max (greedy, no penalties, no banned stop ids before
-        min_tokens: Sampler), it will still run after this step's token, and it already holds the
-        cache slot of the next one."""
+        min_tokens: Sampler), it will still run after this step's token, and it holds the cache
+        slot of the next one (reserving its block when the next token starts one)."""
         if any(want_prompt_lp) or any(n != 1 for n in num_new):
             return False
-        bs, limit = self.cfg.block_size, self.cfg.max_model_len
+        limit = self.cfg.max_model_len
         for seq in seqs:
             params, done = seq.params, seq.num_completion_tokens + 1  # with this step's token
             if (params.temperature != 0.0 or params.uses_penalties or done < params.min_tokens or seq.spec_token_ids
-                    or done >= params.max_tokens or seq.num_tokens + 1 >= limit
-                    or seq.num_tokens // bs >= len(seq.block_table)):
+                    or done >= params.max_tokens or seq.num_tokens + 1 >= limit):
                 return False
-        return True
+        bs = self.cfg.block_size
+        return all(seq.num_tokens // bs < len(seq.block_table) or self.reserve_next_slot(seq) for seq in seqs)
 
     def _launch_next(self, seqs, greedy_ids) -> "_ChainedStep | None":
         """Runs the batch's next decode step with this step's arg-max ids as its input tokens,
