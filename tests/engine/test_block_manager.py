@@ -224,6 +224,23 @@ def test_append_adds_a_block_only_when_the_last_one_is_full():
     assert not manager.can_append(seq)
 
 
+def test_reserving_the_next_slot_takes_the_block_the_next_append_would():
+    manager = BlockManager(num_blocks=2, block_size=BLOCK_SIZE)
+    seq = make_seq([1, 2, 3])
+    prefill(manager, seq)
+    assert manager.reserve_next_slot(seq) and len(seq.block_table) == 1  # token 4 fits block 0
+    seq.append_token(4)
+    assert manager.reserve_next_slot(seq) and len(seq.block_table) == 2  # token 5 starts block 1
+    seq.append_token(5)
+    manager.may_append(seq)
+    assert len(seq.block_table) == 2 and manager.num_free_blocks == 0  # the append takes nothing more
+    for token in (6, 7, 8):
+        seq.append_token(token)
+    assert not manager.reserve_next_slot(seq) and len(seq.block_table) == 2  # no block is free
+    manager.deallocate(seq)
+    assert manager.num_free_blocks == 2
+
+
 def test_decoded_block_is_registered_once_its_last_token_is_computed():
     manager = BlockManager(num_blocks=10, block_size=BLOCK_SIZE)
     seq = make_seq([1, 2, 3])
