@@ -714,7 +714,8 @@ extern "C" int QuantLinear(int nparam, void **params, int *ndims, int64_t **shap
 
 // The same projection, returned from before its work is done (Pool::launch) inside a compiled
 // step (QuantLinearAllowEarlyReturns): for the LM head, whose logits only ArgmaxRows and the
-// step's outputs read; engine code waits (QuantLinearWait) before it reads them. The task reads
+// step's outputs read; the engine waits (QuantLinearWait, or the next step's embedding) before
+// it reads them. The task reads
 // its own copy of x, whose memory MindSpore may give to a later op's output (an EAGLE-3
 // concatenation) once this op has returned.
 extern "C" int QuantLinearAsync(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
@@ -725,8 +726,9 @@ extern "C" int QuantLinearAsync(int nparam, void **params, int *ndims, int64_t *
                    [](OpArgs &a) { a.own_input(0, numel(a.ndims[0], a.shapes[0]) * sizeof(float)); });
 }
 
-// ids [M] int32 = each row's arg-max of x [M, N] fp32 (argmax_rows). Behind a launched task (the
-// LM head's) it is queued after it and returns at once.
+// ids [M] int32 (any shape of M elements: [M, 1] as a decode step's input_ids) = each row's
+// arg-max of x [M, N] fp32 (argmax_rows). Behind a launched task (the LM head's) it is queued
+// after it and returns at once.
 extern "C" int ArgmaxRows(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *,
                           void *) {
   if (early_returns.load(std::memory_order_relaxed) && Pool::get().task_pending())
