@@ -365,18 +365,23 @@ class Device:
             return {"jit_level": "O0", "infer_boost": "on"}
         return {"infer_boost": "on"}
 
+    @property
+    def ops_return_early(self) -> bool:
+        """Whether a compiled step's ops may return before their work is done: the fused quantized
+        layers' (quant/linear.py early_returns)."""
+        return self.fused_blocks and self.quant is not None
+
     def compiled_run(self, wait: bool = True):
-        """The context a compiled step's graph runs in: with fused quantized layers, the one in
-        which they may return before their work is done (quant/linear.py early_returns); leaving
-        it waits for them unless not `wait` (see wait)."""
-        if self.fused_blocks and self.quant is not None:
+        """The context a compiled step's graph runs in: the one in which ops may return early
+        (ops_return_early); leaving it waits for them unless not `wait` (see wait)."""
+        if self.ops_return_early:
             from ..quant.linear import early_returns
             return early_returns(wait)
         return contextlib.nullcontext()
 
     def wait(self) -> None:
         """Waits for the ops of a step run with compiled_run(wait=False) that returned early."""
-        if self.fused_blocks and self.quant is not None:
+        if self.ops_return_early:
             from ..quant.linear import wait_for_kernels
             wait_for_kernels()
 
@@ -385,8 +390,8 @@ class Device:
         """Whether a greedy decode step may start on the previous one's arg-max ids before the host
         has read them (engine/runner.py _launch_next): the fused quantized CPU layers, whose LM head
         returns early and whose embedding waits for it; not with sparse attention or across ranks."""
-        return (self.fused_blocks and self.quant is not None and not self.ascend_kernels and self.kernels
-                and self.sparse is None and self.tp.size == 1)
+        return (self.ops_return_early and not self.ascend_kernels and self.kernels and self.sparse is None
+                and self.tp.size == 1)
 
     def eager_steps(self, decode_row: bool) -> float:
         """How many steps of a new shape bucket run op by op before its graph is compiled: 0

@@ -416,7 +416,9 @@ def test_head_that_returns_early_is_complete_after_the_wait():
     finally:
         lib.QuantLinearAllowEarlyReturns(0)
         assert lib.QuantLinearWait() == 0
-    assert unwritten == 64, "the ops did not return before their work was done"
+    threads = int(os.environ.get("MINDCPM_KERNEL_THREADS") or 0) or len(os.sched_getaffinity(0))
+    if threads > 1:  # a pool without workers runs each task before its op returns
+        assert unwritten == 64, "the ops did not return before their work was done"
     want = assert_close(logits, x, w, magnitude)
     np.testing.assert_array_equal(ids, np.argmax(logits, axis=-1))
     assert np.abs(want[np.arange(64), ids] - want.max(-1)).max() <= 1e-4 * np.abs(want).max()
