@@ -6,12 +6,15 @@ weights, the same prompts, the same greedy workload, on this machine. Not a test
     python benchmarks/compare.py --model minicpm4-0.5b -p 256 -n 64 -r 3
     python benchmarks/compare.py --peers llama.cpp-f32,llama.cpp-f16
     python benchmarks/compare.py --model minicpm4-0.5b --peers mindcpm-int8,mindcpm-int4,llama.cpp-q8_0,llama.cpp-q4_0
+    python benchmarks/compare.py --model minicpm4-0.5b --peers mindcpm-int8,llama.cpp-q8_0 --batch 16
 
 The shape's weights are drawn once (N(0, 0.02^2), norms 1) and written as a Hugging Face
 checkpoint (safetensors; mindcpm and transformers read it) and as GGUF files at f32, f16, q8_0 or
 q4_0 (the `gguf` package; llama.cpp reads them). Each engine loads in its own process and warms up on one
 request; then come -r rounds, in each of which every engine runs one request of -p random prompt
 tokens generating -n tokens (the same prompt for all, the order rotating from round to round).
+With --batch B each round is B such requests at once (mindcpm's continuous batching, llama.cpp's
+sequences in one batch; not transformers), and the rates count the tokens of all B.
 Other tenants of the machine move memory bandwidth by 10-15% within minutes, so mindcpm's ratio
 to an engine (> 1: mindcpm is faster) is taken within each round; the table gives the rounds'
 median and range, and each engine's median numbers.
@@ -189,12 +192,14 @@ def add_tokenizer(w, tokenizer_dir: str, vocab_size: int) -> None:
 # repetitions in rounds, every engine one request per round, in an order that rotates. Engines
 # sharing the machine's memory bandwidth with other tenants see the same minutes, so a ratio is
 # taken within each round (their median is printed), not between runs minutes apart.
-def timings(ttft: float, gaps: list[float], prompt_len: int) -> dict:
-    """One run's numbers from its time to the first token and the gaps between tokens (s)."""
+def timings(ttft: float, gaps: list[float], prompt_len: int, batch: int = 1) -> dict:
+    """One run's numbers from its time to the first token and the gaps between tokens (s); with
+    `batch` requests in lock step, the time until all have their first token and the gaps between
+    their steps, each step a token of every request."""
     total = ttft + float(np.sum(gaps))
-    return {"tokens_per_second": (len(gaps) + 1) / total, "ttft_ms": 1000 * ttft,
-            "prefill_tokens_per_second": prompt_len / ttft,
-            "decode_tokens_per_second": len(gaps) / float(np.sum(gaps)) if len(gaps) else 0.0,
+    return {"tokens_per_second": batch * (len(gaps) + 1) / total, "ttft_ms": 1000 * ttft,
+            "prefill_tokens_per_second": batch * prompt_len / ttft,
+            "decode_tokens_per_second": batch * len(gaps) / float(np.sum(gaps)) if len(gaps) else 0.0,
             "gaps": [float(g) for g in gaps]}
 
 
@@ -203,7 +208,9 @@ def from_stamps(start: float, stamps: list[float]) -> tuple[float, list[float]]:
 
 
 def load_llamacpp(spec: dict):
-    """-> run(prompt) -> (ttft, gaps) on llama.cpp (llama-cpp-python)."""
+    """-> run(prompts) -> (ttft, gaps) on llama.cpp (llama-cpp-python)."""
+    if spec.get("batch", 1) > 1:
+        return load_llamacpp_batched(spec)
     from llama_cpp import Llama
 
     n_ctx = spec["prompt_len"] + spec["output_len"] + 16
@@ -211,12 +218,61 @@ def load_llamacpp(spec: dict):
     llm = Llama(spec["path"], n_ctx=n_ctx, n_batch=n_batch, n_threads=THREADS,
                 n_threads_batch=THREADS, verbose=False)
 
-    def run(prompt):
-        start, stamps = time.perf_counter(), []
-        for _ in llm.generate(prompt, temp=0.0, reset=True):
+    def run(prompts):
+        start, stamps, run.outputs = time.perf_counter(), [], [[]]
+        for token in llm.generate(prompts[0], temp=0.0, reset=True):
+            run.outputs[0].append(token)
             stamps.append(time.perf_counter())
             if len(stamps) == spec["output_len"]:
                 break
+        return from_stamps(start, stamps)
+    return run
+
+
+def load_llamacpp_batched(spec: dict):
+    """-> run(prompts) -> (ttft, gaps) on llama.cpp's sequences API: each prompt is a sequence of
+    one context, prefilled in n_batch chunks, then every step decodes one greedy token of each
+    sequence in a single llama_decode (as llama.cpp's batched example and server do)."""
+    import llama_cpp as L
+
+    batch = spec["batch"]
+    n_batch = max(spec.get("n_batch") or max(512, spec["prompt_len"]), batch)
+    model = L.llama_model_load_from_file(spec["path"].encode(), L.llama_model_default_params())
+    params = L.llama_context_default_params()
+    params.n_ctx = batch * (spec["prompt_len"] + spec["output_len"] + 16)
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max, params.n_threads, params.n_threads_batch = batch, THREADS, THREADS
+    ctx = L.llama_init_from_model(model, params)
+    vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
+    tokens = L.llama_batch_init(n_batch, 0, 1)
+
+    def decode(items):
+        """items: (token, position, sequence, wants logits); -> the rows of logits, in order."""
+        tokens.n_tokens = len(items)
+        for i, (token, pos, seq, logits) in enumerate(items):
+            tokens.token[i], tokens.pos[i], tokens.n_seq_id[i], tokens.logits[i] = token, pos, 1, logits
+            tokens.seq_id[i][0] = seq
+        if L.llama_decode(ctx, tokens) != 0:
+            raise RuntimeError("llama_decode failed")
+        return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
+                for i, item in enumerate(items) if item[3]]
+
+    def run(prompts):
+        """Also keeps each sequence's greedy tokens in run.outputs."""
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        start, stamps, last = time.perf_counter(), [], []
+        for seq, prompt in enumerate(prompts):
+            for at in range(0, len(prompt), n_batch):
+                chunk = prompt[at:at + n_batch]
+                ids = decode([(t, at + i, seq, at + i == len(prompt) - 1) for i, t in enumerate(chunk)])
+            last += ids
+        stamps.append(time.perf_counter())
+        run.outputs = [[t] for t in last]
+        for step in range(spec["output_len"] - 1):
+            last = decode([(t, len(p) + step, seq, True) for seq, (t, p) in enumerate(zip(last, prompts))])
+            stamps.append(time.perf_counter())
+            for out, t in zip(run.outputs, last):
+                out.append(t)
         return from_stamps(start, stamps)
     return run
 
@@ -229,10 +285,10 @@ def load_transformers(spec: dict):
     torch.set_num_threads(THREADS)
     model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
 
-    def run(prompt):
+    def run(prompts):
         start, stamps = time.perf_counter(), []
         with torch.inference_mode():
-            out = model(torch.tensor([prompt]), use_cache=True)
+            out = model(torch.tensor([prompts[0]]), use_cache=True)
             while True:
                 token = out.logits[0, -1].argmax().item()
                 stamps.append(time.perf_counter())
@@ -244,19 +300,21 @@ def load_transformers(spec: dict):
 
 
 def load_mindcpm(spec: dict):
-    """-> run(prompt) -> (ttft, gaps) on mindcpm, configured as benchmark.py's cell."""
+    """-> run(prompts) -> (ttft, gaps) on mindcpm, configured as benchmark.py's cell."""
     from mindcpm import bench
     from mindcpm.cli import prepare_environment
     from mindcpm.llm import LLM
 
     prepare_environment()
-    cell = bench.Cell(model=spec["path"], precision=spec["precision"], prompt_len=spec["prompt_len"],
-                      output_len=spec["output_len"])
+    cell = bench.Cell(model=spec["path"], precision=spec["precision"], batch=spec.get("batch", 1),
+                      prompt_len=spec["prompt_len"], output_len=spec["output_len"])
     llm = LLM(model=spec["path"], **cell.llm_kwargs())
 
-    def run(prompt):
-        times = bench.timed_run(llm, [(prompt, spec["output_len"])])
-        return times.ttft[0], times.gaps
+    def run(prompts):
+        # The cell prefills all prompts in one step, so the requests step together: the first
+        # one's gaps are the batch's.
+        times = bench.timed_run(llm, [(prompt, spec["output_len"]) for prompt in prompts])
+        return max(times.ttft), times.gaps[:spec["output_len"] - 1]
     return run
 
 
@@ -264,7 +322,7 @@ LOADERS = {"mindcpm": load_mindcpm, "llama.cpp": load_llamacpp, "transformers": 
 
 
 def worker_main(spec_file: str, fd: str) -> int:
-    """Child entry: load the engine and warm up, then run the prompt of each `run i` line on
+    """Child entry: load the engine and warm up, then run the prompts of each `run i` line on
     stdin; every reply is one JSON line on file descriptor `fd` (the libraries own stdout)."""
     with open(spec_file) as f:
         spec = json.load(f)
@@ -275,8 +333,8 @@ def worker_main(spec_file: str, fd: str) -> int:
     for line in sys.stdin:
         command, *arg = line.split()
         if command == "run":
-            prompt = spec["prompts"][int(arg[0])]
-            replies.write(json.dumps(timings(*run(prompt), len(prompt))) + "\n")
+            prompts = spec["prompts"][int(arg[0])]
+            replies.write(json.dumps(timings(*run(prompts), spec["prompt_len"], len(prompts))) + "\n")
         elif command == "exit":
             replies.write(json.dumps({"peak_memory_gib": peak_rss() / 2**30}) + "\n")
             break
@@ -430,6 +488,8 @@ def compare(args) -> list[dict]:
     skipped = missing_peers(peers)
     if "transformers" in peers and cfg["architectures"][0] != "LlamaForCausalLM":
         skipped["transformers"] = "transformers has no built-in MiniCPM class; use a Llama shape (smollm2-135m)"
+    if "transformers" in peers and args.batch > 1:
+        skipped["transformers"] = "runs one request at a time (--batch 1)"
     with tempfile.TemporaryDirectory(prefix="mindcpm-compare-") as tmp:
         checkpoint = os.path.join(tmp, "checkpoint")
         log(f"writing {args.model} random weights (seed {args.seed}) as safetensors and the peers' GGUFs")
@@ -445,12 +505,12 @@ def compare(args) -> list[dict]:
         # slow down whichever engine runs first.
         os.sync()
         rng = np.random.default_rng(args.seed)
-        prompts = [bench.random_prompts(rng, cfg["vocab_size"], 1, args.prompt_len)[0]
-                   for _ in range(1 + args.repetitions)]  # the warm-up's, then one per round
+        prompts = [bench.random_prompts(rng, cfg["vocab_size"], args.batch, args.prompt_len)
+                   for _ in range(1 + args.repetitions)]  # the warm-up's, then one batch per round
         workers, failed, notes = {}, {}, {}
         for peer in (p for p in peers if p not in skipped):
             log(f"loading {peer}")
-            spec = {"engine": engine_of(peer), "path": paths[peer], "precision": LABELS[peer],
+            spec = {"engine": engine_of(peer), "path": paths[peer], "precision": LABELS[peer], "batch": args.batch,
                     "prompts": prompts, "prompt_len": args.prompt_len, "output_len": args.output_len}
             worker, failure, note = start(peer, spec, tmp, args.threads)
             if worker:
@@ -532,6 +592,7 @@ def parse_args(argv):
     p.add_argument("-p", "--prompt-len", type=int, default=128, help="prompt tokens (128)")
     p.add_argument("-n", "--output-len", type=int, default=32, help="generated tokens (32)")
     p.add_argument("-r", "--repetitions", type=int, default=3, help="measured runs after one warm-up (3)")
+    p.add_argument("-b", "--batch", type=int, default=1, help="concurrent requests a run (1)")
     p.add_argument("--peers", default=",".join(PEERS), help=f"engines to run ({','.join(PEERS)})")
     p.add_argument("--threads", type=int, default=THREADS,
                    help=f"threads of llama.cpp and torch ({THREADS}: the cores); on a busy machine their "
@@ -543,7 +604,7 @@ def parse_args(argv):
     unknown = [s for s in args.peers if s not in PEERS]
     if unknown:
         p.error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
-    for flag in ("prompt_len", "output_len", "repetitions", "threads"):
+    for flag in ("prompt_len", "output_len", "repetitions", "threads", "batch"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be positive")
     return args
@@ -559,10 +620,12 @@ def main(argv=None) -> int:
         return 2
     rows = compare(args)
     if args.json:
-        print(json.dumps({"model": args.model, "prompt_len": args.prompt_len, "output_len": args.output_len,
+        print(json.dumps({"model": args.model, "batch": args.batch, "prompt_len": args.prompt_len,
+                          "output_len": args.output_len,
                           "repetitions": args.repetitions, "threads": args.threads, "rows": rows}, indent=2))
     else:
-        print(f"{args.model} random weights, 1 request, {args.prompt_len} prompt tokens, {args.output_len} "
+        requests = "1 request" if args.batch == 1 else f"{args.batch} concurrent requests"
+        print(f"{args.model} random weights, {requests}, {args.prompt_len} prompt tokens, {args.output_len} "
               f"generated (greedy), {args.threads} threads for the peers, medians of {args.repetitions} "
               f"interleaved rounds after a warm-up")
         print(table(rows))
@@ -570,7 +633,7 @@ def main(argv=None) -> int:
               "mindcpm's (> 1: mindcpm is faster); each is taken within a round, and the rounds' median (min-max) "
               "is shown. 16-bit engines are compared with mindcpm-bf16, q8_0 with mindcpm-int8 and q4_0 with "
               "mindcpm-int4 when they ran. prefill tok/s: prompt "
-              "tokens / TTFT.")
+              "tokens (of every request) / TTFT.")
     return 0
 
 

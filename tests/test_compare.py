@@ -134,5 +134,40 @@ def test_llama_cpp_runs_the_q4_0_file(tmp_path):
     path = str(tmp_path / "q4_0.gguf")
     compare.write_gguf(path, cfg, weights, checkpoint, "q4_0")
     run = compare.load_llamacpp({"path": path, "prompt_len": 8, "output_len": 4, "n_batch": 1})
-    ttft, gaps = run(list(range(10, 18)))
+    ttft, gaps = run([list(range(10, 18))])
     assert ttft > 0 and len(gaps) == 3
+
+
+def test_llama_cpp_batched_sequences_generate_what_each_does_alone(tmp_path):
+    """--batch: llama.cpp's sequences API, every step one token of each sequence, gives each
+    prompt the greedy tokens llama.cpp's own one-request generate gives it (q8_0: each row's dot
+    products do not depend on the batch), and its step gaps."""
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed")
+    cfg = bench.SHAPES["tiny-llama"]
+    weights = compare.random_weights(cfg, seed=0)
+    checkpoint = str(tmp_path / "checkpoint")
+    compare.write_checkpoint(checkpoint, "tiny-llama", weights)
+    path = str(tmp_path / "q8_0.gguf")
+    compare.write_gguf(path, cfg, weights, checkpoint, "q8_0")
+    prompts = [list(range(10, 18)), list(range(40, 49)), list(range(7, 12))]
+    spec = {"path": path, "prompt_len": 9, "output_len": 5}
+    batched = compare.load_llamacpp(dict(spec, batch=3, n_batch=4))  # prompts longer than n_batch: chunked
+    ttft, gaps = batched(prompts)
+    assert ttft > 0 and len(gaps) == 4
+    alone = compare.load_llamacpp(spec)
+    for prompt, tokens in zip(prompts, batched.outputs):
+        alone([prompt])
+        assert tokens == alone.outputs[0]
+
+
+def test_batched_rates_count_every_request():
+    """B requests in lock step: tokens/s and prefill/decode rates are B times one request's."""
+    one = compare.timings(0.5, [0.1, 0.1, 0.2], prompt_len=100)
+    four = compare.timings(0.5, [0.1, 0.1, 0.2], prompt_len=100, batch=4)
+    assert one["decode_tokens_per_second"] == pytest.approx(3 / 0.4)
+    assert one["tokens_per_second"] == pytest.approx(4 / 0.9) and one["prefill_tokens_per_second"] == 200
+    for key in ("decode_tokens_per_second", "tokens_per_second", "prefill_tokens_per_second"):
+        assert four[key] == pytest.approx(4 * one[key])
+    assert four["ttft_ms"] == one["ttft_ms"] == 500
