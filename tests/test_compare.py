@@ -122,8 +122,8 @@ def test_the_note_is_in_the_table():
     assert "n_batch 1: batched prefill crashed (x)" in compare.table(rows)
 
 
-def test_llama_cpp_runs_the_q4_0_file(tmp_path):
-    """The written file is one llama.cpp loads and generates from (where it is installed)."""
+def tiny_gguf(tmp_path, label: str) -> str:
+    """The tiny-llama shape's random weights as a GGUF of `label` blocks, where llama.cpp runs."""
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed")
@@ -131,8 +131,14 @@ def test_llama_cpp_runs_the_q4_0_file(tmp_path):
     weights = compare.random_weights(cfg, seed=0)
     checkpoint = str(tmp_path / "checkpoint")
     compare.write_checkpoint(checkpoint, "tiny-llama", weights)
-    path = str(tmp_path / "q4_0.gguf")
-    compare.write_gguf(path, cfg, weights, checkpoint, "q4_0")
+    path = str(tmp_path / f"{label}.gguf")
+    compare.write_gguf(path, cfg, weights, checkpoint, label)
+    return path
+
+
+def test_llama_cpp_runs_the_q4_0_file(tmp_path):
+    """The written file is one llama.cpp loads and generates from (where it is installed)."""
+    path = tiny_gguf(tmp_path, "q4_0")
     run = compare.load_llamacpp({"path": path, "prompt_len": 8, "output_len": 4, "n_batch": 1})
     ttft, gaps = run([list(range(10, 18))])
     assert ttft > 0 and len(gaps) == 3
@@ -142,15 +148,7 @@ def test_llama_cpp_batched_sequences_generate_what_each_does_alone(tmp_path):
     """--batch: llama.cpp's sequences API, every step one token of each sequence, gives each
     prompt the greedy tokens llama.cpp's own one-request generate gives it (q8_0: each row's dot
     products do not depend on the batch), and its step gaps."""
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed")
-    cfg = bench.SHAPES["tiny-llama"]
-    weights = compare.random_weights(cfg, seed=0)
-    checkpoint = str(tmp_path / "checkpoint")
-    compare.write_checkpoint(checkpoint, "tiny-llama", weights)
-    path = str(tmp_path / "q8_0.gguf")
-    compare.write_gguf(path, cfg, weights, checkpoint, "q8_0")
+    path = tiny_gguf(tmp_path, "q8_0")
     prompts = [list(range(10, 18)), list(range(40, 49)), list(range(7, 12))]
     spec = {"path": path, "prompt_len": 9, "output_len": 5}
     batched = compare.load_llamacpp(dict(spec, batch=3, n_batch=4))  # prompts longer than n_batch: chunked
