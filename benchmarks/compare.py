@@ -208,7 +208,8 @@ def from_stamps(start: float, stamps: list[float]) -> tuple[float, list[float]]:
 
 
 def load_llamacpp(spec: dict):
-    """-> run(prompts) -> (ttft, gaps) on llama.cpp (llama-cpp-python)."""
+    """-> run(prompts) -> (ttft, gaps) on llama.cpp (llama-cpp-python); one request (prompts[0])
+    through its high-level generate, several through its sequences API."""
     if spec.get("batch", 1) > 1:
         return load_llamacpp_batched(spec)
     from llama_cpp import Llama
@@ -244,15 +245,15 @@ def load_llamacpp_batched(spec: dict):
     params.n_seq_max, params.n_threads, params.n_threads_batch = batch, THREADS, THREADS
     ctx = L.llama_init_from_model(model, params)
     vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(model))
-    tokens = L.llama_batch_init(n_batch, 0, 1)
+    step_batch = L.llama_batch_init(n_batch, 0, 1)
 
     def decode(items):
         """items: (token, position, sequence, wants logits); -> the rows of logits, in order."""
-        tokens.n_tokens = len(items)
+        step_batch.n_tokens = len(items)
         for i, (token, pos, seq, logits) in enumerate(items):
-            tokens.token[i], tokens.pos[i], tokens.n_seq_id[i], tokens.logits[i] = token, pos, 1, logits
-            tokens.seq_id[i][0] = seq
-        if L.llama_decode(ctx, tokens) != 0:
+            step_batch.token[i], step_batch.pos[i], step_batch.logits[i] = token, pos, logits
+            step_batch.n_seq_id[i], step_batch.seq_id[i][0] = 1, seq
+        if L.llama_decode(ctx, step_batch) != 0:
             raise RuntimeError("llama_decode failed")
         return [int(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,)).argmax())
                 for i, item in enumerate(items) if item[3]]
@@ -278,7 +279,8 @@ def load_llamacpp_batched(spec: dict):
 
 
 def load_transformers(spec: dict):
-    """-> run(prompt) -> (ttft, gaps) on Hugging Face transformers, greedy with its KV cache."""
+    """-> run(prompts) -> (ttft, gaps) on Hugging Face transformers, greedy with its KV cache (one
+    request: prompts[0])."""
     import torch
     from transformers import AutoModelForCausalLM
 
