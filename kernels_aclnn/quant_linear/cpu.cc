@@ -210,11 +210,11 @@ struct Int16Dot {
     if (Bits == 8) return (kk & 1) * 16 + (kk >> 1);
     return ((kk & 1) | ((kk >> 4) & 1) << 1) * 16 + h * 8 + ((kk & 15) >> 1);
   }
-  // One block of 32 inputs x rounded to int16, x^ = d round(x / d) with d = max|x| / 32767, input kk
-  // into q[slot(kk)]; returns the sum of the rounded values, d in *d.
   // A step's x^ once all its blocks are rounded: kept as round_block wrote it (Vnni512Dot's
   // 4-bit steps are rewritten as bytes).
   template <int Bits> static void split_step(int16_t *) {}
+  // One block of 32 inputs x rounded to int16, x^ = d round(x / d) with d = max|x| / 32767, input kk
+  // into q[slot(kk)]; returns the sum of the rounded values, d in *d.
   template <class Slot> static int round_block(const float *x, Slot slot, int16_t *q, float *d) {
     const __m256 sign = _mm256_set1_ps(-0.f);
     __m256 v[4], mx = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
@@ -534,8 +534,9 @@ struct Vnni512Dot : avx2_isa::Int16Dot {
   // h (signed): x^ = 256 h + l. vpdpbusd multiplies unsigned by signed bytes, so the codes (0-15,
   // either) meet l as its signed side and h as its unsigned one, every product exact: the step's
   // sums are vpdpwssd's on x^, with 3 and/shifts a step to split the codes instead of 6 (measured
-  // here, one 4096 x 1024 g128 weight: 1.04x on one thread from DRAM, as the asynchronous LM
-  // head runs; 1.06x on two from L3; equal on two from DRAM, where memory is the bound).
+  // here: the LM head's 73448 x 1024 g128 weight on one thread from DRAM, as it runs while the
+  // host works, 1.05x; a 4096 x 1024 one on two threads 1.05x from L3, 1.00-1.03x from DRAM,
+  // where memory is the bound).
   template <int Bits> static void split_step(int16_t *q) {
     if (Bits != 4) return;
     __m512i w[4];
