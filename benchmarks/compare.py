@@ -220,6 +220,7 @@ def load_llamacpp(spec: dict):
                 n_threads_batch=THREADS, verbose=False)
 
     def run(prompts):
+        """Also keeps the greedy tokens in run.outputs[0]."""
         start, stamps, run.outputs = time.perf_counter(), [], [[]]
         for token in llm.generate(prompts[0], temp=0.0, reset=True):
             run.outputs[0].append(token)
